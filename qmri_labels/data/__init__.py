@@ -1,0 +1,15 @@
+"""Priors, simulated datasets with fingerprints, and (elsewhere in this package) I/O."""
+
+from qmri_labels.data.datasets import EPSTEIN_BVALUES, Dataset, DatasetSpec, compute_fingerprint
+from qmri_labels.data.priors import EPSTEIN_RANGES, TissueMixturePrior, UniformPrior, prior_from_dict
+
+__all__ = [
+    "EPSTEIN_BVALUES",
+    "EPSTEIN_RANGES",
+    "Dataset",
+    "DatasetSpec",
+    "TissueMixturePrior",
+    "UniformPrior",
+    "compute_fingerprint",
+    "prior_from_dict",
+]

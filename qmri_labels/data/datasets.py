@@ -1,0 +1,220 @@
+"""Simulated datasets: a :class:`DatasetSpec` generates a :class:`Dataset`.
+
+The same spec gives the same bytes on any machine: parameters and noise are drawn with
+NumPy's PCG64 in float64, the forward model runs in float64 and the results are rounded once
+to float32. Each dataset carries a fingerprint, the SHA-256 of its canonical spec and its
+arrays, which training runs, caches and results record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qmri_labels.data.priors import UniformPrior, prior_from_dict
+from qmri_labels.physics import get_model
+from qmri_labels.physics.noise import NOISE_TYPES, add_noise, sigma_from_snr
+
+#: Epstein et al.'s IVIM protocol (s/mm^2).
+EPSTEIN_BVALUES = (0.0, 10.0, 20.0, 30.0, 50.0, 80.0, 100.0, 200.0, 400.0, 800.0)
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything that defines a simulated dataset.
+
+    Parameters
+    ----------
+    model : str
+        Signal model name (``"ivim"``, ``"monoexp"``).
+    protocol : tuple of float
+        b-values in s/mm^2 (or echo times for T2).
+    prior : dict
+        Parameter prior as a dict (see :mod:`qmri_labels.data.priors`); a prior object is
+        converted with its ``to_dict``.
+    snr : float
+        ``S0_reference / sigma``; sigma is the same for every voxel, as in one scan.
+    noise : {"rician", "gaussian"}
+    n : int
+        Number of voxels.
+    seed : int
+    s0_reference : float
+        The S0 that the SNR refers to (1 for normalised signals).
+    """
+
+    model: str = "ivim"
+    protocol: tuple = EPSTEIN_BVALUES
+    prior: dict = field(default_factory=lambda: UniformPrior().to_dict())
+    snr: float = 30.0
+    noise: str = "rician"
+    n: int = 100_000
+    seed: int = 0
+    s0_reference: float = 1.0
+
+    def __post_init__(self):
+        model = get_model(self.model)
+        prior = self.prior if isinstance(self.prior, dict) else self.prior.to_dict()
+        object.__setattr__(self, "prior", prior)
+        object.__setattr__(self, "protocol", tuple(float(b) for b in model.validate_protocol(self.protocol)))
+        if self.noise not in NOISE_TYPES:
+            raise ValueError(f"noise must be one of {NOISE_TYPES}, got {self.noise!r}")
+        if not (np.isfinite(self.snr) and self.snr > 0):
+            raise ValueError(f"snr must be finite and > 0, got {self.snr}")
+        if int(self.n) != self.n or self.n < 1:
+            raise ValueError(f"n must be a positive integer, got {self.n}")
+        if prior.get("model", self.model) != self.model:
+            raise ValueError(f"prior is for model {prior.get('model')!r}, spec for {self.model!r}")
+        object.__setattr__(self, "n", int(self.n))
+        object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "snr", float(self.snr))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["protocol"] = list(self.protocol)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DatasetSpec":
+        d = dict(d)
+        d["protocol"] = tuple(d["protocol"])
+        return cls(**d)
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def replace(self, **changes) -> "DatasetSpec":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def sigma(self) -> float:
+        return sigma_from_snr(self.snr, self.s0_reference)
+
+    def generate(self) -> "Dataset":
+        """Draw the parameters and the noisy signals."""
+        rng = np.random.Generator(np.random.PCG64(self.seed))
+        prior = prior_from_dict(self.prior)
+        theta = prior.sample(self.n, rng)
+        model = get_model(self.model)
+        with torch.no_grad():
+            clean = model.forward(torch.from_numpy(theta), torch.tensor(self.protocol, dtype=torch.float64)).numpy()
+        sigma = np.full(self.n, self.sigma)
+        noisy = add_noise(clean, sigma, self.noise, rng)
+        return Dataset(self, theta.astype(np.float32), noisy.astype(np.float32), sigma.astype(np.float32))
+
+
+@dataclass
+class Dataset:
+    """A generated dataset: true parameters, noisy signals and the noise level.
+
+    Attributes
+    ----------
+    spec : DatasetSpec
+    theta_true : ndarray (N, n_params), float32, in the model's parameter order
+    signals : ndarray (N, M), float32
+    sigma : ndarray (N,), float32
+    """
+
+    spec: DatasetSpec
+    theta_true: np.ndarray
+    signals: np.ndarray
+    sigma: np.ndarray
+
+    @property
+    def protocol(self) -> np.ndarray:
+        return np.asarray(self.spec.protocol)
+
+    @property
+    def model(self):
+        return get_model(self.spec.model)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return self.model.param_names
+
+    @property
+    def prior_support(self) -> np.ndarray:
+        """``(2, n_params)`` support of the prior, the normalisation range of the losses."""
+        return prior_from_dict(self.spec.prior).support
+
+    def __len__(self) -> int:
+        return self.signals.shape[0]
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the canonical spec and the arrays' bytes."""
+        return compute_fingerprint(self.spec, self.theta_true, self.signals, self.sigma)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the dataset to one ``.npz`` file (atomically: a crash leaves no partial file)."""
+        path = Path(path)
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            format_version=np.int64(FORMAT_VERSION),
+            spec_json=np.array(self.spec.canonical_json()),
+            fingerprint=np.array(self.fingerprint),
+            theta_true=self.theta_true,
+            signals=self.signals,
+            sigma=self.sigma,
+        )
+        atomic_write_bytes(path, buffer.getvalue())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Dataset":
+        """Read a dataset written by :meth:`save` and verify its fingerprint."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                version = int(z["format_version"])
+                spec = DatasetSpec.from_dict(json.loads(str(z["spec_json"])))
+                stored = str(z["fingerprint"])
+                data = cls(spec, z["theta_true"], z["signals"], z["sigma"])
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"{path}: not a readable qmri_labels dataset ({type(exc).__name__}: {exc})") from exc
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{path}: dataset format {version}, this version reads {FORMAT_VERSION}")
+        if data.fingerprint != stored:
+            raise ValueError(f"{path}: fingerprint mismatch (file corrupt or modified): stored {stored[:12]}, "
+                             f"computed {data.fingerprint[:12]}")
+        return data
+
+
+def compute_fingerprint(spec: DatasetSpec, *arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(spec.canonical_json().encode())
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

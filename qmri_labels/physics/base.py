@@ -1,0 +1,149 @@
+"""Common interface of voxel-wise signal models.
+
+A signal model maps tissue parameters ``(..., n_params)`` and an acquisition protocol
+``(n_measurements,)`` (b-values in s/mm^2, echo times in ms, ...) to signals
+``(..., n_measurements)``. Forward functions are pure torch code, batched over any leading
+shape and differentiable, so that the same function serves simulation, MLE fitting and
+self-supervised training.
+
+Adding a model means writing one new module in :mod:`qmri_labels.physics` that defines a
+:class:`SignalModel` subclass decorated with :func:`register_model`; modules of this package
+are discovered on first use of :func:`get_model`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_REGISTRY: dict[str, type["SignalModel"]] = {}
+
+
+def register_model(cls: type["SignalModel"]) -> type["SignalModel"]:
+    """Class decorator that makes a model available by its ``name`` in :func:`get_model`."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} must define a non-empty `name`")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _discover_models() -> None:
+    import qmri_labels.physics as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_") and info.name not in {"base", "noise"}:
+            importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+def available_models() -> list[str]:
+    """Names of all registered voxel-wise signal models."""
+    _discover_models()
+    return sorted(_REGISTRY)
+
+
+def get_model(model: "str | SignalModel") -> "SignalModel":
+    """Return a model instance from its registered name (or pass an instance through)."""
+    if isinstance(model, SignalModel):
+        return model
+    if model not in _REGISTRY:
+        _discover_models()
+    try:
+        return _REGISTRY[model]()
+    except KeyError:
+        raise ValueError(
+            f"unknown signal model {model!r}; available: {', '.join(available_models())}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One model parameter: its name, unit and default fitting bounds."""
+
+    name: str
+    unit: str
+    lower: float
+    upper: float
+    description: str = ""
+
+
+class SignalModel:
+    """Base class of voxel-wise signal models.
+
+    Subclasses set ``name``, ``parameters`` (a tuple of :class:`Parameter`, in the model's
+    parameter order), ``protocol_name`` and ``protocol_unit`` and implement
+    :meth:`forward`. Optionally they implement :meth:`initial_estimate`, a fast non-iterative
+    estimate used to start the MLE fitter.
+    """
+
+    name: str = ""
+    parameters: tuple[Parameter, ...] = ()
+    protocol_name: str = "bvalues"
+    protocol_unit: str = "s/mm^2"
+    #: index of the parameter that scales the signal linearly (S0); None if there is none
+    scale_index: int | None = None
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.parameters)
+
+    @property
+    def n_params(self) -> int:
+        return len(self.parameters)
+
+    @property
+    def units(self) -> dict[str, str]:
+        return {p.name: p.unit for p in self.parameters}
+
+    @property
+    def default_bounds(self) -> np.ndarray:
+        """Array ``(2, n_params)``: lower bounds in row 0, upper bounds in row 1."""
+        return np.array([[p.lower for p in self.parameters], [p.upper for p in self.parameters]])
+
+    def index(self, name: str) -> int:
+        """Position of parameter ``name`` in the model's parameter order."""
+        try:
+            return self.param_names.index(name)
+        except ValueError:
+            raise KeyError(f"model {self.name!r} has no parameter {name!r}; it has {self.param_names}") from None
+
+    def forward(self, params: torch.Tensor, protocol: torch.Tensor) -> torch.Tensor:
+        """Noise-free signals ``(..., n_measurements)`` for ``params`` ``(..., n_params)``."""
+        raise NotImplementedError
+
+    def jacobian(self, params: torch.Tensor, protocol: torch.Tensor) -> torch.Tensor:
+        """Derivative of the signals with respect to the parameters, ``(..., M, n_params)``.
+
+        The default uses autograd; models override it with the closed form because the MLE
+        fitter calls it in its inner loop.
+        """
+        params = params.detach().requires_grad_(True)
+        with torch.enable_grad():
+            signal = self.forward(params, protocol)
+            cols = []
+            for m in range(signal.shape[-1]):
+                (grad,) = torch.autograd.grad(signal[..., m].sum(), params, retain_graph=True)
+                cols.append(grad)
+        return torch.stack(cols, dim=-2)
+
+    def initial_estimate(self, signals: torch.Tensor, protocol: torch.Tensor) -> torch.Tensor:
+        """A fast, non-iterative estimate ``(N, n_params)``; default: the middle of the bounds."""
+        bounds = torch.as_tensor(self.default_bounds, dtype=signals.dtype, device=signals.device)
+        return (0.5 * (bounds[0] + bounds[1])).expand(signals.shape[0], -1).clone()
+
+    def validate_protocol(self, protocol) -> np.ndarray:
+        """Check a protocol and return it as a 1-D float64 array."""
+        protocol = np.asarray(protocol, dtype=np.float64)
+        if protocol.ndim != 1 or protocol.size == 0:
+            raise ValueError(f"{self.protocol_name} must be a non-empty 1-D array, got shape {protocol.shape}")
+        if not np.all(np.isfinite(protocol)):
+            raise ValueError(f"{self.protocol_name} contain NaN or Inf")
+        if np.any(protocol < 0):
+            raise ValueError(f"{self.protocol_name} must be >= 0 ({self.protocol_unit})")
+        return protocol
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(params={self.param_names})"
