@@ -59,6 +59,18 @@ def get_model(model: "str | SignalModel") -> "SignalModel":
         ) from None
 
 
+_PRIMES = (2, 3, 5, 7, 11, 13, 17, 19)
+
+
+def _halton(index: int, base: int) -> float:
+    result, f = 0.0, 1.0
+    while index > 0:
+        f /= base
+        result += f * (index % base)
+        index //= base
+    return result
+
+
 @dataclass(frozen=True)
 class Parameter:
     """One model parameter: its name, unit and default fitting bounds."""
@@ -129,10 +141,31 @@ class SignalModel:
                 cols.append(grad)
         return torch.stack(cols, dim=-2)
 
+    def forward_and_jacobian(self, params: torch.Tensor, protocol: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Signals and Jacobian together; models override it to share work between the two."""
+        return self.forward(params, protocol), self.jacobian(params, protocol)
+
     def initial_estimate(self, signals: torch.Tensor, protocol: torch.Tensor) -> torch.Tensor:
         """A fast, non-iterative estimate ``(N, n_params)``; default: the middle of the bounds."""
         bounds = torch.as_tensor(self.default_bounds, dtype=signals.dtype, device=signals.device)
         return (0.5 * (bounds[0] + bounds[1])).expand(signals.shape[0], -1).clone()
+
+    def starting_points(self, init: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, n_starts: int) -> torch.Tensor:
+        """Starting points ``(N, n_starts, n_params)`` for the MLE fitter.
+
+        The first is ``init``; the others keep the scale parameter of ``init`` and place the
+        remaining parameters on a fixed low-discrepancy (Halton) sequence inside the bounds, so
+        that the starts are the same on every run and spread over the whole box.
+        """
+        starts = [init]
+        for j in range(1, n_starts):
+            point = init.clone()
+            for i in range(self.n_params):
+                if i != self.scale_index:
+                    u = _halton(j, _PRIMES[i % len(_PRIMES)])
+                    point[:, i] = lower[:, i] + u * (upper[:, i] - lower[:, i])
+            starts.append(point)
+        return torch.stack(starts, dim=1)
 
     def validate_protocol(self, protocol) -> np.ndarray:
         """Check a protocol and return it as a 1-D float64 array."""

@@ -36,18 +36,17 @@ class IVIMModel(SignalModel):
         return ivim_signal(params, protocol)
 
     def jacobian(self, params, protocol):
+        return self.forward_and_jacobian(params, protocol)[1]
+
+    def forward_and_jacobian(self, params, protocol):
         s0, f, d, dstar = (params[..., i : i + 1] for i in range(4))
         e_fast = torch.exp(-protocol * dstar)
         e_slow = torch.exp(-protocol * d)
-        return torch.stack(
-            [
-                f * e_fast + (1 - f) * e_slow,
-                s0 * (e_fast - e_slow),
-                -s0 * (1 - f) * protocol * e_slow,
-                -s0 * f * protocol * e_fast,
-            ],
-            dim=-1,
-        )
+        shape = f * e_fast + (1 - f) * e_slow
+        fast = s0 * f * e_fast
+        slow = s0 * (1 - f) * e_slow
+        jac = torch.stack([shape, s0 * (e_fast - e_slow), -protocol * slow, -protocol * fast], dim=-1)
+        return s0 * shape, jac
 
     def initial_estimate(self, signals, protocol, b_threshold: float = 200.0):
         """Segmented estimate (Meeus et al. 2018 style), vectorised over voxels.
@@ -79,6 +78,25 @@ class IVIMModel(SignalModel):
         else:
             dstar = torch.full_like(d, 0.03)
         return torch.stack([s0, f, d, dstar], dim=-1)
+
+    def starting_points(self, init, lower, upper, n_starts):
+        """The segmented estimate, then the same with D* moved over the plausible range.
+
+        D* is the hard parameter (shallow likelihood, local minima where D* collapses onto D or
+        runs to its bound), so the extra starts vary it, and f with it, on a fixed schedule.
+        """
+        schedule = [(None, 0.01), (None, 0.1), (0.3, 0.03), (0.1, 0.2), (0.5, 0.05), (0.2, 0.015)]
+        starts = [init]
+        for f_value, dstar in schedule[: max(n_starts - 1, 0)]:
+            point = init.clone()
+            point[:, 3] = dstar
+            if f_value is not None:
+                point[:, 1] = f_value
+            starts.append(point)
+        if n_starts > len(starts):
+            extra = super().starting_points(init, lower, upper, n_starts - len(starts) + 1)[:, 1:]
+            return torch.cat([torch.stack(starts, dim=1), extra], dim=1)
+        return torch.stack(starts, dim=1)
 
 
 def _loglinear(log_s: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,8 +31,12 @@ class MonoExpModel(SignalModel):
         return monoexp_signal(params, protocol)
 
     def jacobian(self, params, protocol):
+        return self.forward_and_jacobian(params, protocol)[1]
+
+    def forward_and_jacobian(self, params, protocol):
         e = torch.exp(-protocol * params[..., 1:2])
-        return torch.stack([e, -params[..., 0:1] * protocol * e], dim=-1)
+        signal = params[..., 0:1] * e
+        return signal, torch.stack([e, -protocol * signal], dim=-1)
 
     def initial_estimate(self, signals, protocol):
         tiny = torch.finfo(signals.dtype).tiny

@@ -1,0 +1,48 @@
+"""Analysis beyond RMSE: evaluation grids, bias/SD/sensitivity summaries, the Cramer-Rao floor,
+paired statistics, figures and reports.
+
+Plotting and reporting (:mod:`~qmri_labels.analysis.plots`, :mod:`~qmri_labels.analysis.report`)
+import matplotlib only when first used.
+"""
+
+from qmri_labels.analysis.crlb import crlb, fisher_information, rician_information_factor
+from qmri_labels.analysis.grid import GridResult, GridSpec, evaluate_grid
+from qmri_labels.analysis.metrics import marginal_curves, sensitivity, spearman_table, summarize
+from qmri_labels.analysis.stats import bonferroni, paired_comparisons, paired_effect_size
+
+_LAZY = {
+    "write_report": "qmri_labels.analysis.report",
+    "load_results": "qmri_labels.analysis.report",
+    "StudyResults": "qmri_labels.analysis.report",
+    "plot_bias_sd_rmse": "qmri_labels.analysis.plots",
+    "plot_bias_quiver": "qmri_labels.analysis.plots",
+    "plot_error_hist2d": "qmri_labels.analysis.plots",
+    "plot_alpha_sweep": "qmri_labels.analysis.plots",
+    "method_colors": "qmri_labels.analysis.plots",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "GridResult",
+    "GridSpec",
+    "evaluate_grid",
+    "summarize",
+    "sensitivity",
+    "marginal_curves",
+    "spearman_table",
+    "crlb",
+    "fisher_information",
+    "rician_information_factor",
+    "paired_comparisons",
+    "paired_effect_size",
+    "bonferroni",
+    *_LAZY,
+]

@@ -1,0 +1,367 @@
+"""Study reports: ``report.md`` with tables and figures, ``grid.csv`` with per-point results,
+and :func:`load_results` to read a results folder back into Python.
+
+Files of a results folder written here (every one atomically):
+
+- ``report.md``: setup, the beyond-RMSE table, the best method per metric and parameter,
+  Spearman correlations, paired comparisons and the figures;
+- ``grid.csv``: one row per grid point, method and parameter (:meth:`GridResult.to_frame`);
+- ``grid_spec.json``: the :class:`GridSpec`, so that ``grid.csv`` can be read back;
+- ``spearman.csv``, ``comparisons.csv``: the correlation and paired-test tables;
+- ``figures/*.png`` (or ``.pdf``).
+
+``summary.csv``, the config and the manifest belong to the study command; :func:`load_results`
+reads them when present (``summary.csv`` is recomputed from ``grid.csv`` otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from qmri_labels.analysis.grid import GridResult, GridSpec
+from qmri_labels.analysis.metrics import spearman_table, summarize
+from qmri_labels.analysis.stats import compare_on_grid
+
+GRID_CSV = "grid.csv"
+GRID_SPEC = "grid_spec.json"
+SUMMARY_CSV = "summary.csv"
+SPEARMAN_CSV = "spearman.csv"
+COMPARISONS_CSV = "comparisons.csv"
+REPORT_MD = "report.md"
+FIGURES = "figures"
+CONFIG_NAMES = ("config.json", "config.yaml", "config.yml", "resolved_config.yaml", "resolved_config.json")
+
+
+def _write_text(path: Path, text: str) -> None:
+    from qmri_labels.data.datasets import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _write_csv(path: Path, frame: pd.DataFrame) -> None:
+    _write_text(path, frame.to_csv(index=False, float_format="%.9g"))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (float, np.floating)):
+        if math.isnan(value):
+            return "–"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        if value == 0:
+            return "0"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(frame: pd.DataFrame, columns=None, headers: dict | None = None) -> str:
+    """A GitHub-flavoured Markdown table of ``frame`` (floats to 4 significant digits)."""
+    columns = list(frame.columns if columns is None else columns)
+    headers = headers or {}
+    lines = ["| " + " | ".join(str(headers.get(c, c)).replace("|", "\\|") for c in columns) + " |",
+             "| " + " | ".join("---" for _ in columns) + " |"]
+    for _, row in frame[columns].iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c]).replace("|", "\\|") for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def best_methods(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per parameter: the method with the lowest mean |bias|, mean SD and RMSE, and the one
+    whose sensitivity is closest to 1 (varied parameters only)."""
+    rows = []
+    table = summary[summary["varied"]] if "varied" in summary else summary
+    for name, sub in table.groupby("parameter", sort=False):
+        row = {"parameter": name}
+        for col, label in (("mean_abs_bias", "lowest mean abs bias"), ("mean_sd", "lowest SD"),
+                           ("rmse", "lowest RMSE")):
+            ok = sub[col].notna()
+            row[label] = sub.loc[sub.loc[ok, col].idxmin(), "method"] if ok.any() else "–"
+        if "sensitivity" in sub:
+            dist = (sub["sensitivity"] - 1).abs()
+            row["sensitivity closest to 1"] = sub.loc[dist.idxmin(), "method"] if dist.notna().any() else "–"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def make_figures(result: GridResult, summary: pd.DataFrame, figures_dir, fmt: str = "png", alpha_sweep=None,
+                 reference: str | None = None) -> dict:
+    """Write the standard figures of a study and return ``name -> path``.
+
+    Figures: ``bias_sd_rmse`` (3 x 3 panel), ``quiver_<x>_<y>`` (bias vectors in the planes
+    (f, D*) and (f, D) for IVIM; the first two varied parameters otherwise),
+    ``hist2d_<reference>_vs_<method>`` (per-point RMSE of each method against the reference)
+    and ``alpha_sweep`` when the summary holds a hybrid sweep.
+    """
+    from qmri_labels.analysis import plots
+
+    figures_dir = Path(figures_dir)
+    written = {}
+
+    def save(name, fig):
+        written[name] = plots.save_figure(fig, figures_dir / name, fmt)
+
+    save("bias_sd_rmse", plots.plot_bias_sd_rmse(result))
+    varied = list(result.grid.varied)
+    if len(varied) >= 2:
+        planes = [("f", "Dstar"), ("f", "D")] if {"f", "D", "Dstar"} <= set(varied) else [tuple(varied[:2])]
+        for x, y in planes:
+            save(f"quiver_{x}_{y}", plots.plot_bias_quiver(result, x, y))
+    reference = _reference(result, reference)
+    for m in result.methods:
+        if m != reference:
+            save(f"hist2d_{reference}_vs_{m}", plots.plot_error_hist2d(result, reference, m))
+    sweep = _sweep(summary, alpha_sweep)
+    if sweep is not None and sweep["alpha"].nunique() >= 2:
+        save("alpha_sweep", plots.plot_alpha_sweep(sweep, units=result.units))
+    return written
+
+
+def _reference(result: GridResult, reference) -> str:
+    if reference is None:
+        return "fit-mle" if "fit-mle" in result.methods else result.methods[0]
+    if reference not in result.methods:
+        raise ValueError(f"reference {reference!r} is not among the methods {result.methods}")
+    return reference
+
+
+def _sweep(summary, alpha_sweep):
+    from qmri_labels.analysis.plots import alpha_sweep_table
+
+    if alpha_sweep is False:
+        return None
+    if alpha_sweep is None:
+        sweep = alpha_sweep_table(summary)
+        if "varied" in sweep:
+            sweep = sweep[sweep["varied"].astype(bool)]
+        return sweep if not sweep.empty else None
+    if not isinstance(alpha_sweep, pd.DataFrame):
+        raise ValueError("alpha_sweep must be None, False or a DataFrame with columns alpha, parameter, ...")
+    return alpha_sweep
+
+
+def write_report(out_dir, result: GridResult, summary: pd.DataFrame | None = None, config: dict | None = None,
+                 alpha_sweep=None, fmt: str = "png", reference: str | None = None, title: str = "Study report",
+                 notes: str | None = None, figures: bool = True) -> Path:
+    """Write ``report.md``, ``grid.csv``, ``grid_spec.json``, the tables and the figures.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        Results folder (created if missing).
+    result : GridResult
+    summary : DataFrame, optional
+        :func:`summarize` output (computed when omitted); extra columns are kept.
+    config : dict, optional
+        The study's resolved configuration, shown in the report.
+    alpha_sweep : DataFrame, False or None
+        Table for the alpha figure (columns ``alpha``, ``parameter``, ``mean_abs_bias``,
+        ``mean_sd``, ``rmse``); None derives it from hybrid methods in the summary; False
+        leaves the figure out.
+    fmt : {"png", "pdf", "svg"}
+        Figure format.
+    reference : str, optional
+        Method the others are compared with (default ``fit-mle`` if present, else the first).
+    title : str
+    notes : str, optional
+        Markdown appended under "Notes".
+    figures : bool
+        Draw the figures (False writes the tables only, e.g. for quick runs).
+
+    Returns
+    -------
+    Path
+        Path of ``report.md``.
+    """
+    if not isinstance(result, GridResult):
+        raise ValueError(f"result must be a GridResult, got {type(result).__name__}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if summary is None:
+        summary = summarize(result)
+    missing = {"method", "parameter", "mean_abs_bias", "mean_sd", "rmse"} - set(summary.columns)
+    if missing:
+        raise ValueError(f"summary lacks columns {sorted(missing)}")
+    reference = _reference(result, reference)
+
+    _write_csv(out_dir / GRID_CSV, result.to_frame())
+    _write_text(out_dir / GRID_SPEC, json.dumps(result.grid.to_dict(), indent=2))
+    spearman = spearman_table(result)
+    _write_csv(out_dir / SPEARMAN_CSV, spearman)
+    comparisons = None
+    if len(result.methods) >= 2:
+        comparisons = compare_on_grid(result, metric="abs_error", reference=reference)
+        _write_csv(out_dir / COMPARISONS_CSV, comparisons)
+    figures = make_figures(result, summary, out_dir / FIGURES, fmt, alpha_sweep, reference) if figures else {}
+
+    grid = result.grid
+    lines = [f"# {title}", ""]
+    lines += ["## Setup", "",
+              f"- model: `{grid.model}`, protocol ({len(grid.protocol)} measurements): "
+              f"{', '.join(f'{b:g}' for b in grid.protocol)}",
+              f"- noise: {grid.noise}, SNR {grid.snr:g} (sigma = {grid.sigma:.4g}), seed {grid.seed}",
+              f"- evaluation grid: {grid.n_points} points "
+              f"({' x '.join(f'{len(grid.axes[n])} {n}' for n in grid.varied)}), "
+              f"{grid.repeats} noise repeats each; fixed: "
+              + ", ".join(f"{k} = {v:g}" for k, v in grid.fixed.items()),
+              "- axes: " + "; ".join(f"{n} in [{min(grid.axes[n]):.4g}, {max(grid.axes[n]):.4g}] {result.units[n]}"
+                                     for n in grid.varied), ""]
+    lines += ["## Beyond RMSE", "",
+              "Per method and parameter over the grid: mean |bias|, mean SD over the noise repeats, RMSE, "
+              "*sensitivity* (slope of the mean estimate against the truth: 1 ideal, 0 = ignores the truth) "
+              "and *efficiency* (median over points of CRLB / observed variance: > 1 is only possible "
+              "with bias). Units are the parameters' own (D and D* in mm^2/s).", ""]
+    cols = [c for c in ("method", "parameter", "mean_abs_bias", "mean_sd", "rmse", "sensitivity", "efficiency",
+                        "mean_crlb_sd", "valid_fraction") if c in summary.columns]
+    shown = summary[summary["varied"].astype(bool)] if "varied" in summary else summary
+    lines += [markdown_table(shown, cols, {"mean_abs_bias": "mean abs bias", "mean_sd": "mean SD",
+                                           "rmse": "RMSE", "mean_crlb_sd": "mean CRLB SD",
+                                           "valid_fraction": "valid"}), ""]
+    lines += ["### Best per parameter", "", markdown_table(best_methods(summary)), ""]
+    if "bias_sd_rmse" in figures:
+        lines += ["## Bias, SD and RMSE across the parameter range", "",
+                  "Each curve is averaged over the other parameters; dashed: the Cramer-Rao bound, the smallest "
+                  "SD an unbiased estimator can reach.", "",
+                  f"![bias, SD and RMSE]({FIGURES}/{figures['bias_sd_rmse'].name})", ""]
+    quivers = [k for k in figures if k.startswith("quiver_")]
+    if quivers:
+        lines += ["## Bias vectors", "", "Arrows go from the true value to the mean estimate.", ""]
+        lines += [f"![{k}]({FIGURES}/{figures[k].name})" for k in quivers] + [""]
+    hists = [k for k in figures if k.startswith("hist2d_")]
+    if hists:
+        lines += [f"## Per-point RMSE against {reference}", ""]
+        lines += [f"![{k}]({FIGURES}/{figures[k].name})" for k in hists] + [""]
+    if "alpha_sweep" in figures:
+        lines += ["## Alpha sweep", "", "Hybrid loss `alpha * L_mle + (1 - alpha) * L_gt`; net-gt is alpha = 0 and "
+                  "net-mle alpha = 1.", "", f"![alpha sweep]({FIGURES}/{figures['alpha_sweep'].name})", ""]
+    lines += ["## Correlations between estimates (Spearman)", "",
+              "`noise_rho`: over the noise repeats of a point, averaged over points; `grid_rho`: of the mean "
+              "estimates over the grid (the truth's own is `true_rho`, 0 on a full grid).", "",
+              markdown_table(spearman), ""]
+    if comparisons is not None:
+        lines += [f"## Paired comparisons against {reference}", "",
+                  f"Per-point RMSE over the {grid.n_points} grid points, paired t-test (differences are "
+                  f"{reference} minus the other), Bonferroni-corrected over all {len(comparisons)} comparisons; "
+                  "effect size Cohen's d_z.", "",
+                  markdown_table(comparisons, ["parameter", "a", "b", "mean_diff", "t", "p_adjusted", "significant",
+                                               "cohen_dz"], {"mean_diff": "mean diff", "p_adjusted": "p (Bonferroni)"}),
+                  ""]
+    if result.timings:
+        lines += ["## Estimator time on the grid", "",
+                  markdown_table(pd.DataFrame({"method": list(result.timings),
+                                               "seconds": list(result.timings.values())})), ""]
+    if config is not None:
+        import yaml
+
+        lines += ["## Configuration", "", "```yaml",
+                  yaml.safe_dump(_plain(config), sort_keys=False, default_flow_style=None).rstrip(), "```", ""]
+    if notes:
+        lines += ["## Notes", "", notes.rstrip(), ""]
+    lines += [f"Per-point results: `{GRID_CSV}` (grid spec in `{GRID_SPEC}`), correlations `{SPEARMAN_CSV}`"
+              + (f", comparisons `{COMPARISONS_CSV}`." if comparisons is not None else "."), ""]
+    path = out_dir / REPORT_MD
+    _write_text(path, "\n".join(lines))
+    return path
+
+
+def _plain(obj):
+    """Config values as YAML-safe plain types."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+@dataclass
+class StudyResults:
+    """A results folder read back by :func:`load_results`.
+
+    Attributes
+    ----------
+    folder : Path
+    summary : DataFrame
+        ``summary.csv`` if present, otherwise recomputed from the grid.
+    result : GridResult or None
+        From ``grid.csv`` + ``grid_spec.json`` (None if the folder has no grid).
+    config, manifest : dict or None
+    spearman, comparisons : DataFrame or None
+    """
+
+    folder: Path
+    summary: pd.DataFrame
+    result: GridResult | None = None
+    config: dict | None = None
+    manifest: dict | None = None
+    spearman: pd.DataFrame | None = None
+    comparisons: pd.DataFrame | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def methods(self) -> list:
+        return list(dict.fromkeys(self.summary["method"]))
+
+
+def _read_mapping(path: Path):
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        return json.loads(text)
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def load_results(folder) -> StudyResults:
+    """Read a study results folder (as written by the study command and :func:`write_report`).
+
+    Parameters
+    ----------
+    folder : str or Path
+
+    Returns
+    -------
+    StudyResults
+
+    Raises
+    ------
+    ValueError
+        If the folder has neither ``summary.csv`` nor ``grid.csv`` with ``grid_spec.json``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a results folder")
+    result = None
+    if (folder / GRID_CSV).exists():
+        if not (folder / GRID_SPEC).exists():
+            raise ValueError(f"{folder}: {GRID_CSV} without {GRID_SPEC}; cannot rebuild the grid")
+        grid = GridSpec.from_dict(json.loads((folder / GRID_SPEC).read_text()))
+        result = GridResult.from_frame(pd.read_csv(folder / GRID_CSV), grid)
+    if (folder / SUMMARY_CSV).exists():
+        summary = pd.read_csv(folder / SUMMARY_CSV)
+    elif result is not None:
+        summary = summarize(result)
+    else:
+        raise ValueError(f"{folder}: no {SUMMARY_CSV} and no {GRID_CSV}; not a study results folder")
+    config = None
+    for name in CONFIG_NAMES:
+        if (folder / name).exists():
+            config = _read_mapping(folder / name)
+            break
+    manifest = _read_mapping(folder / "manifest.json") if (folder / "manifest.json").exists() else None
+    spearman = pd.read_csv(folder / SPEARMAN_CSV) if (folder / SPEARMAN_CSV).exists() else None
+    comparisons = pd.read_csv(folder / COMPARISONS_CSV) if (folder / COMPARISONS_CSV).exists() else None
+    return StudyResults(folder=folder, summary=summary, result=result, config=config, manifest=manifest,
+                        spearman=spearman, comparisons=comparisons)

@@ -1,0 +1,258 @@
+"""Shareable model bundles: weights plus a manifest, verified before they are read.
+
+A bundle is a folder::
+
+    my_network/
+        weights.safetensors   # tensors only: a loader that cannot execute code
+        manifest.json         # config, data fingerprints, versions, device, metrics, SHA-256
+
+Loading checks the manifest, the weights file's size and its SHA-256 *before* the bytes are
+deserialised, so a tampered, truncated or incomplete bundle is refused with a ``ValueError``
+that names the problem. Writing goes to a temporary sibling folder that is renamed into
+place, so an existing bundle is never left half overwritten.
+
+The format is generic (a ``state_dict`` and a JSON-serialisable manifest); estimators and
+workflows put their own keys into the manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from qmri_labels.data.datasets import atomic_write_bytes
+
+BUNDLE_FORMAT = "qmri_labels.bundle"
+BUNDLE_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+SAFETENSORS_FILE = "weights.safetensors"
+TORCH_FILE = "weights.pt"
+
+try:  # safetensors is preferred; torch.load(weights_only=True) is the fallback
+    import safetensors.torch as _safetensors
+except ImportError:  # pragma: no cover - exercised only without safetensors
+    _safetensors = None
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and the packages a trained network depends on."""
+    import lightning
+    import qmri_labels
+
+    versions = {
+        "python": platform.python_version(),
+        "qmri_labels": qmri_labels.__version__,
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "numpy": np.__version__,
+    }
+    if _safetensors is not None:
+        import safetensors
+
+        versions["safetensors"] = safetensors.__version__
+    return versions
+
+
+def device_info(device: str | torch.device | None = None) -> dict[str, Any]:
+    """The compute device and the determinism flags in force, for manifests."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    info: dict[str, Any] = {
+        "device": str(device),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if device.type == "cuda" and torch.cuda.is_available():
+        info["gpu_name"] = torch.cuda.get_device_name(device)
+        info["cuda_version"] = torch.version.cuda
+    return info
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert NumPy/torch scalars and arrays, paths and tuples into plain JSON types."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, torch.Tensor):
+        return to_jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None if np.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"manifest value of type {type(obj).__name__} is not JSON-serialisable: {obj!r}")
+
+
+def _serialise_weights(state_dict: Mapping[str, torch.Tensor]) -> tuple[bytes, str, str]:
+    tensors = {}
+    for name, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"state_dict entry {name!r} is a {type(value).__name__}, not a tensor")
+        # safetensors refuses shared storage; a contiguous CPU copy of each tensor avoids it
+        tensors[str(name)] = value.detach().to("cpu").contiguous().clone()
+    if _safetensors is not None:
+        return _safetensors.save(tensors), SAFETENSORS_FILE, "safetensors"
+    buffer = io.BytesIO()  # pragma: no cover
+    torch.save(tensors, buffer)  # pragma: no cover
+    return buffer.getvalue(), TORCH_FILE, "torch"  # pragma: no cover
+
+
+def save_bundle(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], manifest: Mapping[str, Any],
+                *, overwrite: bool = True) -> Path:
+    """Write a model bundle folder atomically.
+
+    Parameters
+    ----------
+    path : path-like
+        The bundle folder to create (or replace when ``overwrite``).
+    state_dict : mapping of str to Tensor
+        The weights (and buffers).
+    manifest : mapping
+        JSON-serialisable description (config, data fingerprints, metrics, ...). The keys
+        ``format``, ``format_version``, ``weights``, ``created`` are set here, and
+        ``versions`` / ``device`` are filled in when absent.
+
+    Returns
+    -------
+    Path of the bundle folder.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} exists and is not a folder; a bundle is a folder")
+    data, weights_name, weights_format = _serialise_weights(state_dict)
+    full = dict(to_jsonable(dict(manifest)))
+    full.setdefault("versions", package_versions())
+    full.setdefault("device", device_info())
+    full.update(
+        format=BUNDLE_FORMAT,
+        format_version=BUNDLE_VERSION,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        weights={"file": weights_name, "format": weights_format, "sha256": sha256_bytes(data), "bytes": len(data),
+                 "tensors": {k: list(v.shape) for k, v in state_dict.items()}},
+    )
+    text = json.dumps(full, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        atomic_write_bytes(staging / weights_name, data)
+        atomic_write_bytes(staging / MANIFEST_FILE, text.encode())
+        if path.exists():
+            # move the old bundle aside first: at every instant `path` is either the complete
+            # old bundle, absent, or the complete new one
+            retired = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, retired / "bundle")
+            os.replace(staging, path)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """Read and check a bundle's manifest (no weights are read)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"model bundle {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"model bundle {path} is not a folder (expected {MANIFEST_FILE} and weights inside)")
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ValueError(f"model bundle {path} has no {MANIFEST_FILE}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"model bundle {path}: {MANIFEST_FILE} is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"model bundle {path}: {MANIFEST_FILE} is not a {BUNDLE_FORMAT} manifest")
+    if manifest.get("format_version") != BUNDLE_VERSION:
+        raise ValueError(f"model bundle {path}: format version {manifest.get('format_version')!r}, "
+                         f"this version reads {BUNDLE_VERSION}")
+    weights = manifest.get("weights")
+    if not isinstance(weights, dict) or not {"file", "format", "sha256", "bytes"} <= set(weights):
+        raise ValueError(f"model bundle {path}: manifest lacks the weights entry (file, format, sha256, bytes)")
+    if weights["file"] not in (SAFETENSORS_FILE, TORCH_FILE) or weights["format"] not in ("safetensors", "torch"):
+        raise ValueError(f"model bundle {path}: unsupported weights file {weights['file']!r} ({weights['format']!r})")
+    return manifest
+
+
+def verify_bundle(path: str | os.PathLike) -> tuple[bytes, dict]:
+    """Check a bundle's manifest, weights size and SHA-256; return the raw weights and manifest."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    weights = manifest["weights"]
+    weights_path = path / weights["file"]
+    if not weights_path.is_file():
+        raise ValueError(f"model bundle {path}: weights file {weights['file']} is missing")
+    data = weights_path.read_bytes()
+    if len(data) != weights["bytes"]:
+        raise ValueError(f"model bundle {path}: weights file has {len(data)} bytes, manifest says "
+                         f"{weights['bytes']} (truncated or modified)")
+    digest = sha256_bytes(data)
+    if digest != weights["sha256"]:
+        raise ValueError(f"model bundle {path}: SHA-256 of {weights['file']} is {digest[:16]}..., manifest says "
+                         f"{weights['sha256'][:16]}... (file tampered with or corrupt); refusing to load it")
+    return data, manifest
+
+
+def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """Load a bundle written by :func:`save_bundle`.
+
+    The checksum is verified before deserialisation, and the weights are read with a loader
+    that cannot execute code (safetensors, or ``torch.load(weights_only=True)``).
+
+    Returns
+    -------
+    state_dict : dict of str to Tensor
+    manifest : dict
+    """
+    data, manifest = verify_bundle(path)
+    fmt = manifest["weights"]["format"]
+    try:
+        if fmt == "safetensors":
+            if _safetensors is None:  # pragma: no cover
+                raise ValueError("this bundle needs the `safetensors` package")
+            state = _safetensors.load(data)
+            state = {k: v.to(map_location) for k, v in state.items()}
+        else:
+            state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except ValueError:
+        raise
+    except Exception as exc:  # the checksum matched, but the bytes are still not valid weights
+        raise ValueError(f"model bundle {path}: weights could not be read ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"model bundle {path}: weights are not a mapping of tensors")
+    expected = manifest["weights"].get("tensors")
+    if expected is not None and {k: list(v.shape) for k, v in state.items()} != expected:
+        raise ValueError(f"model bundle {path}: tensor names/shapes differ from the manifest")
+    return state, manifest

@@ -1,0 +1,431 @@
+"""Synthetic susceptibility phantoms for QSM (after Graf et al., 2023).
+
+A phantom is a volume of random spheres and boxes, each with a susceptibility drawn from a
+Gaussian ``N(0, sigma^2)`` (ppm, ``sigma = 0.25`` by default), painted one over the other
+with smooth edges, and then cut by a support mask made of a few random ellipsoids: outside the
+mask chi is zero (Graf et al. zero the borders with random ellipsoids; the mask is what a
+brain mask is for real data).
+
+Smoothing is analytic, which keeps generation vectorised and fast (a 160^3 volume takes a
+few seconds): the Gaussian blur (standard deviation ``smoothing`` voxels) of a box is the
+product of three 1-D blurred rectangles, ``prod_i [erf((x_i + h_i)/(s sqrt2)) - erf((x_i -
+h_i)/(s sqrt2))]/2`` (exact, also for rotated boxes since the Gaussian is isotropic), and that of
+a sphere is approximated by the blurred step ``erfc((r - R)/(s sqrt2))/2`` of its radial
+distance (exact in the limit ``R >> s``). Each shape is evaluated only inside its bounding box.
+
+Randomness comes only from NumPy's PCG64 generator seeded by the caller, so the same seed
+gives the same phantom on every machine.
+
+:class:`QSMPhantomSpec` describes a set of phantoms with their noisy local fields (one field
+per B0 orientation; several orientations make COSMOS labels possible, see
+:func:`qmri_labels.fitting.qsm_inversion.cosmos`); :meth:`QSMPhantomSpec.generate` returns a
+:class:`QSMPhantomSet` with a SHA-256 fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.special import erf, erfc
+
+from qmri_labels.data.datasets import atomic_write_bytes
+from qmri_labels.physics.qsm import forward_field, normalize_direction
+
+__all__ = [
+    "make_phantom",
+    "random_orientations",
+    "QSMPhantomSpec",
+    "QSMPhantomSet",
+]
+
+
+def _rng(seed_or_rng) -> np.random.Generator:
+    if isinstance(seed_or_rng, np.random.Generator):
+        return seed_or_rng
+    return np.random.Generator(np.random.PCG64(seed_or_rng))
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """Uniformly random 3-D rotation matrix (QR of a Gaussian matrix, sign-fixed)."""
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+def _box_slices(center, half_extent, margin, shape):
+    lo = np.maximum(np.floor(center - half_extent - margin).astype(int), 0)
+    hi = np.minimum(np.ceil(center + half_extent + margin).astype(int) + 1, shape)
+    return lo, hi
+
+
+def _local_coords(lo, hi, center):
+    ax = [np.arange(l, h, dtype=np.float32) - np.float32(c) for l, h, c in zip(lo, hi, center)]
+    return np.meshgrid(*ax, indexing="ij", sparse=True)
+
+
+def make_phantom(
+    shape: tuple[int, int, int] = (160, 160, 160),
+    *,
+    n_spheres: int | None = None,
+    n_boxes: int | None = None,
+    sigma: float = 0.25,
+    size_range: tuple[float, float] = (2.0, 16.0),
+    smoothing: float = 1.0,
+    n_ellipsoids: int = 3,
+    mask_extent: tuple[float, float] = (0.6, 0.85),
+    seed: int | np.random.Generator | None = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic susceptibility volume and its support mask.
+
+    Parameters
+    ----------
+    shape : (int, int, int)
+        Grid size in voxels.
+    n_spheres, n_boxes : int, optional
+        Number of shapes of each kind; by default ``round(200 * V / 160^3)`` with V the number
+        of voxels (at least 2): a constant density, so that a small volume looks like a crop
+        of a large one (200 of each cover about half of a 160^3 support mask).
+    sigma : float
+        Standard deviation (ppm) of the Gaussian susceptibility of each shape.
+    size_range : (float, float)
+        Range of the sphere radius and of each box half-side, in voxels (uniform).
+    smoothing : float
+        Standard deviation (voxels) of the Gaussian edge blur of each shape (0: sharp edges).
+    n_ellipsoids : int
+        Number of random ellipsoids whose union forms the support mask.
+    mask_extent : (float, float)
+        Range of the ellipsoid semi-axes as a fraction of half the grid size.
+    seed : int or numpy Generator
+
+    Returns
+    -------
+    chi : ndarray float32, shape ``shape``
+        Susceptibility (ppm), zero outside the mask.
+    mask : ndarray bool, shape ``shape``
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or any(s < 4 for s in shape):
+        raise ValueError(f"shape must be three integers >= 4, got {shape!r}")
+    if not (np.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be > 0 (ppm), got {sigma}")
+    lo_f, hi_f = (float(x) for x in size_range)
+    if not (0 < lo_f <= hi_f):
+        raise ValueError(f"size_range must satisfy 0 < low <= high (voxels), got {size_range!r}")
+    if smoothing < 0:
+        raise ValueError(f"smoothing must be >= 0 voxels, got {smoothing}")
+    if n_ellipsoids < 1:
+        raise ValueError(f"n_ellipsoids must be >= 1, got {n_ellipsoids}")
+    m_lo, m_hi = (float(x) for x in mask_extent)
+    if not (0 < m_lo <= m_hi <= 1.0):
+        raise ValueError(f"mask_extent must satisfy 0 < low <= high <= 1, got {mask_extent!r}")
+    rng = _rng(seed)
+    default_n = max(2, int(round(200 * np.prod(shape) / 160**3)))
+    n_spheres = default_n if n_spheres is None else int(n_spheres)
+    n_boxes = default_n if n_boxes is None else int(n_boxes)
+    if n_spheres < 0 or n_boxes < 0:
+        raise ValueError("n_spheres and n_boxes must be >= 0")
+
+    dims = np.asarray(shape, dtype=np.float64)
+    chi = np.zeros(shape, dtype=np.float32)
+    s = max(float(smoothing), 1e-6)
+    inv = np.float32(1.0 / (s * np.sqrt(2.0)))
+    margin = 3.0 * s + 1.0
+
+    # Draw every random number up front, in a fixed order, so results do not depend on
+    # the order in which shapes happen to be painted.
+    kinds = np.array([0] * n_spheres + [1] * n_boxes)
+    kinds = kinds[rng.permutation(len(kinds))]
+    n_shapes = len(kinds)
+    centers = rng.uniform(0, 1, size=(n_shapes, 3)) * (dims - 1)
+    sizes = rng.uniform(lo_f, hi_f, size=(n_shapes, 3))
+    values = rng.normal(0.0, sigma, size=n_shapes).astype(np.float32)
+    rotations = [_random_rotation(rng) for _ in range(n_shapes)]
+
+    for kind, center, size, value, rot in zip(kinds, centers, sizes, values, rotations):
+        if kind == 0:
+            radius = size[0]
+            lo, hi = _box_slices(center, radius, margin, shape)
+            if np.any(hi <= lo):
+                continue
+            x, y, z = _local_coords(lo, hi, center)
+            r = np.sqrt(x * x + y * y + z * z)
+            weight = 0.5 * erfc((r - np.float32(radius)) * inv)
+        else:
+            half = size
+            reach = np.linalg.norm(half)  # bounding radius of the rotated box
+            lo, hi = _box_slices(center, reach, margin, shape)
+            if np.any(hi <= lo):
+                continue
+            x, y, z = _local_coords(lo, hi, center)
+            weight = None
+            for axis in range(3):
+                u = rot[0, axis] * x + rot[1, axis] * y + rot[2, axis] * z
+                h = np.float32(half[axis])
+                profile = 0.5 * (erf((u + h) * inv) - erf((u - h) * inv))
+                weight = profile if weight is None else weight * profile
+        weight = weight.astype(np.float32, copy=False)
+        region = chi[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        # painter's blend: a later shape covers earlier ones, with a soft edge
+        region += weight * (value - region)
+
+    # support mask: union of random ellipsoids around the centre
+    idx = [np.arange(n, dtype=np.float32) for n in shape]
+    grid = np.meshgrid(*idx, indexing="ij", sparse=True)
+    mask = np.zeros(shape, dtype=bool)
+    for _ in range(n_ellipsoids):
+        semi = rng.uniform(m_lo, m_hi, size=3) * (dims - 1) / 2.0
+        shift = rng.uniform(-0.05, 0.05, size=3) * dims
+        center = (dims - 1) / 2.0 + shift
+        rot = _random_rotation(rng)
+        q = np.zeros(shape, dtype=np.float32)
+        for axis in range(3):
+            u = sum(np.float32(rot[j, axis]) * (grid[j] - np.float32(center[j])) for j in range(3))
+            q = q + (u / np.float32(semi[axis])) ** 2
+        mask |= q <= 1.0
+    chi *= mask
+    return chi, mask
+
+
+def random_orientations(n: int, max_angle_deg: float = 30.0, seed=0) -> np.ndarray:
+    """``n`` unit B0 directions: the first is ``(0, 0, 1)``, the others are random tilts.
+
+    Tilts are drawn uniformly on the spherical cap within ``max_angle_deg`` of z with an
+    azimuth spread evenly around the cap (plus jitter) so that the directions are diverse,
+    as in head rotations of a multi-orientation (COSMOS) acquisition.
+    """
+    if n < 1:
+        raise ValueError(f"number of orientations must be >= 1, got {n}")
+    if not (0 < max_angle_deg <= 90):
+        raise ValueError(f"max_angle_deg must be in (0, 90], got {max_angle_deg}")
+    rng = _rng(seed)
+    dirs = [np.array([0.0, 0.0, 1.0])]
+    for i in range(1, n):
+        cos_max = np.cos(np.deg2rad(max_angle_deg))
+        cos_t = rng.uniform(cos_max, np.cos(np.deg2rad(max_angle_deg) * 0.5))
+        theta = np.arccos(cos_t)
+        phi = 2 * np.pi * (i - 1) / max(n - 1, 1) + rng.uniform(-0.3, 0.3)
+        dirs.append(np.array([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)]))
+    return np.stack(dirs).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class QSMPhantomSpec:
+    """Recipe of a set of synthetic QSM phantoms with noisy local fields.
+
+    Attributes
+    ----------
+    shape : (int, int, int)
+        Grid of each phantom.
+    n : int
+        Number of phantoms.
+    seed : int
+        Seed of everything random (phantoms, orientations, noise).
+    sigma_chi : float
+        Standard deviation of the shape susceptibilities (ppm).
+    noise_sigma : float
+        Standard deviation of the Gaussian noise added to each field (ppm), inside the mask.
+    n_orientations : int
+        Number of B0 orientations (1: no COSMOS label possible).
+    max_angle_deg : float
+        Largest tilt of the extra orientations from z.
+    voxel_size : (float, float, float)
+        In mm.
+    smoothing : float
+        Edge blur of the shapes (voxels).
+    size_range : (float, float)
+        Sphere radius and box half-sides (voxels).
+    n_spheres, n_boxes : int or None
+        Shapes per phantom (None: the default of :func:`make_phantom`).
+    pad : int
+        Zero padding per side when computing the fields. The default 0 is Graf et al.'s
+        setting: the field is the circular k-space convolution on the grid (the zero border
+        around the support keeps wrap-around small), which is exactly the forward model that
+        the inversions and the self-supervised loss use.
+    mask_field : bool
+        If True the fields are set to zero outside the mask (a local field map after
+        background removal). The default False gives the field on the whole grid, as in
+        Graf et al.: chi is zero outside the mask anyway, so nothing is hidden from the
+        inversion and COSMOS without noise is exact up to the mean.
+    """
+
+    shape: tuple[int, int, int] = (64, 64, 64)
+    n: int = 8
+    seed: int = 0
+    sigma_chi: float = 0.25
+    noise_sigma: float = 0.005
+    n_orientations: int = 1
+    max_angle_deg: float = 30.0
+    voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    smoothing: float = 1.0
+    size_range: tuple[float, float] = (2.0, 16.0)
+    n_spheres: int | None = None
+    n_boxes: int | None = None
+    pad: int = 0
+    mask_field: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "voxel_size", tuple(float(v) for v in self.voxel_size))
+        object.__setattr__(self, "size_range", tuple(float(v) for v in self.size_range))
+        if len(self.shape) != 3 or any(s < 4 for s in self.shape):
+            raise ValueError(f"shape must be three integers >= 4, got {self.shape!r}")
+        if int(self.n) < 1:
+            raise ValueError(f"n (number of phantoms) must be >= 1, got {self.n}")
+        if self.noise_sigma < 0:
+            raise ValueError(f"noise_sigma must be >= 0 (ppm), got {self.noise_sigma}")
+        if int(self.n_orientations) < 1:
+            raise ValueError(f"n_orientations must be >= 1, got {self.n_orientations}")
+        if self.pad < 0:
+            raise ValueError(f"pad must be >= 0, got {self.pad}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["voxel_size"] = list(self.voxel_size)
+        d["size_range"] = list(self.size_range)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QSMPhantomSpec":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown QSMPhantomSpec fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "QSMPhantomSpec":
+        return replace(self, **changes)
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def generate(self) -> "QSMPhantomSet":
+        """Draw the phantoms, their fields in every orientation, and the noise."""
+        root = np.random.SeedSequence(int(self.seed))
+        phantom_seq, orient_seq, noise_seq = root.spawn(3)
+        orientations = random_orientations(int(self.n_orientations), self.max_angle_deg, seed=_rng(orient_seq))
+        noise_rng = _rng(noise_seq)
+        chis, masks, fields = [], [], []
+        for child in phantom_seq.spawn(int(self.n)):
+            chi, mask = make_phantom(
+                self.shape,
+                n_spheres=self.n_spheres,
+                n_boxes=self.n_boxes,
+                sigma=self.sigma_chi,
+                size_range=self.size_range,
+                smoothing=self.smoothing,
+                seed=_rng(child),
+            )
+            per_orient = np.stack(
+                [forward_field(chi, self.voxel_size, d, pad=self.pad) for d in orientations]
+            ).astype(np.float32)
+            if self.noise_sigma > 0:
+                noise = noise_rng.normal(0.0, self.noise_sigma, size=per_orient.shape).astype(np.float32)
+                per_orient = per_orient + noise
+            if self.mask_field:
+                per_orient *= mask
+            chis.append(chi)
+            masks.append(mask)
+            fields.append(per_orient)
+        return QSMPhantomSet(
+            spec=self,
+            chi=np.stack(chis),
+            mask=np.stack(masks),
+            fields=np.stack(fields),
+            orientations=orientations,
+        )
+
+
+@dataclass
+class QSMPhantomSet:
+    """Phantoms, masks and noisy local fields.
+
+    Attributes
+    ----------
+    spec : QSMPhantomSpec
+    chi : ndarray float32, (N, X, Y, Z)
+        True susceptibility (ppm).
+    mask : ndarray bool, (N, X, Y, Z)
+    fields : ndarray float32, (N, K, X, Y, Z)
+        Noisy local fields (ppm) for each of the K orientations (zero outside the mask if
+        ``spec.mask_field``).
+    orientations : ndarray float64, (K, 3)
+        Unit B0 directions; the first is the reference orientation ``(0, 0, 1)``.
+    """
+
+    spec: QSMPhantomSpec
+    chi: np.ndarray
+    mask: np.ndarray
+    fields: np.ndarray
+    orientations: np.ndarray
+    fingerprint: str = field(default="")
+
+    def __post_init__(self):
+        if self.chi.ndim != 4:
+            raise ValueError(f"chi must be (N, X, Y, Z), got shape {self.chi.shape}")
+        if self.mask.shape != self.chi.shape:
+            raise ValueError(f"mask shape {self.mask.shape} differs from chi shape {self.chi.shape}")
+        if self.fields.ndim != 5 or self.fields.shape[:1] + self.fields.shape[2:] != self.chi.shape:
+            raise ValueError(f"fields must be (N, K, X, Y, Z) matching chi, got {self.fields.shape}")
+        if self.orientations.shape != (self.fields.shape[1], 3):
+            raise ValueError("orientations must be (K, 3) with K the number of field orientations")
+        for d in self.orientations:
+            normalize_direction(d)
+        if not self.fingerprint:
+            self.fingerprint = self.compute_fingerprint()
+
+    @property
+    def field(self) -> np.ndarray:
+        """Noisy field (N, X, Y, Z) at the reference orientation (B0 along z)."""
+        return self.fields[:, 0]
+
+    @property
+    def voxel_size(self) -> tuple[float, float, float]:
+        return self.spec.voxel_size
+
+    def __len__(self) -> int:
+        return self.chi.shape[0]
+
+    def compute_fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(self.spec.canonical_json().encode())
+        for a in (self.chi, self.mask, self.fields, self.orientations):
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()
+
+    def save(self, path: str | Path) -> Path:
+        """Write one ``.npz`` (atomically) holding the arrays, the spec and the fingerprint."""
+        path = Path(path)
+        buf = io.BytesIO()
+        np.savez_compressed(
+            buf,
+            chi=self.chi,
+            mask=self.mask,
+            fields=self.fields,
+            orientations=self.orientations,
+            spec=np.array(self.spec.canonical_json()),
+            fingerprint=np.array(self.fingerprint),
+        )
+        atomic_write_bytes(path, buf.getvalue())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "QSMPhantomSet":
+        """Read a set written by :meth:`save`; ValueError if its fingerprint does not match."""
+        with np.load(Path(path), allow_pickle=False) as z:
+            spec = QSMPhantomSpec.from_dict(json.loads(str(z["spec"])))
+            stored = str(z["fingerprint"])
+            out = cls(spec=spec, chi=z["chi"], mask=z["mask"], fields=z["fields"], orientations=z["orientations"])
+        if out.fingerprint != stored:
+            raise ValueError(f"{path}: fingerprint mismatch (file corrupted or edited)")
+        return out

@@ -1,0 +1,567 @@
+"""One interface for every way of estimating parameters: ``predict(signals) -> params``.
+
+* :class:`MLEEstimator` wraps the batched maximum-likelihood fitter;
+* :class:`NetworkEstimator` trains a voxel-wise network under a chosen training label
+  (``gt``, ``mle``, ``self``, ``hybrid`` or a weighted sum) with Lightning, and saves to /
+  loads from a model bundle that carries everything needed to predict.
+
+Both accept NumPy signals of any leading shape ``(..., M)`` and return ``(..., P)`` float32
+parameters in the model's parameter order, and expose ``model_name``, ``protocol`` and
+``param_names``. Hyperparameters are plain keyword arguments (scikit-learn's contract);
+``fit`` returns ``self`` and learned attributes end in ``_``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from qmri_labels.bundle import device_info, load_bundle, package_versions, save_bundle
+from qmri_labels.data.datasets import Dataset
+from qmri_labels.physics import get_model
+
+ESTIMATOR_KIND = "qmri_labels.NetworkEstimator"
+
+
+class _ParamsMixin:
+    """``get_params`` / ``set_params`` / ``repr`` from the constructor's signature (sklearn style)."""
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [p for p in sig.parameters if p != "self"]
+
+    def get_params(self, deep: bool = True) -> dict:
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params):
+        valid = set(self._param_names())
+        for key, value in params.items():
+            if key not in valid:
+                raise ValueError(f"invalid parameter {key!r} for {type(self).__name__}; valid: {sorted(valid)}")
+            setattr(self, key, value)
+        return self
+
+    def __repr__(self) -> str:
+        sig = inspect.signature(type(self).__init__)
+        changed = [f"{k}={v!r}" for k, v in self.get_params().items()
+                   if sig.parameters[k].default is inspect.Parameter.empty or not _same(v, sig.parameters[k].default)]
+        return f"{type(self).__name__}({', '.join(changed)})"
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:
+        return a is b
+
+
+def _as_signals(signals, n_measurements: int) -> tuple[np.ndarray, tuple]:
+    signals = np.asarray(signals)
+    if signals.dtype.kind not in "fiu":
+        raise ValueError(f"signals must be numeric, got dtype {signals.dtype}")
+    if signals.ndim == 0 or signals.shape[-1] != n_measurements:
+        raise ValueError(f"signals must have shape (..., {n_measurements}) (one value per measurement of the "
+                         f"protocol), got {signals.shape}")
+    return signals.reshape(-1, n_measurements), signals.shape[:-1]
+
+
+class MLEEstimator(_ParamsMixin):
+    """Maximum-likelihood fits as an estimator.
+
+    Parameters
+    ----------
+    model : str
+    protocol : array-like (M,) or None
+        b-values (s/mm^2); taken from the dataset in :meth:`fit` when ``None``.
+    noise : {"rician", "gaussian"}
+    sigma : float, array-like or None
+        Noise level handed to the fitter (``None``: estimated by the fitter where it can).
+    bounds : array-like (2, P), dict or None
+    n_starts : int
+    device : str or None
+    chunk_size : int or None
+    progress : bool
+    """
+
+    def __init__(self, model: str = "ivim", protocol=None, noise: str = "rician", sigma=None, bounds=None,
+                 n_starts: int = 4, device=None, chunk_size: int | None = None, progress: bool = False):
+        self.model = model
+        self.protocol = protocol
+        self.noise = noise
+        self.sigma = sigma
+        self.bounds = bounds
+        self.n_starts = n_starts
+        self.device = device
+        self.chunk_size = chunk_size
+        self.progress = progress
+
+    @property
+    def model_name(self) -> str:
+        return get_model(self.model).name
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return get_model(self.model).param_names
+
+    def fit(self, dataset: Dataset | None = None, y=None) -> "MLEEstimator":
+        """Take the protocol (and, if ``sigma`` is ``"dataset"``, the noise level) from a dataset.
+
+        A fitter learns nothing from training data; this exists so that MLE can sit next to
+        networks in one loop.
+        """
+        if dataset is not None:
+            if dataset.spec.model != self.model_name:
+                raise ValueError(f"dataset is for model {dataset.spec.model!r}, estimator for {self.model_name!r}")
+            if self.protocol is None:
+                self.protocol = np.asarray(dataset.protocol, dtype=np.float64)
+        self.fitted_ = True
+        return self
+
+    def predict(self, signals) -> np.ndarray:
+        """Parameters ``(..., P)`` float32 for signals ``(..., M)``; NaN where a fit is invalid."""
+        from qmri_labels.fitting import fit_mle
+
+        if self.protocol is None:
+            raise ValueError("MLEEstimator needs a protocol: pass protocol=... or call fit(dataset) first")
+        protocol = np.asarray(self.protocol, dtype=np.float64)
+        flat, lead = _as_signals(signals, protocol.size)
+        sigma = self.sigma
+        if sigma is not None and np.ndim(sigma) > 0:
+            sigma = np.broadcast_to(np.asarray(sigma, dtype=np.float64), lead).reshape(-1)
+        kwargs = {"model": self.model, "noise": self.noise, "sigma": sigma, "bounds": self.bounds,
+                  "device": self.device, "n_starts": self.n_starts, "progress": self.progress}
+        if self.chunk_size is not None:
+            kwargs["chunk_size"] = self.chunk_size
+        fit = fit_mle(flat, protocol, **kwargs)
+        return np.asarray(fit.params, dtype=np.float32).reshape(*lead, -1)
+
+
+class NetworkEstimator(_ParamsMixin):
+    """A voxel-wise network trained under a chosen training label.
+
+    Parameters
+    ----------
+    label : {"gt", "mle", "self", "hybrid", "weighted"}
+        Training label (see :mod:`qmri_labels.training.labels`).
+    alpha : float in [0, 1]
+        MLE weight of the ``hybrid`` loss ``alpha * L_mle + (1 - alpha) * L_gt``.
+    weights : dict or None
+        Term weights ``{"gt", "mle", "self"}`` of the ``weighted`` loss.
+    hidden_layers : int
+    width : int or None
+        Hidden width; ``None``: the number of measurements.
+    activation : str
+    output : {"sigmoid", "clamp", "identity"}
+        Mapping of the outputs into ``output_bounds``.
+    output_bounds : array-like (2, P) or None
+        ``None``: the model's default (fitter) bounds, so MLE labels are reachable.
+    standardise_inputs : bool
+        Standardise each measurement by the training signals' mean and SD (stored in the net).
+    lr, weight_decay : float
+    optimiser : {"adam", "adamw", "sgd"}
+    batch_size : int
+        Optimiser batch size.
+    batches_per_block : int
+        Batches handed to Lightning per call and stepped through inside it (same updates as
+        one call per batch; amortises Lightning's per-call overhead, see
+        ``benchmarks/train_throughput.py``).
+    max_epochs, patience : int
+        Early stopping on the validation loss after ``patience`` epochs without improvement;
+        the best epoch's weights are kept.
+    min_delta : float
+        Smallest improvement that resets the patience counter.
+    val_fraction : float
+    seed : int
+        Seeds the train/validation split; also the weight init and batch order unless
+        ``init_seed`` / ``shuffle_seed`` are given (so one source can vary alone).
+    init_seed, shuffle_seed : int or None
+    accelerator, devices, num_nodes, strategy, precision
+        Passed to ``lightning.Trainer``.
+    deterministic : bool
+        ``torch.use_deterministic_algorithms`` during training (Lightning's flag).
+    num_threads : int or None
+        CPU threads of torch during training (restored afterwards); ``None``: unchanged. Small
+        networks train fastest on one thread.
+    progress : bool
+        Lightning's progress bar.
+    mle_options : dict or None
+        Settings of the MLE labels (``noise``, ``sigma``, ``bounds``, ``n_starts``, ``device``,
+        ``cache``); see :func:`qmri_labels.training.compute_mle_labels`.
+    """
+
+    def __init__(self, label: str = "gt", alpha: float = 0.5, weights: Mapping[str, float] | None = None,
+                 hidden_layers: int = 3, width: int | None = None, activation: str = "elu", output: str = "sigmoid",
+                 output_bounds=None, standardise_inputs: bool = True, lr: float = 1e-3, weight_decay: float = 0.0,
+                 optimiser: str = "adam", batch_size: int = 256, batches_per_block: int = 32,
+                 max_epochs: int = 100, patience: int = 10,
+                 min_delta: float = 0.0, val_fraction: float = 0.1, seed: int = 0, init_seed: int | None = None,
+                 shuffle_seed: int | None = None, accelerator: str = "auto", devices: Any = "auto",
+                 num_nodes: int = 1, strategy: Any = "auto", precision: Any = "32-true", deterministic: bool = True,
+                 num_threads: int | None = None, progress: bool = True, mle_options: Mapping | None = None):
+        self.label = label
+        self.alpha = alpha
+        self.weights = weights
+        self.hidden_layers = hidden_layers
+        self.width = width
+        self.activation = activation
+        self.output = output
+        self.output_bounds = output_bounds
+        self.standardise_inputs = standardise_inputs
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.optimiser = optimiser
+        self.batch_size = batch_size
+        self.batches_per_block = batches_per_block
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.min_delta = min_delta
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.init_seed = init_seed
+        self.shuffle_seed = shuffle_seed
+        self.accelerator = accelerator
+        self.devices = devices
+        self.num_nodes = num_nodes
+        self.strategy = strategy
+        self.precision = precision
+        self.deterministic = deterministic
+        self.num_threads = num_threads
+        self.progress = progress
+        self.mle_options = mle_options
+
+    # -- identity -----------------------------------------------------------------------------
+    @property
+    def method_name(self) -> str:
+        from qmri_labels.training import method_name
+
+        return method_name(self.label, self.alpha)
+
+    def _check_fitted(self):
+        if not hasattr(self, "network_"):
+            raise ValueError(f"this {type(self).__name__} is not fitted yet: call fit(dataset) or load(path)")
+
+    @property
+    def model_name(self) -> str:
+        self._check_fitted()
+        return self.model_name_
+
+    @property
+    def protocol(self) -> np.ndarray:
+        self._check_fitted()
+        return np.asarray(self.protocol_)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        self._check_fitted()
+        return tuple(self.param_names_)
+
+    # -- training -------------------------------------------------------------------------------
+    def _validate(self) -> dict:
+        from qmri_labels.training import resolve_weights
+
+        weights = resolve_weights(self.label, self.alpha, self.weights)
+        for name in ("batch_size", "max_epochs", "batches_per_block"):
+            value = getattr(self, name)
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if int(self.patience) != self.patience or self.patience < 0:
+            raise ValueError(f"patience must be an integer >= 0, got {self.patience!r}")
+        if not (0.0 <= float(self.val_fraction) < 1.0):
+            raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction!r}")
+        return weights
+
+    def fit(self, dataset: Dataset, mle_labels=None) -> "NetworkEstimator":
+        """Train on ``dataset``.
+
+        Parameters
+        ----------
+        dataset : Dataset
+            Training data (``signals``, ``theta_true``, ``sigma``, protocol, prior).
+        mle_labels : ndarray (N, P), MLEFit, MLELabels or None
+            MLE labels of ``dataset.signals``; computed (and cached) when the loss needs them
+            and none are given. Rows with non-finite labels are left out of training.
+
+        Returns
+        -------
+        self
+        """
+        import lightning as L
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        from qmri_labels.nets import MLP
+        from qmri_labels.training import (
+            InMemoryDataModule, KeepBestState, LabelLoss, LabelRegressor, MLELabels, ParameterNormalisation,
+            compute_mle_labels)
+
+        if not isinstance(dataset, Dataset):
+            raise ValueError(f"fit expects a qmri_labels Dataset, got {type(dataset).__name__}")
+        weights = self._validate()
+        model = dataset.model
+        n, m = dataset.signals.shape
+        start = time.perf_counter()
+
+        tensors = {"signals": dataset.signals}
+        keep = np.ones(n, dtype=bool)
+        if weights["gt"] > 0:
+            tensors["theta"] = dataset.theta_true
+        mle_info = None
+        if weights["mle"] > 0:
+            if mle_labels is None:
+                mle_labels = compute_mle_labels(dataset, progress=self.progress, **dict(self.mle_options or {}))
+            if isinstance(mle_labels, MLELabels):
+                if mle_labels.dataset_fingerprint != dataset.fingerprint:
+                    raise ValueError("mle_labels were computed for another dataset (fingerprints differ)")
+                mle_info = mle_labels.info()
+                mle_params = mle_labels.params
+            else:
+                mle_params = getattr(mle_labels, "params", mle_labels)
+                mle_info = {"source": "given"}
+            mle_params = np.asarray(mle_params, dtype=np.float32)
+            if mle_params.shape != dataset.theta_true.shape:
+                raise ValueError(f"mle_labels must have shape {dataset.theta_true.shape}, got {mle_params.shape}")
+            keep &= np.all(np.isfinite(mle_params), axis=1)
+            tensors["mle"] = mle_params
+            mle_info["n_excluded"] = int((~keep).sum())
+        if not keep.all():
+            if keep.sum() < 2:
+                raise ValueError("fewer than 2 training rows have finite MLE labels")
+            tensors = {k: v[keep] for k, v in tensors.items()}
+
+        normalisation = ParameterNormalisation.from_support(dataset.prior_support, model.param_names)
+        bounds = model.default_bounds if self.output_bounds is None else np.asarray(self.output_bounds, float)
+        signals = tensors["signals"]
+        if self.standardise_inputs:
+            shift = signals.mean(0, dtype=np.float64)
+            scale = signals.std(0, dtype=np.float64)
+            scale = np.where(scale > 0, scale, 1.0)
+        else:
+            shift, scale = np.zeros(m), np.ones(m)
+
+        seed = int(self.seed)
+        init_seed = seed if self.init_seed is None else int(self.init_seed)
+        shuffle_seed = seed if self.shuffle_seed is None else int(self.shuffle_seed)
+        # weights are drawn from a private RNG stream: the caller's global RNG state is untouched
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            network = MLP(m, model.n_params, hidden_layers=self.hidden_layers, width=self.width,
+                          activation=self.activation, bounds=bounds, output=self.output,
+                          input_shift=shift, input_scale=scale)
+        loss = LabelLoss(weights, model.name, dataset.protocol, normalisation)
+        module = LabelRegressor(network, loss, lr=self.lr, weight_decay=self.weight_decay, optimiser=self.optimiser,
+                                step_batch_size=int(self.batch_size))
+        data = InMemoryDataModule(tensors, batch_size=int(self.batch_size), val_fraction=float(self.val_fraction),
+                                  split_seed=seed, shuffle_seed=shuffle_seed,
+                                  batches_per_block=int(self.batches_per_block))
+        monitor = "val_loss" if data.has_validation else "train_loss"
+        keeper = KeepBestState(monitor)
+        callbacks = [keeper]
+        if self.patience > 0:
+            callbacks.append(EarlyStopping(monitor=monitor, patience=int(self.patience), min_delta=float(self.min_delta),
+                                           mode="min", check_on_train_epoch_end=not data.has_validation))
+        trainer_kwargs = {} if data.has_validation else {"limit_val_batches": 0}
+        with _quiet_lightning(True), _deterministic_scope(), _torch_threads(self.num_threads):
+            trainer = L.Trainer(
+                accelerator=self.accelerator, devices=self.devices, num_nodes=self.num_nodes, strategy=self.strategy,
+                precision=self.precision, deterministic=self.deterministic, max_epochs=int(self.max_epochs),
+                callbacks=callbacks, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                enable_progress_bar=bool(self.progress), num_sanity_val_steps=0, **trainer_kwargs,
+            )
+            trainer.fit(module, datamodule=data)
+        network = module.network.to("cpu").eval()
+        if not data.has_validation and keeper.best_state is None:
+            keeper.best_epoch = len(module.history) - 1
+
+        self.network_ = network
+        self.history_ = list(module.history)
+        self.normalisation_ = normalisation.to_dict()
+        self.loss_weights_ = weights
+        self.train_fingerprint_ = dataset.fingerprint
+        self.train_spec_ = dataset.spec.to_dict()
+        self.model_name_ = model.name
+        self.protocol_ = [float(b) for b in dataset.protocol]
+        self.param_names_ = list(model.param_names)
+        self.n_train_ = int(data.train_indices.numel())
+        self.n_val_ = int(data.n_val)
+        self.n_excluded_ = int((~keep).sum())
+        self.mle_labels_ = mle_info
+        self.best_epoch_ = keeper.best_epoch
+        self.best_val_loss_ = keeper.best_score if math.isfinite(keeper.best_score) else None
+        self.n_epochs_ = int(trainer.current_epoch)
+        self.fit_seconds_ = time.perf_counter() - start
+        self.device_ = device_info(trainer.strategy.root_device)
+        self.seeds_ = {"seed": seed, "split_seed": seed, "init_seed": init_seed, "shuffle_seed": shuffle_seed}
+        return self
+
+    # -- inference ---------------------------------------------------------------------------
+    def predict(self, signals, batch_size: int = 65536, device=None) -> np.ndarray:
+        """Parameters ``(..., P)`` float32 for signals ``(..., M)``.
+
+        Parameters
+        ----------
+        signals : array-like (..., M)
+        batch_size : int
+            Voxels per forward pass (bounds the memory).
+        device : str or None
+            Where to run the network (``None``: CPU).
+        """
+        self._check_fitted()
+        flat, lead = _as_signals(signals, len(self.protocol_))
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        network = self.network_.to(device).eval()
+        out = np.empty((flat.shape[0], len(self.param_names_)), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, flat.shape[0], int(batch_size)):
+                block = torch.as_tensor(flat[start : start + batch_size], dtype=torch.float32, device=device)
+                out[start : start + batch_size] = network(block).cpu().numpy()
+        self.network_.to("cpu")
+        return out.reshape(*lead, -1)
+
+    # -- persistence -------------------------------------------------------------------------
+    def training_config(self) -> dict:
+        """Hyperparameters as plain JSON types (what :meth:`load` rebuilds the estimator from)."""
+        params = self.get_params()
+        if params["output_bounds"] is not None:
+            params["output_bounds"] = np.asarray(params["output_bounds"], float).tolist()
+        if params["weights"] is not None:
+            params["weights"] = dict(params["weights"])
+        if params["mle_options"] is not None:
+            params["mle_options"] = dict(params["mle_options"])
+        for key in ("devices", "strategy", "precision"):
+            if not isinstance(params[key], (str, int, float, bool, list, type(None))):
+                params[key] = str(params[key])
+        return params
+
+    def manifest(self, metrics: Mapping | None = None, extra: Mapping | None = None) -> dict:
+        """The bundle manifest of this fitted network."""
+        self._check_fitted()
+        manifest = {
+            "kind": ESTIMATOR_KIND,
+            "method": self.method_name,
+            "model": self.model_name_,
+            "protocol": self.protocol_,
+            "param_names": self.param_names_,
+            "network": dict(self.network_.config),
+            "normalisation": self.normalisation_,
+            "loss_weights": self.loss_weights_,
+            "training_config": self.training_config(),
+            "data": {"train_fingerprint": self.train_fingerprint_, "train_spec": self.train_spec_,
+                     "n_train": self.n_train_, "n_val": self.n_val_, "n_excluded": self.n_excluded_,
+                     "mle_labels": self.mle_labels_},
+            "training": {"best_epoch": self.best_epoch_, "best_val_loss": self.best_val_loss_,
+                         "n_epochs": self.n_epochs_, "fit_seconds": self.fit_seconds_, "seeds": self.seeds_,
+                         "history": self.history_},
+            "device": self.device_,
+            "determinism": {"deterministic": bool(self.deterministic), "precision": str(self.precision)},
+            "versions": package_versions(),
+            "metrics": dict(metrics or getattr(self, "metrics_", {}) or {}),
+        }
+        if extra:
+            manifest.update(extra)
+        return manifest
+
+    def save(self, path, metrics: Mapping | None = None, extra: Mapping | None = None, overwrite: bool = True) -> Path:
+        """Write a model bundle folder (weights + manifest with SHA-256); see :mod:`qmri_labels.bundle`."""
+        return save_bundle(path, self.network_.state_dict(), self.manifest(metrics, extra), overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path) -> "NetworkEstimator":
+        """Load a bundle written by :meth:`save`; the checksum is verified before reading weights."""
+        from qmri_labels.nets import MLP
+
+        state, manifest = load_bundle(path)
+        if manifest.get("kind") != ESTIMATOR_KIND:
+            raise ValueError(f"{path} is a bundle of kind {manifest.get('kind')!r}, not a {ESTIMATOR_KIND}")
+        try:
+            config = dict(manifest["training_config"])
+            net_cfg = dict(manifest["network"])
+            names = cls._param_names()
+            estimator = cls(**{k: v for k, v in config.items() if k in names})
+            network = MLP(**net_cfg)
+            network.load_state_dict(state, strict=True)
+        except (KeyError, TypeError, RuntimeError) as exc:
+            raise ValueError(f"{path}: bundle manifest/weights do not describe a network ({exc})") from exc
+        estimator.network_ = network.eval()
+        estimator.model_name_ = manifest["model"]
+        estimator.protocol_ = list(manifest["protocol"])
+        estimator.param_names_ = list(manifest["param_names"])
+        estimator.normalisation_ = manifest["normalisation"]
+        estimator.loss_weights_ = manifest["loss_weights"]
+        data, training = manifest.get("data", {}), manifest.get("training", {})
+        estimator.train_fingerprint_ = data.get("train_fingerprint")
+        estimator.train_spec_ = data.get("train_spec")
+        estimator.n_train_ = data.get("n_train")
+        estimator.n_val_ = data.get("n_val")
+        estimator.n_excluded_ = data.get("n_excluded")
+        estimator.mle_labels_ = data.get("mle_labels")
+        estimator.history_ = training.get("history", [])
+        estimator.best_epoch_ = training.get("best_epoch")
+        estimator.best_val_loss_ = training.get("best_val_loss")
+        estimator.n_epochs_ = training.get("n_epochs")
+        estimator.fit_seconds_ = training.get("fit_seconds")
+        estimator.seeds_ = training.get("seeds")
+        estimator.device_ = manifest.get("device")
+        estimator.metrics_ = manifest.get("metrics", {})
+        estimator.manifest_ = manifest
+        if get_model(estimator.model_name_).param_names != tuple(estimator.param_names_):
+            raise ValueError(f"{path}: parameter names {estimator.param_names_} do not match model "
+                             f"{estimator.model_name_!r}")
+        return estimator
+
+
+@contextlib.contextmanager
+def _quiet_lightning(quiet: bool):
+    """Silence Lightning's info logs and advice (device summary, tips, worker counts); the
+    progress bar is separate and stays."""
+    if not quiet:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("lightning", "lightning.pytorch", "lightning.fabric",
+                                                     "lightning_fabric", "pytorch_lightning")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="lightning")
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    if n is None:
+        yield
+        return
+    if int(n) < 1:
+        raise ValueError(f"num_threads must be >= 1, got {n}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _deterministic_scope():
+    """Restore the global deterministic-algorithms flag that Lightning sets for the fit."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)

@@ -1,0 +1,292 @@
+"""Hyperparameter search per dataset: random search, pick by validation L2, then test
+"reference" against "tuned" hyperparameters with a paired t-test.
+
+Oh et al. (2021): a network retrained on new data needs its hyperparameters retuned before it
+is compared with another. The search uses Optuna's :class:`~optuna.samplers.RandomSampler`
+over learning rate, batch size, width, depth, activation and weight decay. Trials live in an
+Optuna study store: SQLite in the output folder by default, or any SQL database URL
+(``storage`` in the config, or the ``QMRI_LABELS_OPTUNA_STORAGE`` environment variable), so
+that workers on several machines can share one search: start the same config with the same
+``storage`` and ``study_name`` and a different ``worker`` number on each machine.
+
+Each trial trains the library's :class:`~qmri_labels.estimators.NetworkEstimator` on the
+dataset's train split and scores the mean squared normalised parameter error (L2) on its
+``validation`` split (never on the test split). The best trial's hyperparameters and the
+reference ones are then trained once more with the same seed and compared on the test split.
+
+Outputs under ``out``: ``trials.csv``, ``best_params.json``, ``comparison.csv`` (reference vs
+tuned on validation and test, paired t-test on the test samples), ``search.png``,
+``report.md``, ``manifest.json``, ``networks/reference`` and ``networks/tuned`` (bundles),
+and ``optuna.db`` with the default storage.
+
+Run by name: ``python -m qmri_labels.study --config hparam_ivim``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+from qmri_labels.data.registry import get_definition, load_dataset
+from qmri_labels.training.reproducibility import DeterminismSettings, train_network
+from qmri_labels.workflows.mismatch import (
+    markdown,
+    merge_config,
+    paired_test,
+    per_sample_l2,
+    run_manifest,
+    say,
+    write_csv,
+    write_json,
+    write_text,
+)
+
+STORAGE_ENV = "QMRI_LABELS_OPTUNA_STORAGE"
+
+DEFAULTS: dict = {
+    "kind": "hparam",
+    "title": "Hyperparameter search",
+    "dataset": "ivim_epstein_snr30",
+    "n_train": 20000,
+    # rows of the validation split (None: as defined); a dataset without a validation split
+    # gets one drawn like the training split with seed train_seed + 1_000_003
+    "n_validation": 5000,
+    "n_test": None,
+    "parameters": ["f", "D", "Dstar"],
+    "n_trials": 20,
+    "seed": 0,
+    "worker": 0,
+    # Optuna storage URL (None: sqlite in the output folder) and study name (None: hparam-<dataset>)
+    "storage": None,
+    "study_name": None,
+    # list -> categorical choice; {low, high, log} -> float (int when both bounds are integers and
+    # log is false)
+    "search_space": {
+        "lr": {"low": 1e-4, "high": 1e-2, "log": True},
+        "batch_size": [64, 128, 256, 512],
+        "width": [10, 20, 40, 80],
+        "hidden_layers": {"low": 1, "high": 5},
+        "activation": ["elu", "relu", "tanh", "gelu"],
+        "weight_decay": [0.0, 1e-6, 1e-5, 1e-4, 1e-3],
+    },
+    # Epstein et al.'s network: 3 hidden layers as wide as the number of b-values, ELU, Adam 1e-3
+    "reference": {"lr": 1e-3, "batch_size": 256, "width": None, "hidden_layers": 3, "activation": "elu",
+                  "weight_decay": 0.0},
+    # fixed NetworkEstimator settings of every trial
+    "network": {"label": "gt", "max_epochs": 30, "patience": 5},
+    "num_threads": 1,
+    "alpha": 0.05,
+}
+
+SEARCHABLE = ("lr", "batch_size", "width", "hidden_layers", "activation", "weight_decay", "optimiser", "label",
+              "alpha", "val_fraction")
+
+
+def _check_space(space: Mapping) -> dict:
+    if not isinstance(space, Mapping) or not space:
+        raise ValueError("search_space must be a non-empty mapping of hyperparameter -> choices or range")
+    for name, spec in space.items():
+        if name not in SEARCHABLE:
+            raise ValueError(f"cannot search over {name!r}; searchable: {', '.join(SEARCHABLE)}")
+        if isinstance(spec, (list, tuple)):
+            if not spec:
+                raise ValueError(f"search_space.{name}: empty list of choices")
+        elif isinstance(spec, Mapping):
+            if "low" not in spec or "high" not in spec or not spec["low"] < spec["high"]:
+                raise ValueError(f"search_space.{name}: a range needs low < high, got {dict(spec)}")
+            if spec.get("log") and spec["low"] <= 0:
+                raise ValueError(f"search_space.{name}: a log range needs low > 0")
+        else:
+            raise ValueError(f"search_space.{name}: give a list of choices or {{low, high, log}}, got {spec!r}")
+    return dict(space)
+
+
+def suggest(trial, space: Mapping) -> dict:
+    """Draw one set of hyperparameters from ``space`` with an Optuna trial."""
+    params = {}
+    for name, spec in space.items():
+        if isinstance(spec, (list, tuple)):
+            params[name] = trial.suggest_categorical(name, list(spec))
+        elif isinstance(spec["low"], int) and isinstance(spec["high"], int) and not spec.get("log"):
+            params[name] = trial.suggest_int(name, spec["low"], spec["high"])
+        else:
+            params[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")))
+    return params
+
+
+def _validation_split(config, definition, train_seed: int):
+    n = {"n": int(config["n_validation"])} if config["n_validation"] else {}
+    if "validation" in definition.splits:
+        return load_dataset(definition, "validation", **n)
+    return load_dataset(definition, "train", seed=train_seed + 1_000_003, **n)
+
+
+def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
+    """Run the search and the reference-vs-tuned comparison (see the module docstring)."""
+    import optuna
+
+    t0, started = time.perf_counter(), time.time()
+    config = merge_config(DEFAULTS, config)
+    space = _check_space(config["search_space"])
+    n_trials = int(config["n_trials"])
+    if n_trials < 1:
+        raise ValueError(f"n_trials must be >= 1, got {n_trials}")
+    fixed = dict(config["network"])
+    clash = set(fixed) & set(space)
+    if clash:
+        raise ValueError(f"{sorted(clash)} are both fixed (network) and searched (search_space)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", config)
+
+    definition = get_definition(config["dataset"])
+    if definition.kind != "voxel":
+        raise ValueError(f"hparam searches voxel-wise networks; dataset {definition.name!r} is {definition.kind}")
+    train = load_dataset(definition, "train", **({"n": int(config["n_train"])} if config["n_train"] else {}))
+    validation = _validation_split(config, definition, definition.splits["train"]["seed"])
+    test = load_dataset(definition, "test", **({"n": int(config["n_test"])} if config["n_test"] else {}))
+    fingerprints = {"train": train.fingerprint, "validation": validation.fingerprint, "test": test.fingerprint}
+    if len(set(fingerprints.values())) != 3:
+        raise ValueError("train, validation and test data must differ")
+    settings = DeterminismSettings(seed=int(config["seed"]), num_threads=config["num_threads"])
+    params_of = config["parameters"]
+
+    def train_and_score(hyper: Mapping, data=validation):
+        run_ = train_network(train, settings, **{**fixed, **hyper})
+        return run_.estimator, per_sample_l2(run_.estimator.predict(data.signals), data, params_of)
+
+    storage = config["storage"] or os.environ.get(STORAGE_ENV) or f"sqlite:///{(out / 'optuna.db').resolve()}"
+    study_name = config["study_name"] or f"hparam-{definition.name}"
+    if not quiet:
+        optuna.logging.set_verbosity(optuna.logging.INFO)
+    else:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.RandomSampler(seed=int(config["seed"]) * 1000 + int(config["worker"]))
+    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, direction="minimize",
+                                load_if_exists=True)
+    study.set_user_attr("data_fingerprints", fingerprints)
+    say(quiet, f"random search: {n_trials} trials on {definition.name} ({len(train)} training rows), "
+               f"study {study_name!r} in {_safe_url(storage)}")
+
+    def objective(trial):
+        hyper = suggest(trial, space)
+        start = time.perf_counter()
+        estimator, errors = train_and_score(hyper)
+        trial.set_user_attr("epochs", int(estimator.n_epochs_))
+        trial.set_user_attr("fit_seconds", time.perf_counter() - start)
+        trial.set_user_attr("validation_rmse", float(np.sqrt(np.nanmean(errors))))
+        trial.set_user_attr("validation_fingerprint", validation.fingerprint)
+        value = float(np.nanmean(errors))
+        return value if math.isfinite(value) else float("inf")
+
+    study.optimize(objective, n_trials=n_trials, show_progress_bar=False)
+    trials = study.trials_dataframe()
+    # only trials scored on this validation data count (a shared store may hold others)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+                and t.user_attrs.get("validation_fingerprint") == validation.fingerprint]
+    if not complete:
+        raise ValueError("no completed trial on this dataset's validation data")
+    best = min(complete, key=lambda t: t.value)
+    tuned = {k: best.params[k] for k in space}
+    reference = {k: v for k, v in dict(config["reference"]).items() if k not in fixed}
+
+    say(quiet, "training the reference and the tuned network on the same data and seed")
+    ref_est, ref_val = train_and_score(reference)
+    tuned_est, tuned_val = train_and_score(tuned)
+    ref_test = per_sample_l2(ref_est.predict(test.signals), test, params_of)
+    tuned_test = per_sample_l2(tuned_est.predict(test.signals), test, params_of)
+    stats = paired_test(tuned_test, ref_test, "tuned", "reference")
+    significant = bool(stats["p_value"] < float(config["alpha"]))
+    comparison = pd.DataFrame([
+        {"network": "reference", **_describe(reference, fixed), "validation_l2": float(np.nanmean(ref_val)),
+         "test_l2": float(np.nanmean(ref_test)), "test_rmse": float(np.sqrt(np.nanmean(ref_test)))},
+        {"network": "tuned", **_describe(tuned, fixed), "validation_l2": float(np.nanmean(tuned_val)),
+         "test_l2": float(np.nanmean(tuned_test)), "test_rmse": float(np.sqrt(np.nanmean(tuned_test)))},
+    ])
+    test_row = {"comparison": "tuned - reference (test, per-sample L2)", **stats, "alpha": float(config["alpha"]),
+                "significant": significant}
+
+    write_csv(out / "trials.csv", trials)
+    write_json(out / "best_params.json", {"trial": best.number, "validation_l2": best.value, "params": tuned,
+                                          "data_fingerprints": fingerprints})
+    write_csv(out / "comparison.csv", comparison)
+    write_csv(out / "ttest.csv", pd.DataFrame([test_row]))
+    for name, est, val, tst in (("reference", ref_est, ref_val, ref_test), ("tuned", tuned_est, tuned_val, tuned_test)):
+        est.save(out / "networks" / name, metrics={"validation_l2": float(np.nanmean(val)),
+                                                   "test_l2": float(np.nanmean(tst))},
+                 extra={"data_fingerprints": fingerprints})
+    figure = _figure(complete, float(np.nanmean(ref_val)), out / "search.png")
+    report = _report(config, definition.name, len(train), len(validation), len(test), len(complete), storage,
+                     study_name, comparison, test_row, fingerprints)
+    write_text(out / "report.md", report)
+    manifest = run_manifest("hparam", config, started, t0, data_fingerprints=fingerprints,
+                            optuna={"storage": _safe_url(storage), "study_name": study_name,
+                                    "sampler": "RandomSampler", "trials_here": n_trials,
+                                    "trials_in_study": len(complete), "best_trial": best.number})
+    write_json(out / "manifest.json", manifest)
+    summary = (f"{config['title']} on {definition.name}: best of {len(complete)} trials (validation L2 "
+               f"{best.value:.5f}) = {tuned}\n"
+               f"  test RMSE reference {comparison.test_rmse[0]:.5f}, tuned {comparison.test_rmse[1]:.5f}; "
+               f"paired t = {stats['t']:.3g}, p = {stats['p_value']:.3g} ({'significant' if significant else 'n.s.'} "
+               f"at {config['alpha']})")
+    say(quiet, summary)
+    return {"out": str(out), "best_params": tuned, "comparison": comparison, "ttest": test_row, "trials": trials,
+            "figure": str(figure), "summary_text": summary, "manifest": manifest}
+
+
+def _describe(hyper: Mapping, fixed: Mapping) -> dict:
+    return {k: (v if not isinstance(v, float) else float(v)) for k, v in {**fixed, **hyper}.items()
+            if k in SEARCHABLE}
+
+
+def _safe_url(url: str) -> str:
+    """The storage URL without a password (it goes into reports)."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def _figure(trials, reference_l2: float, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from qmri_labels.analysis.plots import save_figure
+
+    numbers = [t.number for t in trials]
+    values = [t.value for t in trials]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.scatter(numbers, values, s=16, label="trial")
+    ax.plot(numbers, np.minimum.accumulate(values), color="C1", lw=1, label="best so far")
+    ax.axhline(reference_l2, color="grey", ls="--", lw=1, label="reference hyperparameters")
+    ax.set_yscale("log")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("validation L2 (normalised)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _report(config, dataset, n_train, n_val, n_test, n_trials, storage, study_name, comparison, test_row,
+            fingerprints) -> str:
+    lines = [f"# {config['title']}", "",
+             f"Dataset `{dataset}`: {n_train} training, {n_val} validation, {n_test} test rows. Random search "
+             f"(Optuna RandomSampler, seed {config['seed']}, worker {config['worker']}), {n_trials} completed trials "
+             f"in study `{study_name}` at `{_safe_url(storage)}`; chosen by validation L2 (mean squared error of "
+             f"{config['parameters']}, each divided by its prior range).", "",
+             "## Reference vs tuned", "", markdown(comparison), "",
+             f"Paired t-test on the test samples (tuned - reference): mean difference {test_row['mean_diff']:.4g}, "
+             f"t = {test_row['t']:.4g}, p = {test_row['p_value']:.4g} "
+             f"({'significant' if test_row['significant'] else 'not significant'} at alpha = {test_row['alpha']}).",
+             "", "## Data fingerprints", ""] + [f"- {k}: `{v}`" for k, v in fingerprints.items()]
+    return "\n".join(lines) + "\n"

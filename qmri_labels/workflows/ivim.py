@@ -1,0 +1,335 @@
+"""Label comparison for voxel-wise models (IVIM by default): which training label is best?
+
+One run of :func:`run`:
+
+1. simulates the training set (Epstein et al.'s prior and protocol, Rician noise) and a
+   held-out test set from the same prior;
+2. computes MLE labels of the noisy training signals (cached by dataset fingerprint);
+3. trains one network per label: ``gt``, ``mle``, ``self`` and ``hybrid`` for each alpha,
+   all from the same initial weights and batch order, so that only the label differs;
+4. evaluates every network and the MLE fitter on a grid of true parameters with noise
+   repeats (bias, SD, RMSE, sensitivity, ...; :mod:`qmri_labels.analysis`) and on the
+   held-out set;
+5. writes ``summary.csv``, ``heldout.csv``, ``report.md`` with figures, ``grid.csv``, the
+   trained networks as model bundles under ``networks/``, and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from qmri_labels.data.datasets import EPSTEIN_BVALUES, DatasetSpec, atomic_write_bytes
+from qmri_labels.data.priors import UniformPrior
+
+DEFAULTS: dict[str, Any] = {
+    "kind": "ivim_labels",
+    "title": "Training labels for IVIM: GT, MLE, self-supervised and hybrid",
+    "model": "ivim",
+    "bvalues": list(EPSTEIN_BVALUES),
+    "snr": 30.0,
+    "noise": "rician",
+    # parameter prior of the training and test data (None: Epstein et al.'s uniform prior)
+    "prior": None,
+    "n_train": 100_000,
+    "n_test": 5_000,
+    "seed": 0,
+    # labels trained besides one hybrid network per alpha
+    "labels": ["gt", "mle", "self"],
+    "alpha": [0.5],
+    "network": {"hidden_layers": 3, "width": None, "activation": "elu", "output": "sigmoid"},
+    "lr": 1e-3,
+    "batch_size": 256,
+    "max_epochs": 40,
+    "patience": 5,
+    "val_fraction": 0.1,
+    # fitter of the MLE labels and of the fit-mle reference ("known": the simulated sigma)
+    "mle": {"n_starts": 2, "sigma": "known"},
+    # evaluation grid over (f, D, Dstar) spanning the prior, S0 = 1
+    "grid": {"points_per_axis": 6, "repeats": 100, "margin": 0.05},
+    "device": "cpu",
+    "num_threads": 1,
+    "deterministic": True,
+    "save_networks": True,
+    "figures": True,
+}
+
+LABEL_ORDER = ("gt", "mle", "self")
+
+
+def _merge(base: Mapping, override: Mapping | None) -> dict:
+    out = copy.deepcopy(dict(base))
+    for key, value in (override or {}).items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve_config(config: Mapping | None) -> dict:
+    """Defaults merged with ``config``, checked; raises ``ValueError`` naming a bad entry."""
+    config = dict(config or {})
+    unknown = set(config) - set(DEFAULTS) - {"name", "description"}
+    if unknown:
+        raise ValueError(f"unknown config keys {sorted(unknown)} for kind 'ivim_labels'; known: {sorted(DEFAULTS)}")
+    cfg = _merge(DEFAULTS, config)
+    if cfg["kind"] != "ivim_labels":
+        raise ValueError(f"kind must be 'ivim_labels' for this workflow, got {cfg['kind']!r}")
+    alphas = cfg["alpha"]
+    alphas = [] if alphas is None else list(np.atleast_1d(alphas).tolist())
+    for a in alphas:
+        if not (isinstance(a, (int, float)) and 0.0 <= float(a) <= 1.0):
+            raise ValueError(f"alpha values must lie in [0, 1], got {a!r}")
+    cfg["alpha"] = [float(a) for a in dict.fromkeys(alphas)]
+    labels = list(cfg["labels"] or [])
+    bad = [lab for lab in labels if lab not in LABEL_ORDER]
+    if bad:
+        raise ValueError(f"labels must be among {LABEL_ORDER} (hybrids come from alpha), got {bad}")
+    cfg["labels"] = list(dict.fromkeys(labels))
+    if not cfg["labels"] and not cfg["alpha"]:
+        raise ValueError("nothing to train: labels and alpha are both empty")
+    for key in ("n_train", "n_test", "batch_size", "max_epochs"):
+        if int(cfg[key]) != cfg[key] or cfg[key] < 1:
+            raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}")
+        cfg[key] = int(cfg[key])
+    if not (np.isfinite(float(cfg["snr"])) and float(cfg["snr"]) > 0):
+        raise ValueError(f"snr must be finite and > 0, got {cfg['snr']!r}")
+    cfg["snr"] = float(cfg["snr"])
+    cfg["bvalues"] = [float(b) for b in np.atleast_1d(cfg["bvalues"])]
+    cfg["seed"] = int(cfg["seed"])
+    return cfg
+
+
+def _device(name: str | None) -> tuple[str, Any, str]:
+    """(Lightning accelerator, devices, torch device) for a device string."""
+    import torch
+
+    name = (name or "cpu").lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") or name == "gpu":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
+        index = int(name.split(":", 1)[1]) if ":" in name else 0
+        return "gpu", [index], f"cuda:{index}"
+    if name != "cpu":
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {name!r}")
+    return "cpu", 1, "cpu"
+
+
+def _needs_mle(estimator) -> bool:
+    from qmri_labels.training import resolve_weights
+
+    return resolve_weights(estimator.label, estimator.alpha, estimator.weights)["mle"] > 0
+
+
+def _say(quiet: bool, message: str) -> None:
+    if not quiet:
+        print(message, flush=True)
+
+
+def _grid_fingerprint(grid) -> str:
+    text = json.dumps(grid.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(("GridSpec:" + text).encode()).hexdigest()
+
+
+def heldout_metrics(pred: np.ndarray, dataset) -> dict:
+    """RMSE, mean absolute error and bias per parameter, plus the normalised RMSE averaged over
+    the parameters other than the signal scale, of ``pred`` on ``dataset``."""
+    from qmri_labels.training import ParameterNormalisation
+
+    names = list(dataset.param_names)
+    norm = ParameterNormalisation.from_support(dataset.prior_support, names)
+    err = pred.astype(np.float64) - dataset.theta_true.astype(np.float64)
+    ok = np.all(np.isfinite(err), axis=1)
+    err = err[ok]
+    out = {"n": int(ok.sum()), "valid_fraction": float(ok.mean()),
+           "rmse": {n: float(np.sqrt(np.mean(err[:, i] ** 2))) for i, n in enumerate(names)},
+           "mae": {n: float(np.mean(np.abs(err[:, i]))) for i, n in enumerate(names)},
+           "bias": {n: float(np.mean(err[:, i])) for i, n in enumerate(names)}}
+    scale_index = dataset.model.scale_index
+    tissue = [i for i in range(len(names)) if i != scale_index]
+    nrmse = [out["rmse"][names[i]] / norm.scale[i] for i in tissue]
+    out["mean_nrmse"] = float(np.mean(nrmse))
+    return out
+
+
+def summary_text(summary: pd.DataFrame, parameters=None) -> str:
+    """Every method side by side, one block per parameter (the varied ones by default)."""
+    frame = summary
+    if parameters is None and "varied" in frame:
+        parameters = list(dict.fromkeys(frame.loc[frame["varied"].astype(bool), "parameter"]))
+    parameters = parameters or list(dict.fromkeys(frame["parameter"]))
+    metrics = [m for m in ("mean_abs_bias", "mean_sd", "rmse", "sensitivity") if m in frame]
+    headers = {"mean_abs_bias": "mean|bias|", "mean_sd": "mean SD", "rmse": "RMSE", "sensitivity": "sensitivity"}
+    methods = list(dict.fromkeys(frame["method"]))
+    width = max(len(m) for m in methods + ["method"]) + 2
+    lines = []
+    for p in parameters:
+        sub = frame[frame["parameter"] == p].set_index("method")
+        unit = sub["unit"].iloc[0] if "unit" in sub and len(sub) else ""
+        lines.append(f"{p} [{unit}]".ljust(width) + "".join(f"{headers[m]:>13s}" for m in metrics))
+        for method in methods:
+            if method in sub.index:
+                lines.append(method.ljust(width) + "".join(f"{sub.loc[method, m]:13.4g}" for m in metrics))
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def build_datasets(cfg: Mapping):
+    """The training and held-out datasets of a resolved config."""
+    prior = cfg["prior"] if cfg["prior"] is not None else UniformPrior(model=cfg["model"]).to_dict()
+    spec = DatasetSpec(model=cfg["model"], protocol=tuple(cfg["bvalues"]), prior=prior, snr=cfg["snr"],
+                       noise=cfg["noise"], n=cfg["n_train"], seed=cfg["seed"])
+    # the held-out set draws from another seed stream of the same prior and noise
+    heldout = spec.replace(n=cfg["n_test"], seed=cfg["seed"] + 1_000_003)
+    return spec.generate(), heldout.generate()
+
+
+def make_estimators(cfg: Mapping, quiet: bool = True) -> dict:
+    """Unfitted network estimators of a resolved config, by method name."""
+    from qmri_labels.estimators import NetworkEstimator
+    from qmri_labels.training import method_name
+
+    accelerator, devices, _ = _device(cfg["device"])
+    common = dict(cfg["network"])
+    common.update(lr=cfg["lr"], batch_size=cfg["batch_size"], max_epochs=cfg["max_epochs"],
+                  patience=cfg["patience"], val_fraction=cfg["val_fraction"], seed=cfg["seed"],
+                  accelerator=accelerator, devices=devices, deterministic=cfg["deterministic"],
+                  num_threads=cfg["num_threads"], progress=not quiet,
+                  mle_options={k: v for k, v in cfg["mle"].items() if k in ("n_starts", "sigma")})
+    out = {}
+    for label in cfg["labels"]:
+        out[method_name(label)] = NetworkEstimator(label=label, **common)
+    for alpha in cfg["alpha"]:
+        out[method_name("hybrid", alpha)] = NetworkEstimator(label="hybrid", alpha=alpha, **common)
+    return out
+
+
+def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
+    """Run the label comparison described by ``config`` and write the results into ``out``.
+
+    Returns
+    -------
+    dict with ``summary`` (DataFrame), ``heldout`` (DataFrame), ``manifest`` (dict),
+    ``summary_text`` (str), ``estimators`` (dict of fitted estimators) and ``out``.
+    """
+    from qmri_labels.analysis import GridSpec, evaluate_grid, summarize
+    from qmri_labels.bundle import device_info, package_versions, to_jsonable
+    from qmri_labels.estimators import MLEEstimator
+    from qmri_labels.training import compute_mle_labels
+
+    t_start = time.perf_counter()
+    cfg = resolve_config(config)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    accelerator, devices, torch_device = _device(cfg["device"])
+    estimators = make_estimators(cfg, quiet)
+    n_steps = 4 + len(estimators)
+    step = 0
+
+    def begin(message):
+        nonlocal step
+        step += 1
+        _say(quiet, f"[{step}/{n_steps}] {message}")
+        return time.perf_counter()
+
+    t = begin(f"simulating {cfg['n_train']:,} training and {cfg['n_test']:,} held-out signals "
+              f"({cfg['model']}, SNR {cfg['snr']:g}, {cfg['noise']})")
+    train, heldout = build_datasets(cfg)
+    timings["datasets"] = time.perf_counter() - t
+
+    needs_mle = any(_needs_mle(e) for e in estimators.values())
+    mle_labels = None
+    sigma = train.spec.sigma if cfg["mle"].get("sigma", "known") == "known" else cfg["mle"].get("sigma")
+    t = begin("MLE labels of the training signals" if needs_mle else "MLE labels not needed (no mle/hybrid net)")
+    if needs_mle:
+        mle_labels = compute_mle_labels(train, n_starts=cfg["mle"].get("n_starts"), sigma=cfg["mle"].get("sigma"),
+                                        device=torch_device, progress=not quiet)
+        _say(quiet, f"      {'read from cache' if mle_labels.from_cache else 'fitted'}; "
+                    f"{mle_labels.n_invalid} invalid fits left out")
+    timings["mle_labels"] = time.perf_counter() - t
+
+    fitted = {}
+    for name, est in estimators.items():
+        t = begin(f"training {name}")
+        est.fit(train, mle_labels=mle_labels if _needs_mle(est) else None)
+        fitted[name] = est
+        timings[f"train_{name}"] = time.perf_counter() - t
+        _say(quiet, f"      {est.n_epochs_} epochs, best epoch {est.best_epoch_}, "
+                    f"val loss {est.best_val_loss_:.4g}, {timings[f'train_{name}']:.1f} s")
+
+    t = begin("evaluating on the test grid and the held-out set")
+    mle = MLEEstimator(model=cfg["model"], protocol=cfg["bvalues"], noise=cfg["noise"], sigma=sigma,
+                       n_starts=cfg["mle"].get("n_starts", 4), device=torch_device)
+    grid_cfg = dict(cfg["grid"])
+    grid = GridSpec.for_prior(train.prior_support, cfg["bvalues"], model=cfg["model"],
+                              points_per_axis=grid_cfg.get("points_per_axis", 6), margin=grid_cfg.get("margin", 0.0),
+                              repeats=grid_cfg.get("repeats", 100), snr=cfg["snr"], noise=cfg["noise"],
+                              seed=cfg["seed"] + 2_000_003)
+    methods = {"fit-mle": mle, **fitted}
+    result = evaluate_grid(methods, grid, progress=not quiet)
+    summary = summarize(result)
+    heldout_rows, heldout_by_method = [], {}
+    for name, est in methods.items():
+        metrics = heldout_metrics(est.predict(heldout.signals), heldout)
+        heldout_by_method[name] = metrics
+        for p in heldout.param_names:
+            heldout_rows.append({"method": name, "parameter": p, "rmse": metrics["rmse"][p], "mae": metrics["mae"][p],
+                                 "bias": metrics["bias"][p], "valid_fraction": metrics["valid_fraction"]})
+    heldout_table = pd.DataFrame(heldout_rows)
+    timings["evaluation"] = time.perf_counter() - t
+
+    t = begin("writing results")
+    atomic_write_bytes(out / "summary.csv", summary.to_csv(index=False).encode())
+    atomic_write_bytes(out / "heldout.csv", heldout_table.to_csv(index=False).encode())
+    data_record = {
+        "train": {"fingerprint": train.fingerprint, "spec": train.spec.to_dict()},
+        "heldout": {"fingerprint": heldout.fingerprint, "spec": heldout.spec.to_dict()},
+        "grid": {"fingerprint": _grid_fingerprint(grid), "spec": grid.to_dict()},
+    }
+    if cfg["save_networks"]:
+        for name, est in fitted.items():
+            grid_rows = summary[summary["method"] == name].drop(columns=["method"]).to_dict(orient="records")
+            est.save(out / "networks" / name,
+                     metrics={"heldout": {"spec": heldout.spec.to_dict(), "fingerprint": heldout.fingerprint,
+                                          **heldout_by_method[name]},
+                              "grid": {"fingerprint": data_record["grid"]["fingerprint"], "summary": grid_rows}},
+                     extra={"study": {"kind": "ivim_labels", "title": cfg["title"]}})
+    from qmri_labels.analysis import write_report
+
+    notes = (f"Networks trained on {train.spec.n:,} signals (fingerprint `{train.fingerprint[:12]}`); "
+             f"held-out RMSE per parameter in `heldout.csv`; trained networks in `networks/`.")
+    write_report(out, result, summary, config=cfg, title=cfg["title"], figures=bool(cfg["figures"]), notes=notes)
+    timings["write"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+
+    manifest = {
+        "kind": "ivim_labels",
+        "seeds": {"seed": cfg["seed"], "train_data": train.spec.seed, "heldout_data": heldout.spec.seed,
+                  "grid": grid.seed, "networks": {n: e.seeds_ for n, e in fitted.items()}},
+        "data": data_record,
+        "mle_labels": mle_labels.info() if mle_labels is not None else None,
+        "methods": list(methods),
+        "networks": {n: {"bundle": f"networks/{n}" if cfg["save_networks"] else None, "epochs": e.n_epochs_,
+                         "best_epoch": e.best_epoch_, "best_val_loss": e.best_val_loss_} for n, e in fitted.items()},
+        "versions": package_versions(),
+        "device": device_info(torch_device),
+        "determinism": {"deterministic": cfg["deterministic"], "num_threads_training": cfg["num_threads"]},
+        "timings": timings,
+        "heldout": heldout_by_method,
+    }
+    manifest = to_jsonable(manifest)
+    atomic_write_bytes(out / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    text = summary_text(summary)
+    return {"summary": summary, "heldout": heldout_table, "manifest": manifest, "summary_text": text,
+            "estimators": methods, "result": result, "out": out}

@@ -1,0 +1,414 @@
+"""Train/test mismatch study: train on each dataset variant, test on each.
+
+Oh et al. (2021) found that a network does best on test data with its own training data's
+characteristics, so a comparison on one network's "home" data is not fair to another. This
+workflow trains one network per named dataset (SNR, protocol or prior variants for IVIM;
+resolution for QSM), evaluates every network on every test set, and writes:
+
+* ``matrix.csv`` / ``matrix.md``: test error (rows: training data, columns: test data);
+* ``cells.csv``: one row per cell with per-parameter errors and both data fingerprints;
+* ``ttests.csv``: paired t-tests between the cells of each column (they share test data),
+  Bonferroni-corrected over all the comparisons made;
+* ``heatmap.png``, ``report.md``, ``manifest.json``, ``config.json``, and the trained
+  networks (model bundles) under ``networks/``.
+
+Run by name: ``python -m qmri_labels.study --config mismatch_ivim``.
+
+This module also holds the small helpers the other workflows of this family use
+(per-sample errors, atomic table and JSON writing, run manifests).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from qmri_labels.data.datasets import atomic_write_bytes
+from qmri_labels.data.registry import check_comparable, get_definition, load_dataset
+
+DEFAULTS: dict = {
+    "kind": "mismatch",
+    "title": "Train/test mismatch",
+    # dataset names (or inline definitions) from studies/datasets; one network per entry
+    "datasets": ["ivim_epstein_snr15", "ivim_epstein_snr30"],
+    # training rows taken from each dataset's train split (None: the split as defined)
+    "n_train": 20000,
+    # test rows (None: the test split as defined)
+    "n_test": None,
+    # parameters that enter the test error (None: all of the model's); IVIM's S0 is a nuisance
+    "parameters": ["f", "D", "Dstar"],
+    # NetworkEstimator hyperparameters
+    "network": {"label": "gt", "hidden_layers": 3, "width": None, "activation": "elu", "lr": 1e-3,
+                "batch_size": 256, "max_epochs": 50, "patience": 5},
+    "seed": 0,
+    "num_threads": 1,
+    "alpha": 0.05,
+    "correction": "bonferroni",
+    # QSM only: QSMEstimator settings over QSM_TRAINING (the matrix then holds NRMSE in %)
+    "qsm": {},
+}
+
+#: QSMEstimator settings of the QSM mismatch study (CPU size; a GPU can take more)
+QSM_TRAINING: dict = {"label": "gt", "preset": "graf", "unet": {"levels": 3, "init_channels": 8},
+                      "inputs": ["field", "tkd"], "patch_size": None, "batch_size": 2, "max_epochs": 6,
+                      "samples_per_epoch": 8, "lr": 1e-3, "weight_decay": 0.01}
+
+
+# --------------------------------------------------------------------------------------------
+# helpers shared by the mismatch, hparam and reproducibility workflows
+# --------------------------------------------------------------------------------------------
+
+
+def merge_config(defaults: Mapping, config: Mapping | None) -> dict:
+    """Deep-merge ``config`` over ``defaults``; unknown top-level keys are an error."""
+    config = dict(config or {})
+    unknown = set(config) - set(defaults) - {"name", "description"}
+    if unknown:
+        raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(defaults)}")
+    out = copy.deepcopy(dict(defaults))
+    for key, value in config.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            merged = dict(out[key])
+            merged.update(value)
+            out[key] = merged
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parameter_indices(dataset, parameters) -> list[int]:
+    names = list(dataset.param_names)
+    if parameters is None:
+        return list(range(len(names)))
+    missing = [p for p in parameters if p not in names]
+    if missing:
+        raise ValueError(f"parameters {missing} are not parameters of model {dataset.spec.model!r} {names}")
+    return [names.index(p) for p in parameters]
+
+
+def normalised_errors(pred: np.ndarray, dataset, parameters=None) -> tuple[np.ndarray, list[str]]:
+    """Errors ``(pred - true) / prior range`` (N, P') of the chosen parameters, and their names.
+
+    The range is the test dataset's prior support, so every network tested on one dataset is
+    scored on one scale (the same normalisation the training losses use).
+    """
+    idx = parameter_indices(dataset, parameters)
+    support = dataset.prior_support
+    scale = (support[1] - support[0])[idx]
+    scale = np.where(scale > 0, scale, 1.0)
+    err = (np.asarray(pred, np.float64)[:, idx] - dataset.theta_true.astype(np.float64)[:, idx]) / scale
+    return err, [dataset.param_names[i] for i in idx]
+
+
+def per_sample_l2(pred: np.ndarray, dataset, parameters=None) -> np.ndarray:
+    """Per-sample squared normalised error, averaged over the chosen parameters (N,).
+
+    NaN predictions (e.g. a failed fit) give NaN, which the paired tests leave out.
+    """
+    err, _ = normalised_errors(pred, dataset, parameters)
+    return np.mean(err**2, axis=1)
+
+
+def write_text(path: Path, text: str) -> Path:
+    atomic_write_bytes(Path(path), text.encode("utf-8"))
+    return Path(path)
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    from qmri_labels.bundle import to_jsonable
+
+    return write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def write_csv(path: Path, frame: pd.DataFrame) -> Path:
+    return write_text(path, frame.to_csv(index=False, float_format="%.9g"))
+
+
+def markdown(frame: pd.DataFrame, index: bool = False) -> str:
+    from qmri_labels.analysis.report import markdown_table
+
+    if index:
+        frame = frame.reset_index()
+    return markdown_table(frame)
+
+
+def run_manifest(kind: str, config: Mapping, started: float, t0: float, **more) -> dict:
+    """Manifest of a workflow run: config, versions, device, determinism flags, timing.
+
+    ``started`` is the wall-clock start (``time.time()``), ``t0`` the ``time.perf_counter()`` one.
+    """
+    from qmri_labels.bundle import device_info, package_versions
+    from qmri_labels.training.reproducibility import record_determinism
+
+    return {"kind": kind, "config": dict(config), "versions": package_versions(), "device": device_info("cpu"),
+            "determinism": record_determinism(), "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "wall_seconds": time.perf_counter() - t0, **more}
+
+
+def say(quiet: bool, message: str) -> None:
+    if not quiet:
+        print(message, flush=True)
+
+
+def paired_test(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> dict:
+    """Paired t-test of ``a - b`` (H2's :func:`qmri_labels.analysis.stats.paired_comparisons`)."""
+    from qmri_labels.analysis.stats import paired_comparisons
+
+    row = paired_comparisons({name_a: a, name_b: b}, pairs=[(name_a, name_b)], correction="none").iloc[0]
+    return {k: row[k] for k in ("n", "mean_a", "mean_b", "mean_diff", "ci_low", "ci_high", "t", "p_value",
+                                "wilcoxon_p", "cohen_dz")}
+
+
+def add_correction(table: pd.DataFrame, alpha: float, correction: str) -> pd.DataFrame:
+    from qmri_labels.analysis.stats import bonferroni
+
+    table = table.copy()
+    table["p_adjusted"] = bonferroni(table["p_value"].to_numpy(float), correction) if len(table) else []
+    table["significant"] = table["p_adjusted"] < alpha
+    table["correction"] = correction
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# the study
+# --------------------------------------------------------------------------------------------
+
+
+def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
+    """Run the mismatch study; see the module docstring for what is written under ``out``."""
+    t0 = time.perf_counter()
+    started = time.time()
+    config = merge_config(DEFAULTS, config)
+    names = config["datasets"]
+    if not isinstance(names, (list, tuple)) or len(names) < 2:
+        raise ValueError("mismatch needs a list of at least two datasets")
+    definitions = [get_definition(d) for d in names]
+    labels = [d.name for d in definitions]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"datasets must have distinct names, got {labels}")
+    kinds = {d.kind for d in definitions}
+    if len(kinds) != 1:
+        raise ValueError(f"datasets mix kinds {sorted(kinds)}; a mismatch study crosses one kind of data")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", config)
+    if kinds == {"qsm"}:
+        cells, trained = _run_qsm(definitions, config, out, quiet)
+        metric = "nrmse"
+    else:
+        cells, trained = _run_voxel(definitions, config, out, quiet)
+        metric = "rmse"
+    return _report(cells, trained, labels, config, out, quiet, t0, started, metric)
+
+
+def _training_overrides(config, split: str) -> dict:
+    n = config["n_train"] if split == "train" else config["n_test"]
+    return {} if n is None else {"n": int(n)}
+
+
+def _run_voxel(definitions, config, out: Path, quiet: bool):
+    from qmri_labels.training.reproducibility import DeterminismSettings, train_network
+
+    settings = DeterminismSettings(seed=int(config["seed"]), num_threads=config["num_threads"])
+    tests = {d.name: load_dataset(d, "test", **_training_overrides(config, "test")) for d in definitions}
+    trained, cells = {}, []
+    for i, definition in enumerate(definitions):
+        train = load_dataset(definition, "train", **_training_overrides(config, "train"))
+        say(quiet, f"[{i + 1}/{len(definitions)}] training on {definition.name} ({len(train)} rows)")
+        start = time.perf_counter()
+        run_ = train_network(train, settings, quiet=quiet, **config["network"])
+        estimator = run_.estimator
+        seconds = time.perf_counter() - start
+        trained[definition.name] = {"train_fingerprint": train.fingerprint, "fit_seconds": seconds,
+                                    "epochs": estimator.n_epochs_, "best_val_loss": estimator.best_val_loss_}
+        for test_name, test in tests.items():
+            cell = {"train": definition.name, "test": test_name, "train_fingerprint": train.fingerprint,
+                    "test_fingerprint": test.fingerprint, "n_test": len(test)}
+            reason = _incompatible(train, test)
+            if reason:
+                cell.update(error=np.full(len(test), np.nan), score=math.nan, skipped=reason)
+            else:
+                pred = estimator.predict(test.signals)
+                err, pnames = normalised_errors(pred, test, config["parameters"])
+                cell["error"] = np.mean(err**2, axis=1)
+                cell["score"] = float(np.sqrt(np.nanmean(cell["error"])))
+                cell.update({f"rmse_{p}": float(np.sqrt(np.nanmean(err[:, k] ** 2))) for k, p in enumerate(pnames)})
+            cells.append(cell)
+        metrics = {c["test"]: c["score"] for c in cells
+                   if c["train"] == definition.name and "skipped" not in c}
+        estimator.save(out / "networks" / definition.name, metrics={"normalised_rmse_by_test_set": metrics},
+                       extra={"data_fingerprints": {"train": train.fingerprint,
+                                                    "tests": {k: v.fingerprint for k, v in tests.items()}},
+                              "determinism_record": run_.record})
+    return cells, trained
+
+
+def _incompatible(train, test) -> str:
+    if train.spec.model != test.spec.model:
+        return f"model {train.spec.model} vs {test.spec.model}"
+    if len(train.spec.protocol) != len(test.spec.protocol):
+        return f"{len(train.spec.protocol)} inputs vs {len(test.spec.protocol)} measurements"
+    return ""
+
+
+def _run_qsm(definitions, config, out: Path, quiet: bool):
+    """QSM resolution mismatch: one U-Net per dataset (H3's QSMEstimator), NRMSE per test volume."""
+    from qmri_labels.analysis.image_metrics import nrmse
+    from qmri_labels.training.qsm import QSMEstimator
+
+    settings = dict(QSM_TRAINING)
+    settings.update(config["qsm"] or {})
+    tests = {d.name: load_dataset(d, "test", **_training_overrides(config, "test")) for d in definitions}
+    trained, cells = {}, []
+    for i, definition in enumerate(definitions):
+        train = load_dataset(definition, "train", **_training_overrides(config, "train"))
+        say(quiet, f"[{i + 1}/{len(definitions)}] training a U-Net on {definition.name} "
+                   f"({len(train)} volumes of {train.chi.shape[1:]} at {train.voxel_size} mm)")
+        start = time.perf_counter()
+        validation = None
+        if "validation" in definition.splits:
+            validation = load_dataset(definition, "validation").to_phantom_set()
+        estimator = QSMEstimator(seed=int(config["seed"]), progress=not quiet, **settings)
+        estimator.fit(train.to_phantom_set(), validation)
+        seconds = time.perf_counter() - start
+        trained[definition.name] = {"train_fingerprint": train.fingerprint, "fit_seconds": seconds,
+                                    "epochs": len(getattr(estimator, "history_", []) or [])}
+        for test_name, test in tests.items():
+            chi = estimator.predict(test.field, test.mask, voxel_size=test.voxel_size, b0_dir=tuple(test.orientations[0]))
+            per_volume = np.array([nrmse(c, t, m) for c, t, m in zip(chi, test.chi, test.mask)])
+            cells.append({"train": definition.name, "test": test_name, "train_fingerprint": train.fingerprint,
+                          "test_fingerprint": test.fingerprint, "n_test": len(test), "error": per_volume,
+                          "score": float(np.mean(per_volume))})
+        estimator.save(out / "networks" / definition.name,
+                       extra={"data_fingerprints": {"train": train.fingerprint,
+                                                    "tests": {k: v.fingerprint for k, v in tests.items()}}})
+    return cells, trained
+
+
+METRIC_TEXT = {
+    "rmse": "normalised RMSE over {parameters} (each parameter divided by the test set's prior range); paired "
+            "t-tests over the test samples' squared normalised errors",
+    "nrmse": "NRMSE (%) of chi inside the mask, mean over the test volumes; paired t-tests over the test volumes",
+}
+
+
+def _report(cells, trained, labels, config, out: Path, quiet: bool, t0: float, started: float,
+            metric: str = "rmse") -> dict:
+    alpha, correction = float(config["alpha"]), config["correction"]
+    rows = []
+    for c in cells:
+        row = {k: v for k, v in c.items() if k not in ("error", "score")}
+        row[metric] = c["score"]
+        row["matched"] = c["train"] == c["test"]
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    matrix = table.pivot(index="train", columns="test", values=metric).reindex(index=labels, columns=labels)
+
+    # paired t-tests inside each column: the cells share the test data (checked by fingerprint)
+    tests = []
+    for test_name in labels:
+        column = [c for c in cells if c["test"] == test_name and "skipped" not in c]
+        if len(column) < 2:
+            continue
+        check_comparable({f"{c['train']}->{c['test']}": c for c in column})
+        for i, a in enumerate(column):
+            for b in column[i + 1:]:
+                stats = paired_test(a["error"], b["error"], a["train"], b["train"])
+                tests.append({"test": test_name, "train_a": a["train"], "train_b": b["train"],
+                              "a_is_matched": a["train"] == test_name, "b_is_matched": b["train"] == test_name,
+                              **stats, "test_fingerprint": a["test_fingerprint"]})
+    ttests = add_correction(pd.DataFrame(tests), alpha, correction) if tests else pd.DataFrame()
+
+    # which training data is best on each test set, and is the matched network significantly better?
+    findings = []
+    for test_name in labels:
+        col = matrix[test_name].dropna()
+        if col.empty:
+            continue
+        best = col.idxmin()
+        entry = {"test": test_name, "best_train": best, "matched_is_best": best == test_name,
+                 "matched_rmse": float(matrix.loc[test_name, test_name]), "best_rmse": float(col.min())}
+        if len(ttests):
+            rel = ttests[(ttests["test"] == test_name) & (ttests["a_is_matched"] | ttests["b_is_matched"])]
+            entry["matched_beats_all_significantly"] = bool(len(rel)) and bool(all(
+                r.significant and ((r.mean_diff < 0) == r.a_is_matched) for r in rel.itertuples()))
+        findings.append(entry)
+    findings = pd.DataFrame(findings)
+
+    write_csv(out / "cells.csv", table)
+    write_csv(out / "matrix.csv", matrix.reset_index().rename(columns={"train": "train \\ test"}))
+    if len(ttests):
+        write_csv(out / "ttests.csv", ttests)
+    write_csv(out / "findings.csv", findings)
+    figure = _heatmap(matrix, out / "heatmap.png", config, "NRMSE (%)" if metric == "nrmse" else "normalised RMSE")
+    md_matrix = markdown(matrix.reset_index().rename(columns={"train": "train \\ test"}))
+    write_text(out / "matrix.md", md_matrix + "\n")
+    lines = [f"# {config['title']}", "",
+             "Test error: " + METRIC_TEXT[metric].format(parameters=config["parameters"] or "all parameters")
+             + "; rows = training data, columns = test data.", "",
+             md_matrix, "", "## Best training data per test set", "", markdown(findings) if len(findings) else "(none)", ""]
+    if len(ttests):
+        lines += [f"## Paired t-tests within each test set ({correction}, alpha = {alpha}, "
+                  f"{len(ttests)} comparisons)", "",
+                  markdown(ttests[["test", "train_a", "train_b", "n", "mean_a", "mean_b", "mean_diff", "t", "p_value",
+                                   "p_adjusted", "significant"]]), ""]
+    skipped = table[table["skipped"].notna()] if "skipped" in table else table.iloc[:0]
+    if len(skipped):
+        lines += ["## Skipped cells", ""] + [f"- {r.train} -> {r.test}: {r.skipped}" for r in skipped.itertuples()] + [""]
+    lines += ["## Data fingerprints", ""] + [f"- {name}: train {info['train_fingerprint'][:16]}, test "
+                                             f"{table[table.test == name].test_fingerprint.iloc[0][:16]}"
+                                             for name, info in trained.items()]
+    write_text(out / "report.md", "\n".join(lines) + "\n")
+    manifest = run_manifest("mismatch", config, started, t0, trained=trained, data_fingerprints={
+        name: {"train": info["train_fingerprint"],
+               "test": next(c["test_fingerprint"] for c in cells if c["test"] == name)}
+        for name, info in trained.items()})
+    write_json(out / "manifest.json", manifest)
+    summary = "\n".join([f"{config['title']}: {metric} (rows: train, columns: test)", matrix.to_string(
+        float_format=lambda v: f"{v:.4f}")] + [
+        f"  on {r.test}: best = {r.best_train}{' (matched)' if r.matched_is_best else ''}"
+        for r in findings.itertuples()])
+    say(quiet, summary)
+    return {"out": str(out), "matrix": matrix, "ttests": ttests, "findings": findings, "figure": str(figure),
+            "summary_text": summary, "manifest": manifest}
+
+
+def _heatmap(matrix: pd.DataFrame, path: Path, config, label: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from qmri_labels.analysis.plots import save_figure
+
+    values = matrix.to_numpy(dtype=float)
+    n_rows, n_cols = values.shape
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * n_cols, 1.2 + 0.9 * n_rows))
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis_r")
+    fig.colorbar(image, ax=ax, label=label)
+    ax.set_xticks(range(n_cols), matrix.columns, rotation=30, ha="right")
+    ax.set_yticks(range(n_rows), matrix.index)
+    ax.set_xlabel("test data")
+    ax.set_ylabel("training data")
+    finite = values[np.isfinite(values)]
+    middle = (finite.min() + finite.max()) / 2 if finite.size else 0
+    col_best = [int(np.nanargmin(values[:, j])) if np.isfinite(values[:, j]).any() else -1 for j in range(n_cols)]
+    for i in range(n_rows):
+        for j in range(n_cols):
+            text = "n/a" if not np.isfinite(values[i, j]) else f"{values[i, j]:.4f}"
+            if col_best[j] == i:
+                text += " *"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color="white" if np.isfinite(values[i, j]) and values[i, j] > middle else "black")
+    ax.set_title(f"{config['title']} (* best per test set)", fontsize=10)
+    fig.tight_layout()
+    path = save_figure(fig, path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,421 @@
+"""QSM workflows: label-choice study, Graf et al.'s activation/channel study, shipped model.
+
+Kinds handled by :func:`run` (``config["kind"]``):
+
+``qsm_labels``      train one U-Net per label choice (gt, mle = COSMOS, self, hybrid alphas,
+                    graf) on the same synthetic phantoms and compare them with TKD, Tikhonov
+                    and COSMOS on held-out phantoms (NRMSE, demeaned NRMSE, SSIM, HFEN, PSNR).
+``qsm_activation``  Graf et al. (2023): ReLU / leaky ReLU / ELU x 16 and 32 initial channels;
+                    validation loss and NRMSE per epoch, convergence plots, a final NRMSE/SSIM
+                    table and example slices with difference maps.
+
+:func:`train_model` trains and evaluates the shipped ``models/qsm_graf16`` network
+(``python -m qmri_labels.workflows.qsm train-model --out models/qsm_graf16 --minutes 30``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from qmri_labels.analysis.image_metrics import image_metrics
+from qmri_labels.data.datasets import atomic_write_bytes
+from qmri_labels.data.phantoms import QSMPhantomSet, QSMPhantomSpec
+from qmri_labels.fitting.qsm_inversion import TIKHONOV_DEFAULT_LAMBDA, cosmos, tikhonov, tkd
+from qmri_labels.training.qsm import QSMEstimator
+
+__all__ = ["DEFAULTS", "DEFAULTS_BY_KIND", "ACTIVATION_DEFAULTS", "LABEL_DEFAULTS", "run", "run_labels", "run_activation",
+           "train_model", "evaluate_methods", "KINDS"]
+
+#: shared defaults (CPU size); each kind adds its own below
+_COMMON: dict[str, Any] = {
+    "seed": 0,
+    "phantom": {"shape": [32, 32, 32], "noise_sigma": 0.005, "n_orientations": 5, "max_angle_deg": 30.0},
+    "n_train": 8,
+    "n_val": 2,
+    "n_test": 3,
+    "training": {"preset": "graf", "unet": {"levels": 3, "init_channels": 8}, "inputs": ["field", "tkd"],
+                 "patch_size": None, "batch_size": 2, "max_epochs": 6, "samples_per_epoch": 8,
+                 "lr": 1e-3, "weight_decay": 0.01, "max_time_s": None, "device": None},
+    "tikhonov_lambdas": [0.005, 0.01, 0.02, 0.05, 0.1],
+    "tkd_threshold": 0.19,
+}
+
+LABEL_DEFAULTS: dict[str, Any] = {
+    **copy.deepcopy(_COMMON),
+    "kind": "qsm_labels",
+    "labels": ["gt", "mle", "self", "hybrid", "graf"],
+    "alphas": [0.5],
+    "field_weight": 1.0,
+}
+
+ACTIVATION_DEFAULTS: dict[str, Any] = {
+    **copy.deepcopy(_COMMON),
+    "kind": "qsm_activation",
+    "label": "graf",
+    "field_weight": 1.0,
+    "activations": [["relu", 0.0], ["leaky_relu", 0.2], ["elu", 0.0]],
+    "channels": [16, 32],
+    "example_slices": 3,
+}
+ACTIVATION_DEFAULTS["phantom"]["n_orientations"] = 1
+
+#: the study CLI reads ``DEFAULTS``; it is the label study's (the activation study's are in
+#: ``ACTIVATION_DEFAULTS`` and picked by ``kind``)
+DEFAULTS = LABEL_DEFAULTS
+DEFAULTS_BY_KIND = {"qsm_labels": LABEL_DEFAULTS, "qsm_activation": ACTIVATION_DEFAULTS}
+KINDS = ("qsm_labels", "qsm_activation")
+
+
+def _merge(base: Mapping, override: Mapping) -> dict:
+    out = copy.deepcopy(dict(base))
+    for k, v in (override or {}).items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n").encode())
+
+
+def _jsonable(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _write_csv(path: Path, df) -> None:
+    atomic_write_bytes(path, df.to_csv(index=False).encode())
+
+
+def _save_fig(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def make_phantom_sets(config: Mapping) -> tuple[QSMPhantomSet, QSMPhantomSet, QSMPhantomSet]:
+    """Train / validation / test phantom sets from one config (seeds ``seed``, +1, +2)."""
+    spec = QSMPhantomSpec.from_dict({**config["phantom"], "n": int(config["n_train"]), "seed": int(config["seed"])})
+    train = spec.generate()
+    val = spec.replace(n=int(config["n_val"]), seed=int(config["seed"]) + 1).generate()
+    test = spec.replace(n=int(config["n_test"]), seed=int(config["seed"]) + 2).generate()
+    return train, val, test
+
+
+def _mean_metrics(estimates: np.ndarray, data: QSMPhantomSet) -> dict[str, float]:
+    rows = [image_metrics(e, c, m) for e, c, m in zip(estimates, data.chi, data.mask)]
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def best_tikhonov_lambda(val: QSMPhantomSet, lambdas) -> float:
+    """The lambda of the lowest mean NRMSE on the validation phantoms (a fair, tuned baseline)."""
+    scores = []
+    for lam in lambdas:
+        est = tikhonov(val.field, val.voxel_size, val.orientations[0], lam=float(lam), mask=val.mask)
+        scores.append(_mean_metrics(est, val)["nrmse"])
+    return float(lambdas[int(np.argmin(scores))])
+
+
+def evaluate_methods(networks: Mapping[str, QSMEstimator], test: QSMPhantomSet, val: QSMPhantomSet | None = None,
+                     *, tkd_threshold: float = 0.19, tikhonov_lambdas=(TIKHONOV_DEFAULT_LAMBDA,),
+                     include_cosmos: bool = True) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Metrics (mean over test phantoms) of each network and of TKD, Tikhonov and COSMOS.
+
+    Tikhonov's lambda is picked on ``val`` (lowest NRMSE) among ``tikhonov_lambdas``.
+    Returns a list of rows ``{"method", "nrmse", ...}`` and the estimates per method.
+    """
+    b0 = test.orientations[0]
+    estimates: dict[str, np.ndarray] = {}
+    estimates["tkd"] = tkd(test.field, test.voxel_size, b0, tkd_threshold, mask=test.mask)
+    lam = best_tikhonov_lambda(val, list(tikhonov_lambdas)) if val is not None else float(list(tikhonov_lambdas)[0])
+    estimates["tikhonov"] = tikhonov(test.field, test.voxel_size, b0, lam=lam, mask=test.mask)
+    if include_cosmos and test.fields.shape[1] >= 3:
+        estimates["cosmos"] = cosmos(test.fields, test.orientations, test.voxel_size, mask=test.mask)
+    for name, net in networks.items():
+        estimates[name] = net.predict(test.field, test.mask)
+    rows = []
+    for name, est in estimates.items():
+        row = {"method": name, **_mean_metrics(est, test)}
+        if name == "tikhonov":
+            row["lambda"] = lam
+        rows.append(row)
+    return rows, estimates
+
+
+def _estimator(config: Mapping, seed: int, **overrides) -> QSMEstimator:
+    t = dict(config["training"])
+    unet = dict(t.pop("unet", {}) or {})
+    unet.update(overrides.pop("unet", {}))
+    params = {**t, **overrides}
+    params["inputs"] = tuple(params.get("inputs", ("field", "tkd")))
+    return QSMEstimator(unet=unet, seed=seed, progress=False, **params)
+
+
+def _slices_figure(test: QSMPhantomSet, estimates: Mapping[str, np.ndarray], index: int = 0, n_slices: int = 3):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chi = test.chi[index]
+    zs = np.linspace(chi.shape[2] * 0.3, chi.shape[2] * 0.7, n_slices).astype(int)
+    names = list(estimates)
+    vmax = float(np.abs(chi).max()) or 1.0
+    fig, axes = plt.subplots(n_slices * 2, len(names) + 1, figsize=(1.8 * (len(names) + 1), 3.4 * n_slices))
+    axes = np.atleast_2d(axes)
+    for r, z in enumerate(zs):
+        axes[2 * r, 0].imshow(chi[:, :, z].T, cmap="gray", vmin=-vmax, vmax=vmax, origin="lower")
+        axes[2 * r, 0].set_title(f"true chi z={z}", fontsize=7)
+        axes[2 * r + 1, 0].axis("off")
+        for c, name in enumerate(names, start=1):
+            est = estimates[name][index]
+            axes[2 * r, c].imshow(est[:, :, z].T, cmap="gray", vmin=-vmax, vmax=vmax, origin="lower")
+            axes[2 * r, c].set_title(name, fontsize=7)
+            axes[2 * r + 1, c].imshow((est - chi)[:, :, z].T, cmap="RdBu_r", vmin=-vmax / 2, vmax=vmax / 2, origin="lower")
+            axes[2 * r + 1, c].set_title(f"{name} - true", fontsize=7)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def _print(quiet: bool, *args):
+    if not quiet:
+        print(*args, flush=True)
+
+
+def _manifest(config, out, data, timings, extra=None) -> dict:
+    from qmri_labels.bundle import device_info, package_versions
+
+    man = {
+        "config": config,
+        "seed": int(config["seed"]),
+        "fingerprints": {k: d.fingerprint for k, d in data.items()},
+        "versions": package_versions(),
+        "device": device_info(config["training"].get("device") or "cpu"),
+        "timings_s": timings,
+    }
+    if extra:
+        man.update(extra)
+    _write_json(out / "manifest.json", man)
+    return man
+
+
+def run_labels(config: Mapping, out: Path, quiet: bool = True) -> dict:
+    """Label-choice study (kind ``qsm_labels``); writes results.csv, report.md, figures."""
+    import pandas as pd
+
+    config = _merge(LABEL_DEFAULTS, config)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    train, val, test = make_phantom_sets(config)
+    timings = {"phantoms": time.perf_counter() - t0}
+    networks, histories = {}, {}
+    for label in config["labels"]:
+        alphas = config["alphas"] if label == "hybrid" else [None]
+        for alpha in alphas:
+            name = f"net-{label}" if alpha is None else f"net-hybrid-{float(alpha):g}"
+            _print(quiet, f"[qsm_labels] training {name}")
+            t1 = time.perf_counter()
+            est = _estimator(config, int(config["seed"]), label=label, alpha=alpha,
+                             field_weight=float(config["field_weight"])).fit(train, val)
+            timings[name] = time.perf_counter() - t1
+            networks[name] = est
+            histories[name] = est.history_
+    rows, estimates = evaluate_methods(networks, test, val, tkd_threshold=float(config["tkd_threshold"]),
+                                       tikhonov_lambdas=config["tikhonov_lambdas"])
+    table = pd.DataFrame(rows)
+    _write_csv(out / "results.csv", table)
+    hist_rows = [{"method": n, **r} for n, h in histories.items() for r in h]
+    _write_csv(out / "history.csv", pd.DataFrame(hist_rows))
+    fig = _slices_figure(test, estimates, 0, 2)
+    _save_fig(fig, out / "slices.png")
+    report = ["# QSM label-choice study", "",
+              f"Held-out phantoms: {len(test)} of shape {list(test.chi.shape[1:])}, field noise "
+              f"{test.spec.noise_sigma} ppm, COSMOS from {test.fields.shape[1]} orientations.", "",
+              table.to_markdown(index=False, floatfmt=".3f") if _has_tabulate() else table.to_string(index=False),
+              "", "![slices](slices.png)", ""]
+    atomic_write_bytes(out / "report.md", "\n".join(report).encode())
+    timings["total"] = time.perf_counter() - t0
+    _manifest(config, out, {"train": train, "val": val, "test": test}, timings)
+    _print(quiet, table.to_string(index=False))
+    return {"results": rows, "history": hist_rows, "out": str(out), "timings_s": timings,
+            "summary_text": table.to_string(index=False, float_format=lambda v: f"{v:.3f}")}
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_activation(config: Mapping, out: Path, quiet: bool = True) -> dict:
+    """Graf et al.'s activation x initial-channels comparison (kind ``qsm_activation``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    config = _merge(ACTIVATION_DEFAULTS, config)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    train, val, test = make_phantom_sets(config)
+    timings = {"phantoms": time.perf_counter() - t0}
+    networks, histories = {}, {}
+    for act, slope in config["activations"]:
+        for ch in config["channels"]:
+            name = f"{act}-{int(ch)}"
+            _print(quiet, f"[qsm_activation] training {name}")
+            t1 = time.perf_counter()
+            est = _estimator(config, int(config["seed"]), label=config["label"],
+                             field_weight=float(config["field_weight"]),
+                             unet={"activation": act, "negative_slope": float(slope) if act == "leaky_relu" else 0.2,
+                                   "init_channels": int(ch)}).fit(train, val)
+            timings[name] = time.perf_counter() - t1
+            networks[name] = est
+            histories[name] = est.history_
+    rows, estimates = evaluate_methods(networks, test, val, tkd_threshold=float(config["tkd_threshold"]),
+                                       tikhonov_lambdas=config["tikhonov_lambdas"], include_cosmos=False)
+    table = pd.DataFrame(rows)
+    _write_csv(out / "results.csv", table)
+    hist = pd.DataFrame([{"network": n, **r} for n, h in histories.items() for r in h])
+    _write_csv(out / "history.csv", hist)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, h in histories.items():
+        ep = [r["epoch"] for r in h]
+        axes[0].plot(ep, [r.get("val_loss", np.nan) for r in h], marker="o", label=name)
+        axes[1].plot(ep, [r.get("val_nrmse", np.nan) for r in h], marker="o", label=name)
+    axes[0].set(xlabel="epoch", ylabel="validation loss", yscale="log")
+    axes[1].set(xlabel="epoch", ylabel="validation NRMSE (%)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    _save_fig(fig, out / "convergence.png")
+    fig = _slices_figure(test, estimates, 0, int(config["example_slices"]))
+    _save_fig(fig, out / "slices.png")
+    report = ["# QSM activation / channel study (after Graf et al. 2023)", "",
+              f"Label {config['label']!r}; {len(train)} training and {len(test)} held-out phantoms of shape "
+              f"{list(test.chi.shape[1:])}.", "",
+              table.to_markdown(index=False, floatfmt=".3f") if _has_tabulate() else table.to_string(index=False),
+              "", "![convergence](convergence.png)", "", "![slices](slices.png)", ""]
+    atomic_write_bytes(out / "report.md", "\n".join(report).encode())
+    timings["total"] = time.perf_counter() - t0
+    _manifest(config, out, {"train": train, "val": val, "test": test}, timings)
+    _print(quiet, table.to_string(index=False))
+    return {"results": rows, "history": hist.to_dict("records"), "out": str(out), "timings_s": timings,
+            "summary_text": table.to_string(index=False, float_format=lambda v: f"{v:.3f}")}
+
+
+def run(config: Mapping, out: Path, quiet: bool = True) -> dict:
+    """Entry point of the study CLI: dispatch on ``config["kind"]`` (``qsm_labels`` by default)."""
+    kind = config.get("kind", "qsm_labels")
+    if kind == "qsm_labels":
+        return run_labels(config, out, quiet)
+    if kind == "qsm_activation":
+        return run_activation(config, out, quiet)
+    raise ValueError(f"qmri_labels.workflows.qsm handles kinds {KINDS}, got {kind!r}")
+
+
+# -- the shipped model ------------------------------------------------------------------------
+MODEL_CONFIG: dict[str, Any] = {
+    "seed": 2024,
+    "phantom": {"shape": [64, 64, 64], "noise_sigma": 0.005, "n_orientations": 1},
+    "n_train": 16,
+    "n_val": 2,
+    "n_test": 4,
+    "training": {"preset": "graf", "unet": {"init_channels": 16}, "inputs": ["field", "tkd"], "label": "gt",
+                 "patch_size": 32, "batch_size": 2, "samples_per_epoch": 24, "max_epochs": 1000,
+                 "lr": 1e-3, "weight_decay": 0.01, "device": None},
+    "tikhonov_lambdas": [0.002, 0.005, 0.01, 0.02, 0.05, 0.1],
+    "tkd_threshold": 0.19,
+}
+
+
+def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None, quiet: bool = False,
+                resume: bool = False) -> dict:
+    """Train the shipped U-Net (graf preset, 16 channels) and write it as a bundle at ``out``.
+
+    The best model (validation loss) is checkpointed into ``out`` after every improvement;
+    at the end the held-out metrics of the network, TKD and Tikhonov (lambda tuned on the
+    validation phantoms) are added to its manifest. ``resume`` continues from the bundle at
+    ``out`` (same data, same configuration) for another ``minutes``.
+    """
+    config = _merge(MODEL_CONFIG, config or {})
+    out = Path(out)
+    train, val, test = make_phantom_sets(config)
+    t = dict(config["training"])
+    label = t.pop("label")
+    est = QSMEstimator(label=label, unet=t.pop("unet"), inputs=tuple(t.pop("inputs")), seed=int(config["seed"]),
+                       max_time_s=float(minutes) * 60.0, checkpoint_path=out, progress=False, **t)
+    previous_history: list = []
+    if resume:
+        done = QSMEstimator.load(out)
+        if done.train_fingerprint_ != train.fingerprint:
+            raise ValueError(f"cannot resume {out}: it was trained on other data")
+        est.network_, est.normalisation_ = done.network_, done.normalisation_
+        est.warm_start = True
+        previous_history = list(done.manifest_.get("previous_history", [])) + list(done.history_)
+        # a resumed run must not replace the bundle with a worse model
+        scores = [r["val_loss"] for r in done.history_ if "val_loss" in r]
+        est.previous_best_score_ = min(scores) if scores else float("inf")
+    est.fit(train, val)
+    if resume:
+        est.warm_start = False
+    rows, _ = evaluate_methods({"unet": est}, test, val, tkd_threshold=float(config["tkd_threshold"]),
+                               tikhonov_lambdas=config["tikhonov_lambdas"], include_cosmos=False)
+    extra = {
+        "workflow": "qmri_labels.workflows.qsm.train_model",
+        "command": f"python -m qmri_labels.workflows.qsm train-model --out {out} --minutes {minutes:g}",
+        "model_config": config,
+        "test_fingerprint": test.fingerprint,
+        "test_spec": test.spec.to_dict(),
+        "heldout_metrics": rows,
+        "fit_time_s": est.fit_time_s_,
+        "previous_history": previous_history,
+    }
+    est.save(out, extra)
+    if not quiet:
+        for r in rows:
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+    return {"heldout_metrics": rows, "out": str(out)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qmri_labels.workflows.qsm",
+                                     description="Train the shipped QSM U-Net (models/qsm_graf16).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train-model", help="train and evaluate the shipped graf-16 U-Net")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--minutes", type=float, default=30.0)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue training the bundle at --out")
+    args = parser.parse_args(argv)
+    train_model(args.out, args.minutes, quiet=args.quiet, resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,138 @@
+import json
+
+import numpy as np
+import pytest
+
+from qmri_labels.bundle import MANIFEST_FILE, SAFETENSORS_FILE, load_bundle
+from qmri_labels.data import DatasetSpec
+from qmri_labels.estimators import MLEEstimator, NetworkEstimator
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return DatasetSpec(n=1000, seed=7).generate()
+
+
+@pytest.fixture(scope="module")
+def mle_params(tiny):
+    return MLEEstimator(sigma=tiny.spec.sigma, n_starts=1).fit(tiny).predict(tiny.signals)
+
+
+def net(**kwargs):
+    args = dict(max_epochs=2, batch_size=128, accelerator="cpu", devices=1, progress=False, num_threads=1)
+    args.update(kwargs)
+    return NetworkEstimator(**args)
+
+
+def test_mle_estimator_any_leading_shape(tiny):
+    est = MLEEstimator(sigma=tiny.spec.sigma, n_starts=1)
+    assert est.fit(tiny) is est
+    flat = est.predict(tiny.signals[:12])
+    shaped = est.predict(tiny.signals[:12].reshape(3, 2, 2, 10))
+    assert shaped.shape == (3, 2, 2, 4) and shaped.dtype == np.float32
+    np.testing.assert_allclose(shaped.reshape(12, 4), flat, rtol=1e-5)
+    assert est.param_names == ("S0", "f", "D", "Dstar") and est.model_name == "ivim"
+    with pytest.raises(ValueError, match="protocol"):
+        MLEEstimator().predict(tiny.signals)
+    with pytest.raises(ValueError, match=r"shape \(\.\.\., 10\)"):
+        est.predict(tiny.signals[:, :5])
+
+
+def test_fit_returns_self_and_sets_learned_attributes(tiny):
+    est = net()
+    assert not hasattr(est, "network_")
+    with pytest.raises(ValueError, match="not fitted"):
+        est.predict(tiny.signals)
+    assert est.fit(tiny) is est
+    for attr in ("network_", "history_", "normalisation_", "train_fingerprint_", "best_epoch_", "n_train_"):
+        assert hasattr(est, attr)
+    assert est.train_fingerprint_ == tiny.fingerprint
+    assert est.n_train_ == 900 and est.n_val_ == 100
+    assert est.model_name == "ivim" and est.param_names == ("S0", "f", "D", "Dstar")
+    np.testing.assert_array_equal(est.protocol, tiny.protocol)
+    assert est.normalisation_["source"] == "prior_support"
+
+
+def test_predict_any_leading_shape_within_bounds(tiny):
+    est = net().fit(tiny)
+    flat = est.predict(tiny.signals[:24])
+    shaped = est.predict(tiny.signals[:24].reshape(2, 3, 4, 10))
+    assert shaped.shape == (2, 3, 4, 4)
+    np.testing.assert_array_equal(shaped.reshape(24, 4), flat)
+    single = est.predict(tiny.signals[0])
+    assert single.shape == (4,)
+    bounds = est.network_.bounds
+    assert np.all(flat >= bounds[0] - 1e-6) and np.all(flat <= bounds[1] + 1e-6)
+    with pytest.raises(ValueError, match="one value per measurement"):
+        est.predict(np.ones((3, 7)))
+
+
+def test_save_load_round_trip_identical_predictions(tmp_path, tiny, mle_params):
+    est = net(label="hybrid", alpha=0.3).fit(tiny, mle_labels=mle_params)
+    path = est.save(tmp_path / "hybrid", metrics={"rmse_f": 0.1})
+    loaded = NetworkEstimator.load(path)
+    np.testing.assert_array_equal(loaded.predict(tiny.signals), est.predict(tiny.signals))
+    # the loaded estimator carries everything needed to predict and to retrain alike
+    assert loaded.model_name == "ivim" and loaded.param_names == est.param_names
+    np.testing.assert_array_equal(loaded.protocol, tiny.protocol)
+    assert loaded.get_params() == est.get_params()
+    assert loaded.normalisation_ == est.normalisation_ and loaded.train_fingerprint_ == tiny.fingerprint
+    assert loaded.metrics_ == {"rmse_f": 0.1} and loaded.method_name == "net-hybrid-0.3"
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    for key in ("training_config", "network", "normalisation", "data", "versions", "device", "determinism",
+                "metrics", "weights"):
+        assert key in manifest
+    assert manifest["loss_weights"] == {"gt": 0.7, "mle": 0.3, "self": 0.0}
+
+
+def test_load_refuses_tampered_or_foreign_bundles(tmp_path, tiny):
+    est = net().fit(tiny)
+    path = est.save(tmp_path / "gt")
+    data = bytearray((path / SAFETENSORS_FILE).read_bytes())
+    data[-3] ^= 0xFF
+    (path / SAFETENSORS_FILE).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="SHA-256"):
+        NetworkEstimator.load(path)
+    from qmri_labels.bundle import save_bundle
+
+    other = save_bundle(tmp_path / "other", {"w": est.network_.body[0].weight}, {"kind": "unet"})
+    with pytest.raises(ValueError, match="not a qmri_labels.NetworkEstimator"):
+        NetworkEstimator.load(other)
+    state, manifest = load_bundle(est.save(tmp_path / "gt2"))
+    assert "body.0.weight" in state
+
+
+def test_mle_label_rows_with_failed_fits_are_left_out(tiny, mle_params):
+    labels = mle_params.copy()
+    labels[:50] = np.nan
+    est = net(label="mle").fit(tiny, mle_labels=labels)
+    assert est.n_excluded_ == 50 and est.n_train_ + est.n_val_ == 950
+    assert est.mle_labels_["n_excluded"] == 50
+    with pytest.raises(ValueError, match="shape"):
+        net(label="mle").fit(tiny, mle_labels=labels[:10])
+
+
+def test_mle_network_learns_mle_labels_not_truth(tiny, mle_params):
+    # fit to labels that are the truth shifted by +20 % of the prior range in f: the mle
+    # network must follow the shift, the gt network must not
+    shifted = tiny.theta_true.copy()
+    shifted[:, 1] += 0.2 * (tiny.prior_support[1, 1] - tiny.prior_support[0, 1])
+    kw = dict(max_epochs=15, lr=1e-2)
+    f_mle = net(label="mle", **kw).fit(tiny, mle_labels=shifted).predict(tiny.signals)[:, 1]
+    f_gt = net(label="gt", **kw).fit(tiny).predict(tiny.signals)[:, 1]
+    assert np.mean(f_mle - f_gt) > 0.05
+
+
+def test_sklearn_style_params(tiny):
+    est = NetworkEstimator(label="self", lr=5e-3)
+    assert est.get_params()["lr"] == 5e-3
+    assert est.set_params(batch_size=32) is est and est.batch_size == 32
+    with pytest.raises(ValueError, match="invalid parameter"):
+        est.set_params(learning_rate=1)
+    assert "label='self'" in repr(est)
+    with pytest.raises(ValueError, match="alpha"):
+        NetworkEstimator(label="hybrid", alpha=2).fit(tiny)
+    with pytest.raises(ValueError, match="batch_size"):
+        NetworkEstimator(batch_size=0).fit(tiny)
+    with pytest.raises(ValueError, match="Dataset"):
+        NetworkEstimator().fit(tiny.signals)

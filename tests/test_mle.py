@@ -1,0 +1,141 @@
+import numpy as np
+import pytest
+import torch
+
+from qmri_labels.data import EPSTEIN_BVALUES, DatasetSpec, UniformPrior
+from qmri_labels.fitting import fit_mle
+from qmri_labels.physics import get_model
+
+B = np.array(EPSTEIN_BVALUES)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return DatasetSpec(n=2000, seed=11, snr=30).generate()
+
+
+def test_fit_object_named_access_and_shapes(data):
+    fit = fit_mle(data.signals[:50].reshape(5, 10, 10), B, sigma=data.sigma[0])
+    assert fit.params.shape == (5, 10, 4) and fit.nll.shape == (5, 10)
+    np.testing.assert_array_equal(fit["f"], fit.params[..., 1])
+    np.testing.assert_array_equal(fit.Dstar, fit.params[..., 3])
+    assert set(fit.as_dict()) == {"S0", "f", "D", "Dstar"}
+    assert fit.converged.all() and fit.valid.all() and not fit.sigma_estimated
+    with pytest.raises(KeyError, match="no parameter 'T2'"):
+        fit["T2"]
+
+
+def test_estimates_track_the_truth_at_high_snr():
+    data = DatasetSpec(n=500, seed=3, snr=400).generate()
+    fit = fit_mle(data.signals, B, sigma=data.sigma)
+    err = np.abs(fit.params - data.theta_true)
+    assert np.median(err[:, 1]) < 0.01  # f
+    assert np.median(err[:, 2]) < 2e-5  # D
+    assert np.median(err[:, 3] / data.theta_true[:, 3]) < 0.05  # Dstar, relative
+
+
+def test_nll_is_minimal_near_the_estimate(data):
+    from qmri_labels.fitting.likelihood import full_nll
+
+    fit = fit_mle(data.signals[:100], B, sigma=data.sigma[:100])
+    model = get_model("ivim")
+    y = torch.as_tensor(data.signals[:100], dtype=torch.float64)
+    s = torch.as_tensor(data.sigma[:100], dtype=torch.float64)[:, None]
+    bt = torch.as_tensor(B)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        moved = fit.params * (1 + 0.01 * rng.standard_normal(fit.params.shape))
+        moved = np.clip(moved, [0, 0, 0, 0.003], [2, 1, 0.005, 0.3])
+        nll_moved = full_nll(y, model.forward(torch.as_tensor(moved), bt), s, "rician").numpy()
+        assert np.mean(nll_moved >= fit.nll - 1e-6) > 0.98
+
+
+def test_chunking_does_not_change_results(data):
+    whole = fit_mle(data.signals[:600], B, sigma=data.sigma[:600])
+    chunked = fit_mle(data.signals[:600], B, sigma=data.sigma[:600], chunk_size=1024)
+    small = fit_mle(data.signals[:600], B, sigma=data.sigma[:600], chunk_size=100_000)
+    np.testing.assert_allclose(whole.params, chunked.params, rtol=1e-6)
+    np.testing.assert_allclose(whole.params, small.params, rtol=1e-6)
+
+
+def test_bounds_respected_and_dict_bounds(data):
+    fit = fit_mle(data.signals[:300], B, sigma=data.sigma[0], bounds={"Dstar": (0.02, 0.05), "f": (0.2, 0.3)})
+    assert fit.Dstar.min() >= 0.02 and fit.Dstar.max() <= 0.05
+    assert fit.f.min() >= 0.2 and fit.f.max() <= 0.3
+    with pytest.raises(ValueError, match="shape"):
+        fit_mle(data.signals[:3], B, sigma=0.03, bounds=np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="lower bound must be below"):
+        fit_mle(data.signals[:3], B, sigma=0.03, bounds={"f": (0.5, 0.1)})
+
+
+def test_unnormalised_signals_give_scaled_s0(data):
+    fit1 = fit_mle(data.signals[:200], B, sigma=data.sigma[0])
+    fit1000 = fit_mle(1000 * data.signals[:200], B, sigma=1000 * data.sigma[0])
+    # the same optimum up to float32 rounding of the input (the likelihood is flat in f, D*)
+    np.testing.assert_allclose(fit1000.S0, 1000 * fit1.S0, rtol=1e-3)
+    np.testing.assert_allclose(fit1000.f, fit1.f, atol=2e-3)
+    # NLL transforms with the density: + M log(1000) per voxel
+    np.testing.assert_allclose(fit1000.nll, fit1.nll + 10 * np.log(1000), atol=1e-3)
+
+
+def test_gaussian_noise_without_sigma_estimates_it():
+    data = DatasetSpec(n=400, seed=5, snr=50, noise="gaussian").generate()
+    fit = fit_mle(data.signals, B, noise="gaussian")
+    assert fit.sigma_estimated
+    # RSS / M underestimates sigma by the degrees of freedom used (M - P of M)
+    assert np.sqrt(np.mean(fit.sigma**2) * 10 / 6) == pytest.approx(1 / 50, rel=0.1)
+
+
+def test_rician_sigma_missing_is_an_error_unless_repeats():
+    data = DatasetSpec(n=50, seed=1).generate()
+    with pytest.raises(ValueError, match="sigma is required for Rician"):
+        fit_mle(data.signals, B)
+    protocol = (0, 0, 0, 10, 20, 50, 100, 200, 400, 800)
+    rep = DatasetSpec(n=3000, seed=1, protocol=protocol, snr=30).generate()
+    with pytest.warns(UserWarning, match="sigma estimated"):
+        fit = fit_mle(rep.signals, protocol)
+    assert fit.sigma_estimated and fit.sigma_method.startswith("repeated")
+    assert fit.sigma[0] == pytest.approx(1 / 30, rel=0.05)
+
+
+def test_bad_voxels_are_flagged_not_fatal(data):
+    signals = data.signals[:6].copy()
+    signals[1, 3] = np.nan
+    signals[2] = 0.0
+    signals[3, 5] = -0.1
+    signals[4, 0] = np.inf
+    fit = fit_mle(signals, B, sigma=0.03)
+    assert fit.valid.tolist() == [True, False, False, False, False, True]
+    assert np.isnan(fit.params[~fit.valid]).all() and np.isfinite(fit.params[fit.valid]).all()
+    assert "non-finite" in fit.invalid_reason[1] and "all-zero" in fit.invalid_reason[2]
+    assert "negative" in fit.invalid_reason[3]
+
+
+def test_bad_input_raises_clear_errors(data):
+    with pytest.raises(ValueError, match=r"number of bvalues \(10\) differs"):
+        fit_mle(data.signals[:5, :8], B, sigma=0.03)
+    with pytest.raises(ValueError, match="sigma contains NaN"):
+        fit_mle(data.signals[:5], B, sigma=np.nan)
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        fit_mle(data.signals[:5], B, sigma=0)
+    with pytest.raises(ValueError, match="no voxel can be fitted"):
+        fit_mle(np.full((3, 10), np.nan), B, sigma=0.03)
+    with pytest.raises(ValueError, match="noise must be"):
+        fit_mle(data.signals[:5], B, noise="poisson", sigma=0.03)
+    with pytest.raises(ValueError, match="bvalues"):
+        fit_mle(data.signals[:5], -B, sigma=0.03)
+
+
+def test_monoexp_fit():
+    prior = UniformPrior("monoexp", ranges={"S0": (0.8, 1.2), "D": (0.5e-3, 2.5e-3)})
+    data = DatasetSpec(model="monoexp", prior=prior, n=300, seed=2, snr=100,
+                       protocol=(0, 200, 400, 600, 800, 1000)).generate()
+    fit = fit_mle(data.signals, data.protocol, model="monoexp", sigma=data.sigma)
+    assert fit.param_names == ("S0", "D")
+    assert np.median(np.abs(fit.D - data.theta_true[:, 1])) < 5e-5
+
+
+def test_float64_and_float32_agree(data):
+    f32 = fit_mle(data.signals[:200], B, sigma=data.sigma[0])
+    f64 = fit_mle(data.signals[:200], B, sigma=data.sigma[0], dtype=torch.float64)
+    assert np.mean(np.abs(f32.nll - f64.nll) < 1e-4) > 0.97

@@ -1,0 +1,150 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from qmri_labels import study
+from qmri_labels.estimators import NetworkEstimator
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("QMRI_LABELS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    import os
+
+    os.environ.setdefault("QMRI_LABELS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    out = tmp_path_factory.mktemp("study") / "tiny"
+    # alpha 0 and 1 are the pure losses: their networks must equal net-gt and net-mle
+    assert study.main(["--config", "tiny_ivim", "--alpha", "0", "1", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_results_folder_is_complete(tiny_run):
+    for name in ("config.yaml", "manifest.json", "summary.csv", "heldout.csv", "report.md", "grid.csv"):
+        assert (tiny_run / name).is_file(), name
+    summary = pd.read_csv(tiny_run / "summary.csv")
+    for col in ("method", "parameter", "mean_abs_bias", "mean_sd", "rmse", "sensitivity"):
+        assert col in summary.columns
+    assert list(dict.fromkeys(summary["method"])) == ["fit-mle", "net-gt", "net-mle", "net-self", "net-hybrid-0",
+                                                      "net-hybrid-1"]
+    assert set(summary["parameter"]) == {"S0", "f", "D", "Dstar"}
+    assert np.all(np.isfinite(summary[["mean_abs_bias", "mean_sd", "rmse"]].to_numpy()))
+    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert config["kind"] == "ivim_labels" and config["alpha"] == [0.0, 1.0] and config["n_train"] == 1500
+
+
+def test_manifest_records_seeds_fingerprints_versions_timings(tiny_run):
+    m = json.loads((tiny_run / "manifest.json").read_text())
+    assert len(m["data"]["train"]["fingerprint"]) == 64 and len(m["data"]["heldout"]["fingerprint"]) == 64
+    assert m["data"]["train"]["fingerprint"] != m["data"]["heldout"]["fingerprint"]
+    assert len(m["data"]["grid"]["fingerprint"]) == 64
+    assert m["seeds"]["seed"] == 0 and "torch" in m["versions"] and "device" in m["device"]
+    assert m["determinism"]["deterministic"] is True
+    assert m["timings"]["total"] > 0 and m["command"]["wall_seconds"] >= m["timings"]["total"]
+    assert m["command"]["argv"][-1] == "--quiet"
+    assert m["mle_labels"]["dataset_fingerprint"] == m["data"]["train"]["fingerprint"]
+
+
+def test_hybrid_endpoints_reproduce_pure_label_networks(tiny_run):
+    s = pd.read_csv(tiny_run / "summary.csv").set_index(["method", "parameter"])
+    cols = ["mean_abs_bias", "mean_sd", "rmse"]
+    for param in ("f", "D", "Dstar"):
+        np.testing.assert_array_equal(s.loc[("net-hybrid-0", param), cols], s.loc[("net-gt", param), cols])
+        np.testing.assert_array_equal(s.loc[("net-hybrid-1", param), cols], s.loc[("net-mle", param), cols])
+    assert not np.array_equal(s.loc[("net-gt", "f"), cols], s.loc[("net-mle", "f"), cols])
+
+
+def test_saved_networks_predict_alone_and_match_their_manifest(tiny_run):
+    from qmri_labels.data import DatasetSpec
+    from qmri_labels.workflows.ivim import heldout_metrics
+
+    net = NetworkEstimator.load(tiny_run / "networks" / "net-self")
+    assert net.method_name == "net-self" and net.model_name == "ivim"
+    heldout = net.metrics_["heldout"]
+    data = DatasetSpec.from_dict(heldout["spec"]).generate()
+    assert data.fingerprint == heldout["fingerprint"]
+    metrics = heldout_metrics(net.predict(data.signals), data)
+    for p, value in heldout["rmse"].items():
+        assert metrics["rmse"][p] == pytest.approx(value, rel=1e-6)
+
+
+def args(*argv):
+    return study.build_parser().parse_args(list(argv))
+
+
+def test_default_config_and_flag_overrides():
+    kind, config, module, name = study.resolve(args())
+    assert kind == "ivim_labels" and name == "default"
+    assert config["snr"] == 30 and config["model"] == "ivim" and len(config["bvalues"]) == 10
+    kind, config, _, _ = study.resolve(args("--alpha", "0.2", "0.8", "--snr", "15", "--bvalues", "0", "100", "800",
+                                            "--n-train", "500", "--max-epochs", "3", "--seed", "4", "--device", "cpu",
+                                            "--set", "grid.repeats=20", "--set", "labels=[gt]"))
+    assert config["alpha"] == [0.2, 0.8] and config["snr"] == 15 and config["bvalues"] == [0, 100, 800]
+    assert config["n_train"] == 500 and config["max_epochs"] == 3 and config["seed"] == 4
+    assert config["grid"]["repeats"] == 20 and config["labels"] == ["gt"]
+    assert config["grid"]["points_per_axis"] == 6  # nested defaults survive a partial override
+
+
+def test_model_flag_selects_the_study_kind(monkeypatch):
+    calls = []
+
+    def fake_module(kind):
+        calls.append(kind)
+
+        class Module:
+            DEFAULTS = {"kind": kind, "seed": 0, "training": {"max_epochs": 5}}
+
+            @staticmethod
+            def run(config, out, quiet):
+                return {}
+
+        return Module
+
+    monkeypatch.setattr(study, "workflow_module", fake_module)
+    kind, config, _, _ = study.resolve(args("--model", "qsm", "--max-epochs", "7"))
+    assert kind == "qsm_labels" and calls == ["qsm_labels"]
+    assert config["training"]["max_epochs"] == 7  # a flag finds its key in one nested section
+    with pytest.raises(ValueError, match="--alpha does not apply"):
+        study.resolve(args("--model", "qsm", "--alpha", "0.5"))
+
+
+def test_model_flag_with_a_voxel_model():
+    kind, config, _, _ = study.resolve(args("--model", "monoexp", "--config", "tiny_ivim"))
+    assert kind == "ivim_labels" and config["model"] == "monoexp"
+
+
+def test_errors_are_clear(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="unknown study kind"):
+        study.workflow_module("nonsense")
+    monkeypatch.setitem(study.KINDS, "future_kind", "not_written_yet")
+    with pytest.raises(ValueError, match="not installed"):
+        study.workflow_module("future_kind")
+    with pytest.raises(ValueError, match="no study configuration"):
+        study.load_config("no_such_study")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: ivim_labels\nsnr_db: 30\n")
+    with pytest.raises(ValueError, match="snr_db"):
+        study.resolve(args("--config", str(bad)))
+    with pytest.raises(ValueError, match="selects study kind"):
+        study.resolve(args("--model", "qsm", "--config", "tiny_ivim"))
+    with pytest.raises(ValueError, match="unknown signal model"):
+        study.resolve(args("--model", "t2star_magic"))
+    with pytest.raises(SystemExit):
+        study.main(["--config", "tiny_ivim", "--set", "n_train"])
+
+
+def test_same_seed_same_results_on_cpu(tmp_path):
+    argv = ["--config", "tiny_ivim", "--set", "labels=[self]", "--set", "alpha=[]", "--n-train", "600",
+            "--set", "n_test=100", "--quiet"]
+    assert study.main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert study.main(argv + ["--out", str(tmp_path / "b")]) == 0
+    a, b = (pd.read_csv(tmp_path / x / "summary.csv") for x in "ab")
+    pd.testing.assert_frame_equal(a, b)
+    wa, wb = (NetworkEstimator.load(tmp_path / x / "networks" / "net-self") for x in "ab")
+    assert wa.manifest_["weights"]["sha256"] == wb.manifest_["weights"]["sha256"]
