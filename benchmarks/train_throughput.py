@@ -6,7 +6,7 @@ repeats so that background load hits both alike. Samples/s counts training sampl
 (validation is switched off in both), after one warm-up epoch.
 
     python benchmarks/train_throughput.py [--n 100000] [--batch-size 256] [--epochs 3]
-        [--repeats 3] [--label gt] [--accelerator cpu]
+        [--repeats 3] [--label gt] [--accelerator cpu] [--threads 1] [--batches-per-block 32]
 
 Prints samples/s of each and the ratio Lightning / plain (target >= 0.9).
 """
@@ -36,7 +36,16 @@ def build(dataset, label: str, seed: int):
     return network, loss
 
 
-def plain_loop(dataset, label, batch_size, epochs, seed, device) -> float:
+def plain_loop(dataset, label, batch_size, epochs, seed, device, deterministic=True) -> float:
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)  # as Lightning's Trainer(deterministic=...)
+    try:
+        return _plain_loop(dataset, label, batch_size, epochs, seed, device)
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def _plain_loop(dataset, label, batch_size, epochs, seed, device) -> float:
     network, loss = build(dataset, label, seed)
     network, loss = network.to(device), loss.to(device)
     optimiser = torch.optim.Adam(network.parameters(), lr=1e-3)
@@ -57,25 +66,26 @@ def plain_loop(dataset, label, batch_size, epochs, seed, device) -> float:
 
     epoch()  # warm-up
     _sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(epochs):
         epoch()
     _sync(device)
-    return n * epochs / (time.perf_counter() - start)
+    return n * epochs / (time.perf_counter() - start), n * epochs / (time.process_time() - cpu)
 
 
 class _Timer(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == 1:  # epoch 0 is the warm-up
             _sync(pl_module.device)
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def on_train_end(self, trainer, pl_module):
         _sync(pl_module.device)
-        self.stop = time.perf_counter()
+        self.stop, self.cpu_stop = time.perf_counter(), time.process_time()
 
 
-def lightning_path(dataset, label, batch_size, epochs, seed, accelerator, batches_per_block=32) -> float:
+def lightning_path(dataset, label, batch_size, epochs, seed, accelerator, batches_per_block=32,
+                   deterministic=True) -> float:
     network, loss = build(dataset, label, seed)
     module = LabelRegressor(network, loss, lr=1e-3, step_batch_size=batch_size)
     data = InMemoryDataModule({"signals": dataset.signals, "theta": dataset.theta_true}, batch_size=batch_size,
@@ -85,9 +95,10 @@ def lightning_path(dataset, label, batch_size, epochs, seed, accelerator, batche
         trainer = L.Trainer(accelerator=accelerator, devices=1, max_epochs=epochs + 1, callbacks=[timer],
                             logger=False, enable_checkpointing=False, enable_model_summary=False,
                             enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0,
-                            deterministic=True)
+                            deterministic=deterministic)
         trainer.fit(module, datamodule=data)
-    return dataset.signals.shape[0] * epochs / (timer.stop - timer.start)
+    n = dataset.signals.shape[0] * epochs
+    return n / (timer.stop - timer.start), n / (timer.cpu_stop - timer.cpu_start)
 
 
 def _sync(device):
@@ -103,20 +114,31 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--label", default="gt", choices=["gt", "self"])
     parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (the study trains with 1: small nets run fastest on one)")
+    parser.add_argument("--batches-per-block", type=int, default=32,
+                        help="batches per Lightning call (1: one Lightning step per batch)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     device = "cuda" if args.accelerator in ("cuda", "gpu") else "cpu"
     dataset = DatasetSpec(n=args.n, seed=0).generate()
     plain, light = [], []
     for repeat in range(args.repeats):
         plain.append(plain_loop(dataset, args.label, args.batch_size, args.epochs, repeat, device))
-        light.append(lightning_path(dataset, args.label, args.batch_size, args.epochs, repeat, args.accelerator))
-        print(f"repeat {repeat}: plain {plain[-1]:,.0f} samples/s, lightning {light[-1]:,.0f} samples/s")
-    ratio = np.median(light) / np.median(plain)
+        light.append(lightning_path(dataset, args.label, args.batch_size, args.epochs, repeat, args.accelerator,
+                                    args.batches_per_block))
+        print(f"repeat {repeat}: plain {plain[-1][0]:,.0f} samples/s, lightning {light[-1][0]:,.0f} samples/s")
+    plain, light = np.asarray(plain), np.asarray(light)
+    ratio = np.median(light[:, 0]) / np.median(plain[:, 0])
+    cpu_ratio = np.median(light[:, 1]) / np.median(plain[:, 1])
     print(f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}), "
-          f"threads {torch.get_num_threads()}, n {args.n}, batch {args.batch_size}, label {args.label}")
-    print(f"plain PyTorch loop: {np.median(plain):,.0f} samples/s (median of {args.repeats})")
-    print(f"Lightning path:     {np.median(light):,.0f} samples/s (median of {args.repeats})")
+          f"threads {torch.get_num_threads()}, n {args.n}, batch {args.batch_size}, label {args.label}, "
+          f"batches per Lightning call {args.batches_per_block}")
+    print(f"plain PyTorch loop: {np.median(plain[:, 0]):,.0f} samples/s (median of {args.repeats})")
+    print(f"Lightning path:     {np.median(light[:, 0]):,.0f} samples/s (median of {args.repeats})")
     print(f"ratio Lightning / plain: {ratio:.3f}")
+    # per CPU second: robust to other processes on a shared machine (CPU only)
+    print(f"ratio per CPU second:    {cpu_ratio:.3f}")
     return ratio
 
 

@@ -164,6 +164,7 @@ def save_bundle(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],
     try:
         atomic_write_bytes(staging / weights_name, data)
         atomic_write_bytes(staging / MANIFEST_FILE, text.encode())
+        apply_default_permissions(staging)
         if path.exists():
             # move the old bundle aside first: at every instant `path` is either the complete
             # old bundle, absent, or the complete new one
@@ -177,6 +178,18 @@ def save_bundle(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def apply_default_permissions(folder: str | os.PathLike) -> None:
+    """Give a bundle folder and its files the permissions of ordinary new files (umask),
+    instead of the owner-only ones of temporary files, so that shared models are readable."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder = Path(folder)
+    os.chmod(folder, 0o777 & ~mask)
+    for item in folder.iterdir():
+        if item.is_file():
+            os.chmod(item, 0o666 & ~mask)
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

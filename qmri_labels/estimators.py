@@ -14,7 +14,6 @@ parameters in the model's parameter order, and expose ``model_name``, ``protocol
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import logging
 import math
@@ -115,7 +114,7 @@ class MLEEstimator(_ParamsMixin):
         return get_model(self.model).param_names
 
     def fit(self, dataset: Dataset | None = None, y=None) -> "MLEEstimator":
-        """Take the protocol (and, if ``sigma`` is ``"dataset"``, the noise level) from a dataset.
+        """Take the protocol from a dataset when none was given; returns ``self``.
 
         A fitter learns nothing from training data; this exists so that MLE can sit next to
         networks in one loop.
@@ -187,9 +186,15 @@ class NetworkEstimator(_ParamsMixin):
         ``init_seed`` / ``shuffle_seed`` are given (so one source can vary alone).
     init_seed, shuffle_seed : int or None
     accelerator, devices, num_nodes, strategy, precision
-        Passed to ``lightning.Trainer``.
+        Passed to ``lightning.Trainer`` (e.g. ``accelerator="gpu", devices=4, strategy="ddp"``);
+        one device by default, so that ``fit`` never relaunches the calling script.
     deterministic : bool
         ``torch.use_deterministic_algorithms`` during training (Lightning's flag).
+    benchmark : bool or None
+        cuDNN benchmarking during training (Lightning's flag); ``None``: Lightning's default
+        (off when ``deterministic``).
+    record_step_losses : bool
+        Keep the loss of every optimiser step in ``step_losses_``.
     num_threads : int or None
         CPU threads of torch during training (restored afterwards); ``None``: unchanged. Small
         networks train fastest on one thread.
@@ -206,9 +211,10 @@ class NetworkEstimator(_ParamsMixin):
                  optimiser: str = "adam", batch_size: int = 256, batches_per_block: int = 32,
                  max_epochs: int = 100, patience: int = 10,
                  min_delta: float = 0.0, val_fraction: float = 0.1, seed: int = 0, init_seed: int | None = None,
-                 shuffle_seed: int | None = None, accelerator: str = "auto", devices: Any = "auto",
+                 shuffle_seed: int | None = None, accelerator: str = "auto", devices: Any = 1,
                  num_nodes: int = 1, strategy: Any = "auto", precision: Any = "32-true", deterministic: bool = True,
-                 num_threads: int | None = None, progress: bool = True, mle_options: Mapping | None = None):
+                 benchmark: bool | None = None, record_step_losses: bool = False, num_threads: int | None = None,
+                 progress: bool = True, mle_options: Mapping | None = None):
         self.label = label
         self.alpha = alpha
         self.weights = weights
@@ -236,6 +242,8 @@ class NetworkEstimator(_ParamsMixin):
         self.strategy = strategy
         self.precision = precision
         self.deterministic = deterministic
+        self.benchmark = benchmark
+        self.record_step_losses = record_step_losses
         self.num_threads = num_threads
         self.progress = progress
         self.mle_options = mle_options
@@ -359,7 +367,7 @@ class NetworkEstimator(_ParamsMixin):
                           input_shift=shift, input_scale=scale)
         loss = LabelLoss(weights, model.name, dataset.protocol, normalisation)
         module = LabelRegressor(network, loss, lr=self.lr, weight_decay=self.weight_decay, optimiser=self.optimiser,
-                                step_batch_size=int(self.batch_size))
+                                step_batch_size=int(self.batch_size), record_step_losses=bool(self.record_step_losses))
         data = InMemoryDataModule(tensors, batch_size=int(self.batch_size), val_fraction=float(self.val_fraction),
                                   split_seed=seed, shuffle_seed=shuffle_seed,
                                   batches_per_block=int(self.batches_per_block))
@@ -373,17 +381,20 @@ class NetworkEstimator(_ParamsMixin):
         with _quiet_lightning(True), _deterministic_scope(), _torch_threads(self.num_threads):
             trainer = L.Trainer(
                 accelerator=self.accelerator, devices=self.devices, num_nodes=self.num_nodes, strategy=self.strategy,
-                precision=self.precision, deterministic=self.deterministic, max_epochs=int(self.max_epochs),
+                precision=self.precision, deterministic=self.deterministic, benchmark=self.benchmark,
+                max_epochs=int(self.max_epochs),
                 callbacks=callbacks, logger=False, enable_checkpointing=False, enable_model_summary=False,
                 enable_progress_bar=bool(self.progress), num_sanity_val_steps=0, **trainer_kwargs,
             )
             trainer.fit(module, datamodule=data)
         network = module.network.to("cpu").eval()
-        if not data.has_validation and keeper.best_state is None:
-            keeper.best_epoch = len(module.history) - 1
 
         self.network_ = network
         self.history_ = list(module.history)
+        self.flags_in_fit_ = module.flags_in_fit
+        if module.step_losses is not None:
+            # float64 holds float32 and bfloat16 losses exactly
+            self.step_losses_ = np.array([float(t) for t in module.step_losses], dtype=np.float64)
         self.normalisation_ = normalisation.to_dict()
         self.loss_weights_ = weights
         self.train_fingerprint_ = dataset.fingerprint

@@ -141,7 +141,9 @@ def set_key(config: dict, path: list[str], value) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m qmri_labels.study", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m qmri_labels.study",
+                                     description="\n\n".join(__doc__.split("\n\n")[1:3]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Named configurations: see --list.")
     parser.add_argument("--config", help="named configuration in studies/ or a YAML/JSON file "
                                          f"(default: {DEFAULT_CONFIG}, or the --model's default)")
@@ -173,7 +175,9 @@ def resolve(args: argparse.Namespace) -> tuple[str, dict, Any, str]:
     if args.config is not None:
         config, name = load_config(args.config)
     elif model_kind not in (None, "ivim_labels"):
-        config, name = {"kind": model_kind}, model_kind
+        # the kind's own named configuration when there is one (studies/qsm_labels.yaml)
+        config, name = load_config(model_kind) if model_kind in available_configs() else ({"kind": model_kind},
+                                                                                          model_kind)
     elif DEFAULT_CONFIG in available_configs():
         config, name = load_config(DEFAULT_CONFIG)
     else:

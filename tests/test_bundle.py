@@ -125,3 +125,13 @@ def test_failed_write_leaves_existing_bundle_intact(tmp_path, state):
     loaded, manifest = load_bundle(path)
     assert manifest["version"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net"]
+
+
+def test_bundle_files_are_readable_like_ordinary_files(tmp_path, state):
+    mask = os.umask(0o022)
+    try:
+        path = save_bundle(tmp_path / "net", state, {})
+    finally:
+        os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == 0o755
+    assert ((path / SAFETENSORS_FILE).stat().st_mode & 0o777) == 0o644

@@ -9,6 +9,7 @@ import torch
 from qmri_labels.data.phantoms import QSMPhantomSpec
 from qmri_labels.physics.qsm import forward_field
 from qmri_labels.training.qsm import (
+    EpochSampler,
     QSMEstimator,
     QSMLoss,
     QSMNormalisation,
@@ -64,11 +65,17 @@ def test_patch_dataset_reproducible():
     b = QSMPatchDataset(arrays, 8, 5, seed=3)
     assert len(a) == 5 and a[0]["inputs"].shape == (1, 8, 8, 8)
     assert all(torch.equal(a[i]["inputs"], b[i]["inputs"]) for i in range(5))
-    first = a.index
-    a.set_epoch(1)
-    assert a.index != first
+    vol, (x, y, z) = a.locate(2)
+    assert torch.equal(a[2]["mask"], torch.as_tensor(arrays["mask"][vol, x:x + 8, y:y + 8, z:z + 8]))
+    sampler = EpochSampler(a)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert first == [0, 1, 2, 3, 4] and second == [5, 6, 7, 8, 9]
+    assert len({a.locate(j) for j in first + second}) > 5  # new patches in every epoch
     whole = QSMPatchDataset(arrays, None, 5)
     assert len(whole) == 2 and whole[0]["mask"].shape == (12, 12, 12)
+    assert sorted(EpochSampler(whole)) == [0, 1]
     with pytest.raises(ValueError, match="patch_size"):
         QSMPatchDataset(arrays, 16, 1)
 

@@ -136,3 +136,11 @@ def test_reproducibility_study_tiny(tmp_path, data):
     assert "bit-identical: yes" in (out / "report.md").read_text()
     with pytest.raises(ValueError, match="unknown source"):
         study.run({**config, "training_sources": ["colour=red"]}, tmp_path / "bad", quiet=True)
+
+
+def test_flags_in_force_during_training_are_recorded(data):
+    # Lightning would reset cuDNN benchmarking to off under deterministic=True; the setting must hold
+    run = train_network(data[0], DeterminismSettings(num_threads=1, cudnn_benchmark=True), max_epochs=1, **NET)
+    assert run.record["flags_in_fit"]["cudnn_benchmark"] is True
+    assert run.record["flags_in_fit"]["use_deterministic_algorithms"] is True
+    assert torch.backends.cudnn.benchmark is False  # restored after the fit

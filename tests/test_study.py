@@ -107,11 +107,18 @@ def test_model_flag_selects_the_study_kind(monkeypatch):
         return Module
 
     monkeypatch.setattr(study, "workflow_module", fake_module)
+    monkeypatch.setattr(study, "available_configs", lambda: {})
     kind, config, _, _ = study.resolve(args("--model", "qsm", "--max-epochs", "7"))
     assert kind == "qsm_labels" and calls == ["qsm_labels"]
     assert config["training"]["max_epochs"] == 7  # a flag finds its key in one nested section
     with pytest.raises(ValueError, match="--alpha does not apply"):
         study.resolve(args("--model", "qsm", "--alpha", "0.5"))
+
+
+def test_model_qsm_uses_the_named_qsm_configuration():
+    kind, config, module, name = study.resolve(args("--model", "qsm"))
+    assert kind == "qsm_labels" and name == "qsm_labels"
+    assert module.__name__ == "qmri_labels.workflows.qsm"
 
 
 def test_model_flag_with_a_voxel_model():
@@ -148,3 +155,15 @@ def test_same_seed_same_results_on_cpu(tmp_path):
     pd.testing.assert_frame_equal(a, b)
     wa, wb = (NetworkEstimator.load(tmp_path / x / "networks" / "net-self") for x in "ab")
     assert wa.manifest_["weights"]["sha256"] == wb.manifest_["weights"]["sha256"]
+
+
+def test_export_networks_as_shipped_bundles(tiny_run, tmp_path):
+    from qmri_labels.workflows.ivim import export_networks
+
+    written = export_networks(tiny_run, tmp_path / "models", methods=["net-gt", "net-hybrid-0"])
+    assert sorted(p.name for p in written) == ["ivim_epstein_snr30_gt", "ivim_epstein_snr30_hybrid0"]
+    original = NetworkEstimator.load(tiny_run / "networks" / "net-gt")
+    copied = NetworkEstimator.load(written[0])
+    signals = np.random.default_rng(0).uniform(0.2, 1.1, size=(50, 10)).astype(np.float32)
+    np.testing.assert_array_equal(original.predict(signals), copied.predict(signals))
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == sorted(p.name for p in written)

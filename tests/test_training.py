@@ -140,3 +140,11 @@ def test_mle_settings_are_checked():
         compute_mle_labels(ds, sigma="estimate", cache=False)
     with pytest.raises(ValueError, match="dtype"):
         compute_mle_labels(ds, dtype="float16", cache=False)
+
+
+def test_training_without_validation_keeps_best_training_epoch(tiny):
+    est = fit(tiny, val_fraction=0.0, max_epochs=4, lr=0.3)
+    train = [h["train_loss"] for h in est.history_]
+    assert est.n_val_ == 0 and len(train) == 4 and "val_loss" not in est.history_[0]
+    assert est.best_epoch_ == int(np.argmin(train))
+    assert est.best_val_loss_ == pytest.approx(min(train))

@@ -1,5 +1,5 @@
 """Analysis beyond RMSE: evaluation grids, bias/SD/sensitivity summaries, the Cramer-Rao floor,
-paired statistics, figures and reports.
+paired statistics, image metrics for QSM (NRMSE, SSIM, HFEN, PSNR), figures and reports.
 
 Plotting and reporting (:mod:`~qmri_labels.analysis.plots`, :mod:`~qmri_labels.analysis.report`)
 import matplotlib only when first used.
@@ -7,6 +7,7 @@ import matplotlib only when first used.
 
 from qmri_labels.analysis.crlb import crlb, fisher_information, rician_information_factor
 from qmri_labels.analysis.grid import GridResult, GridSpec, evaluate_grid
+from qmri_labels.analysis.image_metrics import hfen, image_metrics, nrmse, nrmse_demeaned, psnr, ssim
 from qmri_labels.analysis.metrics import marginal_curves, sensitivity, spearman_table, summarize
 from qmri_labels.analysis.stats import bonferroni, paired_comparisons, paired_effect_size
 
@@ -44,5 +45,11 @@ __all__ = [
     "paired_comparisons",
     "paired_effect_size",
     "bonferroni",
+    "nrmse",
+    "nrmse_demeaned",
+    "ssim",
+    "hfen",
+    "psnr",
+    "image_metrics",
     *_LAZY,
 ]

@@ -13,7 +13,6 @@ the cost follows the hard voxels, not the batch size.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 

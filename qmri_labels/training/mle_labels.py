@@ -41,8 +41,8 @@ class MLELabels:
     key : str
         Cache key (SHA-256 of fingerprint and settings).
     from_cache : bool
-    seconds : float
-        Time of the fit (0 when read from the cache... then the original time is in ``fit_seconds``).
+    fit_seconds : float
+        Time the fit took when it was computed (also when read back from the cache).
     """
 
     params: np.ndarray

@@ -32,14 +32,20 @@ class LabelRegressor(L.LightningModule):
         updates as a plain loop over the batches, with Lightning's per-call overhead paid once
         per block instead of once per step. ``None``: one step per block.
 
+    record_step_losses : bool
+        Keep the loss of every optimiser step in :attr:`step_losses` (0-d tensors on the
+        device, no host sync), for reproducibility studies.
+
     Losses are summed on the device during an epoch and logged once at its end (``train_loss``,
     ``val_loss`` and one entry per loss term), so that no step waits for a host sync; the
     per-epoch values are kept in :attr:`history`.
     """
 
     def __init__(self, network: nn.Module, loss: LabelLoss, lr: float = 1e-3, weight_decay: float = 0.0,
-                 optimiser: str = "adam", step_batch_size: int | None = None):
+                 optimiser: str = "adam", step_batch_size: int | None = None, record_step_losses: bool = False):
         super().__init__()
+        self.step_losses: list[torch.Tensor] | None = [] if record_step_losses else None
+        self.flags_in_fit: dict | None = None
         # manual optimisation: several optimiser steps per Lightning call (see docstring)
         self.automatic_optimization = False
         if step_batch_size is not None and int(step_batch_size) < 1:
@@ -57,22 +63,40 @@ class LabelRegressor(L.LightningModule):
         self.weight_decay = float(weight_decay)
         self.optimiser = optimiser
         self.history: list[dict] = []
-        self._sums: dict[str, dict[str, torch.Tensor]] = {}
-        self._counts: dict[str, int] = {}
+        self._sums: dict[str, list] = {}
 
     def forward(self, signals: torch.Tensor) -> torch.Tensor:
         return self.network(signals)
 
     def _accumulate(self, stage: str, total: torch.Tensor, terms: dict, n: int) -> None:
-        sums = self._sums.setdefault(stage, {})
-        for key, value in (("loss", total), *terms.items()):
-            value = value.detach() * n
-            sums[key] = value if key not in sums else sums[key] + value
-        self._counts[stage] = self._counts.get(stage, 0) + n
+        # only references are kept per step (no tensor ops, no host sync); epoch means are
+        # computed once at the end of the epoch
+        self._sums.setdefault(stage, []).append((n, total.detach(), {k: v.detach() for k, v in terms.items()}
+                                                 if len(terms) > 1 else None))
 
     def _epoch_means(self, stage: str) -> dict[str, torch.Tensor]:
-        sums, count = self._sums.pop(stage, {}), self._counts.pop(stage, 0)
-        return {key: value / count for key, value in sums.items()} if count else {}
+        records = self._sums.pop(stage, [])
+        if not records:
+            return {}
+        weights = torch.tensor([r[0] for r in records], dtype=torch.float32, device=records[0][1].device)
+        count = weights.sum()
+        means = {"loss": (torch.stack([r[1] for r in records]).float() * weights).sum() / count}
+        if records[0][2] is not None:
+            for key in records[0][2]:
+                means[key] = (torch.stack([r[2][key] for r in records]).float() * weights).sum() / count
+        else:
+            (term,) = self.loss.active
+            means[term] = means["loss"]
+        return means
+
+    def on_train_start(self):
+        # the global flags as Lightning set them for this fit, for manifests and reproducibility
+        self.flags_in_fit = {
+            "use_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+            "num_threads": torch.get_num_threads(),
+        }
 
     def training_step(self, batch, batch_idx):
         optimiser = self.optimizers()
@@ -85,6 +109,8 @@ class LabelRegressor(L.LightningModule):
             total, terms = self.loss(self.network(step["signals"]), step)
             self.manual_backward(total)
             optimiser.step()
+            if self.step_losses is not None:
+                self.step_losses.append(total.detach().clone())
             self._accumulate("train", total, terms, step["signals"].shape[0])
         return total
 
@@ -123,7 +149,13 @@ class LabelRegressor(L.LightningModule):
 
 class KeepBestState(Callback):
     """Keep an in-memory copy of the network's weights at its best ``monitor`` value and
-    restore it when training ends (a checkpoint without touching the disk)."""
+    restore it when training ends (a checkpoint without touching the disk).
+
+    ``monitor="val_loss"`` is checked after each validation. ``"train_loss"`` (training
+    without a validation split) is logged by the module's own epoch-end hook, which runs after
+    the callbacks' one, so it is checked when the next epoch starts and when training ends:
+    the weights are still those of the epoch that produced the loss.
+    """
 
     def __init__(self, monitor: str = "val_loss"):
         self.monitor = monitor
@@ -132,15 +164,25 @@ class KeepBestState(Callback):
         self.best_state: dict | None = None
 
     def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
-            return
+        if not trainer.sanity_checking and self.monitor != "train_loss":
+            self._check(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if self.monitor == "train_loss" and trainer.current_epoch > 0:
+            self._check(trainer, pl_module, epoch=trainer.current_epoch - 1)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.monitor == "train_loss":
+            self._check(trainer, pl_module, epoch=len(getattr(pl_module, "history", [])) - 1)
+
+    def _check(self, trainer, pl_module, epoch: int | None = None):
         score = trainer.callback_metrics.get(self.monitor)
         if score is None:
             return
         score = float(score)
         if score < self.best_score:
             self.best_score = score
-            self.best_epoch = int(trainer.current_epoch)
+            self.best_epoch = int(trainer.current_epoch if epoch is None else epoch)
             self.best_state = copy.deepcopy({k: v.detach().clone() for k, v in pl_module.network.state_dict().items()})
 
     def on_fit_end(self, trainer, pl_module):

@@ -60,6 +60,7 @@ __all__ = [
     "QSMNormalisation",
     "QSMLoss",
     "QSMPatchDataset",
+    "EpochSampler",
     "QSMLitModule",
     "QSMEstimator",
     "pad_to_multiple",
@@ -173,7 +174,13 @@ class QSMLoss(nn.Module):
 
 
 class QSMPatchDataset(TorchDataset):
-    """Random patches (or whole volumes) of phantom arrays, reproducible per (seed, epoch).
+    """Random patches (or whole volumes) of phantom arrays, reproducible from (seed, item).
+
+    Item ``j`` of a patch dataset is the patch drawn by ``PCG64([seed, j])`` (a volume and a
+    corner, uniformly); :class:`EpochSampler` hands out items ``e * S ... (e + 1) * S - 1`` in
+    epoch ``e`` (``S = samples_per_epoch``), so every epoch sees new patches and a run is
+    reproducible whatever the data loader prefetches. For whole volumes item ``j`` is volume
+    ``j``.
 
     Parameters
     ----------
@@ -197,28 +204,21 @@ class QSMPatchDataset(TorchDataset):
         self.patch_size = None if patch_size is None else int(patch_size)
         self.samples_per_epoch = int(samples_per_epoch) if patch_size is not None else self.n_volumes
         self.seed = int(seed)
-        self.epoch = 0
-        self._draw()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        self._draw()
-
-    def _draw(self):
-        rng = np.random.Generator(np.random.PCG64([self.seed, self.epoch]))
-        if self.patch_size is None:
-            self.index = [(i, (0, 0, 0)) for i in rng.permutation(self.n_volumes)]
-            return
-        # prefer patches centred in the mask: draw corners so that the centre lies in the volume core
-        vols = rng.integers(0, self.n_volumes, size=self.samples_per_epoch)
-        corners = [tuple(int(rng.integers(0, s - self.patch_size + 1)) for s in self.shape) for _ in vols]
-        self.index = list(zip(vols.tolist(), corners))
 
     def __len__(self) -> int:
-        return len(self.index)
+        return self.samples_per_epoch
 
-    def __getitem__(self, i):
-        vol, (x, y, z) = self.index[i]
+    def locate(self, j: int) -> tuple[int, tuple[int, int, int]]:
+        """(volume, corner) of item ``j``."""
+        if self.patch_size is None:
+            return int(j), (0, 0, 0)
+        rng = np.random.Generator(np.random.PCG64([self.seed, int(j)]))
+        vol = int(rng.integers(0, self.n_volumes))
+        corner = tuple(int(rng.integers(0, s - self.patch_size + 1)) for s in self.shape)
+        return vol, corner
+
+    def __getitem__(self, j):
+        vol, (x, y, z) = self.locate(j)
         p = self.patch_size
         out = {}
         for k, a in self.arrays.items():
@@ -227,6 +227,31 @@ class QSMPatchDataset(TorchDataset):
                 v = v[..., x : x + p, y : y + p, z : z + p]
             out[k] = v
         return out
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Items of epoch ``e`` of a :class:`QSMPatchDataset` (Lightning calls :meth:`set_epoch`).
+
+    Patches: ``e * S ... (e + 1) * S - 1``; whole volumes: a permutation seeded by (seed, e).
+    """
+
+    def __init__(self, dataset: QSMPatchDataset):
+        self.dataset = dataset
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        ds = self.dataset
+        if ds.patch_size is None:
+            rng = np.random.Generator(np.random.PCG64([ds.seed, self.epoch, 1]))
+            return iter(rng.permutation(ds.n_volumes).tolist())
+        start = self.epoch * ds.samples_per_epoch
+        return iter(range(start, start + ds.samples_per_epoch))
 
 
 def _network_chi(network: nn.Module, inputs: torch.Tensor, residual_channel: int | None) -> torch.Tensor:
@@ -253,6 +278,7 @@ class QSMLitModule(L.LightningModule):
         self.epoch_listeners: list = []
         self._sums: dict[str, list] = {}
         self._pending = None
+        self._t0 = time.perf_counter()
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return _network_chi(self.network, inputs, self.residual_channel) * self.loss.normalisation.chi_scale
@@ -271,16 +297,14 @@ class QSMLitModule(L.LightningModule):
                     n[1] += 1
         return total
 
+    def on_fit_start(self):
+        self._t0 = time.perf_counter()
+
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
-
-    def on_train_epoch_start(self):
-        ds = getattr(self.trainer.train_dataloader, "dataset", None)
-        if isinstance(ds, QSMPatchDataset):
-            ds.set_epoch(self.current_epoch)
 
     def on_validation_epoch_end(self):
         if self.trainer.sanity_checking:
@@ -298,7 +322,7 @@ class QSMLitModule(L.LightningModule):
         s, n = self._sums.pop("train", [0.0, 0])
         if n:
             row["train_loss"] = s / n
-        row["time_s"] = time.perf_counter()
+        row["time_s"] = time.perf_counter() - self._t0
         self.history.append(row)
         self._pending = None
         for listener in self.epoch_listeners:
@@ -502,8 +526,7 @@ class QSMEstimator:
         elif int(patch) % network.size_multiple:
             raise ValueError(f"patch_size must be a multiple of {network.size_multiple} for this U-Net, got {patch}")
         train_ds = QSMPatchDataset(arrays, patch, self.samples_per_epoch, seed=self.seed)
-        gen = torch.Generator().manual_seed(int(self.seed))
-        train_dl = DataLoader(train_ds, batch_size=int(self.batch_size), shuffle=False, generator=gen)
+        train_dl = DataLoader(train_ds, batch_size=int(self.batch_size), sampler=EpochSampler(train_ds))
         val_dl = None
         if validation is not None:
             val_arrays = self._arrays(validation, norm, weights)
@@ -544,8 +567,6 @@ class QSMEstimator:
             enable_model_summary=False, enable_progress_bar=bool(self.progress), num_sanity_val_steps=0,
         )
         trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl)
-        for row in module.history:
-            row["time_s"] = row["time_s"] - t0
         network = module.network.to("cpu").eval()
         if keeper.best_state is not None:
             network.load_state_dict(keeper.best_state)

@@ -146,7 +146,8 @@ class DeterminismSettings:
         accelerator, devices = ("cpu", 1) if self.device == "cpu" else ("gpu", [_cuda_index(self.device)])
         return {"seed": int(self.seed), "init_seed": self.resolved_init_seed,
                 "shuffle_seed": self.resolved_shuffle_seed, "precision": self.precision,
-                "deterministic": bool(self.deterministic), "accelerator": accelerator, "devices": devices}
+                "deterministic": bool(self.deterministic), "benchmark": bool(self.cudnn_benchmark),
+                "accelerator": accelerator, "devices": devices, "record_step_losses": True}
 
 
 def _cuda_index(device: str) -> int:
@@ -244,36 +245,6 @@ def record_determinism(settings: DeterminismSettings | None = None) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def record_step_losses() -> Iterator[list]:
-    """Collect the loss of every training step of the library's Lightning module.
-
-    The :class:`~qmri_labels.estimators.NetworkEstimator` logs losses once per epoch; this
-    records each step's loss by a global forward hook on :class:`LabelLoss` modules in
-    training mode (Lightning puts them in eval mode for validation, so validation batches are
-    not counted). Yields a list that holds one 0-d tensor per step (on its device, no sync).
-    """
-    from qmri_labels.training.labels import LabelLoss
-
-    losses: list = []
-
-    def hook(module, inputs, output):
-        if isinstance(module, LabelLoss) and module.training:
-            total = output[0] if isinstance(output, tuple) else output
-            losses.append(total.detach().clone())
-
-    handle = torch.nn.modules.module.register_module_forward_hook(hook)
-    try:
-        yield losses
-    finally:
-        handle.remove()
-
-
-def losses_to_numpy(losses: list) -> np.ndarray:
-    """Step losses as float64 (exact: float32 and bfloat16 values are representable)."""
-    return np.array([float(t) for t in losses], dtype=np.float64)
-
-
 @dataclass
 class TrainingRun:
     """A network trained under one :class:`DeterminismSettings`."""
@@ -314,9 +285,9 @@ def train_network(dataset, settings: DeterminismSettings, *, quiet: bool = True,
     params = {"progress": not quiet, **estimator_params, **settings.estimator_kwargs()}
     with determinism_scope(settings):
         record = record_determinism(settings)
-        with record_step_losses() as losses:
-            estimator = NetworkEstimator(**params).fit(dataset)
-    return TrainingRun(estimator, settings, losses_to_numpy(losses), record)
+        estimator = NetworkEstimator(**params).fit(dataset)
+    record["flags_in_fit"] = estimator.flags_in_fit_
+    return TrainingRun(estimator, settings, estimator.step_losses_, record)
 
 
 def run_inference(network: nn.Module, signals: np.ndarray, settings: DeterminismSettings | None = None,

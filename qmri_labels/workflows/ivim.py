@@ -47,7 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "network": {"hidden_layers": 3, "width": None, "activation": "elu", "output": "sigmoid"},
     "lr": 1e-3,
     "batch_size": 256,
-    "max_epochs": 40,
+    "max_epochs": 50,
     "patience": 5,
     "val_fraction": 0.1,
     # fitter of the MLE labels and of the fit-mle reference ("known": the simulated sigma)
@@ -333,3 +333,54 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
     text = summary_text(summary)
     return {"summary": summary, "heldout": heldout_table, "manifest": manifest, "summary_text": text,
             "estimators": methods, "result": result, "out": out}
+
+
+def shipped_name(method: str, prefix: str = "ivim_epstein_snr30_") -> str:
+    """Folder name of a shipped network: ``net-hybrid-0.5`` -> ``ivim_epstein_snr30_hybrid0.5``."""
+    label = method.removeprefix("net-")
+    if label.startswith("hybrid-"):
+        label = "hybrid" + label.removeprefix("hybrid-")
+    return prefix + label
+
+
+def export_networks(run_dir: str | Path, dest: str | Path | None = None, prefix: str = "ivim_epstein_snr30_",
+                    methods=None) -> list[Path]:
+    """Copy the verified network bundles of a study run into ``dest`` (default: ``models/``).
+
+    This is how the shipped networks were made::
+
+        python -m qmri_labels.study --alpha 0.5 --out runs/shipped
+        python -c "from qmri_labels.workflows.ivim import export_networks; export_networks('runs/shipped')"
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from qmri_labels import paths
+    from qmri_labels.bundle import apply_default_permissions, verify_bundle
+
+    run_dir = Path(run_dir)
+    dest = Path(dest) if dest is not None else paths.models_dir()
+    sources = sorted((run_dir / "networks").glob("net-*"))
+    if methods is not None:
+        sources = [s for s in sources if s.name in set(methods)]
+    if not sources:
+        raise ValueError(f"{run_dir} holds no networks/net-* bundles")
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for source in sources:
+        verify_bundle(source)  # never ship a bundle that does not verify
+        target = dest / shipped_name(source.name, prefix)
+        staging = Path(tempfile.mkdtemp(dir=dest, prefix=f".{target.name}.", suffix=".tmp"))
+        shutil.copytree(source, staging / "b")
+        apply_default_permissions(staging / "b")
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(dir=dest, prefix=f".{target.name}.", suffix=".old"))
+            os.replace(target, retired / "b")
+            os.replace(staging / "b", target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging / "b", target)
+        shutil.rmtree(staging, ignore_errors=True)
+        written.append(target)
+    return written

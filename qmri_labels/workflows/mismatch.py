@@ -223,11 +223,12 @@ def _run_voxel(definitions, config, out: Path, quiet: bool):
         train = load_dataset(definition, "train", **_training_overrides(config, "train"))
         say(quiet, f"[{i + 1}/{len(definitions)}] training on {definition.name} ({len(train)} rows)")
         start = time.perf_counter()
-        run_ = train_network(train, settings, quiet=quiet, **config["network"])
+        run_ = train_network(train, settings, **config["network"])
         estimator = run_.estimator
         seconds = time.perf_counter() - start
         trained[definition.name] = {"train_fingerprint": train.fingerprint, "fit_seconds": seconds,
                                     "epochs": estimator.n_epochs_, "best_val_loss": estimator.best_val_loss_}
+        say(quiet, f"  {estimator.n_epochs_} epochs in {seconds:.1f} s")
         for test_name, test in tests.items():
             cell = {"train": definition.name, "test": test_name, "train_fingerprint": train.fingerprint,
                     "test_fingerprint": test.fingerprint, "n_test": len(test)}
@@ -334,7 +335,7 @@ def _report(cells, trained, labels, config, out: Path, quiet: bool, t0: float, s
             continue
         best = col.idxmin()
         entry = {"test": test_name, "best_train": best, "matched_is_best": best == test_name,
-                 "matched_rmse": float(matrix.loc[test_name, test_name]), "best_rmse": float(col.min())}
+                 "matched_error": float(matrix.loc[test_name, test_name]), "best_error": float(col.min())}
         if len(ttests):
             rel = ttests[(ttests["test"] == test_name) & (ttests["a_is_matched"] | ttests["b_is_matched"])]
             entry["matched_beats_all_significantly"] = bool(len(rel)) and bool(all(

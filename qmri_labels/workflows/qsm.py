@@ -52,7 +52,7 @@ LABEL_DEFAULTS: dict[str, Any] = {
     **copy.deepcopy(_COMMON),
     "kind": "qsm_labels",
     "labels": ["gt", "mle", "self", "hybrid", "graf"],
-    "alphas": [0.5],
+    "alpha": [0.5],  # hybrid MLE weights, one network each (the study flag --alpha)
     "field_weight": 1.0,
 }
 
@@ -231,7 +231,8 @@ def run_labels(config: Mapping, out: Path, quiet: bool = True) -> dict:
     timings = {"phantoms": time.perf_counter() - t0}
     networks, histories = {}, {}
     for label in config["labels"]:
-        alphas = config["alphas"] if label == "hybrid" else [None]
+        alphas = config["alpha"] if label == "hybrid" else [None]
+        alphas = [alphas] if np.isscalar(alphas) else alphas
         for alpha in alphas:
             name = f"net-{label}" if alpha is None else f"net-hybrid-{float(alpha):g}"
             _print(quiet, f"[qsm_labels] training {name}")
