@@ -23,14 +23,15 @@ from qmri_labels.fitting.reference import fit_voxel_lbfgsb
 BOUNDS = np.array([[0.0, 0.0, 0.0, 0.003], [2.0, 1.0, 0.005, 0.3]])
 
 
-def time_batched(data, device, repeats=2):
+def time_batched(data, device, chunk_size=None, repeats=2):
     fit_mle(data.signals[:2000], data.protocol, sigma=data.sigma[:2000], bounds=BOUNDS, device=device)  # warm-up
     best = np.inf
     for _ in range(repeats):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        fit = fit_mle(data.signals, data.protocol, sigma=data.sigma, bounds=BOUNDS, device=device)
+        fit = fit_mle(data.signals, data.protocol, sigma=data.sigma, bounds=BOUNDS, device=device,
+                      chunk_size=chunk_size)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
@@ -52,20 +53,21 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=200_000, help="voxels for the batched fitter")
     parser.add_argument("--n-baseline", type=int, default=300, help="voxels for the scipy baseline")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="fit_mle chunk size (default: automatic)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     data = DatasetSpec(protocol=EPSTEIN_BVALUES, snr=30, noise="rician", n=args.n, seed=0).generate()
 
     base_rate, base_nll = time_baseline(data, args.n_baseline)
-    cpu_rate, fit = time_batched(data, "cpu")
+    cpu_rate, fit = time_batched(data, "cpu", args.chunk_size)
     quality = np.mean(fit.nll[: args.n_baseline] <= base_nll + 1e-4)
     print(f"CPU threads: {torch.get_num_threads()}, voxels: {args.n}, b-values: {len(EPSTEIN_BVALUES)}")
     print(f"scipy L-BFGS-B per voxel : {base_rate:12,.0f} voxels/s  (baseline, {args.n_baseline} voxels)")
     print(f"fit_mle CPU              : {cpu_rate:12,.0f} voxels/s  ratio {cpu_rate / base_rate:8.1f}x")
     print(f"fit_mle converged        : {fit.converged.mean():.4f}; NLL <= baseline + 1e-4 in {quality:.1%} of baseline voxels")
     if torch.cuda.is_available():
-        gpu_rate, _ = time_batched(data, "cuda")
+        gpu_rate, _ = time_batched(data, "cuda", args.chunk_size)
         name = torch.cuda.get_device_name()
         print(f"fit_mle GPU ({name}): {gpu_rate:12,.0f} voxels/s  ratio {gpu_rate / base_rate:8.1f}x")
     else:

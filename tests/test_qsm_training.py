@@ -205,3 +205,25 @@ def test_activation_study_tiny(tmp_path):
     assert len(epochs) == 8 and all("val_nrmse" in h and "val_loss" in h for h in result["history"])
     for name in ("convergence.png", "slices.png", "history.csv", "results.csv", "report.md", "manifest.json"):
         assert (tmp_path / name).is_file()
+
+
+def test_shipped_model_beats_conventional_inversions():
+    from qmri_labels.analysis.image_metrics import nrmse, ssim
+    from qmri_labels.fitting.qsm_inversion import tikhonov, tkd
+    from qmri_labels.paths import models_dir
+
+    bundle = models_dir() / "qsm_graf16"
+    if not (bundle / "manifest.json").is_file():
+        pytest.skip("models/qsm_graf16 is not present")
+    est = QSMEstimator.load(bundle, device="cpu")
+    assert est.network_.config.init_channels == 16 and est.network_.config.levels == 5
+    manifest = est.manifest_
+    spec = QSMPhantomSpec.from_dict(manifest["test_spec"]).replace(n=1, seed=123457)
+    assert spec.seed not in (manifest["train_spec"]["seed"], manifest["test_spec"]["seed"])
+    data = spec.generate()
+    chi, mask, field = data.chi[0], data.mask[0], data.field[0]
+    net = est.predict(field, mask)
+    lam = next(r["lambda"] for r in manifest["heldout_metrics"] if r["method"] == "tikhonov")
+    for baseline in (tkd(field, mask=mask), tikhonov(field, lam=lam, mask=mask)):
+        assert nrmse(net, chi, mask) < nrmse(baseline, chi, mask)
+        assert ssim(net, chi, mask) > ssim(baseline, chi, mask)

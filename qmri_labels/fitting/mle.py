@@ -13,6 +13,7 @@ the cost follows the hard voxels, not the batch size.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 
@@ -26,6 +27,10 @@ from qmri_labels.physics import SignalModel, get_model
 #: in bytes: 24 measured as the peak RSS of a 200k-voxel float32 chunk on CPU, rounded up; used to
 #: size chunks so that memory stays bounded whatever the number of voxels
 _BYTES_PER_ELEMENT = 32
+#: largest CPU chunk: beyond ~65k voxels the working arrays leave the caches and throughput
+#: drops (2-core CPU, 10 b-values: 69k voxels/s at 65k-voxel chunks, 53k at 100k; measured with
+#: benchmarks/mle_throughput.py --chunk-size)
+_CPU_CHUNK = 65536
 
 
 @dataclass
@@ -99,8 +104,8 @@ def fit_mle(
     bounds=None,
     device=None,
     *,
-    n_starts: int = 4,
-    probe_iter: int = 3,
+    n_starts: int = 5,
+    probe_iter: int = 2,
     max_iter: int = 100,
     tol: float = 1e-6,
     chunk_size: int | None = None,
@@ -142,8 +147,9 @@ def fit_mle(
         Convergence tolerance on the predicted decrease of the NLL (absolute).
     chunk_size : int, optional
         Voxels per batch; by default chosen so that working memory stays below
-        ``max_memory_mb`` (1 GB: about 100k IVIM voxels of 10 measurements per chunk; a
-        1M-voxel volume then peaks near 1.2 GB with inputs and outputs).
+        ``max_memory_mb`` (1 GB: about 80k IVIM voxels of 10 measurements), and at most 65536
+        on the CPU, where larger chunks fall out of the caches. Memory is bounded by the chunk,
+        not by the number of voxels.
     dtype : torch.dtype
         Working precision of the iterations; the reported NLL is always evaluated in float64.
     progress : bool
@@ -193,6 +199,8 @@ def fit_mle(
     if chunk_size is None:
         per_voxel = _BYTES_PER_ELEMENT * max(n_starts, 1) * (bvalues.size + model.n_params) * (model.n_params + 2)
         chunk_size = max(1024, int(max_memory_mb * 2**20 / per_voxel))
+        if device.type == "cpu":
+            chunk_size = min(chunk_size, _CPU_CHUNK)
     chunks = [index[i : i + chunk_size] for i in range(0, index.size, chunk_size)]
     iterator = chunks
     if progress:
@@ -381,22 +389,46 @@ def _fit_chunk(model, y, b, sigma, noise, lower, upper, scale_relative, n_starts
     s_count = starts.shape[1]
 
     solver = _LevenbergMarquardt(model, b, nll_and_grad_terms(noise), tol)
-
-    if s_count > 1:
-        rep = lambda t: t.repeat_interleave(s_count, dim=0)  # noqa: E731
-        theta_all, obj_all, _, _ = solver.run(
-            starts.reshape(n * s_count, p), rep(y_s), rep(sigma_s), rep(lo), rep(hi), probe_iter
-        )
-        best = obj_all.reshape(n, s_count).argmin(-1)
-        theta0 = theta_all.reshape(n, s_count, p)[torch.arange(n, device=device), best]
-    else:
-        theta0 = starts[:, 0]
-    theta, _, converged, iters = solver.run(theta0, y_s, sigma_s, lo, hi, max_iter)
-    if s_count > 1:
-        iters = iters + probe_iter
+    rows = torch.arange(n, device=device).repeat_interleave(s_count)
+    batch = solver.start(starts.reshape(n * s_count, p), y_s[rows], sigma_s[rows], lo[rows], hi[rows])
+    # successive halving over the starts: after each probe iteration keep the better half of
+    # every voxel's starts, so that most of the work goes to the promising ones
+    kept = s_count
+    for _ in range(probe_iter if s_count > 1 else 0):
+        solver.iterate(batch, 1)
+        kept = max(1, (kept + 1) // 2) if kept > 2 else 1
+        order = batch.obj.reshape(n, -1).argsort(dim=-1)[:, :kept]
+        batch = batch.select((order + torch.arange(n, device=device)[:, None] * order.new_tensor(batch.obj.numel() // n)).reshape(-1))
+        if kept == 1:
+            break
+    if kept > 1:
+        best = batch.obj.reshape(n, kept).argmin(-1)
+        batch = batch.select(best + torch.arange(n, device=device) * kept)
+    solver.iterate(batch, max_iter)
+    theta = batch.theta
     if k is not None:
         theta[:, k] = theta[:, k] * scale
-    return theta, converged, iters
+    return theta, batch.converged, batch.iters
+
+
+@dataclass
+class _Batch:
+    """Per-row state of the Levenberg-Marquardt iterations (one row: one voxel and start)."""
+
+    theta: torch.Tensor
+    y: torch.Tensor
+    sigma: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    obj: torch.Tensor
+    grad: torch.Tensor
+    hess: torch.Tensor
+    lam: torch.Tensor
+    converged: torch.Tensor
+    iters: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> "_Batch":
+        return _Batch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 
 
 def _cholesky_solve_small(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -431,8 +463,8 @@ def _cholesky_solve_small(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 class _LevenbergMarquardt:
     """Projected Levenberg-Marquardt on the NLL of many independent voxels.
 
-    Each iteration evaluates signals, Jacobian, NLL and its gradient once, at the trial point;
-    an accepted trial becomes the new state without further evaluations.
+    Each iteration evaluates signals, derivatives, NLL and its gradient once, at the trial
+    point; an accepted trial becomes the new state without further evaluations.
     """
 
     def __init__(self, model, b, nll_and_grad, tol):
@@ -440,31 +472,35 @@ class _LevenbergMarquardt:
 
     def evaluate(self, theta, y, sigma):
         """Objective, gradient and Gauss-Newton curvature ``J^T J / sigma^2`` at ``theta``."""
-        pred, jac = self.model.forward_and_jacobian(theta, self.b)
+        pred, grads = self.model.forward_and_gradients(theta, self.b)  # grads: (a, P, M)
         terms, d_obj = self.nll_and_grad(y, pred, sigma)
-        grad = torch.einsum("am,amp->ap", d_obj, jac)
-        hess = torch.einsum("amp,amq->apq", jac / (sigma * sigma)[..., None], jac)
+        grad = torch.bmm(grads, d_obj.unsqueeze(-1)).squeeze(-1)
+        hess = torch.bmm(grads, grads.transpose(1, 2)) / (sigma * sigma)[..., None]
         return terms.sum(-1), grad, hess
 
-    def run(self, theta, y, sigma, lo, hi, max_iter):
-        n, p = theta.shape
-        device, dtype = theta.device, theta.dtype
-        theta = theta.clone()
+    def start(self, theta, y, sigma, lo, hi) -> _Batch:
         obj, grad, hess = self.evaluate(theta, y, sigma)
-        lam = torch.full((n,), 1e-3, dtype=dtype, device=device)
-        converged = torch.zeros(n, dtype=torch.bool, device=device)
-        iters = torch.zeros(n, dtype=torch.int64, device=device)
-        active = torch.arange(n, device=device)
+        n = theta.shape[0]
+        return _Batch(theta.clone(), y, sigma, lo, hi, obj, grad, hess,
+                      lam=torch.full((n,), 1e-3, dtype=theta.dtype, device=theta.device),
+                      converged=torch.zeros(n, dtype=torch.bool, device=theta.device),
+                      iters=torch.zeros(n, dtype=torch.int64, device=theta.device))
+
+    def iterate(self, batch: _Batch, max_iter: int) -> None:
+        """Run up to ``max_iter`` iterations on the rows not yet converged (in place)."""
+        p = batch.theta.shape[1]
+        dtype, device = batch.theta.dtype, batch.theta.device
         eye = torch.eye(p, dtype=dtype, device=device)
-        span = hi - lo
         tiny = torch.finfo(dtype).tiny
+        active = torch.nonzero(~batch.converged).squeeze(-1)
         for _ in range(max_iter):
             if active.numel() == 0:
                 break
             th, yy, sg, lw, up, lm, ob, gr, hs = (
-                t[active] for t in (theta, y, sigma, lo, hi, lam, obj, grad, hess)
+                t[active] for t in (batch.theta, batch.y, batch.sigma, batch.lo, batch.hi, batch.lam, batch.obj,
+                                    batch.grad, batch.hess)
             )
-            sp = span[active]
+            sp = up - lw
             # active set: parameters on a bound whose gradient points outward stay put
             fixed = ((th - lw <= 1e-7 * sp) & (gr > 0)) | ((up - th <= 1e-7 * sp) & (gr < 0))
             free = (~fixed).to(dtype)
@@ -477,7 +513,8 @@ class _LevenbergMarquardt:
             step = _cholesky_solve_small(a_mat, -g / d) / d * free
             trial = torch.minimum(torch.maximum(th + step, lw), up)
             real_step = trial - th
-            predicted = -(g * real_step).sum(-1) - 0.5 * (real_step * torch.einsum("apq,aq->ap", h, real_step)).sum(-1)
+            curvature = (real_step * torch.bmm(h, real_step.unsqueeze(-1)).squeeze(-1)).sum(-1)
+            predicted = -(g * real_step).sum(-1) - 0.5 * curvature
             t_obj, t_grad, t_hess = self.evaluate(trial, yy, sg)
             actual = ob - t_obj
             accept = torch.isfinite(t_obj) & (actual > 0)
@@ -486,14 +523,13 @@ class _LevenbergMarquardt:
                                  torch.full_like(lm, 4.0))
             lm = (lm * factor).clamp(1e-9, 1e12)
             keep = accept[:, None]
-            theta[active] = torch.where(keep, trial, th)
-            obj[active] = torch.where(accept, t_obj, ob)
-            grad[active] = torch.where(keep, t_grad, gr)
-            hess[active] = torch.where(keep[..., None], t_hess, hs)
-            lam[active] = lm
-            iters[active] += 1
+            batch.theta[active] = torch.where(keep, trial, th)
+            batch.obj[active] = torch.where(accept, t_obj, ob)
+            batch.grad[active] = torch.where(keep, t_grad, gr)
+            batch.hess[active] = torch.where(keep[..., None], t_hess, hs)
+            batch.lam[active] = lm
+            batch.iters[active] += 1
             # converged: less than `tol` further decrease predicted, or no step can help
             done = (predicted.abs() < self.tol) | (lm >= 1e12) | (real_step.abs() <= 1e-9 * sp).all(-1)
-            converged[active] = done
+            batch.converged[active] = done
             active = active[~done]
-        return theta, obj, converged, iters

@@ -141,9 +141,14 @@ class SignalModel:
                 cols.append(grad)
         return torch.stack(cols, dim=-2)
 
-    def forward_and_jacobian(self, params: torch.Tensor, protocol: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Signals and Jacobian together; models override it to share work between the two."""
-        return self.forward(params, protocol), self.jacobian(params, protocol)
+    def forward_and_gradients(self, params: torch.Tensor, protocol: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Signals ``(..., M)`` and their derivatives, parameter-major: ``(..., n_params, M)``.
+
+        The transpose of :meth:`jacobian`, computed with the signals because the two share
+        their exponentials; the parameter-major layout makes the MLE fitter's ``J^T J`` a
+        contiguous batched matrix product. Models override it with the closed form.
+        """
+        return self.forward(params, protocol), self.jacobian(params, protocol).transpose(-1, -2)
 
     def initial_estimate(self, signals: torch.Tensor, protocol: torch.Tensor) -> torch.Tensor:
         """A fast, non-iterative estimate ``(N, n_params)``; default: the middle of the bounds."""

@@ -36,17 +36,17 @@ class IVIMModel(SignalModel):
         return ivim_signal(params, protocol)
 
     def jacobian(self, params, protocol):
-        return self.forward_and_jacobian(params, protocol)[1]
+        return self.forward_and_gradients(params, protocol)[1].transpose(-1, -2)
 
-    def forward_and_jacobian(self, params, protocol):
+    def forward_and_gradients(self, params, protocol):
         s0, f, d, dstar = (params[..., i : i + 1] for i in range(4))
         e_fast = torch.exp(-protocol * dstar)
         e_slow = torch.exp(-protocol * d)
         shape = f * e_fast + (1 - f) * e_slow
         fast = s0 * f * e_fast
         slow = s0 * (1 - f) * e_slow
-        jac = torch.stack([shape, s0 * (e_fast - e_slow), -protocol * slow, -protocol * fast], dim=-1)
-        return s0 * shape, jac
+        grads = torch.stack([shape, s0 * (e_fast - e_slow), -protocol * slow, -protocol * fast], dim=-2)
+        return s0 * shape, grads
 
     def initial_estimate(self, signals, protocol, b_threshold: float = 200.0):
         """Segmented estimate (Meeus et al. 2018 style), vectorised over voxels.

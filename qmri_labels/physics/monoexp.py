@@ -31,12 +31,12 @@ class MonoExpModel(SignalModel):
         return monoexp_signal(params, protocol)
 
     def jacobian(self, params, protocol):
-        return self.forward_and_jacobian(params, protocol)[1]
+        return self.forward_and_gradients(params, protocol)[1].transpose(-1, -2)
 
-    def forward_and_jacobian(self, params, protocol):
+    def forward_and_gradients(self, params, protocol):
         e = torch.exp(-protocol * params[..., 1:2])
         signal = params[..., 0:1] * e
-        return signal, torch.stack([e, -protocol * signal], dim=-1)
+        return signal, torch.stack([e, -protocol * signal], dim=-2)
 
     def initial_estimate(self, signals, protocol):
         tiny = torch.finfo(signals.dtype).tiny

@@ -42,7 +42,7 @@ _COMMON: dict[str, Any] = {
     "n_val": 2,
     "n_test": 3,
     "training": {"preset": "graf", "unet": {"levels": 3, "init_channels": 8}, "inputs": ["field", "tkd"],
-                 "patch_size": None, "batch_size": 2, "max_epochs": 6, "samples_per_epoch": 8,
+                 "patch_size": None, "batch_size": 2, "max_epochs": 20, "samples_per_epoch": 8,
                  "lr": 1e-3, "weight_decay": 0.01, "max_time_s": None, "device": None},
     "tikhonov_lambdas": [0.005, 0.01, 0.02, 0.05, 0.1],
     "tkd_threshold": 0.19,
