@@ -87,14 +87,15 @@ class MLEEstimator(_ParamsMixin):
     sigma : float, array-like or None
         Noise level handed to the fitter (``None``: estimated by the fitter where it can).
     bounds : array-like (2, P), dict or None
-    n_starts : int
+    n_starts : int or None
+        Starting points per voxel; ``None``: the fitter's default.
     device : str or None
     chunk_size : int or None
     progress : bool
     """
 
     def __init__(self, model: str = "ivim", protocol=None, noise: str = "rician", sigma=None, bounds=None,
-                 n_starts: int = 4, device=None, chunk_size: int | None = None, progress: bool = False):
+                 n_starts: int | None = None, device=None, chunk_size: int | None = None, progress: bool = False):
         self.model = model
         self.protocol = protocol
         self.noise = noise
@@ -139,7 +140,9 @@ class MLEEstimator(_ParamsMixin):
         if sigma is not None and np.ndim(sigma) > 0:
             sigma = np.broadcast_to(np.asarray(sigma, dtype=np.float64), lead).reshape(-1)
         kwargs = {"model": self.model, "noise": self.noise, "sigma": sigma, "bounds": self.bounds,
-                  "device": self.device, "n_starts": self.n_starts, "progress": self.progress}
+                  "device": self.device, "progress": self.progress}
+        if self.n_starts is not None:
+            kwargs["n_starts"] = self.n_starts
         if self.chunk_size is not None:
             kwargs["chunk_size"] = self.chunk_size
         fit = fit_mle(flat, protocol, **kwargs)

@@ -88,7 +88,7 @@ def test_default_config_and_flag_overrides():
     assert config["alpha"] == [0.2, 0.8] and config["snr"] == 15 and config["bvalues"] == [0, 100, 800]
     assert config["n_train"] == 500 and config["max_epochs"] == 3 and config["seed"] == 4
     assert config["grid"]["repeats"] == 20 and config["labels"] == ["gt"]
-    assert config["grid"]["points_per_axis"] == 6  # nested defaults survive a partial override
+    assert config["grid"]["points_per_axis"] == 10  # nested defaults survive a partial override
 
 
 def test_model_flag_selects_the_study_kind(monkeypatch):

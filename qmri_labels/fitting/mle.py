@@ -23,6 +23,10 @@ import torch
 from qmri_labels.fitting.likelihood import NOISE_MODELS, full_nll, nll_and_grad_terms
 from qmri_labels.physics import SignalModel, get_model
 
+#: version of the fitting algorithm: part of every cache key of fitted labels, raised whenever
+#: a change can move the estimates (starts, schedule, tolerances)
+FITTER_VERSION = 2
+
 #: peak working memory per (voxel x start x (measurements + parameters) x (parameters + 2)),
 #: in bytes: 24 measured as the peak RSS of a 200k-voxel float32 chunk on CPU, rounded up; used to
 #: size chunks so that memory stays bounded whatever the number of voxels
@@ -245,7 +249,7 @@ def fit_mle(
         sigma_method=sigma_method,
         n_iter=n_iter.reshape(lead_shape),
         invalid_reason=reason.reshape(lead_shape),
-        settings={"noise": noise, "n_starts": n_starts, "probe_iter": probe_iter, "max_iter": max_iter,
+        settings={"fitter_version": FITTER_VERSION, "noise": noise, "n_starts": n_starts, "probe_iter": probe_iter, "max_iter": max_iter,
                   "tol": tol, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
                   "bounds": None if bounds is None else np.stack([lower, upper]).tolist()},
     )

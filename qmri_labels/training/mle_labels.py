@@ -10,6 +10,7 @@ key does not match.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import time
@@ -79,12 +80,18 @@ def mle_settings(dataset: Dataset, *, noise: str | None = None, sigma: str | flo
             raise ValueError(f"sigma must be finite and > 0, got {sigma}")
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    from qmri_labels.fitting import FITTER_VERSION, fit_mle
+
+    if n_starts is None:
+        # resolve the fitter's default so that a change of default changes the cache key
+        n_starts = inspect.signature(fit_mle).parameters["n_starts"].default
     return {
+        "fitter_version": FITTER_VERSION,
         "model": dataset.spec.model,
         "noise": noise or dataset.spec.noise,
         "sigma": sigma,
         "bounds": None if bounds is None else np.asarray(bounds, dtype=np.float64).tolist(),
-        "n_starts": None if n_starts is None else int(n_starts),
+        "n_starts": int(n_starts),
         "dtype": dtype,
     }
 

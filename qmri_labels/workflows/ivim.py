@@ -47,13 +47,14 @@ DEFAULTS: dict[str, Any] = {
     "network": {"hidden_layers": 3, "width": None, "activation": "elu", "output": "sigmoid"},
     "lr": 1e-3,
     "batch_size": 256,
-    "max_epochs": 50,
-    "patience": 5,
+    "max_epochs": 100,
+    "patience": 10,
     "val_fraction": 0.1,
     # fitter of the MLE labels and of the fit-mle reference ("known": the simulated sigma)
-    "mle": {"n_starts": 2, "sigma": "known"},
+    # (n_starts, probe_iter, ... of fit_mle may be added; absent: the fitter's defaults)
+    "mle": {"sigma": "known"},
     # evaluation grid over (f, D, Dstar) spanning the prior, S0 = 1
-    "grid": {"points_per_axis": 6, "repeats": 100, "margin": 0.05},
+    "grid": {"points_per_axis": 10, "repeats": 200, "margin": 0.05},
     "device": "cpu",
     "num_threads": 1,
     "deterministic": True,
@@ -269,12 +270,13 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
                     f"val loss {est.best_val_loss_:.4g}, {timings[f'train_{name}']:.1f} s")
 
     t = begin("evaluating on the test grid and the held-out set")
+    fitter_options = {k: v for k, v in cfg["mle"].items() if k == "n_starts"}
     mle = MLEEstimator(model=cfg["model"], protocol=cfg["bvalues"], noise=cfg["noise"], sigma=sigma,
-                       n_starts=cfg["mle"].get("n_starts", 4), device=torch_device)
+                       device=torch_device, **fitter_options)
     grid_cfg = dict(cfg["grid"])
     grid = GridSpec.for_prior(train.prior_support, cfg["bvalues"], model=cfg["model"],
-                              points_per_axis=grid_cfg.get("points_per_axis", 6), margin=grid_cfg.get("margin", 0.0),
-                              repeats=grid_cfg.get("repeats", 100), snr=cfg["snr"], noise=cfg["noise"],
+                              points_per_axis=grid_cfg["points_per_axis"], margin=grid_cfg.get("margin", 0.0),
+                              repeats=grid_cfg["repeats"], snr=cfg["snr"], noise=cfg["noise"],
                               seed=cfg["seed"] + 2_000_003)
     methods = {"fit-mle": mle, **fitted}
     result = evaluate_grid(methods, grid, progress=not quiet)
