@@ -46,6 +46,7 @@ class LabelRegressor(L.LightningModule):
         super().__init__()
         self.step_losses: list[torch.Tensor] | None = [] if record_step_losses else None
         self.flags_in_fit: dict | None = None
+        self._plain_steps: bool | None = None
         # manual optimisation: several optimiser steps per Lightning call (see docstring)
         self.automatic_optimization = False
         if step_batch_size is not None and int(step_batch_size) < 1:
@@ -98,8 +99,27 @@ class LabelRegressor(L.LightningModule):
             "num_threads": torch.get_num_threads(),
         }
 
+    def _plain_steps_allowed(self) -> bool:
+        """Whether backward and optimiser steps may bypass Lightning's wrappers.
+
+        With one device or DDP and a precision that needs no gradient scaling, Lightning's
+        ``manual_backward`` and ``LightningOptimizer.step`` reduce to ``loss.backward()`` and
+        ``optimizer.step()``; calling those directly saves their per-step cost, which is a
+        large share of a step for small voxel-wise MLPs. Other set-ups keep the wrappers.
+        """
+        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+        plugin = self.trainer.precision_plugin
+        plain_precision = type(plugin) is Precision or (isinstance(plugin, MixedPrecision) and plugin.scaler is None)
+        return plain_precision and isinstance(self.trainer.strategy, (SingleDeviceStrategy, DDPStrategy))
+
     def training_step(self, batch, batch_idx):
+        if self._plain_steps is None:
+            self._plain_steps = self._plain_steps_allowed()
         optimiser = self.optimizers()
+        if self._plain_steps:
+            optimiser = optimiser.optimizer
         n = batch["signals"].shape[0]
         size = self.step_batch_size or n
         total = None
@@ -107,7 +127,10 @@ class LabelRegressor(L.LightningModule):
             step = {key: value[start : start + size] for key, value in batch.items()}
             optimiser.zero_grad(set_to_none=True)
             total, terms = self.loss(self.network(step["signals"]), step)
-            self.manual_backward(total)
+            if self._plain_steps:
+                total.backward()
+            else:
+                self.manual_backward(total)
             optimiser.step()
             if self.step_losses is not None:
                 self.step_losses.append(total.detach().clone())
