@@ -322,7 +322,7 @@ def main(argv=None) -> int:
         repeats=args.repeats, snrs=tuple(args.snr), labels=tuple(args.labels), n_train=args.n_train,
         max_epochs=args.max_epochs, seed=args.seed, networks=not args.no_networks, quiet=args.quiet)
     wall = time.perf_counter() - start
-    from qmri_labels.data.datasets import atomic_write_bytes
+    from qmri_labels.fileio import atomic_write_bytes
 
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.out / "osipi_cells.csv", cells.to_csv(index=False, float_format="%.6g").encode())

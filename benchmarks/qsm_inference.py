@@ -167,7 +167,7 @@ def main(argv=None) -> int:
             print(f"U-Net / TKD time ratio on {device}: {ratio:.1f}x; U-Net {t:.2f} s vs target {target} s "
                   f"({'met' if t <= target else 'NOT met'})")
     if args.json:
-        from qmri_labels.data.datasets import atomic_write_bytes
+        from qmri_labels.fileio import atomic_write_bytes
 
         atomic_write_bytes(args.json, (json.dumps(results, indent=2) + "\n").encode())
     return 0

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from qmri_labels.data.datasets import atomic_write_bytes
+from qmri_labels.fileio import atomic_write_bytes, to_jsonable
 
 BUNDLE_FORMAT = "qmri_labels.bundle"
 BUNDLE_VERSION = 1
@@ -85,27 +85,6 @@ def device_info(device: str | torch.device | None = None) -> dict[str, Any]:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Convert NumPy/torch scalars and arrays, paths and tuples into plain JSON types."""
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, torch.Tensor):
-        return to_jsonable(obj.detach().cpu().tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None if np.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(f"manifest value of type {type(obj).__name__} is not JSON-serialisable: {obj!r}")
 
 
 def _serialise_weights(state_dict: Mapping[str, torch.Tensor]) -> tuple[bytes, str, str]:

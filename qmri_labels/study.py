@@ -40,6 +40,7 @@ from typing import Any, Mapping
 import yaml
 
 from qmri_labels import paths
+from qmri_labels.fileio import deep_merge
 from qmri_labels.workflows import KINDS
 
 DEFAULT_CONFIG = "default"
@@ -107,16 +108,6 @@ def load_config(name_or_path: str) -> tuple[dict, str]:
     if not isinstance(config, dict):
         raise ValueError(f"study configuration {path} must be a mapping of keys to values")
     return config, path.stem
-
-
-def merge(base: Mapping, override: Mapping) -> dict:
-    out = copy.deepcopy(dict(base))
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def locate_key(defaults: Mapping, key: str, kind: str, flag: str) -> list[str]:
@@ -192,7 +183,7 @@ def resolve(args: argparse.Namespace) -> tuple[str, dict, Any, str]:
     if unknown:
         raise ValueError(f"configuration {name!r} has keys {sorted(unknown)} that kind {kind!r} does not know; "
                          f"known: {sorted(defaults)}")
-    resolved = merge(defaults, config)
+    resolved = deep_merge(defaults, config)
     resolved["kind"] = kind
     if args.model is not None and kind == "ivim_labels":
         resolved["model"] = args.model.lower()
@@ -225,7 +216,7 @@ def default_out(name: str) -> Path:
 
 
 def _write(path: Path, text: str) -> None:
-    from qmri_labels.data.datasets import atomic_write_bytes
+    from qmri_labels.fileio import atomic_write_bytes
 
     atomic_write_bytes(path, text.encode())
 
@@ -249,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     out = Path(args.out) if args.out else default_out(name)
     out.mkdir(parents=True, exist_ok=True)
-    from qmri_labels.bundle import to_jsonable
+    from qmri_labels.fileio import to_jsonable
 
     plain = to_jsonable(config)
     _write(out / "config.yaml", yaml.safe_dump(plain, sort_keys=False))
@@ -272,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError:
             manifest = {}
     if isinstance(result.get("manifest"), Mapping):
-        manifest = merge(result["manifest"], manifest)
+        manifest = deep_merge(result["manifest"], manifest)
     manifest.setdefault("kind", kind)
     if "versions" not in manifest:
         from qmri_labels.bundle import package_versions

@@ -83,7 +83,7 @@ def save_figure(fig: Figure, path, fmt: str | None = None, dpi: int = 120) -> Pa
 
     Returns the path written (its suffix set to the format).
     """
-    from qmri_labels.data.datasets import atomic_write_bytes
+    from qmri_labels.fileio import atomic_write_bytes
 
     path = Path(path)
     suffix = path.suffix.lstrip(".").lower()

@@ -39,7 +39,7 @@ CONFIG_NAMES = ("config.json", "config.yaml", "config.yml", "resolved_config.yam
 
 
 def _write_text(path: Path, text: str) -> None:
-    from qmri_labels.data.datasets import atomic_write_bytes
+    from qmri_labels.fileio import atomic_write_bytes
 
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from qmri_labels.data.datasets import atomic_write_bytes
+from qmri_labels.fileio import atomic_write_bytes, write_json
 
 __all__ = [
     "NiftiVolume",
@@ -317,23 +316,6 @@ def sha256_file(path: str | os.PathLike, block_size: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(block_size), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_json(path: str | os.PathLike, obj) -> Path:
-    """Write ``obj`` as indented JSON, atomically."""
-    path = Path(path)
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
-    return path
-
-
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
 def write_mat(path: str | os.PathLike, variables: dict) -> Path:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from scipy.special import erf, erfc
 
-from qmri_labels.data.datasets import atomic_write_bytes
+from qmri_labels.fileio import atomic_write_bytes
 from qmri_labels.physics.qsm import forward_field, normalize_direction
 
 __all__ = [

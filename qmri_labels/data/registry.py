@@ -55,7 +55,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import yaml
 
-from qmri_labels.data.datasets import Dataset, DatasetSpec, atomic_write_bytes
+from qmri_labels.data.datasets import Dataset, DatasetSpec
+from qmri_labels.fileio import atomic_write_bytes, deep_merge
 from qmri_labels.data.priors import TissueMixturePrior, UniformPrior
 from qmri_labels.paths import cache_dir, studies_dir
 
@@ -77,16 +78,6 @@ class IncomparableResultsError(ValueError):
 def datasets_dir() -> Path:
     """Folder of dataset definitions: ``<studies_dir()>/datasets``."""
     return studies_dir() / "datasets"
-
-
-def _deep_merge(base: Mapping, override: Mapping) -> dict:
-    out = copy.deepcopy(dict(base))
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def _canonical_prior(model: str, prior: Any) -> dict:
@@ -137,7 +128,7 @@ class DatasetDefinition:
     def spec_dict(self, split: str, **overrides) -> dict:
         if split not in self.splits:
             raise ValueError(f"dataset {self.name!r} has no split {split!r}; it has {sorted(self.splits)}")
-        spec = _deep_merge(self.splits[split], overrides)
+        spec = deep_merge(self.splits[split], overrides)
         return _resolve_split(self.kind, spec, f"{self.name}.{split}")
 
     def spec(self, split: str, **overrides):
@@ -247,7 +238,7 @@ def definition_from_dict(raw: Mapping, *, directory: str | os.PathLike | None = 
         raise ValueError(f"dataset {name!r}: missing splits {sorted(missing)}")
     splits = {}
     for split, values in splits_raw.items():
-        merged = _deep_merge(shared, values or {})
+        merged = deep_merge(shared, values or {})
         splits[split] = _resolve_split(kind, merged, f"{name}.{split}")
     seeds = {split: s["seed"] for split, s in splits.items()}
     if len(set(seeds.values())) != len(seeds):
@@ -274,7 +265,7 @@ def _raw_with_bases(raw: Mapping, *, directory, source: Path | None, seen: tuple
     base = _raw_with_bases(_read_yaml(files[base_name]), directory=directory, source=files[base_name],
                            seen=seen + (name,))
     base.pop("name")
-    return _deep_merge(base, raw)
+    return deep_merge(base, raw)
 
 
 def get_definition(name: str | Mapping | DatasetDefinition, *, directory: str | os.PathLike | None = None,

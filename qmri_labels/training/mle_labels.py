@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from qmri_labels import paths
-from qmri_labels.data.datasets import Dataset, atomic_write_bytes
+from qmri_labels.data.datasets import Dataset
+from qmri_labels.fileio import atomic_write_bytes
 
 CACHE_FORMAT = 1
 

@@ -26,7 +26,8 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from qmri_labels.data.datasets import EPSTEIN_BVALUES, DatasetSpec, atomic_write_bytes
+from qmri_labels.data.datasets import EPSTEIN_BVALUES, DatasetSpec
+from qmri_labels.fileio import atomic_write_bytes, write_json
 from qmri_labels.data.priors import UniformPrior
 
 DEFAULTS: dict[str, Any] = {
@@ -224,7 +225,7 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
     ``summary_text`` (str), ``estimators`` (dict of fitted estimators) and ``out``.
     """
     from qmri_labels.analysis import GridSpec, evaluate_grid, summarize
-    from qmri_labels.bundle import device_info, package_versions, to_jsonable
+    from qmri_labels.bundle import device_info, package_versions
     from qmri_labels.estimators import MLEEstimator
     from qmri_labels.training import compute_mle_labels
 
@@ -330,8 +331,7 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
         "timings": timings,
         "heldout": heldout_by_method,
     }
-    manifest = to_jsonable(manifest)
-    atomic_write_bytes(out / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    write_json(out / "manifest.json", manifest, sort_keys=True)
     text = summary_text(summary)
     return {"summary": summary, "heldout": heldout_table, "manifest": manifest, "summary_text": text,
             "estimators": methods, "result": result, "out": out}

@@ -21,16 +21,15 @@ This module also holds the small helpers the other workflows of this family use
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
 
-from qmri_labels.data.datasets import atomic_write_bytes
+from qmri_labels.fileio import write_json, write_text
 from qmri_labels.data.registry import check_comparable, get_definition, load_dataset
 
 DEFAULTS: dict = {
@@ -114,17 +113,6 @@ def per_sample_l2(pred: np.ndarray, dataset, parameters=None) -> np.ndarray:
     """
     err, _ = normalised_errors(pred, dataset, parameters)
     return np.mean(err**2, axis=1)
-
-
-def write_text(path: Path, text: str) -> Path:
-    atomic_write_bytes(Path(path), text.encode("utf-8"))
-    return Path(path)
-
-
-def write_json(path: Path, obj: Any) -> Path:
-    from qmri_labels.bundle import to_jsonable
-
-    return write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
 def write_csv(path: Path, frame: pd.DataFrame) -> Path:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import json
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,7 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from qmri_labels.analysis.image_metrics import image_metrics
-from qmri_labels.data.datasets import atomic_write_bytes
+from qmri_labels.fileio import atomic_write_bytes, write_json
 from qmri_labels.data.phantoms import QSMPhantomSet, QSMPhantomSpec
 from qmri_labels.fitting.qsm_inversion import TIKHONOV_DEFAULT_LAMBDA, cosmos, tikhonov, tkd
 from qmri_labels.training.qsm import QSMEstimator
@@ -82,22 +81,6 @@ def _merge(base: Mapping, override: Mapping) -> dict:
         else:
             out[k] = copy.deepcopy(v)
     return out
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n").encode())
-
-
-def _jsonable(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def _write_csv(path: Path, df) -> None:
@@ -215,7 +198,7 @@ def _manifest(config, out, data, timings, extra=None) -> dict:
     }
     if extra:
         man.update(extra)
-    _write_json(out / "manifest.json", man)
+    write_json(out / "manifest.json", man)
     return man
 
 
