@@ -48,6 +48,7 @@ except ImportError:  # pragma: no cover - exercised only without safetensors
 def package_versions() -> dict[str, str]:
     """Versions of Python and the packages a trained network depends on."""
     import lightning
+
     import qmri_labels
 
     versions = {

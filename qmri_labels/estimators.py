@@ -312,8 +312,14 @@ class NetworkEstimator(_ParamsMixin):
 
         from qmri_labels.nets import MLP
         from qmri_labels.training import (
-            InMemoryDataModule, KeepBestState, LabelLoss, LabelRegressor, MLELabels, ParameterNormalisation,
-            compute_mle_labels)
+            InMemoryDataModule,
+            KeepBestState,
+            LabelLoss,
+            LabelRegressor,
+            MLELabels,
+            ParameterNormalisation,
+            compute_mle_labels,
+        )
 
         if not isinstance(dataset, Dataset):
             raise ValueError(f"fit expects a qmri_labels Dataset, got {type(dataset).__name__}")

@@ -5,7 +5,14 @@ import pytest
 import torch
 from scipy import special
 
-from qmri_labels.analysis import GridSpec, crlb, evaluate_grid, fisher_information, rician_information_factor, summarize
+from qmri_labels.analysis import (
+    GridSpec,
+    crlb,
+    evaluate_grid,
+    fisher_information,
+    rician_information_factor,
+    summarize,
+)
 from qmri_labels.physics import get_model
 
 

@@ -9,7 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qmri_labels.analysis import GridSpec, evaluate_grid, load_results, summarize, write_report
+from qmri_labels.analysis import (
+    GridSpec,
+    evaluate_grid,
+    load_results,
+    summarize,
+    write_report,
+)
 from qmri_labels.analysis.plots import (
     alpha_sweep_table,
     method_colors,

@@ -5,7 +5,13 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from qmri_labels.analysis import GridSpec, bonferroni, evaluate_grid, paired_comparisons, paired_effect_size
+from qmri_labels.analysis import (
+    GridSpec,
+    bonferroni,
+    evaluate_grid,
+    paired_comparisons,
+    paired_effect_size,
+)
 from qmri_labels.analysis.stats import compare_on_grid
 from qmri_labels.data import UniformPrior
 

@@ -4,8 +4,15 @@ import os
 import pytest
 import torch
 
-from qmri_labels.bundle import (MANIFEST_FILE, SAFETENSORS_FILE, load_bundle, package_versions, read_manifest,
-                                save_bundle, verify_bundle)
+from qmri_labels.bundle import (
+    MANIFEST_FILE,
+    SAFETENSORS_FILE,
+    load_bundle,
+    package_versions,
+    read_manifest,
+    save_bundle,
+    verify_bundle,
+)
 
 
 @pytest.fixture()

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from qmri_labels.analysis.image_metrics import hfen, image_metrics, nrmse, nrmse_demeaned, psnr, ssim
+from qmri_labels.analysis.image_metrics import (
+    hfen,
+    image_metrics,
+    nrmse,
+    nrmse_demeaned,
+    psnr,
+    ssim,
+)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,12 @@ import torch
 
 from qmri_labels.data import DatasetSpec
 from qmri_labels.physics import get_model
-from qmri_labels.training import LabelLoss, ParameterNormalisation, method_name, resolve_weights
+from qmri_labels.training import (
+    LabelLoss,
+    ParameterNormalisation,
+    method_name,
+    resolve_weights,
+)
 
 
 @pytest.fixture(scope="module")

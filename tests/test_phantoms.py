@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 
-from qmri_labels.data.phantoms import QSMPhantomSet, QSMPhantomSpec, make_phantom, random_orientations
+from qmri_labels.data.phantoms import (
+    QSMPhantomSet,
+    QSMPhantomSpec,
+    make_phantom,
+    random_orientations,
+)
 from qmri_labels.physics.qsm import forward_field
 
 

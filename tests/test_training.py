@@ -93,7 +93,6 @@ def test_early_stopping_keeps_best_epoch(tiny):
     assert est.best_val_loss_ == pytest.approx(min(val))
     # the restored weights reproduce the best validation loss
     from qmri_labels.training import LabelLoss, ParameterNormalisation, resolve_weights
-
     from qmri_labels.training.datamodule import InMemoryDataModule as DM
 
     data = DM({"signals": tiny.signals, "theta": tiny.theta_true}, batch_size=64, val_fraction=0.1, split_seed=0)

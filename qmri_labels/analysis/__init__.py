@@ -5,11 +5,31 @@ Plotting and reporting (:mod:`~qmri_labels.analysis.plots`, :mod:`~qmri_labels.a
 import matplotlib only when first used.
 """
 
-from qmri_labels.analysis.crlb import crlb, fisher_information, rician_information_factor
+from qmri_labels.analysis.crlb import (
+    crlb,
+    fisher_information,
+    rician_information_factor,
+)
 from qmri_labels.analysis.grid import GridResult, GridSpec, evaluate_grid
-from qmri_labels.analysis.image_metrics import hfen, image_metrics, nrmse, nrmse_demeaned, psnr, ssim
-from qmri_labels.analysis.metrics import marginal_curves, sensitivity, spearman_table, summarize
-from qmri_labels.analysis.stats import bonferroni, paired_comparisons, paired_effect_size
+from qmri_labels.analysis.image_metrics import (
+    hfen,
+    image_metrics,
+    nrmse,
+    nrmse_demeaned,
+    psnr,
+    ssim,
+)
+from qmri_labels.analysis.metrics import (
+    marginal_curves,
+    sensitivity,
+    spearman_table,
+    summarize,
+)
+from qmri_labels.analysis.stats import (
+    bonferroni,
+    paired_comparisons,
+    paired_effect_size,
+)
 
 _LAZY = {
     "write_report": "qmri_labels.analysis.report",

@@ -1,7 +1,17 @@
 """Priors, simulated datasets with fingerprints, and (elsewhere in this package) I/O."""
 
-from qmri_labels.data.datasets import EPSTEIN_BVALUES, Dataset, DatasetSpec, compute_fingerprint
-from qmri_labels.data.priors import EPSTEIN_RANGES, TissueMixturePrior, UniformPrior, prior_from_dict
+from qmri_labels.data.datasets import (
+    EPSTEIN_BVALUES,
+    Dataset,
+    DatasetSpec,
+    compute_fingerprint,
+)
+from qmri_labels.data.priors import (
+    EPSTEIN_RANGES,
+    TissueMixturePrior,
+    UniformPrior,
+    prior_from_dict,
+)
 
 __all__ = [
     "EPSTEIN_BVALUES",

@@ -56,8 +56,8 @@ import numpy as np
 import yaml
 
 from qmri_labels.data.datasets import Dataset, DatasetSpec
-from qmri_labels.fileio import atomic_write_bytes, deep_merge
 from qmri_labels.data.priors import TissueMixturePrior, UniformPrior
+from qmri_labels.fileio import atomic_write_bytes, deep_merge
 from qmri_labels.paths import cache_dir, studies_dir
 
 SPLITS = ("train", "test")

@@ -1,5 +1,10 @@
 """Conventional estimators: batched MLE fits of voxel-wise models (and QSM inversions)."""
 
-from qmri_labels.fitting.mle import FITTER_VERSION, MLEFit, estimate_sigma_from_repeats, fit_mle
+from qmri_labels.fitting.mle import (
+    FITTER_VERSION,
+    MLEFit,
+    estimate_sigma_from_repeats,
+    fit_mle,
+)
 
 __all__ = ["FITTER_VERSION", "MLEFit", "fit_mle", "estimate_sigma_from_repeats"]

@@ -1,6 +1,12 @@
 """Signal models (pure forward functions) and noise."""
 
-from qmri_labels.physics.base import Parameter, SignalModel, available_models, get_model, register_model
+from qmri_labels.physics.base import (
+    Parameter,
+    SignalModel,
+    available_models,
+    get_model,
+    register_model,
+)
 from qmri_labels.physics.ivim import IVIMModel, ivim_signal
 from qmri_labels.physics.monoexp import MonoExpModel, monoexp_signal
 from qmri_labels.physics.noise import add_noise, sigma_from_snr

@@ -135,7 +135,9 @@ def compute_mle_labels(dataset: Dataset, *, noise: str | None = None, sigma: str
         if labels is not None:
             return labels
 
-    from qmri_labels.fitting import fit_mle  # fitting sits left of training in the data flow
+    from qmri_labels.fitting import (
+        fit_mle,  # fitting sits left of training in the data flow
+    )
 
     kwargs = {"model": settings["model"], "noise": settings["noise"], "bounds": bounds,
               "dtype": getattr(torch, dtype), "progress": progress}

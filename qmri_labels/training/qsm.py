@@ -43,10 +43,17 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset as TorchDataset
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 
 from qmri_labels.analysis.image_metrics import nrmse as _nrmse
-from qmri_labels.bundle import device_info, load_bundle, package_versions, read_manifest, save_bundle
+from qmri_labels.bundle import (
+    device_info,
+    load_bundle,
+    package_versions,
+    read_manifest,
+    save_bundle,
+)
 from qmri_labels.data.phantoms import QSMPhantomSet
 from qmri_labels.fitting.qsm_inversion import cosmos, tkd
 from qmri_labels.nets.unet3d import UNet3D, UNet3DConfig, unet3d_preset

@@ -34,8 +34,9 @@ import numpy as np
 import pandas as pd
 
 from qmri_labels.data.registry import get_definition, load_dataset
+from qmri_labels.fileio import write_json, write_text
 from qmri_labels.training.reproducibility import DeterminismSettings, train_network
-from qmri_labels.workflows.mismatch import (
+from qmri_labels.workflows.common import (
     markdown,
     merge_config,
     paired_test,
@@ -43,8 +44,6 @@ from qmri_labels.workflows.mismatch import (
     run_manifest,
     say,
     write_csv,
-    write_json,
-    write_text,
 )
 
 STORAGE_ENV = "QMRI_LABELS_OPTUNA_STORAGE"

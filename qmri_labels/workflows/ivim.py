@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from qmri_labels.data.datasets import EPSTEIN_BVALUES, DatasetSpec
-from qmri_labels.fileio import atomic_write_bytes, write_json
 from qmri_labels.data.priors import UniformPrior
+from qmri_labels.fileio import atomic_write_bytes, write_json
 
 DEFAULTS: dict[str, Any] = {
     "kind": "ivim_labels",

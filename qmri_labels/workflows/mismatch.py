@@ -14,13 +14,10 @@ resolution for QSM), evaluates every network on every test set, and writes:
 
 Run by name: ``python -m qmri_labels.study --config mismatch_ivim``.
 
-This module also holds the small helpers the other workflows of this family use
-(per-sample errors, atomic table and JSON writing, run manifests).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from pathlib import Path
@@ -29,8 +26,18 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from qmri_labels.fileio import write_json, write_text
 from qmri_labels.data.registry import check_comparable, get_definition, load_dataset
+from qmri_labels.fileio import write_json, write_text
+from qmri_labels.workflows.common import (
+    add_correction,
+    markdown,
+    merge_config,
+    normalised_errors,
+    paired_test,
+    run_manifest,
+    say,
+    write_csv,
+)
 
 DEFAULTS: dict = {
     "kind": "mismatch",
@@ -58,110 +65,6 @@ DEFAULTS: dict = {
 QSM_TRAINING: dict = {"label": "gt", "preset": "graf", "unet": {"levels": 3, "init_channels": 8},
                       "inputs": ["field", "tkd"], "patch_size": None, "batch_size": 2, "max_epochs": 6,
                       "samples_per_epoch": 8, "lr": 1e-3, "weight_decay": 0.01}
-
-
-# --------------------------------------------------------------------------------------------
-# helpers shared by the mismatch, hparam and reproducibility workflows
-# --------------------------------------------------------------------------------------------
-
-
-def merge_config(defaults: Mapping, config: Mapping | None) -> dict:
-    """Deep-merge ``config`` over ``defaults``; unknown top-level keys are an error."""
-    config = dict(config or {})
-    unknown = set(config) - set(defaults) - {"name", "description"}
-    if unknown:
-        raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(defaults)}")
-    out = copy.deepcopy(dict(defaults))
-    for key, value in config.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            merged = dict(out[key])
-            merged.update(value)
-            out[key] = merged
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def parameter_indices(dataset, parameters) -> list[int]:
-    names = list(dataset.param_names)
-    if parameters is None:
-        return list(range(len(names)))
-    missing = [p for p in parameters if p not in names]
-    if missing:
-        raise ValueError(f"parameters {missing} are not parameters of model {dataset.spec.model!r} {names}")
-    return [names.index(p) for p in parameters]
-
-
-def normalised_errors(pred: np.ndarray, dataset, parameters=None) -> tuple[np.ndarray, list[str]]:
-    """Errors ``(pred - true) / prior range`` (N, P') of the chosen parameters, and their names.
-
-    The range is the test dataset's prior support, so every network tested on one dataset is
-    scored on one scale (the same normalisation the training losses use).
-    """
-    idx = parameter_indices(dataset, parameters)
-    support = dataset.prior_support
-    scale = (support[1] - support[0])[idx]
-    scale = np.where(scale > 0, scale, 1.0)
-    err = (np.asarray(pred, np.float64)[:, idx] - dataset.theta_true.astype(np.float64)[:, idx]) / scale
-    return err, [dataset.param_names[i] for i in idx]
-
-
-def per_sample_l2(pred: np.ndarray, dataset, parameters=None) -> np.ndarray:
-    """Per-sample squared normalised error, averaged over the chosen parameters (N,).
-
-    NaN predictions (e.g. a failed fit) give NaN, which the paired tests leave out.
-    """
-    err, _ = normalised_errors(pred, dataset, parameters)
-    return np.mean(err**2, axis=1)
-
-
-def write_csv(path: Path, frame: pd.DataFrame) -> Path:
-    return write_text(path, frame.to_csv(index=False, float_format="%.9g"))
-
-
-def markdown(frame: pd.DataFrame, index: bool = False) -> str:
-    from qmri_labels.analysis.report import markdown_table
-
-    if index:
-        frame = frame.reset_index()
-    return markdown_table(frame)
-
-
-def run_manifest(kind: str, config: Mapping, started: float, t0: float, **more) -> dict:
-    """Manifest of a workflow run: config, versions, device, determinism flags, timing.
-
-    ``started`` is the wall-clock start (``time.time()``), ``t0`` the ``time.perf_counter()`` one.
-    """
-    from qmri_labels.bundle import device_info, package_versions
-    from qmri_labels.training.reproducibility import record_determinism
-
-    return {"kind": kind, "config": dict(config), "versions": package_versions(), "device": device_info("cpu"),
-            "determinism": record_determinism(), "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-            "wall_seconds": time.perf_counter() - t0, **more}
-
-
-def say(quiet: bool, message: str) -> None:
-    if not quiet:
-        print(message, flush=True)
-
-
-def paired_test(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> dict:
-    """Paired t-test of ``a - b`` (H2's :func:`qmri_labels.analysis.stats.paired_comparisons`)."""
-    from qmri_labels.analysis.stats import paired_comparisons
-
-    row = paired_comparisons({name_a: a, name_b: b}, pairs=[(name_a, name_b)], correction="none").iloc[0]
-    return {k: row[k] for k in ("n", "mean_a", "mean_b", "mean_diff", "ci_low", "ci_high", "t", "p_value",
-                                "wilcoxon_p", "cohen_dz")}
-
-
-def add_correction(table: pd.DataFrame, alpha: float, correction: str) -> pd.DataFrame:
-    from qmri_labels.analysis.stats import bonferroni
-
-    table = table.copy()
-    table["p_adjusted"] = bonferroni(table["p_value"].to_numpy(float), correction) if len(table) else []
-    table["significant"] = table["p_adjusted"] < alpha
-    table["correction"] = correction
-    return table
 
 
 # --------------------------------------------------------------------------------------------

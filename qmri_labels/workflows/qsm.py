@@ -25,9 +25,14 @@ from typing import Any, Mapping
 import numpy as np
 
 from qmri_labels.analysis.image_metrics import image_metrics
-from qmri_labels.fileio import atomic_write_bytes, write_json
 from qmri_labels.data.phantoms import QSMPhantomSet, QSMPhantomSpec
-from qmri_labels.fitting.qsm_inversion import TIKHONOV_DEFAULT_LAMBDA, cosmos, tikhonov, tkd
+from qmri_labels.fileio import atomic_write_bytes, write_json
+from qmri_labels.fitting.qsm_inversion import (
+    TIKHONOV_DEFAULT_LAMBDA,
+    cosmos,
+    tikhonov,
+    tkd,
+)
 from qmri_labels.training.qsm import QSMEstimator
 
 __all__ = ["DEFAULTS", "DEFAULTS_BY_KIND", "ACTIVATION_DEFAULTS", "LABEL_DEFAULTS", "run", "run_labels", "run_activation",

@@ -35,6 +35,7 @@ import pandas as pd
 import yaml
 
 from qmri_labels.data.registry import load_dataset
+from qmri_labels.fileio import write_json, write_text
 from qmri_labels.training.reproducibility import (
     SOURCES,
     DeterminismSettings,
@@ -44,7 +45,7 @@ from qmri_labels.training.reproducibility import (
     train_network,
     weights_equal,
 )
-from qmri_labels.workflows.mismatch import (
+from qmri_labels.workflows.common import (
     add_correction,
     markdown,
     merge_config,
@@ -53,8 +54,6 @@ from qmri_labels.workflows.mismatch import (
     run_manifest,
     say,
     write_csv,
-    write_json,
-    write_text,
 )
 
 DEFAULTS: dict = {
