@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -573,7 +574,10 @@ class QSMEstimator:
             max_time=max_time, logger=False, enable_checkpointing=False,
             enable_model_summary=False, enable_progress_bar=bool(self.progress), num_sanity_val_steps=0,
         )
-        trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl)
+        with warnings.catch_warnings():
+            # without a validation set the module's validation_step is simply unused
+            warnings.filterwarnings("ignore", message=".*validation_step.*val_dataloader")
+            trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl)
         network = module.network.to("cpu").eval()
         if keeper.best_state is not None:
             network.load_state_dict(keeper.best_state)
