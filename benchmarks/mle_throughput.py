@@ -6,11 +6,16 @@ bounds; the baseline runs on a few hundred voxels (it is slow), the batched fitt
     python benchmarks/mle_throughput.py [--n 200000] [--n-baseline 300] [--threads N]
 
 Prints voxels/s of each and the ratio; on a machine with CUDA also the GPU figure.
+
+    python benchmarks/mle_throughput.py --memory 1000000
+
+fits that many voxels once and prints the rise of the process's peak resident memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import numpy as np
@@ -48,15 +53,31 @@ def time_baseline(data, n):
     return n / (time.perf_counter() - start), np.array(nll)
 
 
+def peak_memory(n):
+    data = DatasetSpec(protocol=EPSTEIN_BVALUES, snr=30, noise="rician", n=n, seed=0).generate()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    fit_mle(data.signals, data.protocol, sigma=data.sigma, bounds=BOUNDS)
+    seconds = time.perf_counter() - start
+    rise = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    print(f"fit_mle on {n:,} voxels: {seconds:.1f} s, peak resident memory rose by {rise:,.0f} MB "
+          f"(inputs held by the caller: {data.signals.nbytes / 2**20:,.0f} MB)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=200_000, help="voxels for the batched fitter")
     parser.add_argument("--n-baseline", type=int, default=300, help="voxels for the scipy baseline")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--chunk-size", type=int, default=None, help="fit_mle chunk size (default: automatic)")
+    parser.add_argument("--memory", type=int, default=None, metavar="N",
+                        help="only measure the peak-memory rise of one fit of N voxels")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory:
+        peak_memory(args.memory)
+        return
     data = DatasetSpec(protocol=EPSTEIN_BVALUES, snr=30, noise="rician", n=args.n, seed=0).generate()
 
     base_rate, base_nll = time_baseline(data, args.n_baseline)

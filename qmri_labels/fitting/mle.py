@@ -213,30 +213,28 @@ def fit_mle(
         iterator = tqdm(chunks, desc=f"MLE fit ({model.name}, {noise})", unit="chunk")
 
     b = torch.as_tensor(bvalues, dtype=dtype, device=device)
-    gaussian_unknown_sigma = noise == "gaussian" and sigma is None
+    b64 = torch.as_tensor(bvalues)
+    # float32 rounding of bounds and of the S0 rescaling must not leave the box
+    clip_lo, clip_hi = lower.copy(), upper.copy()
+    if scale_relative:
+        clip_lo[model.scale_index], clip_hi[model.scale_index] = 0.0, np.inf
     for chunk in iterator:
         y = torch.as_tensor(flat[chunk], dtype=dtype, device=device)
         s = torch.as_tensor(sigma_flat[chunk], dtype=dtype, device=device)[:, None]
         theta, conv, iters = _fit_chunk(
             model, y, b, s, noise, lower, upper, scale_relative, n_starts, probe_iter, max_iter, tol
         )
-        # float32 rounding of bounds and of the S0 rescaling must not leave the box
-        theta = theta.double().cpu().numpy()
-        lo_np, hi_np = lower.copy(), upper.copy()
-        if scale_relative:
-            lo_np[model.scale_index], hi_np[model.scale_index] = 0.0, np.inf
-        params[chunk] = np.clip(theta, lo_np, hi_np)
+        params[chunk] = np.clip(theta.double().cpu().numpy(), clip_lo, clip_hi)
         converged[chunk] = conv.cpu().numpy()
         n_iter[chunk] = iters.cpu().numpy()
-
-    # report the NLL in float64, with the noise level that the fit used or implies
-    theta64 = torch.as_tensor(params[index])
-    y64 = torch.as_tensor(flat[index])
-    with torch.no_grad():
-        pred = model.forward(theta64, torch.as_tensor(bvalues))
-        if gaussian_unknown_sigma:
-            sigma_flat[index] = torch.sqrt(((y64 - pred) ** 2).mean(-1)).clamp_min(1e-12).numpy()
-        nll[index] = full_nll(y64, pred, torch.as_tensor(sigma_flat[index])[:, None], noise).numpy()
+        # the reported NLL: float64, exact Bessel function, with the noise level the fit used
+        # or (Gaussian noise without sigma) the one it implies
+        with torch.no_grad():
+            y64 = torch.as_tensor(flat[chunk])
+            pred = model.forward(torch.as_tensor(params[chunk]), b64)
+            if noise == "gaussian" and sigma is None:
+                sigma_flat[chunk] = torch.sqrt(((y64 - pred) ** 2).mean(-1)).clamp_min(1e-12).numpy()
+            nll[chunk] = full_nll(y64, pred, torch.as_tensor(sigma_flat[chunk])[:, None], noise).numpy()
 
     return MLEFit(
         model=model,
@@ -249,8 +247,8 @@ def fit_mle(
         sigma_method=sigma_method,
         n_iter=n_iter.reshape(lead_shape),
         invalid_reason=reason.reshape(lead_shape),
-        settings={"fitter_version": FITTER_VERSION, "noise": noise, "n_starts": n_starts, "probe_iter": probe_iter, "max_iter": max_iter,
-                  "tol": tol, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+        settings={"fitter_version": FITTER_VERSION, "noise": noise, "n_starts": n_starts, "probe_iter": probe_iter,
+                  "max_iter": max_iter, "tol": tol, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
                   "bounds": None if bounds is None else np.stack([lower, upper]).tolist()},
     )
 
