@@ -16,7 +16,6 @@ One run of :func:`run`:
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
@@ -28,7 +27,7 @@ import pandas as pd
 
 from qmri_labels.data.datasets import EPSTEIN_BVALUES, DatasetSpec
 from qmri_labels.data.priors import UniformPrior
-from qmri_labels.fileio import atomic_write_bytes, write_json
+from qmri_labels.fileio import atomic_write_bytes, deep_merge, write_json
 
 DEFAULTS: dict[str, Any] = {
     "kind": "ivim_labels",
@@ -66,23 +65,13 @@ DEFAULTS: dict[str, Any] = {
 LABEL_ORDER = ("gt", "mle", "self")
 
 
-def _merge(base: Mapping, override: Mapping | None) -> dict:
-    out = copy.deepcopy(dict(base))
-    for key, value in (override or {}).items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def resolve_config(config: Mapping | None) -> dict:
     """Defaults merged with ``config``, checked; raises ``ValueError`` naming a bad entry."""
     config = dict(config or {})
     unknown = set(config) - set(DEFAULTS) - {"name", "description"}
     if unknown:
         raise ValueError(f"unknown config keys {sorted(unknown)} for kind 'ivim_labels'; known: {sorted(DEFAULTS)}")
-    cfg = _merge(DEFAULTS, config)
+    cfg = deep_merge(DEFAULTS, config or {})
     if cfg["kind"] != "ivim_labels":
         raise ValueError(f"kind must be 'ivim_labels' for this workflow, got {cfg['kind']!r}")
     alphas = cfg["alpha"]

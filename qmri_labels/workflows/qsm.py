@@ -26,7 +26,7 @@ import numpy as np
 
 from qmri_labels.analysis.image_metrics import image_metrics
 from qmri_labels.data.phantoms import QSMPhantomSet, QSMPhantomSpec
-from qmri_labels.fileio import atomic_write_bytes, write_json
+from qmri_labels.fileio import atomic_write_bytes, deep_merge, write_json
 from qmri_labels.fitting.qsm_inversion import (
     TIKHONOV_DEFAULT_LAMBDA,
     cosmos,
@@ -76,16 +76,6 @@ ACTIVATION_DEFAULTS["phantom"]["n_orientations"] = 1
 DEFAULTS = LABEL_DEFAULTS
 DEFAULTS_BY_KIND = {"qsm_labels": LABEL_DEFAULTS, "qsm_activation": ACTIVATION_DEFAULTS}
 KINDS = ("qsm_labels", "qsm_activation")
-
-
-def _merge(base: Mapping, override: Mapping) -> dict:
-    out = copy.deepcopy(dict(base))
-    for k, v in (override or {}).items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
 
 
 def _write_csv(path: Path, df) -> None:
@@ -211,7 +201,7 @@ def run_labels(config: Mapping, out: Path, quiet: bool = True) -> dict:
     """Label-choice study (kind ``qsm_labels``); writes results.csv, report.md, figures."""
     import pandas as pd
 
-    config = _merge(LABEL_DEFAULTS, config)
+    config = deep_merge(LABEL_DEFAULTS, config or {})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -267,7 +257,7 @@ def run_activation(config: Mapping, out: Path, quiet: bool = True) -> dict:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    config = _merge(ACTIVATION_DEFAULTS, config)
+    config = deep_merge(ACTIVATION_DEFAULTS, config or {})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -352,7 +342,7 @@ def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None,
     validation phantoms) are added to its manifest. ``resume`` continues from the bundle at
     ``out`` (same data, same configuration) for another ``minutes``.
     """
-    config = _merge(MODEL_CONFIG, config or {})
+    config = deep_merge(MODEL_CONFIG, config or {})
     out = Path(out)
     train, val, test = make_phantom_sets(config)
     t = dict(config["training"])
