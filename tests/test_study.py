@@ -167,3 +167,11 @@ def test_export_networks_as_shipped_bundles(tiny_run, tmp_path):
     signals = np.random.default_rng(0).uniform(0.2, 1.1, size=(50, 10)).astype(np.float32)
     np.testing.assert_array_equal(original.predict(signals), copied.predict(signals))
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == sorted(p.name for p in written)
+
+
+def test_figure_format_is_checked():
+    from qmri_labels.workflows.ivim import resolve_config
+
+    assert resolve_config({"figure_format": "pdf"})["figure_format"] == "pdf"
+    with pytest.raises(ValueError, match="figure_format"):
+        resolve_config({"figure_format": "gif"})

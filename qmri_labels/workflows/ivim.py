@@ -60,6 +60,8 @@ DEFAULTS: dict[str, Any] = {
     "deterministic": True,
     "save_networks": True,
     "figures": True,
+    # figure files: "png" or "pdf"
+    "figure_format": "png",
 }
 
 LABEL_ORDER = ("gt", "mle", "self")
@@ -72,6 +74,8 @@ def resolve_config(config: Mapping | None) -> dict:
     if unknown:
         raise ValueError(f"unknown config keys {sorted(unknown)} for kind 'ivim_labels'; known: {sorted(DEFAULTS)}")
     cfg = deep_merge(DEFAULTS, config or {})
+    if cfg["figure_format"] not in ("png", "pdf"):
+        raise ValueError(f"figure_format must be 'png' or 'pdf', got {cfg['figure_format']!r}")
     if cfg["kind"] != "ivim_labels":
         raise ValueError(f"kind must be 'ivim_labels' for this workflow, got {cfg['kind']!r}")
     alphas = cfg["alpha"]
@@ -301,7 +305,8 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
 
     notes = (f"Networks trained on {train.spec.n:,} signals (fingerprint `{train.fingerprint[:12]}`); "
              f"held-out RMSE per parameter in `heldout.csv`; trained networks in `networks/`.")
-    write_report(out, result, summary, config=cfg, title=cfg["title"], figures=bool(cfg["figures"]), notes=notes)
+    write_report(out, result, summary, config=cfg, title=cfg["title"], figures=bool(cfg["figures"]), notes=notes,
+                 fmt=cfg["figure_format"])
     timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
 
