@@ -74,6 +74,32 @@ def write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = False) -> Pa
     return write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=sort_keys) + "\n")
 
 
+def read_verified_npz(path: str | os.PathLike, build, what: str, format_version: int | None = None):
+    """Read an ``.npz`` file the toolkit wrote and check it against its stored fingerprint.
+
+    ``build(npz) -> object`` makes the object from the open file's arrays; the object's
+    ``fingerprint`` must equal the file's ``fingerprint`` entry. With ``format_version`` the
+    file's ``format_version`` entry must match too. Anything unreadable, truncated, of another
+    format or modified raises a ``ValueError`` that names the file and ``what`` it should be.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            version = None if format_version is None else int(npz["format_version"])
+            stored = str(npz["fingerprint"])
+            obj = build(npz)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc})") from exc
+    if version != format_version:
+        raise ValueError(f"{path}: {what} format {version}, this version reads {format_version}")
+    if obj.fingerprint != stored:
+        raise ValueError(f"{path}: fingerprint mismatch (file corrupt or modified): stored {stored[:12]}, "
+                         f"computed {obj.fingerprint[:12]}")
+    return obj
+
+
 def deep_merge(base: Mapping, override: Mapping) -> dict:
     """``base`` with ``override`` laid over it; nested mappings are merged key by key."""
     out = copy.deepcopy(dict(base))

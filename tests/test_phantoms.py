@@ -88,6 +88,9 @@ def test_phantom_set_load_detects_tampering(tmp_path):
     np.savez(path, **arrays)
     with pytest.raises(ValueError, match="fingerprint"):
         QSMPhantomSet.load(path)
+    (tmp_path / "short.npz").write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="short.npz: not a readable QSM phantom set"):
+        QSMPhantomSet.load(tmp_path / "short.npz")
 
 
 def test_spec_validation():

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from qmri_labels.data.priors import UniformPrior, prior_from_dict
-from qmri_labels.fileio import atomic_write_bytes
+from qmri_labels.fileio import atomic_write_bytes, read_verified_npz
 from qmri_labels.physics import get_model
 from qmri_labels.physics.noise import NOISE_TYPES, add_noise, sigma_from_snr
 
@@ -174,23 +174,11 @@ class Dataset:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Dataset":
         """Read a dataset written by :meth:`save` and verify its fingerprint."""
-        path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                version = int(z["format_version"])
-                spec = DatasetSpec.from_dict(json.loads(str(z["spec_json"])))
-                stored = str(z["fingerprint"])
-                data = cls(spec, z["theta_true"], z["signals"], z["sigma"])
-        except FileNotFoundError:
-            raise
-        except Exception as exc:
-            raise ValueError(f"{path}: not a readable qmri_labels dataset ({type(exc).__name__}: {exc})") from exc
-        if version != FORMAT_VERSION:
-            raise ValueError(f"{path}: dataset format {version}, this version reads {FORMAT_VERSION}")
-        if data.fingerprint != stored:
-            raise ValueError(f"{path}: fingerprint mismatch (file corrupt or modified): stored {stored[:12]}, "
-                             f"computed {data.fingerprint[:12]}")
-        return data
+        def build(z):
+            spec = DatasetSpec.from_dict(json.loads(str(z["spec_json"])))
+            return cls(spec, z["theta_true"], z["signals"], z["sigma"])
+
+        return read_verified_npz(path, build, "qmri_labels dataset", FORMAT_VERSION)
 
 
 def compute_fingerprint(spec: DatasetSpec, *arrays: np.ndarray) -> str:

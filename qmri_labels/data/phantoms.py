@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from scipy.special import erf, erfc
 
-from qmri_labels.fileio import atomic_write_bytes
+from qmri_labels.fileio import atomic_write_bytes, read_verified_npz
 from qmri_labels.physics.qsm import forward_field, normalize_direction
 
 __all__ = [
@@ -422,10 +422,8 @@ class QSMPhantomSet:
     @classmethod
     def load(cls, path: str | Path) -> "QSMPhantomSet":
         """Read a set written by :meth:`save`; ValueError if its fingerprint does not match."""
-        with np.load(Path(path), allow_pickle=False) as z:
+        def build(z):
             spec = QSMPhantomSpec.from_dict(json.loads(str(z["spec"])))
-            stored = str(z["fingerprint"])
-            out = cls(spec=spec, chi=z["chi"], mask=z["mask"], fields=z["fields"], orientations=z["orientations"])
-        if out.fingerprint != stored:
-            raise ValueError(f"{path}: fingerprint mismatch (file corrupted or edited)")
-        return out
+            return cls(spec=spec, chi=z["chi"], mask=z["mask"], fields=z["fields"], orientations=z["orientations"])
+
+        return read_verified_npz(path, build, "QSM phantom set")

@@ -57,7 +57,7 @@ import yaml
 
 from qmri_labels.data.datasets import Dataset, DatasetSpec
 from qmri_labels.data.priors import TissueMixturePrior, UniformPrior
-from qmri_labels.fileio import atomic_write_bytes, deep_merge
+from qmri_labels.fileio import atomic_write_bytes, deep_merge, read_verified_npz
 from qmri_labels.paths import cache_dir, studies_dir
 
 SPLITS = ("train", "test")
@@ -446,22 +446,10 @@ class QSMDataset:
     @classmethod
     def load(cls, path) -> "QSMDataset":
         """Read a file written by :meth:`save`; ``ValueError`` if it is corrupt (fingerprint check)."""
-        path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                version = int(z["format_version"])
-                data = cls(json.loads(str(z["spec_json"])), z["chi"], z["mask"], z["fields"], z["orientations"])
-                stored = str(z["fingerprint"])
-        except FileNotFoundError:
-            raise
-        except Exception as exc:
-            raise ValueError(f"{path}: not a readable QSM dataset ({type(exc).__name__}: {exc})") from exc
-        if version != REGISTRY_VERSION:
-            raise ValueError(f"{path}: QSM dataset format {version}, this version reads {REGISTRY_VERSION}")
-        if data.fingerprint != stored:
-            raise ValueError(f"{path}: fingerprint mismatch (file corrupt or modified): stored {stored[:12]}, "
-                             f"computed {data.fingerprint[:12]}")
-        return data
+        def build(z):
+            return cls(json.loads(str(z["spec_json"])), z["chi"], z["mask"], z["fields"], z["orientations"])
+
+        return read_verified_npz(path, build, "QSM dataset", REGISTRY_VERSION)
 
 
 def generate_qsm(spec: dict) -> QSMDataset:

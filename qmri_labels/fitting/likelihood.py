@@ -28,22 +28,9 @@ def rician_nll_terms(signals: torch.Tensor, model_signals: torch.Tensor, sigma: 
     return 0.5 * (signals - model_signals) ** 2 * inv_var - torch.log(torch.special.i0e(z))
 
 
-def rician_nll_grad_terms(signals: torch.Tensor, model_signals: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Derivative of :func:`rician_nll_terms` with respect to the model signal ``A``:
-    ``(A - m * I1(z) / I0(z)) / sigma^2`` with ``z = m A / sigma^2``."""
-    inv_var = 1.0 / (sigma * sigma)
-    z = signals * model_signals.clamp_min(0) * inv_var
-    ratio = torch.special.i1e(z) / torch.special.i0e(z)
-    return (model_signals - signals * ratio) * inv_var
-
-
 def gaussian_nll_terms(signals: torch.Tensor, model_signals: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Per-sample Gaussian NLL without the constant ``log(sigma * sqrt(2 pi))``."""
     return 0.5 * (signals - model_signals) ** 2 / (sigma * sigma)
-
-
-def gaussian_nll_grad_terms(signals: torch.Tensor, model_signals: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    return (model_signals - signals) / (sigma * sigma)
 
 
 def full_nll(signals: torch.Tensor, model_signals: torch.Tensor, sigma: torch.Tensor, noise: str) -> torch.Tensor:
@@ -79,7 +66,8 @@ def fast_i0e(z: torch.Tensor) -> torch.Tensor:
 
 
 def rician_nll_and_grad_terms(signals, model_signals, sigma):
-    """:func:`rician_nll_terms` and :func:`rician_nll_grad_terms` together, sharing the Bessel
+    """:func:`rician_nll_terms` and its derivative with respect to the model signal ``A``,
+    ``(A - m * I1(z) / I0(z)) / sigma^2`` with ``z = m A / sigma^2``, sharing the Bessel
     evaluations (the fitter's inner loop needs both at every trial point)."""
     inv_var = 1.0 / (sigma * sigma)
     z = signals * model_signals.clamp_min(0) * inv_var

@@ -314,6 +314,8 @@ def estimate_sigma_from_repeats(signals: np.ndarray, bvalues: np.ndarray) -> flo
     Gaussian, true at low b); the median over voxels, corrected to the mean of a scaled
     chi-square, makes it robust to outlying voxels. Returns None when no b-value repeats.
     """
+    from scipy.stats import chi2
+
     values, counts = np.unique(bvalues, return_counts=True)
     pooled, dof = 0.0, 0
     for value, count in zip(values, counts):
@@ -323,8 +325,6 @@ def estimate_sigma_from_repeats(signals: np.ndarray, bvalues: np.ndarray) -> flo
         var = group.var(axis=1, ddof=1)
         k = count - 1
         # median of a chi2_k / k variable, to turn the median into a mean estimate
-        from scipy.stats import chi2
-
         pooled += k * np.median(var) / (chi2.median(k) / k)
         dof += k
     if dof == 0:
