@@ -66,7 +66,7 @@ def run_case(case: str, size: int, device: str, repeats: int, threads: int | Non
     if case == "unet":
         from qmri_labels.training.qsm import QSMEstimator
 
-        bundle = REPO / "models" / "qsm_graf16"
+        bundle = REPO / "qmri_labels" / "models" / "qsm_graf16"
         if (bundle / "manifest.json").is_file():
             est = QSMEstimator.load(bundle, device=device)
             source = str(bundle.relative_to(REPO))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-#: the source checkout (holds ``studies/`` and ``models/`` next to the package)
-REPO_ROOT = Path(__file__).resolve().parent.parent
+#: the installed package: ``studies/`` and ``models/`` ship inside it as package data, so that
+#: they are found after any install (editable or not), from any working directory
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def cache_dir() -> Path:
@@ -15,10 +16,10 @@ def cache_dir() -> Path:
 
 
 def studies_dir() -> Path:
-    """Folder of named study configurations: ``$QMRI_LABELS_STUDIES`` or ``<repo>/studies``."""
-    return Path(os.environ.get("QMRI_LABELS_STUDIES", REPO_ROOT / "studies"))
+    """Folder of named study configurations: ``$QMRI_LABELS_STUDIES`` or ``<package>/studies``."""
+    return Path(os.environ.get("QMRI_LABELS_STUDIES", PACKAGE_DIR / "studies"))
 
 
 def models_dir() -> Path:
-    """Folder of shipped trained networks: ``$QMRI_LABELS_MODELS`` or ``<repo>/models``."""
-    return Path(os.environ.get("QMRI_LABELS_MODELS", REPO_ROOT / "models"))
+    """Folder of shipped trained networks: ``$QMRI_LABELS_MODELS`` or ``<package>/models``."""
+    return Path(os.environ.get("QMRI_LABELS_MODELS", PACKAGE_DIR / "models"))
