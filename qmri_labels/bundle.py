@@ -23,15 +23,13 @@ import io
 import json
 import os
 import platform
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from qmri_labels.fileio import atomic_write_bytes, to_jsonable
+from qmri_labels.fileio import apply_umask_permissions, atomic_dir, atomic_write_bytes, to_jsonable
 
 BUNDLE_FORMAT = "qmri_labels.bundle"
 BUNDLE_VERSION = 1
@@ -45,8 +43,12 @@ except ImportError:  # pragma: no cover - exercised only without safetensors
     _safetensors = None
 
 
-def package_versions() -> dict[str, str]:
-    """Versions of Python and the packages a trained network depends on."""
+def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Versions of Python and the packages a trained network depends on.
+
+    ``extra`` names more importable packages to report (e.g. ``("scipy", "nibabel")`` for the
+    fit command); a package that is not installed is reported as ``"not installed"``.
+    """
     import lightning
 
     import qmri_labels
@@ -62,6 +64,11 @@ def package_versions() -> dict[str, str]:
         import safetensors
 
         versions["safetensors"] = safetensors.__version__
+    for name in extra:
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = "not installed"
     return versions
 
 
@@ -139,37 +146,14 @@ def save_bundle(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],
     )
     text = json.dumps(full, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(path, overwrite=True) as staging:
         atomic_write_bytes(staging / weights_name, data)
         atomic_write_bytes(staging / MANIFEST_FILE, text.encode())
-        apply_default_permissions(staging)
-        if path.exists():
-            # move the old bundle aside first: at every instant `path` is either the complete
-            # old bundle, absent, or the complete new one
-            retired = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-            os.replace(path, retired / "bundle")
-            os.replace(staging, path)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path
 
 
-def apply_default_permissions(folder: str | os.PathLike) -> None:
-    """Give a bundle folder and its files the permissions of ordinary new files (umask),
-    instead of the owner-only ones of temporary files, so that shared models are readable."""
-    mask = os.umask(0)
-    os.umask(mask)
-    folder = Path(folder)
-    os.chmod(folder, 0o777 & ~mask)
-    for item in folder.iterdir():
-        if item.is_file():
-            os.chmod(item, 0o666 & ~mask)
+#: kept for callers of the earlier name; the helper lives in :mod:`qmri_labels.fileio`
+apply_default_permissions = apply_umask_permissions
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

@@ -8,11 +8,13 @@ an earlier one. Manifests and configurations are written as JSON of plain types
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,63 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+
+
+def apply_umask_permissions(folder: str | os.PathLike) -> None:
+    """Give a folder made by ``mkdtemp`` (0700) and the files in it (``mkstemp``: 0600) the
+    permissions of ordinary new entries under the user's umask."""
+    folder = Path(folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for entry in folder.iterdir():
+        if entry.is_file():
+            os.chmod(entry, 0o666 & ~umask)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Build a folder in a hidden temporary sibling and rename it into place when complete.
+
+    ``with atomic_dir(out) as staging: write files into staging``. On a clean exit the staging
+    folder becomes ``path`` (an existing ``path`` is replaced only with ``overwrite``; it is
+    first moved aside, so that at every instant ``path`` is the complete old folder, absent,
+    or the complete new one). On an exception the staging folder is removed and ``path`` is
+    untouched. The result gets the usual permissions of the user's umask.
+
+    Raises
+    ------
+    FileExistsError
+        ``path`` exists and ``overwrite`` is false.
+    NotADirectoryError
+        ``path`` exists and is not a folder.
+    """
+    path = Path(path).absolute()
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{path} exists and is not a folder")
+        if not overwrite:
+            raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield staging
+        apply_umask_permissions(staging)
+        if path.exists():
+            retired = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, retired / "previous")
+            try:
+                os.replace(staging, path)
+            except BaseException:
+                os.replace(retired / "previous", path)
+                raise
+            finally:
+                shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from qmri_labels.fitting.likelihood import NOISE_MODELS, full_nll, nll_and_grad_terms
+from qmri_labels.fitting.noise import sigma_from_repeats
 from qmri_labels.physics import SignalModel, get_model
 
 #: version of the fitting algorithm: part of every cache key of fitted labels, raised whenever
@@ -294,42 +295,15 @@ def _resolve_sigma(sigma, flat, valid, bvalues, noise, lead_shape):
     if noise == "gaussian":
         # the least-squares estimates do not depend on sigma; it is estimated afterwards
         return np.ones(n_vox), True, "residual (RSS / M per voxel)"
-    estimate = estimate_sigma_from_repeats(flat[valid], bvalues)
+    estimate = sigma_from_repeats(flat[valid], bvalues)
     if estimate is None:
         raise ValueError(
             "sigma is required for Rician noise: the protocol has no repeated b-value to estimate it "
-            "from; pass sigma=... (SNR = S0 / sigma) or use noise='gaussian'"
+            "from; pass sigma=... (SNR = S0 / sigma, a scalar or one per voxel, e.g. the noise map of "
+            "qmri_labels.fitting.noise.estimate_noise) or use noise='gaussian'"
         )
-    warnings.warn(
-        f"sigma estimated from repeated b-values (pooled over voxels): {estimate:.4g}", stacklevel=3
-    )
-    return np.full(n_vox, estimate), True, "repeated b-values (pooled over voxels)"
-
-
-def estimate_sigma_from_repeats(signals: np.ndarray, bvalues: np.ndarray) -> float | None:
-    """Noise level from measurements repeated at the same b-value, pooled over voxels.
-
-    For each b-value acquired ``k >= 2`` times the within-group variance of each voxel is an
-    unbiased estimate of sigma^2 (in the high-SNR regime where Rician noise is nearly
-    Gaussian, true at low b); the median over voxels, corrected to the mean of a scaled
-    chi-square, makes it robust to outlying voxels. Returns None when no b-value repeats.
-    """
-    from scipy.stats import chi2
-
-    values, counts = np.unique(bvalues, return_counts=True)
-    pooled, dof = 0.0, 0
-    for value, count in zip(values, counts):
-        if count < 2:
-            continue
-        group = signals[:, bvalues == value]
-        var = group.var(axis=1, ddof=1)
-        k = count - 1
-        # median of a chi2_k / k variable, to turn the median into a mean estimate
-        pooled += k * np.median(var) / (chi2.median(k) / k)
-        dof += k
-    if dof == 0:
-        return None
-    return float(np.sqrt(pooled / dof))
+    warnings.warn(f"sigma estimated from repeated b-values (pooled over voxels): {estimate.sigma:.4g}", stacklevel=3)
+    return np.full(n_vox, estimate.sigma), True, estimate.description
 
 
 def _resolve_bounds(model: SignalModel, bounds):
