@@ -27,6 +27,7 @@ import torch
 
 from qmri_labels.bundle import device_info, load_bundle, package_versions, save_bundle
 from qmri_labels.data.datasets import Dataset
+from qmri_labels.data.preprocessing import for_training_signals, from_manifest
 from qmri_labels.physics import get_model
 
 ESTIMATOR_KIND = "qmri_labels.NetworkEstimator"
@@ -408,6 +409,8 @@ class NetworkEstimator(_ParamsMixin):
         self.loss_weights_ = weights
         self.train_fingerprint_ = dataset.fingerprint
         self.train_spec_ = dataset.spec.to_dict()
+        # how real data must be scaled for this network (qmri_labels.data.preprocessing)
+        self.preprocessing_ = for_training_signals(dataset.signals, dataset.protocol).to_dict()
         self.model_name_ = model.name
         self.protocol_ = [float(b) for b in dataset.protocol]
         self.param_names_ = list(model.param_names)
@@ -473,6 +476,7 @@ class NetworkEstimator(_ParamsMixin):
             "param_names": self.param_names_,
             "network": dict(self.network_.config),
             "normalisation": self.normalisation_,
+            "preprocessing": getattr(self, "preprocessing_", None) or from_manifest(None)[0].to_dict(),
             "loss_weights": self.loss_weights_,
             "training_config": self.training_config(),
             "data": {"train_fingerprint": self.train_fingerprint_, "train_spec": self.train_spec_,
@@ -533,6 +537,7 @@ class NetworkEstimator(_ParamsMixin):
         estimator.device_ = manifest.get("device")
         estimator.metrics_ = manifest.get("metrics", {})
         estimator.manifest_ = manifest
+        estimator.preprocessing_ = from_manifest(manifest)[0].to_dict()
         if get_model(estimator.model_name_).param_names != tuple(estimator.param_names_):
             raise ValueError(f"{path}: parameter names {estimator.param_names_} do not match model "
                              f"{estimator.model_name_!r}")

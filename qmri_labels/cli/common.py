@@ -1,0 +1,94 @@
+"""Input checks and manifest pieces shared by the fit command's diffusion and QSM parts."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from qmri_labels.data.io import NiftiVolume, check_same_grid, load_nifti, nifti_stem, sha256_file
+
+
+class InputError(ValueError):
+    """Bad input: reported on stderr without a traceback."""
+
+
+def check_device(name: str):
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise InputError(f"--device {name!r} is not a torch device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
+                         "use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"--device {name}: use cpu or cuda")
+    return device
+
+
+def read_mask(path: Path | None, reference: NiftiVolume) -> tuple[NiftiVolume | None, np.ndarray]:
+    """The mask volume and its boolean array on ``reference``'s grid (every voxel without a path)."""
+    if path is None:
+        return None, np.ones(reference.shape[:3], dtype=bool)
+    volume = load_nifti(path)
+    if volume.ndim == 4 and volume.shape[3] == 1:
+        pass
+    elif volume.ndim != 3:
+        raise InputError(f"{path}: the mask must be 3-D, got shape {volume.shape}")
+    check_same_grid(reference, volume)
+    values = volume.read().reshape(volume.shape[:3])
+    mask = np.isfinite(values) & (values != 0)
+    if not mask.any():
+        raise InputError(f"{path}: the mask is empty (no non-zero voxel)")
+    return volume, mask
+
+
+def output_prefix(given: str | None, path: Path, strip: tuple[str, ...]) -> str:
+    """``--prefix`` or the input's name without ``.nii(.gz)`` and a trailing suffix like ``_dwi``."""
+    if given is not None:
+        if not given or "/" in given or given.startswith("."):
+            raise InputError(f"--prefix {given!r}: must be a plain file-name prefix")
+        return given
+    stem = nifti_stem(path)
+    for suffix in strip:
+        if stem.endswith(suffix) and len(stem) > len(suffix):
+            stem = stem[: -len(suffix)]
+    return stem or "qmri"
+
+
+def describe_file(volume: NiftiVolume) -> dict:
+    return {
+        "path": str(volume.path),
+        "sha256": sha256_file(volume.path),
+        "shape": list(volume.shape),
+        "voxel_size_mm": list(volume.voxel_size),
+        "affine": volume.affine.round(6).tolist(),
+    }
+
+
+def environment(device) -> dict:
+    """Device, determinism flags and package versions for a manifest (one definition: bundle.py)."""
+    from qmri_labels.bundle import device_info, package_versions
+
+    return {"device": device_info(device), "versions": package_versions(extra=("scipy", "nibabel"))}
+
+
+def check_out_holds_no_input(out: Path, inputs) -> None:
+    """--overwrite replaces the whole output folder: refuse when an input lives inside it."""
+    out = Path(out).resolve()
+    if not out.is_dir():
+        return
+    for path in inputs:
+        if path is not None and Path(path).exists() and Path(path).resolve().is_relative_to(out):
+            raise InputError(f"--out {out}: holds the input {path}; writing the results there would "
+                             "replace it. Choose another output folder")
+
+
+def positive_voxel_size(volume: NiftiVolume, what: Path) -> tuple[float, float, float]:
+    voxel_size = volume.voxel_size
+    if not all(v > 0 and math.isfinite(v) for v in voxel_size):
+        raise InputError(f"{what}: voxel size {voxel_size} from the header is not positive")
+    return voxel_size

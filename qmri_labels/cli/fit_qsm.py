@@ -1,0 +1,220 @@
+"""The fit command's QSM part: dipole inversion of a local field map (ppm) into chi (ppm).
+
+Conventional inversions come from :mod:`qmri_labels.fitting.qsm_inversion` (``tkd``,
+``tikhonov``); networks are QSM U-Net bundles read with ``QSMEstimator.load`` and run with
+``predict``, both through their public names only. The input is a *local* field (background
+field removed); a background-field-removal step would go in :func:`prepare_local_field`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qmri_labels.cli.common import (
+    InputError,
+    describe_file,
+    environment,
+    output_prefix,
+    positive_voxel_size,
+    read_mask,
+)
+from qmri_labels.data.io import load_nifti, sha256_file, write_mat
+from qmri_labels.derivatives import chi_map_name, write_dataset_description, write_map
+from qmri_labels.qc import write_qc_figure
+
+logger = logging.getLogger("qmri_labels")
+
+QSM_ESTIMATORS = ("tkd", "tikhonov")
+
+
+def add_arguments(parser) -> None:
+    qsm = parser.add_argument_group("QSM")
+    qsm.add_argument("--field", type=Path, help="3-D local field map in ppm (background field removed)")
+    qsm.add_argument("--b0-dir", default="0,0,1",
+                     help="main field direction in the image's voxel axes, e.g. 0,0,1; or 'affine' for "
+                          "the scanner's z axis expressed through the image affine (default 0,0,1)")
+    qsm.add_argument("--mat", action="store_true", help="also write the chi map as a MATLAB .mat file")
+    qsm.add_argument("--patch-size", type=int, default=None,
+                     help="QSM network: predict overlapping cubes of this side instead of the whole volume "
+                          "(less memory; a multiple of the U-Net's size multiple)")
+    qsm.add_argument("--tkd-threshold", type=float, default=None,
+                     help="TKD: |D| below which the kernel inverse is truncated (default 0.19)")
+    qsm.add_argument("--tikhonov-lambda", type=float, default=None,
+                     help="Tikhonov: weight of the gradient regulariser (default: the toolkit's tuned value)")
+
+
+def prepare_local_field(args, field_map: np.ndarray, mask: np.ndarray, voxel_size) -> tuple[np.ndarray, dict]:
+    """The local field the inversion works on (today: the input as it is)."""
+    return field_map, {"background_field_removal": "none (the input is a local field)"}
+
+
+def run_qsm(args, out_dir: Path, device) -> dict:
+    """Dipole inversion of a local field map; writes chi (ppm) into ``out_dir``; returns the manifest."""
+    timings = {}
+    t0 = time.perf_counter()
+    field_volume = load_nifti(args.field)
+    if not (field_volume.ndim == 3 or (field_volume.ndim == 4 and field_volume.shape[3] == 1)):
+        raise InputError(f"{args.field}: the field map must be 3-D, got shape {field_volume.shape}")
+    field_map = field_volume.read().reshape(field_volume.shape[:3])
+    mask_volume, mask = read_mask(args.mask, field_volume)
+    nonfinite = mask & ~np.isfinite(field_map)
+    n_nonfinite = int(nonfinite.sum())
+    mask = mask & ~nonfinite
+    if not mask.any():
+        raise InputError(f"{args.field}: no finite field value inside the mask")
+    field_map = np.where(mask, field_map, 0).astype(np.float32)
+    voxel_size = positive_voxel_size(field_volume, args.field)
+    b0_dir, b0_source = parse_b0_dir(args.b0_dir, field_volume.affine)
+    field_map, field_info = prepare_local_field(args, field_map, mask, voxel_size)
+    timings["read_inputs"] = round(time.perf_counter() - t0, 3)
+
+    t1 = time.perf_counter()
+    name = args.estimator or "tkd"
+    if name != "tkd" and args.tkd_threshold is not None:
+        raise InputError("--tkd-threshold applies to --estimator tkd only")
+    if name != "tikhonov" and args.tikhonov_lambda is not None:
+        raise InputError("--tikhonov-lambda applies to --estimator tikhonov only")
+    if name in QSM_ESTIMATORS and args.patch_size is not None:
+        raise InputError("--patch-size applies to QSM networks only")
+    chi, info = invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshold=args.tkd_threshold,
+                             tikhonov_lambda=args.tikhonov_lambda, patch_size=args.patch_size)
+    chi = np.where(mask, chi, 0).astype(np.float32)
+    timings["inversion"] = round(time.perf_counter() - t1, 3)
+
+    t2 = time.perf_counter()
+    prefix = output_prefix(args.prefix, args.field, ("_field", "_localfield", "_Chimap"))
+    outputs = {}
+    checksums = {"field": sha256_file(args.field), "mask": sha256_file(args.mask)}
+    written = write_map(out_dir, chi_map_name(prefix), chi, field_volume.affine, field_volume.header,
+                        {"Model": "qsm", "Parameter": "chi", "Units": "ppm", "Estimator": info,
+                         "B0Direction": list(b0_dir), "InputChecksums": checksums,
+                         "Description": "susceptibility chi; 0 outside the mask"},
+                        description=f"qmri_labels chi [ppm] {name}")
+    outputs[written[0]] = "susceptibility chi (ppm), float32; 0 outside the mask"
+    outputs[written[1]] = f"sidecar of {written[0]}"
+    if args.mat:
+        mat_name = f"{prefix}_chi.mat"
+        write_mat(out_dir / mat_name, {"chi": chi, "mask": mask.astype(np.uint8), "voxel_size": np.array(voxel_size),
+                                       "b0_dir": np.array(b0_dir), "affine": field_volume.affine})
+        outputs[mat_name] = "MATLAB file: chi (ppm), mask, voxel_size (mm), b0_dir, affine"
+    qc_name = f"{prefix}_qc.png"
+    write_qc_figure(out_dir / qc_name, {"field (ppm)": field_map, "chi (ppm)": chi},
+                    title=f"{args.field.name}: QSM by {name}", orthogonal=True, voxel_size=voxel_size)
+    outputs[qc_name] = "QC figure: field and chi, three orthogonal middle slices"
+    write_dataset_description(out_dir, "Quantitative susceptibility maps")
+    outputs["dataset_description.json"] = "BIDS derivative dataset description"
+    outputs["manifest.json"] = "this file"
+    timings["write"] = round(time.perf_counter() - t2, 3)
+
+    return {
+        "tool": "qmri_labels.fit",
+        "kind": "qsm",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "inputs": {"field": describe_file(field_volume), "mask": describe_file(mask_volume)},
+        "model": {"name": "qsm", "parameters": ["chi"], "units": {"chi": "ppm"}},
+        "field": field_info,
+        "b0_dir": list(b0_dir),
+        "b0_dir_source": b0_source,
+        "voxel_size_mm": list(voxel_size),
+        "estimator": info,
+        "voxels": {"total": int(np.prod(field_volume.shape[:3])), "in_mask": int(mask.sum()) + n_nonfinite,
+                   "estimated": int(mask.sum()), "skipped": {"nonfinite_field": n_nonfinite}},
+        **environment(device),
+        "timings_s": timings,
+        "outputs": outputs,
+    }
+
+
+def parse_b0_dir(text: str, affine: np.ndarray) -> tuple[tuple[float, float, float], str]:
+    """A unit main-field direction in voxel axes from ``--b0-dir`` (three numbers or 'affine')."""
+    if text.strip().lower() == "affine":
+        axes = affine[:3, :3]
+        norms = np.linalg.norm(axes, axis=0)
+        if np.any(norms == 0):
+            raise InputError("--b0-dir affine: the image affine is singular")
+        direction = (axes / norms).T @ np.array([0.0, 0.0, 1.0])
+        source = "scanner z axis through the image affine"
+    else:
+        try:
+            direction = np.array([float(v) for v in text.split(",")])
+        except ValueError:
+            raise InputError(f"--b0-dir {text!r}: give three numbers, e.g. 0,0,1, or 'affine'") from None
+        if direction.shape != (3,) or not np.all(np.isfinite(direction)):
+            raise InputError(f"--b0-dir {text!r}: give three numbers, e.g. 0,0,1, or 'affine'")
+        source = "given (image voxel axes)"
+    norm = float(np.linalg.norm(direction))
+    if norm == 0:
+        raise InputError(f"--b0-dir {text!r}: the direction has zero length")
+    return tuple(float(v) for v in direction / norm), source
+
+
+def invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshold=None, tikhonov_lambda=None,
+                 patch_size=None):
+    """chi (ppm) inside ``mask`` and a description of the estimator for the manifest."""
+    if name in QSM_ESTIMATORS:
+        try:
+            from qmri_labels.fitting import qsm_inversion
+        except ImportError as exc:
+            raise InputError(f"QSM inversions are not available in this installation ({exc})") from None
+        import torch
+
+        if name == "tkd":
+            options = {"threshold": 0.19 if tkd_threshold is None else tkd_threshold}
+        else:
+            options = {"lam": qsm_inversion.TIKHONOV_DEFAULT_LAMBDA if tikhonov_lambda is None else tikhonov_lambda}
+        function = getattr(qsm_inversion, name)
+        field_t = torch.as_tensor(field_map, dtype=torch.float32, device=device)
+        mask_t = torch.as_tensor(mask, device=device)
+        chi = function(field_t, voxel_size=voxel_size, b0_dir=b0_dir, mask=mask_t, **options)
+        chi = chi.detach().cpu().numpy().astype(np.float32)
+        return chi, {"kind": "conventional", "name": name, "options": options,
+                     "description": f"{name} dipole inversion (qmri_labels.fitting.qsm_inversion.{name})"}
+    if name == "mle":
+        raise InputError("--estimator mle is for diffusion data; QSM takes tkd, tikhonov or a network")
+    from qmri_labels.mapping import find_bundle
+
+    try:
+        bundle = find_bundle(name)
+    except ValueError as exc:
+        raise InputError(f"--{exc}") from None
+    try:
+        from qmri_labels.training.qsm import QSMEstimator
+    except ImportError as exc:
+        raise InputError(f"QSM networks are not available in this installation ({exc})") from None
+    network = _load_qsm_network(bundle, QSMEstimator, device)
+    notes = []
+    trained_voxel = tuple(float(v) for v in network.voxel_size_)
+    if not np.allclose(trained_voxel, voxel_size, rtol=0.05):
+        # networks generalise poorly across resolutions (Oh et al. 2021): run, but say so
+        notes.append(f"the network was trained at voxel size {trained_voxel} mm; these data have {voxel_size} mm")
+        logger.warning("qmri_labels.fit: warning: %s", notes[-1])
+    try:
+        chi = network.predict(field_map * mask, mask=mask, voxel_size=voxel_size, b0_dir=b0_dir,
+                              patch_size=patch_size, device=str(device))
+    except ValueError as exc:
+        raise InputError(f"--estimator {bundle}: {exc}") from None
+    return np.asarray(chi, dtype=np.float32), {
+        "kind": "network", "name": name, "bundle": str(bundle), "bundle_sha256": sha256_file(bundle / "manifest.json")
+        if (bundle / "manifest.json").exists() else None,
+        "trained_voxel_size_mm": list(trained_voxel), "patch_size": patch_size, "notes": notes}
+
+
+def _load_qsm_network(bundle: Path, estimator_class, device):
+    import json
+
+    from qmri_labels.bundle import read_manifest
+
+    try:
+        kind = read_manifest(bundle).get("kind")
+    except ValueError:
+        kind = None
+    if kind is not None and kind != "qsm_unet":
+        raise InputError(f"--estimator {bundle}: is a model bundle of kind {kind!r}, not a QSM U-Net")
+    try:
+        return estimator_class.load(bundle, device=str(device))
+    except (ValueError, KeyError, TypeError, OSError, RuntimeError, json.JSONDecodeError) as exc:
+        raise InputError(f"--estimator {bundle}: corrupt or tampered model bundle ({exc})") from None

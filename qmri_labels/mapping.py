@@ -1,0 +1,526 @@
+"""Parameter maps from arrays: the public mapping API that the fit command wraps.
+
+>>> from qmri_labels.mapping import fit_volume
+>>> maps = fit_volume(dwi, mask, protocol=bvals, estimator="mle", sigma="auto")   # doctest: +SKIP
+>>> maps["f"].shape == dwi.shape[:-1]                                              # doctest: +SKIP
+
+``data`` may have any leading shape ``(..., M)``: a 4-D image ``(x, y, z, M)``, a slice, or a
+plain list of voxels ``(n, M)``; every output has the leading shape. Reading NIfTI files and
+writing maps: :func:`load_dwi` and :mod:`qmri_labels.derivatives`.
+
+How a voxel is estimated
+------------------------
+* **MLE** (``estimator="mle"`` or an :class:`~qmri_labels.estimators.MLEEstimator`): the raw
+  signals, in the image's units, are fitted with S0 a free parameter (bounded by twice the
+  voxel's mean signal at its lowest b-value), so no b = 0 volume is needed and no signal is
+  divided by anything. Rician fits need sigma: a number, a per-voxel map, or ``"auto"``
+  (:func:`qmri_labels.fitting.noise.estimate_noise`: repeated measurements, then the
+  background, then MP-PCA, which gives a noise map); the map is used voxel by voxel.
+* **Networks** (a :class:`~qmri_labels.estimators.NetworkEstimator`, a bundle name or folder):
+  the data's volumes are put into the network's protocol order, scaled the way the network was
+  trained (:mod:`qmri_labels.data.preprocessing`, recorded in the bundle) and the predicted S0
+  is scaled back.
+* Samples that are NaN/Inf (and, for Rician data, negative) are left out of that voxel's MLE
+  fit; a network needs every sample and skips such voxels. Every voxel gets a status code
+  (:data:`STATUS_CODES`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from qmri_labels.data.io import NiftiVolume
+
+logger = logging.getLogger("qmri_labels")
+
+__all__ = ["Maps", "STATUS_CODES", "fit_volume", "find_bundle", "load_dwi", "match_protocol", "resolve_estimator"]
+
+#: status code per voxel
+STATUS_CODES = {
+    0: "outside the mask",
+    1: "fitted with every measurement",
+    2: "fitted without its NaN/Inf or negative samples",
+    3: "skipped: no positive sample",
+    5: "skipped: too few usable measurements for the model",
+    6: "skipped: a network needs every measurement",
+    7: "skipped: the estimate is invalid (fit failed or NaN)",
+}
+SKIP_KEYS = {3: "no_positive_sample", 5: "too_few_usable_measurements", 6: "missing_measurements_for_network",
+             7: "invalid_estimate"}
+
+
+@dataclass
+class Maps:
+    """Parameter maps of one volume.
+
+    Attributes
+    ----------
+    params : ndarray (..., P) float32
+        0 outside the mask, NaN where not estimated.
+    param_names : tuple of str
+    units : dict
+        Unit of each parameter (S0: the input's intensity units).
+    status : ndarray (...) uint8
+        :data:`STATUS_CODES` per voxel.
+    model : str
+    estimator : dict
+        What estimated the maps (kind, name, bundle, preprocessing, ...).
+    noise : dict or None
+        The noise level used and how it was obtained (MLE), else None.
+    sigma_map : ndarray (...) or None
+        The per-voxel noise level the fit used, where it was a map.
+    counts : dict
+        Voxels in the mask, estimated and skipped (by reason), NaN/Inf and negative samples.
+    """
+
+    params: np.ndarray
+    param_names: tuple
+    units: dict
+    status: np.ndarray
+    model: str
+    estimator: dict
+    noise: dict | None = None
+    sigma_map: np.ndarray | None = None
+    counts: dict = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.param_names:
+            raise KeyError(f"no map {name!r}; maps: {list(self.param_names)}")
+        return self.params[..., list(self.param_names).index(name)]
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        """``{name: map}`` for every parameter."""
+        return {name: self[name] for name in self.param_names}
+
+
+# ----------------------------------------------------------------------------- estimators
+
+
+@dataclass
+class _Resolved:
+    kind: str  # "mle" or "network"
+    model_name: str
+    description: str
+    noise: str = "rician"
+    bounds: Any = None
+    network: Any = None
+    order: np.ndarray | None = None
+    preprocessing: Any = None
+    info: dict = field(default_factory=dict)
+
+
+def find_bundle(name: str | os.PathLike) -> Path:
+    """A bundle folder from a path, or from the name of a shipped network (``models_dir()``)."""
+    from qmri_labels.paths import models_dir
+
+    candidate = Path(name)
+    if candidate.exists():
+        if not candidate.is_dir():
+            raise ValueError(f"estimator {name}: a network bundle is a folder (weights + manifest.json)")
+        return candidate
+    text = str(name)
+    if "/" not in text and os.sep not in text:
+        shipped = models_dir() / text
+        if shipped.is_dir():
+            return shipped
+        available = sorted(p.name for p in models_dir().glob("*") if (p / "manifest.json").exists()) \
+            if models_dir().is_dir() else []
+        raise ValueError(f"estimator {text}: not 'mle', not a folder, and not a network in {models_dir()} "
+                         f"(available: {', '.join(available) or 'none'})")
+    raise ValueError(f"estimator {text}: folder not found")
+
+
+def load_network(bundle: Path):
+    """A voxel-wise network from a bundle; a bundle of another kind or a damaged one is refused."""
+    from qmri_labels.bundle import read_manifest
+    from qmri_labels.estimators import ESTIMATOR_KIND, NetworkEstimator
+
+    try:
+        kind = read_manifest(bundle).get("kind")
+    except ValueError:
+        kind = None  # the loader reports the damage
+    if kind is not None and kind != ESTIMATOR_KIND:
+        raise ValueError(f"estimator {bundle}: is a model bundle of kind {kind!r}, not a voxel-wise (diffusion) "
+                         "network")
+    try:
+        return NetworkEstimator.load(bundle)
+    except (ValueError, KeyError, TypeError, OSError, RuntimeError) as exc:
+        raise ValueError(f"estimator {bundle}: corrupt or tampered model bundle ({exc})") from None
+
+
+def match_protocol(network_protocol, bvalues, name: str = "network") -> np.ndarray:
+    """Column order that puts the data's volumes into the network's protocol order."""
+    protocol = np.asarray(network_protocol, dtype=np.float64).ravel()
+    bvals = np.asarray(bvalues, dtype=np.float64).ravel()
+
+    def fmt(b):
+        return "[" + ", ".join(f"{v:g}" for v in b) + "]"
+
+    mismatch = ValueError(
+        f"{name} was trained for the protocol b = {fmt(protocol)} s/mm^2 ({protocol.size} values); the data have "
+        f"b = {fmt(bvals)} ({bvals.size} values). Use the MLE, or train a network for this protocol "
+        "(see docs/guide.md)")
+    if protocol.size != bvals.size:
+        raise mismatch
+    tol = 1e-3 * max(1.0, float(np.abs(protocol).max()))
+    if np.all(np.abs(protocol - bvals) <= tol):
+        return np.arange(bvals.size)
+    order_data = np.argsort(bvals, kind="stable")
+    order_net = np.argsort(protocol, kind="stable")
+    if np.all(np.abs(np.sort(protocol) - bvals[order_data]) <= tol):
+        order = np.empty_like(order_net)
+        order[order_net] = order_data
+        return order
+    raise mismatch
+
+
+def resolve_estimator(estimator, bvalues, model: str | None = None, noise: str = "rician") -> _Resolved:
+    """What :func:`fit_volume` needs to know about ``estimator`` (see there)."""
+    from qmri_labels.data.preprocessing import SignalPreprocessing, from_manifest
+    from qmri_labels.estimators import MLEEstimator, NetworkEstimator
+
+    if isinstance(estimator, str) and estimator == "mle":
+        return _Resolved("mle", model or "ivim", f"MLE ({noise} likelihood)", noise=noise,
+                         info={"kind": "mle", "name": "mle", "noise": noise})
+    if isinstance(estimator, MLEEstimator):
+        if model is not None and model != estimator.model_name:
+            raise ValueError(f"the MLEEstimator fits {estimator.model_name}, but model={model!r}")
+        return _Resolved("mle", estimator.model_name, f"MLE ({estimator.noise} likelihood)", noise=estimator.noise,
+                         bounds=estimator.bounds, info={"kind": "mle", "name": "mle", "noise": estimator.noise,
+                                                        "bounds": estimator.bounds})
+    bundle = None
+    if isinstance(estimator, (str, os.PathLike)):
+        if str(estimator) in ("tkd", "tikhonov"):
+            raise ValueError(f"estimator {estimator} is a QSM inversion; diffusion data take 'mle' or a network")
+        bundle = find_bundle(estimator)
+        estimator = load_network(bundle)
+    if not isinstance(estimator, NetworkEstimator):
+        raise TypeError(f"estimator must be 'mle', an MLEEstimator, a NetworkEstimator or a bundle name/folder, "
+                        f"got {type(estimator).__name__}")
+    net_model = estimator.model_name
+    if model is not None and net_model != model:
+        raise ValueError(f"the network fits the {net_model} model, but model={model!r}")
+    name = bundle.name if bundle is not None else "network"
+    order = match_protocol(estimator.protocol, bvalues, name=f"network {name}")
+    manifest = getattr(estimator, "manifest_", None)
+    entry = getattr(estimator, "preprocessing_", None)
+    if manifest is None and entry is not None:
+        preprocessing, source = SignalPreprocessing.from_dict(entry), "estimator"
+    else:
+        preprocessing, source = from_manifest(manifest)
+    info = {"kind": "network", "name": name, "method": getattr(estimator, "method_name", None),
+            "protocol": [float(b) for b in estimator.protocol],
+            "preprocessing": {**preprocessing.to_dict(), "source": source}}
+    if bundle is not None:
+        from qmri_labels.data.io import sha256_file
+
+        info["bundle"] = str(bundle)
+        info["bundle_sha256"] = sha256_file(bundle / "manifest.json")
+    return _Resolved("network", net_model, f"network {name}", network=estimator, order=order,
+                     preprocessing=preprocessing, info=info)
+
+
+# ----------------------------------------------------------------------------- the volume
+
+
+class _ArraySource:
+    """Voxel rows of an in-memory array (..., M)."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.lead = array.shape[:-1]
+
+    def rows(self, coords) -> np.ndarray:
+        return np.asarray(self.array[coords], dtype=np.float32)
+
+    def full(self) -> np.ndarray:
+        return self.array
+
+
+class _NiftiSource:
+    """Voxel rows of a 4-D NIfTI, read chunk by chunk (never the whole image as floats)."""
+
+    def __init__(self, volume: NiftiVolume):
+        if volume.ndim != 4:
+            raise ValueError(f"{volume.path}: needs a 4-D image (x, y, z, volumes), got shape {volume.shape}")
+        self.volume = volume
+        self.lead = tuple(volume.shape[:3])
+
+    def rows(self, coords) -> np.ndarray:
+        return self.volume.voxels(coords)
+
+    def full(self) -> np.ndarray:
+        return self.volume.read()
+
+
+def _source(data):
+    if isinstance(data, NiftiVolume):
+        return _NiftiSource(data)
+    array = np.asarray(data)
+    if array.ndim < 1 or array.shape[-1] < 1:
+        raise ValueError(f"data must have shape (..., n_measurements), got {array.shape}")
+    if not np.issubdtype(array.dtype, np.number):
+        raise TypeError(f"data must be numeric, got dtype {array.dtype}")
+    return _ArraySource(array)
+
+
+def _resolve_noise(sigma, resolved: _Resolved, source, bvalues, mask, b0_threshold):
+    """(sigma argument for the fitter per voxel: None, float or map, manifest entry)."""
+    from qmri_labels.fitting.noise import NoiseEstimate, estimate_noise
+
+    if resolved.kind == "network":
+        return None, None
+    if sigma is None and resolved.noise == "gaussian":
+        return None, {"method": "residual", "description": "not needed by the Gaussian (least-squares) fit; "
+                                                           "estimated per voxel from the residual"}
+    if sigma is None or (isinstance(sigma, str) and sigma == "auto"):
+        estimate = estimate_noise(source.full(), bvalues, mask if mask is not None and not mask.all() else None,
+                                  b0_threshold=b0_threshold)
+        logger.info("noise: sigma %.4g by %s", estimate.sigma, estimate.method)
+        return estimate, {**estimate.manifest(), "source": "auto"}
+    if isinstance(sigma, NoiseEstimate):
+        return sigma, {**sigma.manifest(), "source": "given NoiseEstimate"}
+    if isinstance(sigma, str):
+        raise ValueError(f"sigma {sigma!r}: give a positive number, a per-voxel array or 'auto'")
+    values = np.asarray(sigma, dtype=np.float64)
+    if values.ndim == 0:
+        value = float(values)
+        if not (np.isfinite(value) and value > 0):
+            raise ValueError(f"sigma must be finite and > 0, got {sigma!r}")
+        return NoiseEstimate(value, "given", "given by the user", 0), {"value": value, "method": "given"}
+    if values.shape != tuple(source.lead):
+        raise ValueError(f"sigma map shape {values.shape} differs from the data's leading shape {source.lead}")
+    inside = values[mask] if mask is not None else values
+    if not np.all(np.isfinite(inside) & (inside > 0)):
+        raise ValueError("the sigma map must be finite and > 0 at every voxel to be fitted")
+    estimate = NoiseEstimate(float(np.median(inside)), "given", "per-voxel map given by the user", int(inside.size),
+                             sigma_map=values.astype(np.float32))
+    return estimate, {**estimate.manifest(), "source": "given"}
+
+
+def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | None = None, noise: str = "rician",
+               sigma=None, b0_threshold: float = 0.0, chunk_size: int = 20000, device=None,
+               progress: bool | Callable[[int], None] = False) -> Maps:
+    """Estimate model parameters at every voxel of ``data`` inside ``mask``.
+
+    Parameters
+    ----------
+    data : array_like (..., M) or NiftiVolume
+        Magnitude signals (Rician) or real-valued ones (``noise="gaussian"``), any leading
+        shape; a 4-D :class:`~qmri_labels.data.io.NiftiVolume` is read chunk by chunk.
+    mask : array_like (...) of bool, optional
+        Voxels to estimate (default: every voxel).
+    protocol : array_like (M,)
+        b-values in s/mm^2, one per measurement.
+    estimator : "mle", MLEEstimator, NetworkEstimator, or a bundle name / folder
+    model : {"ivim", "monoexp"}, optional
+        The MLE's model (default ``ivim``); checked against a network's.
+    noise : {"rician", "gaussian"}
+        The MLE's likelihood (ignored by networks).
+    sigma : None, "auto", float, array_like (...) or NoiseEstimate
+        Noise SD in the data's units. ``None`` means ``"auto"`` for the Rician fit and "not
+        needed" for the Gaussian one. A per-voxel map (MP-PCA gives one) is used voxel by voxel.
+    b0_threshold : float
+        b-values at or below it count as repeated b = 0 measurements for the noise estimate.
+    chunk_size : int
+        Voxels estimated at a time (bounds memory).
+    device : str or torch.device, optional
+    progress : bool or callable
+        ``True``: a tqdm bar on stderr; a callable gets the number of voxels done after each chunk.
+
+    Returns
+    -------
+    Maps
+
+    Raises
+    ------
+    ValueError, TypeError
+        On inconsistent shapes, a protocol too short for the model, a network trained for
+        another protocol, a bad sigma, or when the noise level cannot be estimated.
+    """
+    from qmri_labels.physics import get_model
+
+    if protocol is None:
+        raise ValueError("fit_volume needs protocol=... (the b-values, one per measurement)")
+    bvalues = np.asarray(protocol, dtype=np.float64).ravel()
+    if noise not in ("rician", "gaussian"):
+        raise ValueError(f"noise must be 'rician' or 'gaussian', got {noise!r}")
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    source = _source(data)
+    n_meas = (source.volume.shape[3] if isinstance(source, _NiftiSource) else source.array.shape[-1])
+    if bvalues.size != n_meas:
+        raise ValueError(f"protocol has {bvalues.size} b-values, but the data have {n_meas} measurements")
+    if not np.all(np.isfinite(bvalues)) or np.any(bvalues < 0):
+        raise ValueError(f"b-values must be finite and >= 0, got {bvalues.tolist()}")
+    if mask is None:
+        mask_array = np.ones(source.lead, dtype=bool)
+    else:
+        mask_array = np.asarray(mask)
+        if mask_array.shape != tuple(source.lead):
+            raise ValueError(f"mask shape {mask_array.shape} differs from the data's leading shape {source.lead}")
+        mask_array = np.isfinite(mask_array) & (mask_array != 0) if mask_array.dtype != bool else mask_array
+    resolved = resolve_estimator(estimator, bvalues, model=model, noise=noise)
+    signal_model = get_model(resolved.model_name)
+    n_distinct = np.unique(bvalues).size
+    if n_distinct < signal_model.n_params:
+        raise ValueError(f"{n_distinct} distinct b-values; the {signal_model.name} model has {signal_model.n_params} "
+                         f"parameters {signal_model.param_names} and needs at least that many")
+    noise_estimate, noise_info = _resolve_noise(sigma, resolved, source, bvalues, mask_array, b0_threshold)
+
+    coords = np.nonzero(mask_array)
+    n_voxels = coords[0].size
+    scale = None
+    if resolved.kind == "network":
+        from qmri_labels.data.preprocessing import lowest_b_mean
+
+        if resolved.preprocessing.kind == "global_scale":
+            lowest = np.concatenate([lowest_b_mean(source.rows(tuple(c[s:s + chunk_size] for c in coords)), bvalues)
+                                     for s in range(0, n_voxels, chunk_size)]) if n_voxels else np.zeros(0)
+            scale = resolved.preprocessing.scale(lowest)
+            resolved.info["preprocessing"]["scale"] = scale
+
+    params = np.zeros(source.lead + (signal_model.n_params,), dtype=np.float32)
+    status = np.zeros(source.lead, dtype=np.uint8)
+    counts = {"nonfinite": 0, "negative": 0}
+    sigma_full = None if noise_estimate is None else noise_estimate.per_voxel()
+    bar = None
+    if progress is True:
+        import sys
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_voxels, unit="voxel", desc=f"{signal_model.name} {resolved.kind}", file=sys.stderr,
+                   dynamic_ncols=True)
+    done = 0
+    for start in range(0, n_voxels, int(chunk_size)):
+        chunk = tuple(c[start:start + chunk_size] for c in coords)
+        rows = source.rows(chunk)
+        if sigma_full is None or np.ndim(sigma_full) == 0:
+            chunk_sigma = sigma_full
+        else:
+            chunk_sigma = np.asarray(sigma_full[chunk], dtype=np.float64)
+            fallback = noise_estimate.sigma
+            chunk_sigma = np.where(np.isfinite(chunk_sigma) & (chunk_sigma > 0), chunk_sigma, fallback)
+        estimate, codes = _fit_rows(rows, bvalues, resolved, signal_model, chunk_sigma, scale, device, counts)
+        params[chunk] = estimate
+        status[chunk] = codes
+        done += rows.shape[0]
+        if bar is not None:
+            bar.update(rows.shape[0])
+        elif callable(progress):
+            progress(done)
+    if bar is not None:
+        bar.close()
+
+    counts = {
+        "total": int(np.prod(source.lead)) if source.lead else 1,
+        "in_mask": int(n_voxels),
+        "estimated": int(((status == 1) | (status == 2)).sum()),
+        "estimated_without_some_samples": int((status == 2).sum()),
+        "skipped": {key: int((status == code).sum()) for code, key in SKIP_KEYS.items()},
+        "samples_nonfinite": counts["nonfinite"],
+        "samples_negative": counts["negative"],
+    }
+    units = {n: ("input intensity units" if n == "S0" else signal_model.units[n]) for n in signal_model.param_names}
+    sigma_map = None
+    if noise_estimate is not None and noise_estimate.sigma_map is not None:
+        sigma_map = np.where(mask_array, noise_estimate.sigma_map, 0).astype(np.float32)
+    return Maps(params=params, param_names=tuple(signal_model.param_names), units=units, status=status,
+                model=signal_model.name, estimator=resolved.info, noise=noise_info, sigma_map=sigma_map,
+                counts=counts)
+
+
+def _fit_rows(signals, bvals, resolved: _Resolved, model, sigma, scale, device, counts):
+    """Parameters (n, P) float32 and status codes (n,) of one chunk of voxel rows."""
+    n = signals.shape[0]
+    nonfinite = ~np.isfinite(signals)
+    negative = np.zeros_like(nonfinite)
+    np.less(signals, 0, out=negative, where=~nonfinite)
+    counts["nonfinite"] += int(nonfinite.sum())
+    counts["negative"] += int(negative.sum())
+    # a magnitude (Rician) sample cannot be negative; a real-valued (Gaussian) one can
+    unusable = nonfinite | (negative if resolved.noise == "rician" else False)
+    clean = np.where(unusable, np.float32(0), signals)
+
+    params = np.full((n, model.n_params), np.nan, dtype=np.float32)
+    codes = np.zeros(n, dtype=np.uint8)
+    codes[~(np.where(unusable, -np.inf, clean) > 0).any(-1)] = 3
+    todo = codes == 0
+
+    # voxels with the same pattern of unusable samples are estimated together on the usable
+    # b-values; the complete voxels (usually nearly all) form one group without sorting
+    groups = []
+    complete_rows = np.flatnonzero(todo & ~unusable.any(-1))
+    if complete_rows.size:
+        groups.append((complete_rows, np.zeros(unusable.shape[1], dtype=bool)))
+    gap_rows = np.flatnonzero(todo & unusable.any(-1))
+    if gap_rows.size:
+        patterns, inverse = np.unique(unusable[gap_rows], axis=0, return_inverse=True)
+        inverse = inverse.ravel()
+        groups += [(gap_rows[inverse == p], pattern) for p, pattern in enumerate(patterns)]
+    for rows, pattern in groups:
+        keep = ~pattern
+        complete = bool(keep.all())
+        if resolved.kind == "network" and not complete:
+            codes[rows] = 6
+            continue
+        if np.unique(bvals[keep]).size < model.n_params:
+            codes[rows] = 5
+            continue
+        block = clean[np.ix_(rows, np.flatnonzero(keep))]
+        voxel_sigma = sigma if sigma is None or np.ndim(sigma) == 0 else sigma[rows]
+        estimate, valid = _estimate(resolved, block, bvals[keep], voxel_sigma, scale, device)
+        valid &= np.all(np.isfinite(estimate), axis=-1)
+        estimate[~valid] = np.nan
+        params[rows] = estimate
+        codes[rows] = np.where(valid, 1 if complete else 2, 7)
+    return params, codes
+
+
+def _estimate(resolved: _Resolved, signals, bvals, sigma, scale, device):
+    if resolved.kind == "mle":
+        from qmri_labels.fitting import fit_mle
+
+        fit = fit_mle(signals, bvals, model=resolved.model_name, noise=resolved.noise, sigma=sigma,
+                      bounds=resolved.bounds, device=device, progress=False)
+        return np.asarray(fit.params, dtype=np.float32).copy(), np.asarray(fit.valid, dtype=bool).copy()
+    from qmri_labels.data.preprocessing import lowest_b_mean
+
+    ordered = signals[:, resolved.order]
+    preprocessing = resolved.preprocessing
+    network_protocol = np.asarray(resolved.network.protocol, dtype=np.float64)
+    voxel_scale = scale if scale is not None else preprocessing.scale(lowest_b_mean(ordered, network_protocol))
+    valid = np.isfinite(np.asarray(voxel_scale, dtype=np.float64)) * np.ones(signals.shape[0], dtype=bool)
+    inputs = preprocessing.apply(ordered, np.where(np.isfinite(voxel_scale), voxel_scale, 1.0))
+    predicted = resolved.network.predict(inputs, device=None if device is None else str(device))
+    params = preprocessing.restore(predicted, resolved.network.param_names, voxel_scale)
+    return params, valid
+
+
+def load_dwi(dwi, bval, bvec=None) -> tuple[NiftiVolume, np.ndarray, np.ndarray | None]:
+    """Open a 4-D diffusion NIfTI with its b-values (and b-vectors, checked).
+
+    Returns ``(volume, bvalues (M,), bvecs (3, M) or None)``; the image's voxels are read
+    lazily (see :class:`~qmri_labels.data.io.NiftiVolume`), which :func:`fit_volume` accepts.
+    """
+    from qmri_labels.data.io import load_nifti, read_bvals, read_bvecs
+
+    volume = load_nifti(dwi)
+    if volume.ndim == 3:
+        raise ValueError(f"{dwi}: is a 3-D image (shape {volume.shape}); diffusion data need a 4-D image "
+                         "(x, y, z, one volume per b-value)")
+    if volume.ndim != 4:
+        raise ValueError(f"{dwi}: has {volume.ndim} dimensions (shape {volume.shape}); diffusion data need a 4-D "
+                         "image")
+    bvals = read_bvals(bval)
+    if bvals.size != volume.shape[3]:
+        raise ValueError(f"{bval}: {bvals.size} b-values, but {Path(dwi).name} has {volume.shape[3]} volumes")
+    bvecs = read_bvecs(bvec, volume.shape[3]) if bvec is not None else None
+    return volume, bvals, bvecs
