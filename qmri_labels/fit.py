@@ -126,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(f"--out {args.out}: exists and is not a folder")
             if not args.overwrite:
                 raise InputError(f"--out {args.out}: the output folder exists; choose another or pass --overwrite")
+        ancestor = out.absolute().parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise InputError(f"--out {args.out}: cannot be created, {ancestor} is not a folder")
         run = fit_dwi.run_dwi if mode == "dwi" else fit_qsm.run_qsm
         # the folder is assembled in a hidden sibling and renamed into place only when complete
         with atomic_dir(out, overwrite=args.overwrite) as folder:
