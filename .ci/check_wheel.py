@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -89,8 +90,12 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="qmri-wheel-") as tmp:
         tmp = Path(tmp)
-        # 1. the wheel and what it holds
-        build = [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-w", tmp / "dist", "-q"]
+        # 1. the wheel and what it holds, built from a clean copy of the source tree (a stale
+        # build/ folder in the checkout could otherwise leak deleted modules into the wheel)
+        source = tmp / "source"
+        shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+            ".git", "build", "dist", "*.egg-info", "runs", "__pycache__", ".pytest_cache", ".benchmarks", ".cache"))
+        build = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-w", tmp / "dist", "-q"]
         if args.no_build_isolation:
             build.append("--no-build-isolation")
         run(build, cwd=tmp)
