@@ -15,6 +15,24 @@ LOGGER_NAME = "qmri_labels"
 logger = logging.getLogger(LOGGER_NAME)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each message (test runners and
+    notebooks replace it), and marks itself as the CLI's handler."""
+
+    _qmri_cli = True
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def configure_cli_logging(quiet: bool = False, verbose: bool = False) -> logging.Logger:
     """Send the toolkit's messages to stderr at the level the flags ask for (idempotent)."""
     if quiet and verbose:
@@ -23,8 +41,7 @@ def configure_cli_logging(quiet: bool = False, verbose: bool = False) -> logging
     for handler in list(logger.handlers):
         if getattr(handler, "_qmri_cli", False):
             logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler._qmri_cli = True
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)

@@ -30,6 +30,7 @@ import copy
 import datetime as _dt
 import importlib
 import json
+import logging
 import os
 import platform
 import sys
@@ -41,6 +42,7 @@ import yaml
 
 from qmri_labels import paths
 from qmri_labels.fileio import deep_merge
+from qmri_labels.log import add_verbosity_flags, configure_cli_logging
 from qmri_labels.workflows import KINDS
 
 DEFAULT_CONFIG = "default"
@@ -132,7 +134,7 @@ def set_key(config: dict, path: list[str], value) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m qmri_labels.study",
+    parser = argparse.ArgumentParser(prog="qmri-study",
                                      description="\n\n".join(__doc__.split("\n\n")[1:3]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Named configurations: see --list.")
@@ -149,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any configuration key (dotted for nested keys; VALUE is YAML)")
     parser.add_argument("--out", help="results folder (default: runs/<name>-<timestamp>)")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    add_verbosity_flags(parser)
     parser.add_argument("--list", action="store_true", help="list the named configurations and exit")
     return parser
 
@@ -224,6 +226,7 @@ def _write(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_cli_logging(quiet=args.quiet, verbose=args.verbose)
     if args.list:
         for name, path in available_configs().items():
             try:
@@ -244,8 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
     plain = to_jsonable(config)
     _write(out / "config.yaml", yaml.safe_dump(plain, sort_keys=False))
-    if not args.quiet:
-        print(f"study {name!r} (kind {kind}) -> {out}", flush=True)
+    logging.getLogger("qmri_labels").info("study %r (kind %s) -> %s", name, kind, out)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     try:

@@ -4,6 +4,7 @@ normalised parameter scale, paired tests, tables, run manifests and messages."""
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from pathlib import Path
 from typing import Mapping
@@ -90,8 +91,10 @@ def run_manifest(kind: str, config: Mapping, started: float, t0: float, **more) 
 
 
 def say(quiet: bool, message: str) -> None:
+    """A workflow's progress message, to the ``qmri_labels`` logger (INFO) unless ``quiet``;
+    the study command shows INFO messages on stderr (``--quiet``: warnings only)."""
     if not quiet:
-        print(message, flush=True)
+        logging.getLogger("qmri_labels").info(message)
 
 
 def paired_test(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> dict:
