@@ -5,7 +5,7 @@
 Simulates a 4-D volume (Epstein's 10 b-values, the uniform Epstein prior, Rician noise,
 S0 = 1000) with its .bval file in a temporary folder, then runs
 ``python -m qmri_labels.fit`` once with ``--estimator mle --sigma VALUE`` and once with the
-shipped network, each in its own process, and prints wall time, voxels/s and the peak resident
+shipped network (and, with ``--sigma-auto``, with the MP-PCA noise map), each in its own process, and prints wall time, voxels/s and the peak resident
 memory of each run (``ru_maxrss`` of the child).
 """
 
@@ -51,6 +51,8 @@ def main(argv=None):
     parser.add_argument("--shape", type=int, nargs=3, default=[100, 100, 100])
     parser.add_argument("--snr", type=float, default=30.0)
     parser.add_argument("--network", default="ivim_epstein_snr30_mle")
+    parser.add_argument("--sigma-auto", action="store_true",
+                        help="also time the MLE with --sigma auto (one b = 0, no mask: the MP-PCA noise map)")
     args = parser.parse_args(argv)
     n = int(np.prod(args.shape))
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,6 +63,8 @@ def main(argv=None):
             "mle": ["--estimator", "mle", "--sigma", f"{sigma:g}"],
             f"network {args.network}": ["--estimator", args.network],
         }
+        if args.sigma_auto:
+            runs["mle --sigma auto (MP-PCA)"] = ["--estimator", "mle", "--sigma", "auto"]
         for i, (name, extra) in enumerate(runs.items()):
             seconds, peak = timed_run(["--dwi", str(dwi), "--bval", str(bval), "--out", str(folder / f"out{i}"), *extra])
             print(f"{name:40s}: {seconds:7.1f} s  {n / seconds:10,.0f} voxels/s  peak RSS (largest child so far) {peak:,.0f} MB")
