@@ -447,6 +447,14 @@ def test_network_for_another_protocol_names_both(network_bundle, ivim_data, tmp_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flag", [["--sigma", "3"], ["--noise", "gaussian"]])
+def test_mle_options_are_refused_with_a_network(flag, network_bundle, epstein_data, tmp_path, capsys):
+    code, err = run(["--dwi", epstein_data["dwi"], "--bval", epstein_data["bval"], "--estimator", network_bundle,
+                     *flag, "--out", tmp_path / "out"], capsys)
+    assert code == 1 and f"{flag[0]} applies to the MLE" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_network_model_mismatch(network_bundle, epstein_data, tmp_path, capsys):
     code, err = run(["--dwi", epstein_data["dwi"], "--bval", epstein_data["bval"], "--estimator", network_bundle,
                      "--model", "monoexp", "--out", tmp_path / "out"], capsys)

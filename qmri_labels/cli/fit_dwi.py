@@ -35,7 +35,7 @@ def add_arguments(parser) -> None:
                      help="noise SD in image units, or 'auto' to estimate it from the data: repeated b = 0, "
                           "else the background outside --mask, else MP-PCA of the series (a noise map). "
                           "Default: auto for the Rician fit; the Gaussian fit does not need it")
-    dwi.add_argument("--noise", choices=("rician", "gaussian"), default="rician",
+    dwi.add_argument("--noise", choices=("rician", "gaussian"), default=None,
                      help="noise model of the MLE fit (default rician: magnitude images)")
     dwi.add_argument("--b0-threshold", type=float, default=0.0,
                      help="b-values <= this count as repeated b = 0 volumes for --sigma auto (s/mm^2, default 0)")
@@ -55,7 +55,7 @@ def _sigma_argument(value):
 
 def map_scan(dwi_path: Path, bval_path: Path, out_dir: Path, *, bvec_path: Path | None = None,
              mask_path: Path | None = None, estimator: str | None = None, model: str | None = None,
-             noise: str = "rician", sigma=None, b0_threshold: float = 0.0, chunk_size: int = 20000,
+             noise: str | None = None, sigma=None, b0_threshold: float = 0.0, chunk_size: int = 20000,
              device=None, prefix: str | None = None, progress: bool = False) -> dict:
     """Map one DWI series into ``out_dir`` (which must exist); returns the manifest."""
     timings = {}
@@ -63,8 +63,11 @@ def map_scan(dwi_path: Path, bval_path: Path, out_dir: Path, *, bvec_path: Path 
     dwi, bvals, bvecs = load_dwi(dwi_path, bval_path, bvec_path)
     mask_volume, mask = read_mask(mask_path, dwi)
     sigma_value = _sigma_argument(sigma)
-    if estimator not in (None, "mle") and sigma is not None:
-        raise InputError("--sigma applies to the MLE; a network does not use it")
+    if estimator not in (None, "mle"):
+        for flag, value in (("--sigma", sigma), ("--noise", noise)):
+            if value is not None:
+                raise InputError(f"{flag} applies to the MLE; a network does not use it")
+    noise = noise or "rician"
     timings["read_inputs"] = round(time.perf_counter() - t0, 3)
 
     t1 = time.perf_counter()
