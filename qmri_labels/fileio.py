@@ -2,8 +2,10 @@
 
 Every file the toolkit writes goes through :func:`atomic_write_bytes` (a temporary file in the
 target folder, then a rename), so that a crash never leaves a half-written result or damages
-an earlier one. Manifests and configurations are written as JSON of plain types
-(:func:`to_jsonable`), and configurations are combined with :func:`deep_merge`.
+an earlier one; a whole folder (a model bundle, the fit command's output) is built with
+:func:`atomic_dir` and renamed into place when complete. Manifests and configurations are
+written as JSON of plain types (:func:`to_jsonable`), and configurations are combined with
+:func:`deep_merge`.
 """
 
 from __future__ import annotations

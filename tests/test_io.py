@@ -179,3 +179,40 @@ def test_failed_write_leaves_old_file_and_no_temporary(tmp_path, monkeypatch):
         qio.save_nifti(target, np.ones((2, 2, 2)), np.eye(4))
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.nii.gz"]
+
+
+# ----------------------------------------------------------------------------- atomic folders
+
+def test_atomic_dir_appears_complete_or_not_at_all(tmp_path):
+    from qmri_labels.fileio import atomic_dir, write_text
+
+    target = tmp_path / "results"
+    with pytest.raises(RuntimeError, match="crash"):
+        with atomic_dir(target) as staging:
+            write_text(staging / "a.txt", "half")
+            raise RuntimeError("crash")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    with atomic_dir(target) as staging:
+        write_text(staging / "a.txt", "first")
+        assert not target.exists()  # invisible until complete
+    assert (target / "a.txt").read_text() == "first"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == 0o777 & ~umask
+    assert ((target / "a.txt").stat().st_mode & 0o777) == 0o666 & ~umask
+    with pytest.raises(FileExistsError):
+        with atomic_dir(target):
+            pass
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target, overwrite=True) as staging:
+            write_text(staging / "b.txt", "second")
+            raise RuntimeError("crash while replacing")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]  # the old folder is untouched
+    with atomic_dir(target, overwrite=True) as staging:
+        write_text(staging / "b.txt", "second")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]  # no staging or retired folder left
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        with atomic_dir(tmp_path / "file", overwrite=True):
+            pass
