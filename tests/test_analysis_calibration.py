@@ -70,7 +70,7 @@ def test_unreported_repeats_are_left_out_and_counted():
     assert out["reported"][1, 1] == 1.0
     with pytest.raises(ValueError, match="shape"):
         calibration_statistics(estimate[0], sd[0], truth)
-    with pytest.raises(ValueError, match="levels"):
+    with pytest.raises(ValueError, match="level"):
         calibration_statistics(estimate, sd, truth, levels=(95,))
 
 

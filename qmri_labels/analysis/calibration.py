@@ -29,6 +29,7 @@ import pandas as pd
 from scipy import stats
 
 from qmri_labels.analysis.grid import GridSpec
+from qmri_labels.fitting.uncertainty import check_level
 
 #: nominal levels of the summary columns
 DEFAULT_LEVELS = (0.5, 0.9, 0.95)
@@ -39,9 +40,9 @@ _SQRT_PI = math.sqrt(math.pi)
 
 
 def _check_levels(levels) -> tuple:
-    levels = tuple(float(v) for v in np.atleast_1d(levels))
-    if not levels or any(not 0.0 < v < 1.0 for v in levels):
-        raise ValueError(f"levels must lie in (0, 1), got {levels}")
+    levels = tuple(check_level(v) for v in np.atleast_1d(levels))
+    if not levels:
+        raise ValueError("levels must name at least one level in (0, 1)")
     return levels
 
 

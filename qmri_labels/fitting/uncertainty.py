@@ -33,7 +33,8 @@ AT_BOUND_TOLERANCE = 1e-6
 INTERVAL_KINDS = ("percentile", "basic")
 
 
-def _check_level(level: float) -> float:
+def check_level(level: float) -> float:
+    """``level`` as a float in (0, 1), or a ValueError naming it."""
     level = float(level)
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must lie in (0, 1), got {level}")
@@ -70,7 +71,7 @@ class MLEUncertainty:
 
     def quantile(self, level: float) -> float:
         """Multiplier of the SD for a central interval of probability ``level``."""
-        level = _check_level(level)
+        level = check_level(level)
         q = 0.5 + 0.5 * level
         return float(stats.t.ppf(q, self.dof) if self.dof else stats.norm.ppf(q))
 
@@ -203,7 +204,7 @@ def bootstrap_interval(fit, bvalues, level: float = 0.95, n_boot: int = 200, kin
     from qmri_labels.fitting.mle import fit_mle
     from qmri_labels.physics.noise import add_noise
 
-    level = _check_level(level)
+    level = check_level(level)
     if kind not in INTERVAL_KINDS:
         raise ValueError(f"kind must be one of {INTERVAL_KINDS}, got {kind!r}")
     if int(n_boot) != n_boot or n_boot < 2:

@@ -30,7 +30,7 @@ from torch import nn
 from qmri_labels.fitting.fisher import fisher_information, information_to_variance
 from qmri_labels.fitting.likelihood import NOISE_MODELS, rician_nll_terms
 from qmri_labels.physics import get_model
-from qmri_labels.training.labels import TERMS, ParameterNormalisation
+from qmri_labels.training.labels import ParameterNormalisation, term_weights
 
 
 def gaussian_nll(pred: torch.Tensor, log_var: torch.Tensor, target: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -97,13 +97,7 @@ class HeteroscedasticLabelLoss(nn.Module):
     def __init__(self, weights: Mapping[str, float], model: str, protocol, normalisation: ParameterNormalisation,
                  noise: str = "gaussian"):
         super().__init__()
-        unknown = set(weights) - set(TERMS)
-        if unknown:
-            raise ValueError(f"unknown loss terms {sorted(unknown)}")
-        self.weights = {t: float(weights.get(t, 0.0)) for t in TERMS}
-        self.active = tuple(t for t in TERMS if self.weights[t] != 0.0)
-        if not self.active:
-            raise ValueError("every loss weight is zero")
+        self.weights, self.active = term_weights(weights)
         if "self" in self.active and len(self.active) > 1:
             raise ValueError("a heteroscedastic loss cannot mix the self-supervised (signal-noise variance) term with "
                              f"parameter terms; got weights {self.weights}")
