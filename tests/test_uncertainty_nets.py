@@ -164,3 +164,27 @@ def test_deep_ensemble_members_are_seeded_and_combined():
     means, variances = hetero.member_outputs(x)
     mean, sd = hetero(x)
     torch.testing.assert_close(sd**2, variances.mean(0) + means.var(0, unbiased=False))
+
+
+@pytest.mark.parametrize("label", ["gt", "self"])
+def test_heteroscedastic_loss_is_a_drop_in_for_the_lightning_module(label):
+    import lightning as L
+
+    from qmri_labels.data import EPSTEIN_BVALUES, DatasetSpec
+    from qmri_labels.training import InMemoryDataModule, LabelRegressor
+
+    ds = DatasetSpec(protocol=EPSTEIN_BVALUES, snr=30, n=512, seed=0).generate()
+    norm = ParameterNormalisation.from_support(ds.prior_support, ("S0", "f", "D", "Dstar"))
+    n_var = 1 if label == "self" else 4
+    torch.manual_seed(0)
+    net = HeteroscedasticNet(MLP(10, 4, bounds=BOUNDS, input_shift=ds.signals.mean(0), input_scale=ds.signals.std(0)),
+                             10, n_var, scale=None if label == "self" else norm.scale)
+    loss = HeteroscedasticLabelLoss(resolve_weights(label), "ivim", ds.protocol, norm, noise="rician")
+    module = LabelRegressor(net, loss, lr=3e-3)
+    data = InMemoryDataModule({"signals": ds.signals, "theta": ds.theta_true}, batch_size=64, val_fraction=0.25,
+                              split_seed=0, shuffle_seed=0)
+    trainer = L.Trainer(max_epochs=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=data)
+    history = [h["val_loss"] for h in module.history]
+    assert history[-1] < history[0], history
