@@ -1,4 +1,5 @@
-"""Analysis beyond RMSE: evaluation grids, bias/SD/sensitivity summaries, the Cramer-Rao floor,
+"""Analysis beyond RMSE: evaluation grids, bias/SD/sensitivity summaries, calibration of reported
+uncertainty (coverage, CRPS, reliability), the Cramer-Rao floor,
 paired statistics, image metrics for QSM (NRMSE, SSIM, HFEN, PSNR), figures and reports.
 
 Plotting and reporting (:mod:`~qmri_labels.analysis.plots`, :mod:`~qmri_labels.analysis.report`)

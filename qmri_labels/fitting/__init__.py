@@ -6,5 +6,7 @@ from qmri_labels.fitting.mle import (
     estimate_sigma_from_repeats,
     fit_mle,
 )
+from qmri_labels.fitting.uncertainty import MLEUncertainty, bootstrap_interval
 
-__all__ = ["FITTER_VERSION", "MLEFit", "fit_mle", "estimate_sigma_from_repeats"]
+__all__ = ["FITTER_VERSION", "MLEFit", "MLEUncertainty", "bootstrap_interval", "fit_mle",
+           "estimate_sigma_from_repeats"]
