@@ -129,8 +129,23 @@ class MLEEstimator(_ParamsMixin):
         self.fitted_ = True
         return self
 
-    def predict(self, signals) -> np.ndarray:
-        """Parameters ``(..., P)`` float32 for signals ``(..., M)``; NaN where a fit is invalid."""
+    def predict(self, signals, return_sd: bool = False):
+        """Parameters ``(..., P)`` float32 for signals ``(..., M)``; NaN where a fit is invalid.
+
+        Parameters
+        ----------
+        signals : array-like (..., M)
+        return_sd : bool
+            Also return the Wald standard errors ``(..., P)`` float32 from the Fisher
+            information at the estimate (NaN for a parameter on a bound or not identifiable;
+            see :mod:`qmri_labels.fitting.uncertainty`).
+
+        Returns
+        -------
+        params : ndarray (..., P)
+        sd : ndarray (..., P)
+            Only with ``return_sd=True``.
+        """
         from qmri_labels.fitting import fit_mle
 
         if self.protocol is None:
@@ -141,13 +156,16 @@ class MLEEstimator(_ParamsMixin):
         if sigma is not None and np.ndim(sigma) > 0:
             sigma = np.broadcast_to(np.asarray(sigma, dtype=np.float64), lead).reshape(-1)
         kwargs = {"model": self.model, "noise": self.noise, "sigma": sigma, "bounds": self.bounds,
-                  "device": self.device, "progress": self.progress}
+                  "device": self.device, "progress": self.progress, "uncertainty": bool(return_sd)}
         if self.n_starts is not None:
             kwargs["n_starts"] = self.n_starts
         if self.chunk_size is not None:
             kwargs["chunk_size"] = self.chunk_size
         fit = fit_mle(flat, protocol, **kwargs)
-        return np.asarray(fit.params, dtype=np.float32).reshape(*lead, -1)
+        params = np.asarray(fit.params, dtype=np.float32).reshape(*lead, -1)
+        if not return_sd:
+            return params
+        return params, np.asarray(fit.sd, dtype=np.float32).reshape(*lead, -1)
 
 
 class NetworkEstimator(_ParamsMixin):

@@ -81,8 +81,11 @@ def test_rician_bound_exceeds_gaussian_and_converges_at_high_snr():
 
 def test_unidentifiable_parameter_has_infinite_bound_and_bad_input_raises():
     b = np.array([0, 50, 100, 400, 800.0])
-    bound = crlb("ivim", [1.0, 0.0, 1e-3, 0.05], b, 0.01)  # f = 0: D* unidentifiable
-    assert np.all(np.isinf(bound))
+    theta = np.array([1.0, 0.0, 1e-3, 0.05])
+    bound = crlb("ivim", theta, b, 0.01)  # f = 0: D* unidentifiable, S0, f and D are not
+    assert np.isinf(bound[3]) and np.all(np.isfinite(bound[:3]))
+    info = fisher_information("ivim", theta, b, 0.01)
+    np.testing.assert_allclose(bound[:3], np.sqrt(np.diag(np.linalg.inv(info[:3, :3]))), rtol=1e-8)
     with pytest.raises(ValueError, match="columns"):
         crlb("ivim", [1.0, 0.1], b, 0.01)
     with pytest.raises(ValueError, match="sigma"):

@@ -1,10 +1,20 @@
-"""Analysis beyond RMSE: evaluation grids, bias/SD/sensitivity summaries, the Cramer-Rao floor,
+"""Analysis beyond RMSE: evaluation grids, bias/SD/sensitivity summaries, calibration of reported
+uncertainty (coverage, CRPS, reliability), the Cramer-Rao floor,
 paired statistics, image metrics for QSM (NRMSE, SSIM, HFEN, PSNR), figures and reports.
 
 Plotting and reporting (:mod:`~qmri_labels.analysis.plots`, :mod:`~qmri_labels.analysis.report`)
 import matplotlib only when first used.
 """
 
+from qmri_labels.analysis.calibration import (
+    CalibrationResult,
+    calibration_statistics,
+    empirical_crps,
+    evaluate_calibration,
+    gaussian_crps,
+    plot_reliability,
+    summarize_calibration,
+)
 from qmri_labels.analysis.crlb import (
     crlb,
     fisher_information,
@@ -60,6 +70,13 @@ __all__ = [
     "marginal_curves",
     "spearman_table",
     "crlb",
+    "CalibrationResult",
+    "calibration_statistics",
+    "evaluate_calibration",
+    "summarize_calibration",
+    "gaussian_crps",
+    "empirical_crps",
+    "plot_reliability",
     "fisher_information",
     "rician_information_factor",
     "paired_comparisons",

@@ -6,5 +6,7 @@ from qmri_labels.fitting.mle import (
     fit_mle,
 )
 from qmri_labels.fitting.noise import NoiseEstimate, estimate_noise, sigma_from_repeats
+from qmri_labels.fitting.uncertainty import MLEUncertainty, bootstrap_interval
 
-__all__ = ["FITTER_VERSION", "MLEFit", "NoiseEstimate", "estimate_noise", "fit_mle", "sigma_from_repeats"]
+__all__ = ["FITTER_VERSION", "MLEFit", "MLEUncertainty", "NoiseEstimate", "bootstrap_interval", "estimate_noise",
+           "fit_mle", "sigma_from_repeats"]

@@ -22,6 +22,7 @@ import torch
 
 from qmri_labels.fitting.likelihood import NOISE_MODELS, full_nll, nll_and_grad_terms
 from qmri_labels.fitting.noise import sigma_from_repeats
+from qmri_labels.fitting.uncertainty import MLEUncertainty, fisher_uncertainty
 from qmri_labels.physics import SignalModel, get_model
 
 #: version of the fitting algorithm: part of every cache key of fitted labels, raised whenever
@@ -63,6 +64,9 @@ class MLEFit:
     n_iter : ndarray of int (...)
     invalid_reason : ndarray of str (...)
         Empty for valid voxels, otherwise why the voxel was skipped.
+    uncertainty : MLEUncertainty or None
+        Standard errors and the admissible box (``fit_mle(..., uncertainty=True)``); see
+        :attr:`sd`, :attr:`sd_reason` and :meth:`interval`.
     """
 
     model: SignalModel
@@ -76,6 +80,26 @@ class MLEFit:
     n_iter: np.ndarray | None = None
     invalid_reason: np.ndarray | None = None
     settings: dict = field(default_factory=dict)
+    uncertainty: MLEUncertainty | None = None
+
+    @property
+    def sd(self) -> np.ndarray:
+        """Standard errors ``(..., P)`` in the model's parameter order (NaN: see :attr:`sd_reason`)."""
+        return self._require_uncertainty().sd
+
+    @property
+    def sd_reason(self) -> np.ndarray:
+        """Why a standard error is NaN (``""`` where it is a number), ``(..., P)``."""
+        return self._require_uncertainty().reason
+
+    def interval(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+        """Wald interval ``(low, high)``, each ``(..., P)``, inside the admissible box."""
+        return self._require_uncertainty().interval(self.params, level)
+
+    def _require_uncertainty(self) -> MLEUncertainty:
+        if self.uncertainty is None:
+            raise ValueError("this fit has no standard errors: call fit_mle(..., uncertainty=True)")
+        return self.uncertainty
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -117,6 +141,7 @@ def fit_mle(
     max_memory_mb: float = 1024.0,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    uncertainty: bool = False,
 ) -> MLEFit:
     """Maximum-likelihood estimates of model parameters for many voxels at once.
 
@@ -159,6 +184,9 @@ def fit_mle(
         Working precision of the iterations; the reported NLL is always evaluated in float64.
     progress : bool
         Show a progress bar over chunks.
+    uncertainty : bool
+        Also compute Wald standard errors from the Fisher information at the estimate
+        (``fit.sd``, ``fit.interval(level)``; see :mod:`qmri_labels.fitting.uncertainty`).
 
     Returns
     -------
@@ -237,6 +265,12 @@ def fit_mle(
                 sigma_flat[chunk] = torch.sqrt(((y64 - pred) ** 2).mean(-1)).clamp_min(1e-12).numpy()
             nll[chunk] = full_nll(y64, pred, torch.as_tensor(sigma_flat[chunk])[:, None], noise).numpy()
 
+    errors = None
+    if uncertainty:
+        errors = fisher_uncertainty(model, flat, bvalues, params, sigma_flat, noise, lower, upper, scale_relative,
+                                    valid, sigma_from_residuals=noise == "gaussian" and sigma is None)
+        errors.sd, errors.reason, errors.lower, errors.upper = (
+            a.reshape(*lead_shape, model.n_params) for a in (errors.sd, errors.reason, errors.lower, errors.upper))
     return MLEFit(
         model=model,
         params=params.reshape(*lead_shape, model.n_params),
@@ -251,6 +285,7 @@ def fit_mle(
         settings={"fitter_version": FITTER_VERSION, "noise": noise, "n_starts": n_starts, "probe_iter": probe_iter,
                   "max_iter": max_iter, "tol": tol, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
                   "bounds": None if bounds is None else np.stack([lower, upper]).tolist()},
+        uncertainty=errors,
     )
 
 

@@ -124,6 +124,19 @@ def self_supervised_mse(pred_params: torch.Tensor, signals: torch.Tensor, forwar
     return ((forward(pred_params, protocol) - signals) ** 2).mean()
 
 
+def term_weights(weights: Mapping[str, float]) -> tuple[dict, tuple]:
+    """``({term: weight} for every term, the terms with a non-zero weight)``; refuses unknown
+    terms and all-zero weights."""
+    unknown = set(weights) - set(TERMS)
+    if unknown:
+        raise ValueError(f"unknown loss terms {sorted(unknown)}")
+    full = {t: float(weights.get(t, 0.0)) for t in TERMS}
+    active = tuple(t for t in TERMS if full[t] != 0.0)
+    if not active:
+        raise ValueError("every loss weight is zero")
+    return full, active
+
+
 class LabelLoss(nn.Module):
     """Weighted sum of the ``gt``, ``mle`` and ``self`` terms.
 
@@ -143,13 +156,7 @@ class LabelLoss(nn.Module):
 
     def __init__(self, weights: Mapping[str, float], model: str, protocol, normalisation: ParameterNormalisation):
         super().__init__()
-        unknown = set(weights) - set(TERMS)
-        if unknown:
-            raise ValueError(f"unknown loss terms {sorted(unknown)}")
-        self.weights = {t: float(weights.get(t, 0.0)) for t in TERMS}
-        self.active = tuple(t for t in TERMS if self.weights[t] != 0.0)
-        if not self.active:
-            raise ValueError("every loss weight is zero")
+        self.weights, self.active = term_weights(weights)
         self.model_name = model
         self._forward = get_model(model).forward
         self.register_buffer("protocol", torch.as_tensor(np.asarray(protocol, dtype=np.float32)))
