@@ -195,3 +195,16 @@ def test_a_killed_worker_s_trial_is_marked_failed_and_run_again(tmp_path):
     assert retries[0].params == victim.params
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) >= 2 and result["manifest"]["optuna"]["trials_in_study"] == len(complete)
+
+
+def test_worker_flags_set_the_search_config():
+    from qmri_labels import study
+
+    parse = study.build_parser().parse_args
+    _, config, _, _ = study.resolve(parse(["--config", "tiny_hparam", "--storage", "sqlite:///x.db",
+                                           "--study-name", "n", "--worker"]))
+    assert (config["storage"], config["study_name"], config["worker"]) == ("sqlite:///x.db", "n", True)
+    _, config, _, _ = study.resolve(parse(["--config", "tiny_hparam"]))
+    assert config["worker"] is False and config["storage"] is None
+    with pytest.raises(ValueError, match="--worker does not apply to study kind 'ivim_labels'"):
+        study.resolve(parse(["--config", "tiny_ivim", "--worker"]))
