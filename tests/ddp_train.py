@@ -56,3 +56,29 @@ def main(out: str, processes: int) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]))
+
+
+def gradient_average_worker(rank: int, world: int, init_file: str, rows: list, out: str) -> None:
+    """One rank of ``test_ddp``'s check of :func:`average_gradients` (run by torch.multiprocessing)."""
+    import torch.distributed as dist
+
+    from qmri_labels.training.distributed import average_gradients
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        net = torch.nn.Linear(3, 2)
+        data = torch.randn(sum(rows), 3, generator=torch.Generator().manual_seed(1))
+        start = sum(rows[:rank])
+        x = data[start : start + rows[rank]]
+        values = [torch.zeros(()), torch.zeros(())]
+        if rows[rank]:
+            loss = net(x).pow(2).mean()
+            loss.backward()
+            values = [loss, 2 * loss]
+        means, total = average_gradients(list(net.parameters()), rows[rank], values)
+        torch.save({"grads": [p.grad.clone() for p in net.parameters()], "means": means.clone(),
+                    "total": total.clone()}, Path(out) / f"grad{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -119,3 +119,23 @@ def test_global_batch_must_split_evenly_over_processes():
         data.train_dataloader()
     with pytest.raises(ValueError, match="rank must lie"):
         TensorBatches({"x": torch.zeros(4, 1)}, torch.arange(4), 2, rank=2, world_size=2)
+
+
+def test_gradient_average_is_weighted_by_each_rank_s_rows(tmp_path):
+    """Three gloo ranks with 5, 0 and 3 rows: every rank gets the gradient of the mean loss over all 8 rows."""
+    import torch.multiprocessing as mp
+
+    rows = [5, 0, 3]
+    mp.spawn(ddp_train.gradient_average_worker, args=(3, str(tmp_path / "init"), rows, str(tmp_path)), nprocs=3)
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    data = torch.randn(sum(rows), 3, generator=torch.Generator().manual_seed(1))
+    loss = net(data).pow(2).mean()
+    loss.backward()
+    results = [torch.load(tmp_path / f"grad{r}.pt", weights_only=True) for r in range(3)]
+    for result in results:
+        assert float(result["total"]) == 8
+        for i, (got, p) in enumerate(zip(result["grads"], net.parameters())):
+            torch.testing.assert_close(got, p.grad, rtol=1e-6, atol=1e-7)
+            assert torch.equal(got, results[0]["grads"][i])  # the same bytes on every rank
+        torch.testing.assert_close(result["means"], torch.stack([loss, 2 * loss]).detach(), rtol=1e-6, atol=0)
