@@ -173,7 +173,7 @@ class NetworkEstimator(_ParamsMixin):
     lr, weight_decay : float
     optimiser : {"adam", "adamw", "sgd"}
     batch_size : int
-        Optimiser batch size.
+        Optimiser batch size (under DDP: over all processes together).
     batches_per_block : int
         Batches handed to Lightning per call and stepped through inside it (same updates as
         one call per batch; amortises Lightning's per-call overhead, see
