@@ -189,10 +189,16 @@ def test_a_killed_worker_s_trial_is_marked_failed_and_run_again(tmp_path):
     states = {t.number: t.state for t in trials}
     assert states[victim.number] == optuna.trial.TrialState.FAIL
     assert not [t for t in trials if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)]
-    # the failed trial was queued again with its hyperparameters and completed by the finishing run
+    # the failed trial was queued again with its hyperparameters and completed by the finishing run; the
+    # point is the one trial number victim.number draws (also where the kill came before all were drawn)
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
-    assert retries[0].params == victim.params
+    failed = next(t for t in trials if t.number == victim.number)
+    assert {k: retries[0].params[k] for k in failed.params} == failed.params
+    space = hparam._check_space(yaml.safe_load((studies_dir() / "tiny_hparam.yaml").read_text())["search_space"])
+    reference = optuna.create_study(sampler=hparam.trial_seeded_sampler(0))
+    draws = [hparam.suggest(reference.ask(), space) for _ in range(victim.number + 1)]
+    assert retries[0].params == draws[victim.number]
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) >= 2 and result["manifest"]["optuna"]["trials_in_study"] == len(complete)
 
@@ -208,3 +214,27 @@ def test_worker_flags_set_the_search_config():
     assert config["worker"] is False and config["storage"] is None
     with pytest.raises(ValueError, match="--worker does not apply to study kind 'ivim_labels'"):
         study.resolve(parse(["--config", "tiny_ivim", "--worker"]))
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_trial_whose_worker_died_before_its_objective_began_is_failed_and_run_again(tmp_path):
+    """Killed between taking a trial and its first heartbeat: no heartbeat can go stale, the finishing run
+    still fails it after the grace period and runs it again."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    study = hparam.open_study(storage, "s", 0, 1, 1)
+    orphan = study.ask()  # RUNNING, as a worker that died right after taking it leaves it
+    orphan.suggest_float("x", 0.0, 1.0)
+
+    def objective(trial):
+        trial.set_user_attr(hparam.STARTED_ATTR, trial.number)
+        return trial.suggest_float("x", 0.0, 1.0)
+
+    t0 = time.monotonic()
+    ran = hparam.run_trials(study, objective, n_trials=1, finish=True, poll_seconds=0.2, grace_seconds=1.0)
+    assert time.monotonic() - t0 >= 1.0
+    trials = study.get_trials()
+    assert trials[0].state == optuna.trial.TrialState.FAIL and ran == 2
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.COMPLETE
+    assert retry[0].params == trials[0].params
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]

@@ -70,6 +70,8 @@ from qmri_labels.workflows.common import (
 )
 
 STORAGE_ENV = "QMRI_LABELS_OPTUNA_STORAGE"
+#: user attribute a trial's objective sets first (to its own number)
+STARTED_ATTR = "objective_started"
 
 DEFAULTS: dict = {
     "kind": "hparam",
@@ -202,9 +204,11 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
     worker_id = f"{platform.node()}:{os.getpid()}"
 
     def objective(trial):
+        # first: marks the trial as begun (its heartbeat runs from now on), see run_trials
+        trial.set_user_attr(STARTED_ATTR, trial.number)
+        trial.set_user_attr("worker", worker_id)
         hyper = suggest(trial, space)
         start = time.perf_counter()
-        trial.set_user_attr("worker", worker_id)
         estimator, errors = train_and_score(hyper)
         trial.set_user_attr("epochs", int(estimator.n_epochs_))
         trial.set_user_attr("fit_seconds", time.perf_counter() - start)
@@ -214,7 +218,8 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
         return value if math.isfinite(value) else float("inf")
 
     ran = run_trials(study, objective, n_trials, finish=not worker,
-                     poll_seconds=min(5.0, float(config["heartbeat_seconds"])))
+                     poll_seconds=min(5.0, float(config["heartbeat_seconds"])),
+                     grace_seconds=2 * int(config["heartbeat_seconds"]), retries=int(config["failed_trial_retries"]))
     trials = study.trials_dataframe()
     # only trials scored on this validation data count (a shared store may hold others)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
@@ -291,13 +296,17 @@ def trial_seeded_sampler(seed: int):
     """An Optuna random sampler whose draws for trial number ``i`` depend on ``(seed, i)`` only.
 
     Workers sharing a study then search the same points whichever of them runs which trial
-    (Optuna's :class:`~optuna.samplers.RandomSampler` draws from one stream per process).
+    (Optuna's :class:`~optuna.samplers.RandomSampler` draws from one stream per process). A
+    trial queued again after a failure keeps the failed trial's values and draws any missing
+    ones as the failed trial would have.
     """
     import optuna
 
     class TrialSeededRandomSampler(optuna.samplers.RandomSampler):
         def sample_independent(self, study, trial, param_name, param_distribution):
-            key = hashlib.sha256(f"{int(seed)}/{trial.number}/{param_name}".encode()).digest()
+            # a trial queued again after a failure draws what the failed trial would have drawn
+            number = trial.system_attrs.get("failed_trial", trial.number)
+            key = hashlib.sha256(f"{int(seed)}/{number}/{param_name}".encode()).digest()
             draw = optuna.samplers.RandomSampler(seed=int.from_bytes(key[:4], "little"))
             return draw.sample_independent(study, trial, param_name, param_distribution)
 
@@ -314,8 +323,6 @@ def open_study(storage: str, study_name: str, seed: int, heartbeat_seconds: int,
     import optuna
     from optuna.storages import RDBStorage
 
-    # Optuna >= 4.9 names it RetryHeartbeatStaleTrialCallback (the old name is deprecated)
-    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
     callback_kw = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback"
                    in inspect.signature(RDBStorage.__init__).parameters else "failed_trial_callback")
 
@@ -330,7 +337,7 @@ def open_study(storage: str, study_name: str, seed: int, heartbeat_seconds: int,
             try:
                 rdb = RDBStorage(storage, engine_kwargs=engine, heartbeat_interval=int(heartbeat_seconds),
                                  grace_period=2 * int(heartbeat_seconds),
-                                 **{callback_kw: retry(max_retry=int(retries))})
+                                 **{callback_kw: _retry_callback(retries)})
                 study = optuna.create_study(study_name=study_name, storage=rdb, sampler=trial_seeded_sampler(seed),
                                             direction="minimize", load_if_exists=True)
                 break
@@ -350,12 +357,16 @@ def open_study(storage: str, study_name: str, seed: int, heartbeat_seconds: int,
     return study
 
 
-def run_trials(study, objective, n_trials: int, finish: bool, poll_seconds: float = 5.0) -> int:
+def run_trials(study, objective, n_trials: int, finish: bool, poll_seconds: float = 5.0,
+               grace_seconds: float = 120.0, retries: int = 1) -> int:
     """Run trials until the study holds ``n_trials`` completed ones; returns how many ran here.
 
     ``finish``: afterwards wait until no trial of the study runs (trials of killed workers
     are failed by their stale heartbeat meanwhile) and run the trials queued again after a
-    failure, so that the study is complete when this returns.
+    failure, so that the study is complete when this returns. A trial whose worker died
+    before its objective began has no heartbeat that could go stale; it is failed (and queued
+    again) once it has run for ``grace_seconds`` without its objective setting
+    :data:`STARTED_ATTR`; ``retries`` as in :func:`open_study`.
     """
     import optuna
 
@@ -373,11 +384,40 @@ def run_trials(study, objective, n_trials: int, finish: bool, poll_seconds: floa
             if not finish:
                 return ran
             optuna.storages.fail_stale_trials(study)
+            _fail_trials_never_begun(study, grace_seconds, retries)
             counts = _state_counts(study)
             if not counts[states.RUNNING] and not counts[states.WAITING]:
                 return ran
             if not counts[states.WAITING]:
                 time.sleep(poll_seconds)
+
+
+def _retry_callback(retries: int):
+    """Optuna's callback that queues a failed trial again (renamed in Optuna 4.9)."""
+    import optuna
+
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    return retry(max_retry=int(retries))
+
+
+def _fail_trials_never_begun(study, grace_seconds: float, retries: int) -> None:
+    """Fail running trials whose objective never began (their worker died between taking the
+    trial and starting its heartbeat), and queue them again like heartbeat-stale ones."""
+    import datetime
+
+    import optuna
+
+    now = datetime.datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        begun = trial.user_attrs.get(STARTED_ATTR) == trial.number
+        if begun or trial.datetime_start is None or (now - trial.datetime_start).total_seconds() <= grace_seconds:
+            continue
+        try:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except (ValueError, RuntimeError):  # finished or failed by another process meanwhile
+            continue
+        failed = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        _retry_callback(retries)(study, failed)
 
 
 def _state_counts(study) -> dict:
