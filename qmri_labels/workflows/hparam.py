@@ -23,8 +23,9 @@ share one search:
 * Each trial is recorded once (the store numbers them). A running trial sends a heartbeat
   every ``heartbeat_seconds``; a trial whose process was killed is marked failed once its
   heartbeat is two intervals old (checked by every process before it starts a trial), and
-  is queued again with the same hyperparameters up to ``failed_trial_retries`` times. The
-  other processes go on.
+  is queued again with the same hyperparameters up to ``failed_trial_retries`` times (the
+  finishing run, below, does the same for a trial whose process died before its first
+  heartbeat). The other processes go on.
 * A process started with ``worker: true`` (``--worker``) only runs trials. One process
   without it (started with or after the workers) runs trials as well, then waits until no
   trial is running, runs any re-queued ones, and does the reference-vs-tuned comparison over
