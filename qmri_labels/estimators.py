@@ -192,7 +192,7 @@ class NetworkEstimator(_ParamsMixin):
     lr, weight_decay : float
     optimiser : {"adam", "adamw", "sgd"}
     batch_size : int
-        Optimiser batch size.
+        Optimiser batch size (under DDP: over all processes together).
     batches_per_block : int
         Batches handed to Lightning per call and stepped through inside it (same updates as
         one call per batch; amortises Lightning's per-call overhead, see
@@ -209,7 +209,9 @@ class NetworkEstimator(_ParamsMixin):
     init_seed, shuffle_seed : int or None
     accelerator, devices, num_nodes, strategy, precision
         Passed to ``lightning.Trainer`` (e.g. ``accelerator="gpu", devices=4, strategy="ddp"``);
-        one device by default, so that ``fit`` never relaunches the calling script.
+        one device by default, so that ``fit`` never relaunches the calling script. Under
+        DDP ``batch_size`` is the batch of one step over all processes and every rank ends
+        with the same weights (see the guide's "Scaling out").
     deterministic : bool
         ``torch.use_deterministic_algorithms`` during training (Lightning's flag).
     benchmark : bool or None
@@ -326,19 +328,16 @@ class NetworkEstimator(_ParamsMixin):
         -------
         self
         """
-        import lightning as L
-        from lightning.pytorch.callbacks import EarlyStopping
-
         from qmri_labels.nets import MLP
         from qmri_labels.training import (
             InMemoryDataModule,
-            KeepBestState,
             LabelLoss,
             LabelRegressor,
             MLELabels,
             ParameterNormalisation,
             compute_mle_labels,
         )
+        from qmri_labels.training.trainer import build_trainer
 
         if not isinstance(dataset, Dataset):
             raise ValueError(f"fit expects a qmri_labels Dataset, got {type(dataset).__name__}")
@@ -399,21 +398,12 @@ class NetworkEstimator(_ParamsMixin):
         data = InMemoryDataModule(tensors, batch_size=int(self.batch_size), val_fraction=float(self.val_fraction),
                                   split_seed=seed, shuffle_seed=shuffle_seed,
                                   batches_per_block=int(self.batches_per_block))
-        monitor = "val_loss" if data.has_validation else "train_loss"
-        keeper = KeepBestState(monitor)
-        callbacks = [keeper]
-        if self.patience > 0:
-            callbacks.append(EarlyStopping(monitor=monitor, patience=int(self.patience), min_delta=float(self.min_delta),
-                                           mode="min", check_on_train_epoch_end=not data.has_validation))
-        trainer_kwargs = {} if data.has_validation else {"limit_val_batches": 0}
         with _quiet_lightning(True), _deterministic_scope(), _torch_threads(self.num_threads):
-            trainer = L.Trainer(
-                accelerator=self.accelerator, devices=self.devices, num_nodes=self.num_nodes, strategy=self.strategy,
-                precision=self.precision, deterministic=self.deterministic, benchmark=self.benchmark,
-                max_epochs=int(self.max_epochs),
-                callbacks=callbacks, logger=False, enable_checkpointing=False, enable_model_summary=False,
-                enable_progress_bar=bool(self.progress), num_sanity_val_steps=0, **trainer_kwargs,
-            )
+            trainer, keeper = build_trainer(
+                max_epochs=int(self.max_epochs), has_validation=data.has_validation, patience=int(self.patience),
+                min_delta=float(self.min_delta), accelerator=self.accelerator, devices=self.devices,
+                num_nodes=self.num_nodes, strategy=self.strategy, precision=self.precision,
+                deterministic=self.deterministic, benchmark=self.benchmark, progress=bool(self.progress))
             trainer.fit(module, datamodule=data)
         network = module.network.to("cpu").eval()
 
@@ -441,6 +431,8 @@ class NetworkEstimator(_ParamsMixin):
         self.n_epochs_ = int(trainer.current_epoch)
         self.fit_seconds_ = time.perf_counter() - start
         self.device_ = device_info(trainer.strategy.root_device)
+        # under DDP every rank holds the same weights; only rank 0 writes (see save)
+        self.global_rank_, self.world_size_ = int(trainer.global_rank), int(trainer.world_size)
         self.seeds_ = {"seed": seed, "split_seed": seed, "init_seed": init_seed, "shuffle_seed": shuffle_seed}
         return self
 
@@ -513,7 +505,13 @@ class NetworkEstimator(_ParamsMixin):
         return manifest
 
     def save(self, path, metrics: Mapping | None = None, extra: Mapping | None = None, overwrite: bool = True) -> Path:
-        """Write a model bundle folder (weights + manifest with SHA-256); see :mod:`qmri_labels.bundle`."""
+        """Write a model bundle folder (weights + manifest with SHA-256); see :mod:`qmri_labels.bundle`.
+
+        After a distributed fit only rank 0 writes (every rank holds the same weights); the
+        other ranks return the path without touching it.
+        """
+        if getattr(self, "global_rank_", 0) != 0:
+            return Path(path)
         return save_bundle(path, self.network_.state_dict(), self.manifest(metrics, extra), overwrite=overwrite)
 
     @classmethod

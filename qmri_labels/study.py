@@ -11,6 +11,7 @@ held-out grid)::
     python -m qmri_labels.study --model qsm            # the QSM label study
     python -m qmri_labels.study --config mismatch_ivim # any named study in studies/
     python -m qmri_labels.study --list
+    python -m qmri_labels.study --config hparam_ivim --storage sqlite:///search.db --study-name s1 --worker
 
 A configuration (YAML) has a ``kind`` that selects the workflow module (see
 :data:`qmri_labels.workflows.KINDS`); keys not given take the workflow's ``DEFAULTS``. Flags
@@ -50,7 +51,7 @@ DEFAULT_CONFIG = "default"
 MODEL_KINDS = {"qsm": "qsm_labels"}
 #: flags that override configuration keys (flag destination -> key)
 FLAG_KEYS = {"alpha": "alpha", "snr": "snr", "bvalues": "bvalues", "n_train": "n_train", "max_epochs": "max_epochs",
-             "seed": "seed", "device": "device"}
+             "seed": "seed", "device": "device", "storage": "storage", "study_name": "study_name", "worker": "worker"}
 META_KEYS = {"kind", "name", "description", "title"}
 
 
@@ -148,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-epochs", type=int, help="maximum training epochs per network")
     parser.add_argument("--seed", type=int, help="seed of data, weights and batch order")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--storage", metavar="URL",
+                        help="search studies (kind hparam): Optuna storage shared by all workers, e.g. "
+                             "sqlite:///runs/search.db (one machine) or postgresql://user@host/db (many); "
+                             "default: sqlite in --out, or $QMRI_LABELS_OPTUNA_STORAGE")
+    parser.add_argument("--study-name", metavar="NAME",
+                        help="search studies: name of the shared study (the same on every worker; "
+                             "default: hparam-<dataset>)")
+    parser.add_argument("--worker", action="store_const", const=True, default=None,
+                        help="search studies: only run trials until the study holds n_trials completed ones, "
+                             "no comparison; start one run without --worker to finish and compare")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any configuration key (dotted for nested keys; VALUE is YAML)")
     parser.add_argument("--out", help="results folder (default: runs/<name>-<timestamp>)")

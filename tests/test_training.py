@@ -27,12 +27,16 @@ def test_batches_are_whole_tensor_slices_covering_every_row_once():
     assert torch.equal(first, e0) and not torch.equal(first, second)
 
 
-def test_distributed_shares_are_disjoint_and_equal():
+def test_distributed_shares_are_disjoint_and_cover_every_row():
     x = torch.arange(100, dtype=torch.float32)[:, None]
-    shares = [torch.cat([b["x"][:, 0] for b in TensorBatches({"x": x}, torch.arange(100), 8, seed=3, rank=r,
-                                                             world_size=3)]) for r in range(3)]
-    assert all(s.numel() == 33 for s in shares)
-    assert len(set(torch.cat(shares).tolist())) == 99
+    loaders = [TensorBatches({"x": x}, torch.arange(100), 8, seed=3, rank=r, world_size=3) for r in range(3)]
+    shares = [torch.cat([b["x"][:, 0] for b in loader]) for loader in loaders]
+    assert [s.numel() for s in shares] == [34, 33, 33]
+    assert sorted(torch.cat(shares).tolist()) == list(range(100))
+    # the same number of blocks on every rank (each block holds collectives under DDP)
+    assert {len(loader) for loader in loaders} == {5}
+    assert [sum(1 for _ in TensorBatches({"x": x}, torch.arange(100), 8, rank=r, world_size=3)) for r in range(3)] \
+        == [5, 5, 5]
 
 
 def test_datamodule_split_and_validation():

@@ -4,8 +4,16 @@ Small voxel-wise networks train in microseconds per batch; a ``DataLoader`` that
 collates sample by sample costs several times the training step itself. Here every batch is
 one fancy-index of each tensor with a block of a shuffled permutation, done on the device
 where the tensors live. Shuffling uses its own seeded generator (the epoch number is mixed
-into the seed), so batch order is reproducible and independent of the global RNG; under
-distributed training each rank takes an interleaved share of every epoch's permutation.
+into the seed), so batch order is reproducible and independent of the global RNG.
+
+Distributed training (``W`` ranks): every rank draws the same permutation and takes every
+``W``-th row of it (rank ``r``: positions ``r, r + W, ...``); ``batch_size`` is the batch of
+one optimiser step over all ranks, each rank taking ``batch_size / W`` rows of it. Step ``k``
+then sees, over all ranks together, exactly the rows ``k * batch_size ... (k + 1) * batch_size - 1``
+of the permutation: the rows that one process with the same ``batch_size`` and seed sees in
+its step ``k``. No row is dropped or repeated; when the rows do not split evenly, the last
+step of a rank may hold one row fewer (or none), and the module weights each rank's gradient
+by its rows.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from typing import Mapping
 import lightning as L
 import numpy as np
 import torch
+
+from qmri_labels.training.distributed import world_of
 
 
 class TensorBatches:
@@ -31,8 +41,12 @@ class TensorBatches:
     seed : int
         Seed of the shuffling; epoch ``e`` uses a permutation drawn from ``seed`` and ``e``.
     drop_last : bool
+        Leave out the last block when it is incomplete (on rank 0, whose share is the largest).
     rank, world_size : int
-        This process's share under distributed training.
+        This process's share under distributed training (see the module docstring): every
+        ``world_size``-th row of each epoch's permutation, from ``rank`` on. Every rank yields
+        the same number of blocks (a rank whose share ends early yields a shorter or empty
+        last block), so that collectives per block stay matched.
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], indices: torch.Tensor, batch_size: int,
@@ -45,6 +59,10 @@ class TensorBatches:
         self.drop_last = drop_last
         self.rank = int(rank)
         self.world_size = int(world_size)
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must lie in [0, world_size), got rank {rank}, world_size {world_size}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.epoch = 0
 
     def _epoch_indices(self) -> torch.Tensor:
@@ -53,24 +71,24 @@ class TensorBatches:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             idx = idx[torch.randperm(idx.numel(), generator=generator)]
         if self.world_size > 1:
-            # equal shares on every rank (DDP needs the same number of steps everywhere)
-            per_rank = idx.numel() // self.world_size
-            idx = idx[self.rank :: self.world_size][:per_rank]
+            idx = idx[self.rank :: self.world_size]
         return idx
 
-    def __len__(self) -> int:
-        n = self.indices.numel() // self.world_size if self.world_size > 1 else self.indices.numel()
+    def _n_blocks(self) -> int:
+        # the same count on every rank: from rank 0's share, the largest
+        n = -(-self.indices.numel() // self.world_size)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __len__(self) -> int:
+        return self._n_blocks()
 
     def __iter__(self):
         idx = self._epoch_indices()
         self.epoch += 1
         device = next(iter(self.tensors.values())).device
         idx = idx.to(device)
-        n = idx.numel()
-        stop = n - n % self.batch_size if self.drop_last else n
-        for start in range(0, stop, self.batch_size):
-            block = idx[start : start + self.batch_size]
+        for block_index in range(self._n_blocks()):
+            block = idx[block_index * self.batch_size : (block_index + 1) * self.batch_size]
             yield {key: value.index_select(0, block) for key, value in self.tensors.items()}
 
 
@@ -83,6 +101,8 @@ class InMemoryDataModule(L.LightningDataModule):
         Arrays with the same first dimension (e.g. ``signals``, ``theta``, ``mle``);
         converted to float32 tensors.
     batch_size : int
+        Rows of one optimiser step; under distributed training, over all ranks together
+        (each rank takes ``batch_size / world_size``, which must be a whole number).
     val_fraction : float in [0, 1)
         Share of rows held out for validation (early stopping). The split is drawn with
         ``split_seed``.
@@ -141,21 +161,20 @@ class InMemoryDataModule(L.LightningDataModule):
         return self.tensors
 
     def _rank(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0, 1
-        return trainer.global_rank, trainer.world_size
+        return world_of(getattr(self, "trainer", None))
 
     def train_dataloader(self) -> TensorBatches:
         tensors = self._device_tensors()
         rank, world = self._rank()
         if self._train_batches is None:
+            if self.batch_size % world:
+                raise ValueError(f"batch_size {self.batch_size} (one optimiser step over all processes) must be "
+                                 f"divisible by the number of processes {world}")
             # a block of k batches is one slice of k * batch_size rows: the same rows, in the
             # same order, as k consecutive batches
-            self._train_batches = TensorBatches(tensors, self.train_indices, self.batch_size * self.batches_per_block,
-                                                shuffle=True,
-                                                seed=self.shuffle_seed, rank=rank,
-                                                world_size=world)
+            self._train_batches = TensorBatches(tensors, self.train_indices,
+                                                self.batch_size // world * self.batches_per_block,
+                                                shuffle=True, seed=self.shuffle_seed, rank=rank, world_size=world)
         return self._train_batches
 
     def val_dataloader(self) -> TensorBatches:

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from qmri_labels.training import distributed
 from qmri_labels.training.labels import LabelLoss
 
 OPTIMISERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -39,6 +40,16 @@ class LabelRegressor(L.LightningModule):
     Losses are summed on the device during an epoch and logged once at its end (``train_loss``,
     ``val_loss`` and one entry per loss term), so that no step waits for a host sync; the
     per-epoch values are kept in :attr:`history`.
+
+    Distributed data parallel (``strategy="ddp"``, ``W`` processes): ``step_batch_size`` is
+    the batch of one optimiser step over all processes; each process takes ``1/W`` of it
+    (see :class:`~qmri_labels.training.TensorBatches`), and before every optimiser step the
+    module all-reduces the gradients itself (:func:`~qmri_labels.training.distributed.average_gradients`,
+    weighted by the rows of each process), because several optimiser steps run inside one
+    Lightning call, which DDP's own once-per-forward synchronisation cannot follow; DDP's
+    reducer is switched off for this module. The logged losses are means over the rows of
+    all processes, so every process sees the same numbers, takes the same steps and keeps the
+    same weights. One process runs the plain loop unchanged.
     """
 
     def __init__(self, network: nn.Module, loss: LabelLoss, lr: float = 1e-3, weight_decay: float = 0.0,
@@ -47,6 +58,7 @@ class LabelRegressor(L.LightningModule):
         self.step_losses: list[torch.Tensor] | None = [] if record_step_losses else None
         self.flags_in_fit: dict | None = None
         self._plain_steps: bool | None = None
+        self._world_size = 1
         # manual optimisation: several optimiser steps per Lightning call (see docstring)
         self.automatic_optimization = False
         if step_batch_size is not None and int(step_batch_size) < 1:
@@ -75,20 +87,37 @@ class LabelRegressor(L.LightningModule):
         self._sums.setdefault(stage, []).append((n, total.detach(), {k: v.detach() for k, v in terms.items()}
                                                  if len(terms) > 1 else None))
 
-    def _epoch_means(self, stage: str) -> dict[str, torch.Tensor]:
+    def _term_names(self) -> tuple[str, ...]:
+        return self.loss.active if len(self.loss.active) > 1 else ()
+
+    def _epoch_means(self, stage: str, reduce: bool = False) -> dict[str, torch.Tensor]:
+        """Row-weighted means of an epoch's recorded losses; ``reduce``: over all ranks (every
+        rank must call it, also one that saw no rows)."""
         records = self._sums.pop(stage, [])
-        if not records:
-            return {}
-        weights = torch.tensor([r[0] for r in records], dtype=torch.float32, device=records[0][1].device)
-        count = weights.sum()
-        means = {"loss": (torch.stack([r[1] for r in records]).float() * weights).sum() / count}
-        if records[0][2] is not None:
-            for key in records[0][2]:
-                means[key] = (torch.stack([r[2][key] for r in records]).float() * weights).sum() / count
+        names = ("loss",) + self._term_names()
+        if records:
+            first = records[0][0]
+            if isinstance(first, torch.Tensor):
+                weights = torch.stack([r[0] for r in records]).float()
+            else:
+                weights = torch.tensor([r[0] for r in records], dtype=torch.float32, device=records[0][1].device)
+            columns = [torch.stack([r[1] for r in records]).float()]
+            columns += [torch.stack([r[2][key] for r in records]).float() for key in names[1:]]
+            sums = torch.stack([(c * weights).sum() for c in columns])
+            count = weights.sum()
+        elif reduce:
+            sums, count = torch.zeros(len(names), device=self.device), torch.zeros((), device=self.device)
         else:
+            return {}
+        if reduce:
+            means = distributed.reduce_weighted_means(sums, count)
+        else:
+            means = sums / count
+        out = dict(zip(names, means))
+        if len(names) == 1:
             (term,) = self.loss.active
-            means[term] = means["loss"]
-        return means
+            out[term] = out["loss"]
+        return out
 
     def on_train_start(self):
         # the global flags as Lightning set them for this fit, for manifests and reproducibility
@@ -98,6 +127,22 @@ class LabelRegressor(L.LightningModule):
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
             "num_threads": torch.get_num_threads(),
         }
+        self._world_size = int(self.trainer.world_size)
+        if self._world_size > 1:
+            from lightning.pytorch.strategies import DDPStrategy
+            from torch.nn.parallel import DistributedDataParallel
+
+            strategy = self.trainer.strategy
+            if not isinstance(strategy, DDPStrategy):
+                raise ValueError(f"{type(self).__name__} trains on several processes only with strategy='ddp' "
+                                 f"(or ddp_spawn / ddp_notebook), got {type(strategy).__name__}")
+            if self.step_batch_size is not None and self.step_batch_size % self._world_size:
+                raise ValueError(f"batch size {self.step_batch_size} (one optimiser step over all processes) "
+                                 f"must be divisible by the number of processes {self._world_size}")
+            if isinstance(strategy.model, DistributedDataParallel):
+                # the module all-reduces gradients itself, once per optimiser step (see the class
+                # docstring); DDP's reducer would sync at most once per Lightning call
+                strategy.model.require_backward_grad_sync = False
 
     def _plain_steps_allowed(self) -> bool:
         """Whether backward and optimiser steps may bypass Lightning's wrappers.
@@ -117,6 +162,8 @@ class LabelRegressor(L.LightningModule):
     def training_step(self, batch, batch_idx):
         if self._plain_steps is None:
             self._plain_steps = self._plain_steps_allowed()
+        if self._world_size > 1:
+            return self._distributed_training_step(batch)
         optimiser = self.optimizers()
         if self._plain_steps:
             optimiser = optimiser.optimizer
@@ -137,27 +184,73 @@ class LabelRegressor(L.LightningModule):
             self._accumulate("train", total, terms, step["signals"].shape[0])
         return total
 
+    def _distributed_training_step(self, batch):
+        """The block of optimiser steps of one rank under DDP, every step's gradient averaged
+        over all ranks (see the class docstring).
+
+        Every rank must take the same number of steps (each is a collective), also when its
+        share of the epoch ends one row earlier: the count comes from the largest block, and a
+        rank without rows for a step contributes zeros.
+        """
+        optimiser = self.optimizers()
+        if self._plain_steps:
+            optimiser = optimiser.optimizer
+        n = batch["signals"].shape[0]
+        if self.step_batch_size is None:
+            size, n_steps = max(n, 1), 1
+        else:
+            size = self.step_batch_size // self._world_size
+            n_steps = -(-distributed.max_over_ranks(n, self.device) // size)
+        parameters = [p for p in self.network.parameters() if p.requires_grad]
+        names = self._term_names()
+        zero = torch.zeros((), device=self.device)
+        total = zero
+        for index in range(n_steps):
+            step = {key: value[index * size : (index + 1) * size] for key, value in batch.items()}
+            rows = step["signals"].shape[0]
+            optimiser.zero_grad(set_to_none=True)
+            if rows:
+                total, terms = self.loss(self.network(step["signals"]), step)
+                if self._plain_steps:
+                    total.backward()
+                else:
+                    self.manual_backward(total)
+                values = [total] + [terms[key] for key in names]
+            else:
+                values = [zero] * (1 + len(names))
+            means, all_rows = distributed.average_gradients(parameters, rows, values)
+            optimiser.step()
+            total = means[0]
+            if self.step_losses is not None:
+                self.step_losses.append(total.detach().clone())
+            self._accumulate("train", total, dict(zip(names, means[1:])), all_rows)
+        return total
+
     def validation_step(self, batch, batch_idx):
+        if batch["signals"].shape[0] == 0:  # a rank's share of the validation rows may end early
+            return
         total, terms = self.loss(self.network(batch["signals"]), batch)
         self._accumulate("val", total, terms, batch["signals"].shape[0])
 
     def on_validation_epoch_end(self):
         if self.trainer.sanity_checking:
-            self._epoch_means("val")
+            self._sums.pop("val", None)
             return
-        means = self._epoch_means("val")
+        # one mean over the validation rows of all ranks (the same number on every rank)
+        means = self._epoch_means("val", reduce=self._world_size > 1)
         if means:
-            self.log("val_loss", means["loss"], prog_bar=True, sync_dist=True)
+            self.log("val_loss", means["loss"], prog_bar=True)
             for key, value in means.items():
                 if key != "loss":
-                    self.log(f"val_{key}", value, sync_dist=True)
+                    self.log(f"val_{key}", value)
             self._last_val = {k: float(v) for k, v in means.items()}
 
     def on_train_epoch_end(self):
+        # under DDP the recorded step losses are already means over all ranks
         means = self._epoch_means("train")
         record = {"epoch": int(self.current_epoch)}
         if means:
-            self.log("train_loss", means["loss"], prog_bar=True, sync_dist=True)
+            self.log("train_loss", means["loss"], prog_bar=True)
             record.update({f"train_{k}" if k != "loss" else "train_loss": float(v) for k, v in means.items()})
         val = getattr(self, "_last_val", None)
         if val:
@@ -178,6 +271,11 @@ class KeepBestState(Callback):
     without a validation split) is logged by the module's own epoch-end hook, which runs after
     the callbacks' one, so it is checked when the next epoch starts and when training ends:
     the weights are still those of the epoch that produced the loss.
+
+    Under distributed training the monitored value is averaged over the ranks and rank 0's
+    result is the one every rank compares, so all ranks keep the same epoch (and, with
+    synchronised gradients, the same weights), whether or not the module already logged a
+    value reduced over ranks.
     """
 
     def __init__(self, monitor: str = "val_loss"):
@@ -202,6 +300,10 @@ class KeepBestState(Callback):
         score = trainer.callback_metrics.get(self.monitor)
         if score is None:
             return
+        if trainer.world_size > 1:
+            value = torch.as_tensor(score, dtype=torch.float64).detach().to(pl_module.device)
+            score = trainer.strategy.reduce(value, reduce_op="mean")
+            score = distributed.broadcast_float(float(score), pl_module.device)
         score = float(score)
         if score < self.best_score:
             self.best_score = score

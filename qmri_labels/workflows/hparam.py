@@ -2,31 +2,55 @@
 "reference" against "tuned" hyperparameters with a paired t-test.
 
 Oh et al. (2021): a network retrained on new data needs its hyperparameters retuned before it
-is compared with another. The search uses Optuna's :class:`~optuna.samplers.RandomSampler`
-over learning rate, batch size, width, depth, activation and weight decay. Trials live in an
-Optuna study store: SQLite in the output folder by default, or any SQL database URL
-(``storage`` in the config, or the ``QMRI_LABELS_OPTUNA_STORAGE`` environment variable), so
-that workers on several machines can share one search: start the same config with the same
-``storage`` and ``study_name`` and a different ``worker`` number on each machine.
+is compared with another. The search uses random draws over learning rate, batch size,
+width, depth, activation and weight decay. Each trial trains the library's
+:class:`~qmri_labels.estimators.NetworkEstimator` on the dataset's train split and scores the
+mean squared normalised parameter error (L2) on its ``validation`` split (never on the test
+split). The best trial's hyperparameters and the reference ones are then trained once more
+with the same seed and compared on the test split.
 
-Each trial trains the library's :class:`~qmri_labels.estimators.NetworkEstimator` on the
-dataset's train split and scores the mean squared normalised parameter error (L2) on its
-``validation`` split (never on the test split). The best trial's hyperparameters and the
-reference ones are then trained once more with the same seed and compared on the test split.
+Many workers, one search. Trials live in an Optuna study store: SQLite in the output folder by
+default, or any SQL database URL (``storage`` in the config, ``--storage`` on the command
+line, or the ``QMRI_LABELS_OPTUNA_STORAGE`` environment variable). Any number of processes,
+on one machine or many, started with the same configuration, ``storage`` and ``study_name``,
+share one search:
 
-Outputs under ``out``: ``trials.csv``, ``best_params.json``, ``comparison.csv`` (reference vs
-tuned on validation and test, paired t-test on the test samples), ``search.png``,
-``report.md``, ``manifest.json``, ``networks/reference`` and ``networks/tuned`` (bundles),
-and ``optuna.db`` with the default storage.
+* ``n_trials`` is the budget of the whole study: every process runs trials until the study
+  holds ``n_trials`` completed ones (a process that finds it reached does nothing), so a rerun
+  resumes. Processes that finish at the same moment may complete a few more (at most one each).
+* The hyperparameters of trial number ``i`` are drawn from ``(seed, i)`` alone, so the search
+  is the same whichever process runs which trial and however many run.
+* Each trial is recorded once (the store numbers them). A running trial sends a heartbeat
+  every ``heartbeat_seconds``; a trial whose process was killed is marked failed once its
+  heartbeat is two intervals old (checked by every process before it starts a trial), and
+  is queued again with the same hyperparameters up to ``failed_trial_retries`` times (the
+  finishing run, below, does the same for a trial whose process died before its first
+  heartbeat). The other processes go on.
+* A process started with ``worker: true`` (``--worker``) only runs trials. One process
+  without it (started with or after the workers) runs trials as well, then waits until no
+  trial is running, runs any re-queued ones, and does the reference-vs-tuned comparison over
+  all completed trials of the study.
 
-Run by name: ``python -m qmri_labels.study --config hparam_ivim``.
+Outputs under ``out``: ``trials.csv`` (every trial of the study), ``manifest.json`` and, for
+the comparison run, ``best_params.json``, ``comparison.csv`` (reference vs tuned on
+validation and test, paired t-test on the test samples), ``search.png``, ``report.md``,
+``networks/reference`` and ``networks/tuned`` (bundles), and ``optuna.db`` with the default
+storage.
+
+Run by name: ``python -m qmri_labels.study --config hparam_ivim``; workers:
+``python -m qmri_labels.study --config hparam_ivim --storage URL --study-name NAME --worker``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import math
 import os
+import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -47,6 +71,8 @@ from qmri_labels.workflows.common import (
 )
 
 STORAGE_ENV = "QMRI_LABELS_OPTUNA_STORAGE"
+#: user attribute a trial's objective sets first (to its own number)
+STARTED_ATTR = "objective_started"
 
 DEFAULTS: dict = {
     "kind": "hparam",
@@ -58,12 +84,18 @@ DEFAULTS: dict = {
     "n_validation": 5000,
     "n_test": None,
     "parameters": ["f", "D", "Dstar"],
+    # completed trials of the whole study (shared by all workers)
     "n_trials": 20,
     "seed": 0,
-    "worker": 0,
+    # true: only run trials (no comparison); see the module docstring
+    "worker": False,
     # Optuna storage URL (None: sqlite in the output folder) and study name (None: hparam-<dataset>)
     "storage": None,
     "study_name": None,
+    # a running trial's heartbeat interval; a trial silent for twice as long is marked failed
+    "heartbeat_seconds": 60,
+    # how often a failed (e.g. killed) trial is queued again with the same hyperparameters
+    "failed_trial_retries": 1,
     # list -> categorical choice; {low, high, log} -> float (int when both bounds are integers and
     # log is false)
     "search_space": {
@@ -136,6 +168,7 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
     n_trials = int(config["n_trials"])
     if n_trials < 1:
         raise ValueError(f"n_trials must be >= 1, got {n_trials}")
+    worker = _check_worker_settings(config)
     fixed = dict(config["network"])
     clash = set(fixed) & set(space)
     if clash:
@@ -162,18 +195,19 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
 
     storage = config["storage"] or os.environ.get(STORAGE_ENV) or f"sqlite:///{(out / 'optuna.db').resolve()}"
     study_name = config["study_name"] or f"hparam-{definition.name}"
-    if not quiet:
-        optuna.logging.set_verbosity(optuna.logging.INFO)
-    else:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.RandomSampler(seed=int(config["seed"]) * 1000 + int(config["worker"]))
-    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, direction="minimize",
-                                load_if_exists=True)
-    study.set_user_attr("data_fingerprints", fingerprints)
-    say(quiet, f"random search: {n_trials} trials on {definition.name} ({len(train)} training rows), "
-               f"study {study_name!r} in {_safe_url(storage)}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING if quiet else optuna.logging.INFO)
+    signature = {"dataset": definition.name, "data_fingerprints": fingerprints, "parameters": list(params_of),
+                 "search_space": space, "network": fixed, "seed": int(config["seed"])}
+    study = open_study(storage, study_name, int(config["seed"]), int(config["heartbeat_seconds"]),
+                       int(config["failed_trial_retries"]), signature)
+    say(quiet, f"random search: {n_trials} trials in study {study_name!r} at {_safe_url(storage)} on "
+               f"{definition.name} ({len(train)} training rows)" + (" (worker: trials only)" if worker else ""))
+    worker_id = f"{platform.node()}:{os.getpid()}"
 
     def objective(trial):
+        # first: marks the trial as begun (its heartbeat runs from now on), see run_trials
+        trial.set_user_attr(STARTED_ATTR, trial.number)
+        trial.set_user_attr("worker", worker_id)
         hyper = suggest(trial, space)
         start = time.perf_counter()
         estimator, errors = train_and_score(hyper)
@@ -184,11 +218,24 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
         value = float(np.nanmean(errors))
         return value if math.isfinite(value) else float("inf")
 
-    study.optimize(objective, n_trials=n_trials, show_progress_bar=False)
+    ran = run_trials(study, objective, n_trials, finish=not worker,
+                     poll_seconds=min(5.0, float(config["heartbeat_seconds"])),
+                     grace_seconds=2 * int(config["heartbeat_seconds"]), retries=int(config["failed_trial_retries"]))
     trials = study.trials_dataframe()
     # only trials scored on this validation data count (a shared store may hold others)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
                 and t.user_attrs.get("validation_fingerprint") == validation.fingerprint]
+    write_csv(out / "trials.csv", trials)
+    optuna_record = {"storage": _safe_url(storage), "study_name": study_name, "sampler": "TrialSeededRandomSampler",
+                     "worker": worker, "worker_id": worker_id, "trials_here": ran,
+                     "trials_in_study": len(complete)}
+    if worker:
+        manifest = run_manifest("hparam", config, started, t0, data_fingerprints=fingerprints, optuna=optuna_record)
+        write_json(out / "manifest.json", manifest)
+        summary = (f"worker {worker_id}: ran {ran} trials; study {study_name!r} holds {len(complete)} completed "
+                   f"of {n_trials}")
+        say(quiet, summary)
+        return {"out": str(out), "trials": trials, "summary_text": summary, "manifest": manifest}
     if not complete:
         raise ValueError("no completed trial on this dataset's validation data")
     best = min(complete, key=lambda t: t.value)
@@ -211,7 +258,6 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
     test_row = {"comparison": "tuned - reference (test, per-sample L2)", **stats, "alpha": float(config["alpha"]),
                 "significant": significant}
 
-    write_csv(out / "trials.csv", trials)
     write_json(out / "best_params.json", {"trial": best.number, "validation_l2": best.value, "params": tuned,
                                           "data_fingerprints": fingerprints})
     write_csv(out / "comparison.csv", comparison)
@@ -225,9 +271,7 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
                      study_name, comparison, test_row, fingerprints)
     write_text(out / "report.md", report)
     manifest = run_manifest("hparam", config, started, t0, data_fingerprints=fingerprints,
-                            optuna={"storage": _safe_url(storage), "study_name": study_name,
-                                    "sampler": "RandomSampler", "trials_here": n_trials,
-                                    "trials_in_study": len(complete), "best_trial": best.number})
+                            optuna={**optuna_record, "best_trial": best.number})
     write_json(out / "manifest.json", manifest)
     summary = (f"{config['title']} on {definition.name}: best of {len(complete)} trials (validation L2 "
                f"{best.value:.5f}) = {tuned}\n"
@@ -237,6 +281,153 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
     say(quiet, summary)
     return {"out": str(out), "best_params": tuned, "comparison": comparison, "ttest": test_row, "trials": trials,
             "figure": str(figure), "summary_text": summary, "manifest": manifest}
+
+
+def _check_worker_settings(config: Mapping) -> bool:
+    if not isinstance(config["worker"], bool):
+        raise ValueError(f"worker must be true (only run trials) or false, got {config['worker']!r}")
+    for key, low in (("heartbeat_seconds", 1), ("failed_trial_retries", 0)):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+    return config["worker"]
+
+
+def trial_seeded_sampler(seed: int):
+    """An Optuna random sampler whose draws for trial number ``i`` depend on ``(seed, i)`` only.
+
+    Workers sharing a study then search the same points whichever of them runs which trial
+    (Optuna's :class:`~optuna.samplers.RandomSampler` draws from one stream per process). A
+    trial queued again after a failure keeps the failed trial's values and draws any missing
+    ones as the failed trial would have.
+    """
+    import optuna
+
+    class TrialSeededRandomSampler(optuna.samplers.RandomSampler):
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            # a trial queued again after a failure draws what the failed trial would have drawn
+            number = trial.system_attrs.get("failed_trial", trial.number)
+            key = hashlib.sha256(f"{int(seed)}/{number}/{param_name}".encode()).digest()
+            draw = optuna.samplers.RandomSampler(seed=int.from_bytes(key[:4], "little"))
+            return draw.sample_independent(study, trial, param_name, param_distribution)
+
+    return TrialSeededRandomSampler(seed=int(seed))
+
+
+def open_study(storage: str, study_name: str, seed: int, heartbeat_seconds: int, retries: int,
+               signature: Mapping | None = None):
+    """Create or load the shared study, with heartbeats and re-queueing of failed trials.
+
+    ``signature`` (data, search space, fixed settings) is stored with a new study; a worker
+    whose signature differs is refused, so one study never mixes two searches.
+    """
+    import optuna
+    from optuna.storages import RDBStorage
+
+    callback_kw = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback"
+                   in inspect.signature(RDBStorage.__init__).parameters else "failed_trial_callback")
+
+    if not isinstance(storage, str) or "://" not in storage:
+        raise ValueError(f"storage must be a database URL such as sqlite:///path/optuna.db or "
+                         f"postgresql://user@host/db, got {storage!r}")
+    engine = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for attempt in range(5):
+            # workers starting together may race to create the tables of a new store
+            try:
+                rdb = RDBStorage(storage, engine_kwargs=engine, heartbeat_interval=int(heartbeat_seconds),
+                                 grace_period=2 * int(heartbeat_seconds),
+                                 **{callback_kw: _retry_callback(retries)})
+                study = optuna.create_study(study_name=study_name, storage=rdb, sampler=trial_seeded_sampler(seed),
+                                            direction="minimize", load_if_exists=True)
+                break
+            except Exception as exc:  # sqlalchemy's OperationalError / IntegrityError of a concurrent creation
+                if attempt == 4 or type(exc).__module__.split(".")[0] != "sqlalchemy":
+                    raise
+                time.sleep(0.5 + attempt)
+    if signature is not None:
+        plain = json.loads(json.dumps(dict(signature), sort_keys=True, default=str))
+        stored = study.user_attrs.get("search_signature")
+        if stored is None:
+            study.set_user_attr("search_signature", plain)
+        elif stored != plain:
+            differing = sorted(k for k in set(stored) | set(plain) if stored.get(k) != plain.get(k))
+            raise ValueError(f"study {study_name!r} at {_safe_url(storage)} holds another search (differs in "
+                             f"{differing}); give this configuration its own study_name")
+    return study
+
+
+def run_trials(study, objective, n_trials: int, finish: bool, poll_seconds: float = 5.0,
+               grace_seconds: float = 120.0, retries: int = 1) -> int:
+    """Run trials until the study holds ``n_trials`` completed ones; returns how many ran here.
+
+    ``finish``: afterwards wait until no trial of the study runs (trials of killed workers
+    are failed by their stale heartbeat meanwhile) and run the trials queued again after a
+    failure, so that the study is complete when this returns. A trial whose worker died
+    before its objective began has no heartbeat that could go stale; it is failed (and queued
+    again) once it has run for ``grace_seconds`` without its objective setting
+    :data:`STARTED_ATTR`; ``retries`` as in :func:`open_study`.
+    """
+    import optuna
+
+    states = optuna.trial.TrialState
+    ran = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        while True:
+            counts = _state_counts(study)
+            if counts[states.COMPLETE] < n_trials or (finish and counts[states.WAITING]):
+                # one trial per call: the budget is checked against every worker's trials before each
+                study.optimize(objective, n_trials=1, gc_after_trial=False)
+                ran += 1
+                continue
+            if not finish:
+                return ran
+            optuna.storages.fail_stale_trials(study)
+            _fail_trials_never_begun(study, grace_seconds, retries)
+            counts = _state_counts(study)
+            if not counts[states.RUNNING] and not counts[states.WAITING]:
+                return ran
+            if not counts[states.WAITING]:
+                time.sleep(poll_seconds)
+
+
+def _retry_callback(retries: int):
+    """Optuna's callback that queues a failed trial again (renamed in Optuna 4.9)."""
+    import optuna
+
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    return retry(max_retry=int(retries))
+
+
+def _fail_trials_never_begun(study, grace_seconds: float, retries: int) -> None:
+    """Fail running trials whose objective never began (their worker died between taking the
+    trial and starting its heartbeat), and queue them again like heartbeat-stale ones."""
+    import datetime
+
+    import optuna
+
+    now = datetime.datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        begun = trial.user_attrs.get(STARTED_ATTR) == trial.number
+        if begun or trial.datetime_start is None or (now - trial.datetime_start).total_seconds() <= grace_seconds:
+            continue
+        try:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except (ValueError, RuntimeError):  # finished or failed by another process meanwhile
+            continue
+        failed = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        _retry_callback(retries)(study, failed)
+
+
+def _state_counts(study) -> dict:
+    import optuna
+
+    counts = dict.fromkeys(optuna.trial.TrialState, 0)
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state] += 1
+    return counts
 
 
 def _describe(hyper: Mapping, fixed: Mapping) -> dict:
@@ -280,7 +471,7 @@ def _report(config, dataset, n_train, n_val, n_test, n_trials, storage, study_na
             fingerprints) -> str:
     lines = [f"# {config['title']}", "",
              f"Dataset `{dataset}`: {n_train} training, {n_val} validation, {n_test} test rows. Random search "
-             f"(Optuna RandomSampler, seed {config['seed']}, worker {config['worker']}), {n_trials} completed trials "
+             f"(trial i drawn from seed {config['seed']} and i), {n_trials} completed trials "
              f"in study `{study_name}` at `{_safe_url(storage)}`; chosen by validation L2 (mean squared error of "
              f"{config['parameters']}, each divided by its prior range).", "",
              "## Reference vs tuned", "", markdown(comparison), "",
