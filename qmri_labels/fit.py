@@ -97,6 +97,9 @@ def check_mode(args) -> str:
         for flag, value in (("--bval", args.bval), ("--bvec", args.bvec), ("--sigma", args.sigma)):
             if value is not None:
                 raise InputError(f"{flag} is a diffusion option; it does not apply to --model qsm")
+        if args.uncertainty:
+            raise InputError("--uncertainty: SD maps are available for diffusion maps only (the MLE or a network "
+                             "that reports SDs); QSM does not write them yet")
         return "qsm"
     if args.dwi is None:
         raise InputError("nothing to fit: give --dwi DWI.nii.gz --bval DWI.bval (diffusion) or "
