@@ -134,6 +134,12 @@ def test_manifest_records_inputs_counts_and_sigma(ivim_data, ivim_run):
     assert manifest["noise"]["source"] == "auto" and manifest["noise"]["method"] == "repeats"
     assert abs(manifest["noise"]["value"] - ivim_data["sigma"]) / ivim_data["sigma"] < 0.15
     assert set(manifest["outputs"]) == {p.name for p in ivim_run.iterdir()}
+    # every output's checksum, so that a cohort rerun can verify the folder before skipping it
+    from qmri_labels.cohort import outputs_verified
+
+    assert set(manifest["output_sha256"]) == set(manifest["outputs"]) - {"manifest.json"}
+    assert manifest["output_sha256"]["sub-01_qc.png"] == sha256_file(ivim_run / "sub-01_qc.png")
+    assert outputs_verified(ivim_run, {"dwi": ivim_data["dwi"], "bval": ivim_data["bval"]})
     png = (ivim_run / "sub-01_qc.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 

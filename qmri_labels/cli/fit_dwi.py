@@ -1,8 +1,8 @@
 """The fit command's diffusion part: one DWI series in, one BIDS-derivative folder of maps out.
 
 :func:`map_scan` does one scan (read, :func:`qmri_labels.mapping.fit_volume`, write); the
-command calls it once. A multi-scan mode (a list of scans, ``--shard I/N``) is a loop over it,
-each scan into its own output folder.
+command calls it once, its cohort mode (:mod:`.fit_cohort`, ``--cohort ... --shard I/N``) once
+per scan of the shard, each scan into its own output folder.
 """
 
 from __future__ import annotations
@@ -79,9 +79,13 @@ def map_scan(dwi_path: Path, bval_path: Path, out_dir: Path, *, bvec_path: Path 
     timings["read_inputs"] = round(time.perf_counter() - t0, 3)
 
     t1 = time.perf_counter()
-    maps = fit_volume(dwi, mask if mask_volume is not None else None, protocol=bvals, estimator=estimator or "mle",
-                      model=model, noise=noise, sigma=sigma_value, b0_threshold=b0_threshold, chunk_size=chunk_size,
-                      device=device, progress=progress, uncertainty=uncertainty)
+    try:
+        maps = fit_volume(dwi, mask if mask_volume is not None else None, protocol=bvals,
+                          estimator=estimator or "mle", model=model, noise=noise, sigma=sigma_value,
+                          b0_threshold=b0_threshold, chunk_size=chunk_size, device=device, progress=progress,
+                          uncertainty=uncertainty)
+    except UncertaintyNotSupported as exc:
+        raise InputError("--" + str(exc)) from None
     timings["fit"] = round(time.perf_counter() - t1, 3)
 
     t2 = time.perf_counter()
@@ -146,7 +150,5 @@ def run_dwi(args, out_dir: Path, device) -> dict:
                         progress=not args.quiet, uncertainty=args.uncertainty)
     except InputError:
         raise
-    except UncertaintyNotSupported as exc:
-        raise InputError("--" + str(exc)) from None
     except (ValueError, TypeError) as exc:
         raise InputError(str(exc)) from None
