@@ -4,7 +4,7 @@ Diffusion (IVIM or mono-exponential)::
 
     qmri-fit --dwi sub-01_dwi.nii.gz --bval sub-01_dwi.bval [--bvec sub-01_dwi.bvec] \\
         [--mask brain.nii.gz] [--model ivim|monoexp] [--estimator mle|NAME|PATH] \\
-        [--sigma VALUE|auto] [--device cpu|cuda] --out derivatives/qmri_labels/sub-01
+        [--sigma VALUE|auto] [--uncertainty] [--device cpu|cuda] --out derivatives/qmri_labels/sub-01
 
 A cohort, split into shards for the array jobs of a cluster scheduler (see
 :mod:`qmri_labels.cli.fit_cohort`)::
