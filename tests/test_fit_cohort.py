@@ -129,6 +129,13 @@ def test_rerun_skips_verified_scans_and_redoes_a_corrupted_or_changed_one(cohort
     assert {r["status"] for r in read_summary(out / summary_name(0, 1))} == {"skipped"}
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing rewritten
 
+    # a job killed while mapping sub-02 left its hidden staging folder: removed on the rerun;
+    # another name's is not this scan's to remove
+    stale = out / "sub-02" / "dwi" / ".sub-02.abc123_x.tmp"
+    other = out / "sub-02" / "dwi" / ".sub-02x.abc123_x.tmp"
+    for folder in (stale, other):
+        folder.mkdir()
+        (folder / "partial.nii.gz").write_bytes(b"half")
     # a damaged map (truncated, as by a job killed while copying) and a deleted QC figure
     damaged = out / NAMES[1] / "sub-02_model-ivim_param-f_dwimap.nii.gz"
     damaged.write_bytes(damaged.read_bytes()[:100])
@@ -137,6 +144,9 @@ def test_rerun_skips_verified_scans_and_redoes_a_corrupted_or_changed_one(cohort
     assert code == 0
     status = {r["scan"]: r["status"] for r in read_summary(out / summary_name(0, 1))}
     assert status == {n: ("mapped" if n in (NAMES[1], NAMES[3]) else "skipped") for n in NAMES}
+    assert not stale.exists() and other.exists()
+    other.joinpath("partial.nii.gz").unlink()
+    other.rmdir()
     assert arrays(out) == arrays(unsharded)
 
     # other settings are not the verified result: mapped again, with SD maps this time
@@ -210,4 +220,14 @@ def test_shard_without_cohort_and_a_missing_cohort(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, err = run(["--cohort", tmp_path / "empty", "--out", tmp_path / "out"], capsys)
     assert code == 1 and "no *_dwi.nii.gz scans" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_scan_folder_inside_another_is_refused(tmp_path, capsys):
+    write_scan(tmp_path / "data", "a", seed=1)
+    write_scan(tmp_path / "data" / "a", "x", seed=2)
+    listing = tmp_path / "scans.txt"
+    listing.write_text("data/a_dwi.nii.gz\ndata/a/x_dwi.nii.gz\n")
+    code, err = run(["--cohort", listing, "--sigma", SIGMA, "--out", tmp_path / "out"], capsys)
+    assert code == 1 and "'data/a' and 'data/a/x'" in err and "inside the other's" in err
     assert not (tmp_path / "out").exists()

@@ -86,6 +86,7 @@ def run_cohort(args, device, command: list[str]) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {args.out}: exists and is not a folder")
+    _check_nested(scans)
     mine = select_shard(scans, index, count)
     logger.info("cohort %s: %d scans; shard %d/%d maps %d of them", args.cohort, len(scans), index, count, len(mine))
     wanted = settings(args)
@@ -102,6 +103,33 @@ def run_cohort(args, device, command: list[str]) -> int:
                 statuses.count("mapped"), statuses.count("skipped"), statuses.count("failed"),
                 out / summary_name(index, count))
     return 1 if "failed" in statuses else 0
+
+
+def _check_nested(scans) -> None:
+    """A scan's folder inside another's would be lost when that one is replaced: refuse."""
+    names = {scan.name for scan in scans}
+    for name in names:
+        parts = name.split("/")
+        for depth in range(1, len(parts)):
+            if "/".join(parts[:depth]) in names:
+                raise InputError(f"cohort {'/'.join(parts[:depth])!r} and {name!r}: one scan's output folder would "
+                                 "lie inside the other's; rename one of them")
+
+
+def _remove_stale_staging(folder: Path) -> None:
+    """Hidden staging folders that a killed job left for this scan (``fileio.atomic_dir``'s names).
+
+    Only this scan's job writes them, so any that exist before it starts are stale.
+    """
+    import re
+    import shutil
+
+    pattern = re.compile(rf"^\.{re.escape(folder.name)}\.[a-z0-9_]{{8}}\.(tmp|old)$")
+    if folder.parent.is_dir():
+        for path in folder.parent.iterdir():
+            if pattern.match(path.name) and path.is_dir() and not path.is_symlink():
+                logger.info("%s: removing %s, left by an interrupted run", folder.name, path)
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _cell(value) -> str:
@@ -124,6 +152,7 @@ def _map_one(scan: Scan, out: Path, args, device, command, wanted: dict, shard: 
     folder = out / scan.name
     row = {"scan": scan.name, "output": scan.name}
     started = time.perf_counter()
+    _remove_stale_staging(folder)
     if not args.overwrite and folder.is_dir() and _recorded_settings(folder) == wanted \
             and outputs_verified(folder, _inputs(scan)):
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
