@@ -23,6 +23,10 @@ How a voxel is estimated
 * Samples that are NaN/Inf (and, for Rician data, negative) are left out of that voxel's MLE
   fit; a network needs every sample and skips such voxels. Every voxel gets a status code
   (:data:`STATUS_CODES`).
+* ``uncertainty=True`` adds the standard deviation of every estimate (``Maps.sd``) with a
+  reason code per voxel and parameter (:data:`SD_REASON_CODES`): the MLE's Wald standard error
+  from the Fisher information at the estimate, or a network's ``predict(..., return_sd=True)``;
+  a network without ``return_sd`` raises :class:`UncertaintyNotSupported`.
 """
 
 from __future__ import annotations
