@@ -4,6 +4,9 @@ Names follow the BIDS derivatives conventions (and the diffusion-model proposal 
 
 * a diffusion parameter map: ``<prefix>_model-<model>_param-<name>_dwimap.nii.gz``
   (e.g. ``sub-01_model-ivim_param-Dstar_dwimap.nii.gz``);
+* the standard deviation of a parameter map (``--uncertainty``):
+  ``<prefix>_model-<model>_param-<name>_desc-sd_dwimap.nii.gz``, the map's name with the
+  ``desc-sd`` entity, in the parameter's units (its sidecar says what the SD is);
 * the fit status per voxel: ``<prefix>_model-<model>_desc-status_dseg.nii.gz``;
 * a noise map (when sigma was estimated per voxel): ``<prefix>_desc-sigma_noisemap.nii.gz``;
 * a susceptibility map: ``<prefix>_Chimap.nii.gz`` (BIDS's QSM suffix);
@@ -39,6 +42,11 @@ def _label(value: str, what: str) -> str:
 def param_map_name(prefix: str, model: str, param: str) -> str:
     """``<prefix>_model-<model>_param-<param>_dwimap.nii.gz``."""
     return f"{prefix}_model-{_label(model, 'model')}_param-{_label(param, 'parameter')}_dwimap.nii.gz"
+
+
+def sd_map_name(prefix: str, model: str, param: str) -> str:
+    """``<prefix>_model-<model>_param-<param>_desc-sd_dwimap.nii.gz``: the SD of a parameter map."""
+    return f"{prefix}_model-{_label(model, 'model')}_param-{_label(param, 'parameter')}_desc-sd_dwimap.nii.gz"
 
 
 def status_map_name(prefix: str, model: str) -> str:
@@ -108,6 +116,8 @@ def write_parameter_maps(folder: Path, maps, prefix: str, affine, header, *, inp
                             description=f"qmri_labels {maps.model} {name} [{unit}]")
         outputs[written[0]] = f"{name} map ({unit}), float32; 0 outside the mask, NaN where not estimated"
         outputs[written[1]] = f"sidecar of {written[0]}"
+        if maps.sd is not None:
+            outputs.update(_write_sd_map(folder, maps, name, prefix, affine, header, common))
     from qmri_labels.mapping import STATUS_CODES
 
     status_name = status_map_name(prefix, maps.model)
@@ -126,3 +136,20 @@ def write_parameter_maps(folder: Path, maps, prefix: str, affine, header, *, inp
         outputs[written[0]] = "noise standard deviation per voxel (input intensity units) used by the fit"
         outputs[written[1]] = f"sidecar of {written[0]}"
     return outputs
+
+
+def _write_sd_map(folder: Path, maps, name: str, prefix: str, affine, header, common: Mapping) -> dict[str, str]:
+    """The standard-deviation map of parameter ``name`` and its sidecar."""
+    file_name = sd_map_name(prefix, maps.model, name)
+    unit = maps.units[name]
+    missing = {reason: n for reason, n in maps.sd_reason_counts(name).items() if reason != "reported"}
+    written = write_map(folder, file_name, maps.sd_map(name), affine, header,
+                        {**common, "Parameter": name, "Statistic": "standard deviation", "Units": unit,
+                         "Method": maps.sd_method,
+                         "Description": f"standard deviation of the {name} estimate; 0 outside the mask, NaN where "
+                                        "there is no number (see NaNReasons)",
+                         "NaNReasons": missing},
+                        description=f"qmri_labels {maps.model} sd({name}) [{unit}]")
+    return {written[0]: f"standard deviation of {name} ({unit}), float32; 0 outside the mask, NaN where none "
+                        "(reasons counted in the sidecar)",
+            written[1]: f"sidecar of {written[0]}"}

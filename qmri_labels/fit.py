@@ -4,7 +4,12 @@ Diffusion (IVIM or mono-exponential)::
 
     qmri-fit --dwi sub-01_dwi.nii.gz --bval sub-01_dwi.bval [--bvec sub-01_dwi.bvec] \\
         [--mask brain.nii.gz] [--model ivim|monoexp] [--estimator mle|NAME|PATH] \\
-        [--sigma VALUE|auto] [--device cpu|cuda] --out derivatives/qmri_labels/sub-01
+        [--sigma VALUE|auto] [--uncertainty] [--device cpu|cuda] --out derivatives/qmri_labels/sub-01
+
+A cohort, split into shards for the array jobs of a cluster scheduler (see
+:mod:`qmri_labels.cli.fit_cohort`)::
+
+    qmri-fit --cohort BIDS_FOLDER_OR_LIST --shard I/N [diffusion options] --out derivatives/qmri_labels
 
 QSM (dipole inversion of a local field map in ppm)::
 
@@ -27,8 +32,14 @@ What it writes (into ``--out``, a BIDS-derivative folder that appears only when 
 * ``<prefix>_model-<model>_desc-status_dseg.nii.gz``: a uint8 code per voxel
   (:data:`qmri_labels.mapping.STATUS_CODES`); ``<prefix>_desc-sigma_noisemap.nii.gz`` when the
   noise level was estimated per voxel (MP-PCA);
+* with ``--uncertainty`` (diffusion): ``<prefix>_model-<model>_param-<name>_desc-sd_dwimap.nii.gz``
+  beside each map, the standard deviation of the estimate in the parameter's units (MLE: the
+  Wald standard error from the Fisher information at the estimate, NaN for a parameter on a
+  bound or not identifiable; a network: its own SD, refused for a network that reports none),
+  with a sidecar saying what it is and counting the NaN reasons;
 * ``manifest.json``: command, inputs (checksums, shapes, affines), estimator, noise level and
-  how it was obtained, versions, device, timings, voxel counts; ``<prefix>_qc.png``.
+  how it was obtained, versions, device, timings, voxel counts, the SHA-256 of every output
+  (``output_sha256``); ``<prefix>_qc.png``.
 
 Noise level (``--sigma``): ``VALUE`` in the image's units, or ``auto``
 (:func:`qmri_labels.fitting.noise.estimate_noise`): the spread of repeated b = 0 volumes (b
@@ -49,9 +60,9 @@ import sys
 import time
 from pathlib import Path
 
-from qmri_labels.cli import fit_dwi, fit_qsm
-from qmri_labels.cli.common import InputError, check_device, check_out_holds_no_input
-from qmri_labels.fileio import atomic_dir, write_json
+from qmri_labels.cli import fit_cohort, fit_dwi, fit_qsm
+from qmri_labels.cli.common import InputError, check_device, check_out_holds_no_input, write_manifest
+from qmri_labels.fileio import atomic_dir
 from qmri_labels.log import add_verbosity_flags, configure_cli_logging
 
 logger = logging.getLogger("qmri_labels")
@@ -65,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit_dwi.add_arguments(parser)
     fit_qsm.add_arguments(parser)
+    fit_cohort.add_arguments(parser)
     parser.add_argument("--mask", type=Path, help="3-D mask on the same grid (non-zero = fit); required for QSM")
     parser.add_argument("--model", choices=fit_dwi.DWI_MODELS + ("qsm",), default=None,
                         help="signal model (default: ivim, or the network's model; qsm with --field)")
@@ -77,8 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefix", default=None,
                         help="file name prefix of the maps (default: the input's name without "
                              "'.nii.gz' and a trailing '_dwi' or '_field')")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (must not exist)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output folder (must not exist); with --cohort the folder of every scan's folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output folder; with --cohort, map every scan of the shard again "
+                             "even where a verified result exists")
     add_verbosity_flags(parser)
     return parser
 
@@ -97,9 +112,13 @@ def check_mode(args) -> str:
         for flag, value in (("--bval", args.bval), ("--bvec", args.bvec), ("--sigma", args.sigma)):
             if value is not None:
                 raise InputError(f"{flag} is a diffusion option; it does not apply to --model qsm")
+        if args.uncertainty:
+            raise InputError("--uncertainty: SD maps are available for diffusion maps only (the MLE or a network "
+                             "that reports SDs); QSM does not write them yet")
         return "qsm"
     if args.dwi is None:
-        raise InputError("nothing to fit: give --dwi DWI.nii.gz --bval DWI.bval (diffusion) or "
+        raise InputError("nothing to fit: give --dwi DWI.nii.gz --bval DWI.bval (diffusion), "
+                         "--cohort FOLDER_OR_LIST (many diffusion scans) or "
                          "--field FIELD.nii.gz --mask MASK.nii.gz --model qsm")
     if args.bval is None:
         raise InputError("--dwi needs --bval (the b-values, one per volume)")
@@ -107,17 +126,21 @@ def check_mode(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; returns the exit status (0 success, 1 bad input, 2 usage error)."""
+    """Run the command; returns the exit status (0 success, 1 bad input or, with --cohort, a scan
+    that failed; 2 usage error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_cli_logging(quiet=args.quiet, verbose=args.verbose)
     command = ["qmri-fit"] + list(sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
     try:
-        mode = check_mode(args)
-        device = check_device(args.device)
         if args.chunk_size < 1:
             raise InputError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+        if args.cohort is not None or args.shard is not None:
+            fit_cohort.check_arguments(args)
+            return fit_cohort.run_cohort(args, check_device(args.device), command)
+        mode = check_mode(args)
+        device = check_device(args.device)
         estimator_path = Path(args.estimator) if args.estimator else None
         check_out_holds_no_input(args.out, [args.dwi, args.bval, args.bvec, args.mask, args.field, estimator_path])
         out = Path(args.out)
@@ -137,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             manifest = run(args, folder, device)
             manifest["command"] = command
             manifest["timings_s"]["total"] = round(time.perf_counter() - started, 3)
-            write_json(folder / "manifest.json", manifest)
+            write_manifest(folder, manifest)
     except (ValueError, OSError) as exc:
         print(f"qmri_labels.fit: error: {exc}", file=sys.stderr)
         return 1

@@ -23,6 +23,10 @@ How a voxel is estimated
 * Samples that are NaN/Inf (and, for Rician data, negative) are left out of that voxel's MLE
   fit; a network needs every sample and skips such voxels. Every voxel gets a status code
   (:data:`STATUS_CODES`).
+* ``uncertainty=True`` adds the standard deviation of every estimate (``Maps.sd``) with a
+  reason code per voxel and parameter (:data:`SD_REASON_CODES`): the MLE's Wald standard error
+  from the Fisher information at the estimate, or a network's ``predict(..., return_sd=True)``;
+  a network without ``return_sd`` raises :class:`UncertaintyNotSupported`.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from qmri_labels.data.io import NiftiVolume
 
 logger = logging.getLogger("qmri_labels")
 
-__all__ = ["Maps", "STATUS_CODES", "fit_volume", "find_bundle", "load_dwi", "match_protocol", "resolve_estimator"]
+__all__ = ["Maps", "SD_REASON_CODES", "STATUS_CODES", "UncertaintyNotSupported", "fit_volume", "find_bundle", "load_dwi", "match_protocol", "resolve_estimator"]
 
 #: status code per voxel
 STATUS_CODES = {
@@ -51,6 +55,20 @@ STATUS_CODES = {
     6: "skipped: a network needs every measurement",
     7: "skipped: the estimate is invalid (fit failed or NaN)",
 }
+#: why a standard deviation is or is not reported, per voxel and parameter (``Maps.sd_reason``)
+SD_REASON_CODES = {
+    0: "outside the mask",
+    1: "reported",
+    2: "at lower bound",
+    3: "at upper bound",
+    4: "singular information",
+    5: "no residual degrees of freedom",
+    6: "voxel not estimated",
+    7: "not reported by the estimator",
+}
+#: the reasons of :class:`qmri_labels.fitting.uncertainty.MLEUncertainty` as codes
+_MLE_REASONS = {"": 1, "at lower bound": 2, "at upper bound": 3, "singular information": 4,
+                "no residual degrees of freedom": 5, "invalid voxel": 6}
 SKIP_KEYS = {3: "no_positive_sample", 5: "too_few_usable_measurements", 6: "missing_measurements_for_network",
              7: "invalid_estimate"}
 
@@ -77,6 +95,13 @@ class Maps:
         The per-voxel noise level the fit used, where it was a map.
     counts : dict
         Voxels in the mask, estimated and skipped (by reason), NaN/Inf and negative samples.
+    sd : ndarray (..., P) float32 or None
+        Standard deviation of each estimate (``fit_volume(..., uncertainty=True)``), in the
+        parameter's units: 0 outside the mask, NaN where there is no number (see ``sd_reason``).
+    sd_reason : ndarray (..., P) uint8 or None
+        :data:`SD_REASON_CODES` per voxel and parameter.
+    sd_method : str or None
+        What the SD is (e.g. the Fisher standard error at the estimate).
     """
 
     params: np.ndarray
@@ -88,6 +113,9 @@ class Maps:
     noise: dict | None = None
     sigma_map: np.ndarray | None = None
     counts: dict = field(default_factory=dict)
+    sd: np.ndarray | None = None
+    sd_reason: np.ndarray | None = None
+    sd_method: str | None = None
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self.param_names:
@@ -97,6 +125,20 @@ class Maps:
     def as_dict(self) -> dict[str, np.ndarray]:
         """``{name: map}`` for every parameter."""
         return {name: self[name] for name in self.param_names}
+
+    def sd_map(self, name: str) -> np.ndarray:
+        """The standard-deviation map of parameter ``name`` (needs ``uncertainty=True``)."""
+        if self.sd is None:
+            raise ValueError("these maps have no standard deviations: call fit_volume(..., uncertainty=True)")
+        self[name]  # an unknown name is a KeyError naming the maps
+        return self.sd[..., list(self.param_names).index(name)]
+
+    def sd_reason_counts(self, name: str) -> dict[str, int]:
+        """``{reason: voxels}`` inside the mask for parameter ``name``'s SD (non-zero counts only)."""
+        if self.sd_reason is None:
+            raise ValueError("these maps have no standard deviations: call fit_volume(..., uncertainty=True)")
+        codes = self.sd_reason[..., list(self.param_names).index(name)]
+        return {SD_REASON_CODES[c]: int(n) for c, n in zip(*np.unique(codes, return_counts=True)) if c != 0}
 
 
 # ----------------------------------------------------------------------------- estimators
@@ -306,7 +348,7 @@ def _resolve_noise(sigma, resolved: _Resolved, source, bvalues, mask, b0_thresho
 
 def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | None = None, noise: str = "rician",
                sigma=None, b0_threshold: float = 0.0, chunk_size: int = 20000, device=None,
-               progress: bool | Callable[[int], None] = False) -> Maps:
+               progress: bool | Callable[[int], None] = False, uncertainty: bool = False) -> Maps:
     """Estimate model parameters at every voxel of ``data`` inside ``mask``.
 
     Parameters
@@ -333,6 +375,14 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
     device : str or torch.device, optional
     progress : bool or callable
         ``True``: a tqdm bar on stderr; a callable gets the number of voxels done after each chunk.
+    uncertainty : bool
+        Also estimate the standard deviation of every estimate (``Maps.sd``, with a reason
+        code per voxel and parameter in ``Maps.sd_reason``). The MLE gives the Wald standard
+        error from the expected Fisher information at the estimate with the noise level it
+        used (:mod:`qmri_labels.fitting.uncertainty`; NaN for a parameter on a bound of the
+        box or in a singular direction); a network gives what its
+        ``predict(signals, return_sd=True)`` reports (S0's scaled back like S0). A network
+        whose ``predict`` has no ``return_sd`` is refused.
 
     Returns
     -------
@@ -367,6 +417,7 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
             raise ValueError(f"mask shape {mask_array.shape} differs from the data's leading shape {source.lead}")
         mask_array = np.isfinite(mask_array) & (mask_array != 0) if mask_array.dtype != bool else mask_array
     resolved = resolve_estimator(estimator, bvalues, model=model, noise=noise)
+    uncertainty = _check_uncertainty(uncertainty, resolved)
     signal_model = get_model(resolved.model_name)
     n_distinct = np.unique(bvalues).size
     if n_distinct < signal_model.n_params:
@@ -388,6 +439,8 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
 
     params = np.zeros(source.lead + (signal_model.n_params,), dtype=np.float32)
     status = np.zeros(source.lead, dtype=np.uint8)
+    sd = np.zeros_like(params) if uncertainty else None
+    sd_reason = np.zeros(params.shape, dtype=np.uint8) if uncertainty else None
     counts = {"nonfinite": 0, "negative": 0}
     sigma_full = None if noise_estimate is None else noise_estimate.per_voxel()
     bar = None
@@ -408,9 +461,12 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
             chunk_sigma = np.asarray(sigma_full[chunk], dtype=np.float64)
             fallback = noise_estimate.sigma
             chunk_sigma = np.where(np.isfinite(chunk_sigma) & (chunk_sigma > 0), chunk_sigma, fallback)
-        estimate, codes = _fit_rows(rows, bvalues, resolved, signal_model, chunk_sigma, scale, device, counts)
+        estimate, codes, errors = _fit_rows(rows, bvalues, resolved, signal_model, chunk_sigma, scale, device, counts,
+                                            uncertainty)
         params[chunk] = estimate
         status[chunk] = codes
+        if uncertainty:
+            sd[chunk], sd_reason[chunk] = errors
         done += rows.shape[0]
         if bar is not None:
             bar.update(rows.shape[0])
@@ -434,11 +490,41 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
         sigma_map = np.where(mask_array, noise_estimate.sigma_map, 0).astype(np.float32)
     return Maps(params=params, param_names=tuple(signal_model.param_names), units=units, status=status,
                 model=signal_model.name, estimator=resolved.info, noise=noise_info, sigma_map=sigma_map,
-                counts=counts)
+                counts=counts, sd=sd, sd_reason=sd_reason, sd_method=_sd_method(resolved) if uncertainty else None)
 
 
-def _fit_rows(signals, bvals, resolved: _Resolved, model, sigma, scale, device, counts):
-    """Parameters (n, P) float32 and status codes (n,) of one chunk of voxel rows."""
+class UncertaintyNotSupported(ValueError):
+    """``uncertainty=True`` with an estimator that reports no standard deviations."""
+
+
+def _check_uncertainty(uncertainty, resolved: _Resolved) -> bool:
+    """``uncertainty`` as a bool; a network that cannot report SDs is refused."""
+    import inspect
+
+    if not isinstance(uncertainty, (bool, np.bool_)):
+        raise TypeError(f"uncertainty must be True or False, got {uncertainty!r}")
+    if uncertainty and resolved.kind == "network":
+        try:
+            accepts = "return_sd" in inspect.signature(resolved.network.predict).parameters
+        except (TypeError, ValueError):
+            accepts = False
+        if not accepts:
+            raise UncertaintyNotSupported(f"uncertainty: {resolved.description} ({type(resolved.network).__name__}) does not "
+                             "report standard deviations (its predict has no return_sd); use the MLE or a network "
+                             "trained with an uncertainty head or as an ensemble")
+    return bool(uncertainty)
+
+
+def _sd_method(resolved: _Resolved) -> str:
+    if resolved.kind == "mle":
+        return ("Wald standard error: square root of the diagonal of the inverse expected Fisher information at "
+                f"the estimate, {resolved.noise} likelihood, the noise level the fit used")
+    return "standard deviation reported by the network (predict(signals, return_sd=True))"
+
+
+def _fit_rows(signals, bvals, resolved: _Resolved, model, sigma, scale, device, counts, uncertainty=False):
+    """Parameters (n, P) float32, status codes (n,) and, with ``uncertainty``, ``(sd, sd reason
+    codes)`` (n, P) of one chunk of voxel rows (else None)."""
     n = signals.shape[0]
     nonfinite = ~np.isfinite(signals)
     negative = np.zeros_like(nonfinite)
@@ -451,6 +537,8 @@ def _fit_rows(signals, bvals, resolved: _Resolved, model, sigma, scale, device, 
 
     params = np.full((n, model.n_params), np.nan, dtype=np.float32)
     codes = np.zeros(n, dtype=np.uint8)
+    sd = np.full((n, model.n_params), np.nan, dtype=np.float32)
+    sd_codes = np.full((n, model.n_params), 6, dtype=np.uint8)
     codes[~(np.where(unusable, -np.inf, clean) > 0).any(-1)] = 3
     todo = codes == 0
 
@@ -476,21 +564,36 @@ def _fit_rows(signals, bvals, resolved: _Resolved, model, sigma, scale, device, 
             continue
         block = clean[np.ix_(rows, np.flatnonzero(keep))]
         voxel_sigma = sigma if sigma is None or np.ndim(sigma) == 0 else sigma[rows]
-        estimate, valid = _estimate(resolved, block, bvals[keep], voxel_sigma, scale, device)
+        estimate, valid, errors = _estimate(resolved, block, bvals[keep], voxel_sigma, scale, device, uncertainty)
         valid &= np.all(np.isfinite(estimate), axis=-1)
         estimate[~valid] = np.nan
         params[rows] = estimate
         codes[rows] = np.where(valid, 1 if complete else 2, 7)
-    return params, codes
+        if uncertainty:
+            block_sd, block_codes = errors
+            sd[rows] = np.where(valid[:, None], block_sd, np.nan)
+            sd_codes[rows] = np.where(valid[:, None], block_codes, 6)
+    return params, codes, ((sd, sd_codes) if uncertainty else None)
 
 
-def _estimate(resolved: _Resolved, signals, bvals, sigma, scale, device):
+def _estimate(resolved: _Resolved, signals, bvals, sigma, scale, device, uncertainty=False):
+    """``(params (n, P) float32, valid (n,), errors)``; ``errors`` is ``(sd, reason codes)`` with
+    ``uncertainty``, else None."""
     if resolved.kind == "mle":
         from qmri_labels.fitting import fit_mle
 
         fit = fit_mle(signals, bvals, model=resolved.model_name, noise=resolved.noise, sigma=sigma,
-                      bounds=resolved.bounds, device=device, progress=False)
-        return np.asarray(fit.params, dtype=np.float32).copy(), np.asarray(fit.valid, dtype=bool).copy()
+                      bounds=resolved.bounds, device=device, progress=False, uncertainty=uncertainty)
+        errors = None
+        if uncertainty:
+            reasons = np.asarray(fit.sd_reason)
+            codes = np.full(reasons.shape, 7, dtype=np.uint8)
+            for text, code in _MLE_REASONS.items():
+                codes[reasons == text] = code
+            sd = np.asarray(fit.sd, dtype=np.float32).copy()
+            codes[(codes == 1) & ~np.isfinite(sd)] = 7
+            errors = (sd, codes)
+        return np.asarray(fit.params, dtype=np.float32).copy(), np.asarray(fit.valid, dtype=bool).copy(), errors
     from qmri_labels.data.preprocessing import lowest_b_mean
 
     ordered = signals[:, resolved.order]
@@ -499,9 +602,16 @@ def _estimate(resolved: _Resolved, signals, bvals, sigma, scale, device):
     voxel_scale = scale if scale is not None else preprocessing.scale(lowest_b_mean(ordered, network_protocol))
     valid = np.isfinite(np.asarray(voxel_scale, dtype=np.float64)) * np.ones(signals.shape[0], dtype=bool)
     inputs = preprocessing.apply(ordered, np.where(np.isfinite(voxel_scale), voxel_scale, 1.0))
-    predicted = resolved.network.predict(inputs, device=None if device is None else str(device))
+    device = None if device is None else str(device)
+    if not uncertainty:
+        predicted = resolved.network.predict(inputs, device=device)
+        return preprocessing.restore(predicted, resolved.network.param_names, voxel_scale), valid, None
+    predicted, predicted_sd = resolved.network.predict(inputs, device=device, return_sd=True)
     params = preprocessing.restore(predicted, resolved.network.param_names, voxel_scale)
-    return params, valid
+    # S0's SD scales with S0 (a positive divisor); the other parameters' do not change
+    sd = preprocessing.restore(predicted_sd, resolved.network.param_names, voxel_scale)
+    codes = np.where(np.isfinite(sd), 1, 7).astype(np.uint8)
+    return params, valid, (sd, codes)
 
 
 def load_dwi(dwi, bval, bvec=None) -> tuple[NiftiVolume, np.ndarray, np.ndarray | None]:

@@ -14,7 +14,7 @@ import torch
 
 from qmri_labels import fit as fit_cli
 from qmri_labels.cli import fit_dwi, fit_qsm
-from qmri_labels.derivatives import chi_map_name, param_map_name, status_map_name
+from qmri_labels.derivatives import chi_map_name, param_map_name, sd_map_name, status_map_name
 from qmri_labels.physics import get_model
 
 OBLIQUE = np.array([[-1.9, 0.3, 0.0, 91.0],
@@ -134,6 +134,12 @@ def test_manifest_records_inputs_counts_and_sigma(ivim_data, ivim_run):
     assert manifest["noise"]["source"] == "auto" and manifest["noise"]["method"] == "repeats"
     assert abs(manifest["noise"]["value"] - ivim_data["sigma"]) / ivim_data["sigma"] < 0.15
     assert set(manifest["outputs"]) == {p.name for p in ivim_run.iterdir()}
+    # every output's checksum, so that a cohort rerun can verify the folder before skipping it
+    from qmri_labels.cohort import outputs_verified
+
+    assert set(manifest["output_sha256"]) == set(manifest["outputs"]) - {"manifest.json"}
+    assert manifest["output_sha256"]["sub-01_qc.png"] == sha256_file(ivim_run / "sub-01_qc.png")
+    assert outputs_verified(ivim_run, {"dwi": ivim_data["dwi"], "bval": ivim_data["bval"]})
     png = (ivim_run / "sub-01_qc.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
@@ -374,6 +380,51 @@ def test_failure_while_writing_leaves_no_partial_output(ivim_data, tmp_path, mon
     assert_no_leftovers(tmp_path)
 
 
+def test_uncertainty_writes_sd_maps_equal_to_fit_mle(ivim_data, ivim_run, tmp_path, capsys):
+    from qmri_labels.fitting import fit_mle
+
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[1:5, :, :] = 1
+    save(tmp_path / "mask.nii.gz", mask)
+    out = tmp_path / "out"
+    code, err = run(["--dwi", ivim_data["dwi"], "--bval", ivim_data["bval"], "--mask", tmp_path / "mask.nii.gz",
+                     "--sigma", ivim_data["sigma"], "--uncertainty", "--chunk-size", "17", "--out", out, "--quiet"],
+                    capsys)
+    assert code == 0, err
+    inside = mask.astype(bool)
+    direct = fit_mle(ivim_data["noisy"][inside], BVALS, sigma=ivim_data["sigma"], uncertainty=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for i, name in enumerate(("S0", "f", "D", "Dstar")):
+        image, sd = load_map(out, sd_map_name("sub-01", "ivim", name))
+        assert sd_map_name("sub-01", "ivim", name) == f"sub-01_model-ivim_param-{name}_desc-sd_dwimap.nii.gz"
+        assert image.get_data_dtype() == np.float32 and sd.shape == SHAPE
+        np.testing.assert_array_equal(image.affine, nib.load(str(ivim_data["dwi"])).affine)
+        np.testing.assert_allclose(sd[inside], direct.sd[:, i], rtol=1e-5, equal_nan=True)
+        assert np.all(sd[~inside] == 0)
+        sidecar = json.loads((out / sd_map_name("sub-01", "ivim", name).replace(".nii.gz", ".json")).read_text())
+        assert sidecar["Parameter"] == name and sidecar["Statistic"] == "standard deviation"
+        assert sidecar["Units"] == (get_model("ivim").units[name] if name != "S0" else "input intensity units")
+        assert "Fisher information" in sidecar["Method"]
+        assert sum(sidecar["NaNReasons"].values()) == int(np.isnan(sd[inside]).sum())
+        assert manifest["uncertainty"]["sd_reasons"][name].get("reported", 0) == int(np.isfinite(sd[inside]).sum())
+    assert set(manifest["outputs"]) == {p.name for p in out.iterdir()}
+    # without the flag: no SD maps, and the parameter maps are the same
+    assert not any("desc-sd" in p.name for p in ivim_run.iterdir())
+    assert json.loads((ivim_run / "manifest.json").read_text())["uncertainty"] is None
+    for name in ("f", "D"):
+        np.testing.assert_allclose(load_map(out, pname("sub-01", name))[1][inside],
+                                   direct.params[:, ("S0", "f", "D", "Dstar").index(name)], rtol=1e-5)
+
+
+def test_uncertainty_is_refused_for_qsm(tmp_path, capsys):
+    save(tmp_path / "field.nii.gz", np.zeros((4, 4, 4), np.float32))
+    save(tmp_path / "mask.nii.gz", np.ones((4, 4, 4), np.uint8))
+    code, err = run(["--field", tmp_path / "field.nii.gz", "--mask", tmp_path / "mask.nii.gz", "--uncertainty",
+                     "--out", tmp_path / "out"], capsys)
+    assert code == 1 and "--uncertainty" in err and "QSM" in err
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- networks
 
 @pytest.fixture(scope="module")
@@ -452,6 +503,14 @@ def test_mle_options_are_refused_with_a_network(flag, network_bundle, epstein_da
     code, err = run(["--dwi", epstein_data["dwi"], "--bval", epstein_data["bval"], "--estimator", network_bundle,
                      *flag, "--out", tmp_path / "out"], capsys)
     assert code == 1 and f"{flag[0]} applies to the MLE" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_uncertainty_with_a_network_without_sd_names_the_option(network_bundle, epstein_data, tmp_path, capsys):
+    code, err = run(["--dwi", epstein_data["dwi"], "--bval", epstein_data["bval"], "--estimator", network_bundle,
+                     "--uncertainty", "--out", tmp_path / "out"], capsys)
+    assert code == 1
+    assert "--uncertainty: network tiny-ivim" in err and "does not report standard deviations" in err
     assert not (tmp_path / "out").exists()
 
 

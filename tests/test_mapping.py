@@ -106,3 +106,89 @@ def test_network_sees_the_data_scaled_as_in_training_not_divided_by_b0():
     per_voxel[:, 0] *= signals[:, 0]
     truth_s0 = data.theta_true[:, 0] * 1000.0
     assert np.sqrt(np.mean((maps["S0"] - truth_s0) ** 2)) < np.sqrt(np.mean((per_voxel[:, 0] - truth_s0) ** 2))
+
+
+# ----------------------------------------------------------------------------- uncertainty
+
+
+def test_sd_maps_equal_fit_mle_standard_errors_with_reasons():
+    from qmri_labels.fitting import fit_mle
+    from qmri_labels.mapping import SD_REASON_CODES
+
+    data, theta = volume((5, 4, 3), sigma=10.0, seed=3)
+    # a slab of mono-exponential voxels (f = 0): f lands on its lower bound, D* is not identifiable
+    rng = np.random.default_rng(4)
+    clean = get_model("ivim").forward(torch.tensor([[1000.0, 0.0, 1e-3, 0.05]]), torch.tensor(B)).numpy()
+    data[4] = np.hypot(clean + 10 * rng.standard_normal((4, 3, B.size)), 10 * rng.standard_normal((4, 3, B.size)))
+    mask = np.ones((5, 4, 3), bool)
+    mask[0, 0] = False
+    maps = fit_volume(data, mask, protocol=B, sigma=10.0, chunk_size=13, uncertainty=True)
+    direct = fit_mle(data[mask], B, sigma=10.0, uncertainty=True)
+    assert maps.sd.shape == maps.params.shape and maps.sd.dtype == np.float32
+    np.testing.assert_allclose(maps.params[mask], direct.params, rtol=1e-6)
+    np.testing.assert_allclose(maps.sd[mask], direct.sd, rtol=1e-5, equal_nan=True)
+    assert np.all(maps.sd[~mask] == 0) and np.all(maps.sd_reason[~mask] == 0)
+    # NaN exactly where fit_mle gives a reason, and the same reason
+    reasons = np.vectorize(lambda c: "" if c == 1 else SD_REASON_CODES[c])(maps.sd_reason[mask])
+    np.testing.assert_array_equal(reasons, direct.sd_reason)
+    assert np.array_equal(np.isnan(maps.sd[mask]), direct.sd_reason != "")
+    assert (direct.sd_reason != "").any()  # the f = 0 slab gives bound / singular voxels
+    counts = maps.sd_reason_counts("Dstar")
+    assert sum(counts.values()) == mask.sum() and counts["reported"] < mask.sum()
+    np.testing.assert_array_equal(maps.sd_map("D"), maps.sd[..., 2])
+    assert "Fisher" in maps.sd_method
+    plain = fit_volume(data, mask, protocol=B, sigma=10.0, chunk_size=13)
+    assert plain.sd is None and plain.sd_reason is None
+    with pytest.raises(ValueError, match="uncertainty=True"):
+        plain.sd_map("D")
+    with pytest.raises(TypeError, match="uncertainty must be True or False"):
+        fit_volume(data, protocol=B, sigma=10.0, uncertainty="yes")
+
+
+def test_a_network_without_sd_is_refused_and_one_with_sd_is_scaled_back():
+    from qmri_labels.estimators import NetworkEstimator
+    from qmri_labels.mapping import UncertaintyNotSupported
+    from qmri_labels.paths import models_dir
+
+    network = NetworkEstimator.load(models_dir() / SHIPPED)
+    data = DatasetSpec.from_dict(network.train_spec_).replace(n=200, seed=2).generate()
+    signals = data.signals.astype(np.float64) * 1000.0
+    with pytest.raises(UncertaintyNotSupported, match="does not report standard deviations.*return_sd"):
+        fit_volume(signals, protocol=data.protocol, estimator=SHIPPED, uncertainty=True)
+    with pytest.raises(UncertaintyNotSupported):
+        fit_volume(signals, protocol=data.protocol, estimator=network, uncertainty=True)
+
+    class ReportsSD(NetworkEstimator):
+        """A network whose SD is a known function of its estimate (10 % of it)."""
+
+        def predict(self, signals, batch_size=65536, device=None, return_sd=False):
+            params = super().predict(signals, batch_size=batch_size, device=device)
+            return (params, 0.1 * np.abs(params)) if return_sd else params
+
+    with_sd = ReportsSD.load(models_dir() / SHIPPED)
+    maps = fit_volume(signals, protocol=data.protocol, estimator=with_sd, uncertainty=True)
+    plain = fit_volume(signals, protocol=data.protocol, estimator=SHIPPED)
+    np.testing.assert_array_equal(maps.params, plain.params)
+    # S0's SD is scaled back with S0 (the data are 1000x the training scale), the others are not
+    np.testing.assert_allclose(maps.sd, 0.1 * np.abs(maps.params), rtol=1e-5)
+    assert np.all(maps.sd_reason == 1) and "network" in maps.sd_method
+
+
+def test_mle_sd_map_matches_the_spread_over_noise_repeats():
+    """Monte Carlo: on a volume of repeated known truths at SNR 50 the Fisher SD map equals
+    the empirical SD of the estimates within 0.8-1.25 for f and D (an SD off by a factor
+    of 1.3 either way, e.g. from a wrong sigma, fails)."""
+    truths = np.array([[1000, 0.2, 0.001, 0.05], [1000, 0.3, 0.0015, 0.08], [1000, 0.25, 0.002, 0.04]])
+    repeats, sigma = 300, 20.0
+    theta = np.repeat(truths, repeats, axis=0).reshape(3, 15, 20, 4)
+    rng = np.random.default_rng(11)
+    clean = get_model("ivim").forward(torch.tensor(theta), torch.tensor(B)).numpy()
+    data = np.hypot(clean + sigma * rng.standard_normal(clean.shape), sigma * rng.standard_normal(clean.shape))
+    maps = fit_volume(data, protocol=B, sigma=sigma, uncertainty=True)
+    for i in range(len(truths)):
+        for name in ("f", "D"):
+            estimates = maps[name][i].ravel()
+            reported = maps.sd_map(name)[i].ravel()
+            assert np.isfinite(reported).mean() > 0.99
+            ratio = np.sqrt(np.nanmean(reported ** 2)) / np.std(estimates)
+            assert 0.8 < ratio < 1.25, (truths[i], name, ratio)

@@ -2,6 +2,7 @@
 
 ``qmri_labels.fit`` (``qmri-fit``) dispatches to :mod:`.fit_dwi` (diffusion, over
 :func:`qmri_labels.mapping.fit_volume`) and :mod:`.fit_qsm` (dipole inversion); shared input
-checks live in :mod:`.common`. A multi-scan mode (many DWI series, shards) is a loop over
-:func:`.fit_dwi.map_scan`, which maps one scan into one output folder.
+checks live in :mod:`.common`. The cohort mode (:mod:`.fit_cohort`: many DWI series,
+``--shard I/N``) is a loop over :func:`.fit_dwi.map_scan`, which maps one scan into one output
+folder.
 """

@@ -92,3 +92,13 @@ def positive_voxel_size(volume: NiftiVolume, what: Path) -> tuple[float, float, 
     if not all(v > 0 and math.isfinite(v) for v in voxel_size):
         raise InputError(f"{what}: voxel size {voxel_size} from the header is not positive")
     return voxel_size
+
+
+def write_manifest(folder: Path, manifest: dict) -> Path:
+    """``manifest.json`` with the SHA-256 of every other output listed in ``manifest["outputs"]``
+    (``output_sha256``: what :func:`qmri_labels.cohort.outputs_verified` checks before a rerun skips it)."""
+    from qmri_labels.cohort import CHECKSUM_KEY, output_checksums
+    from qmri_labels.fileio import write_json
+
+    manifest[CHECKSUM_KEY] = output_checksums(folder, [n for n in manifest["outputs"] if n != "manifest.json"])
+    return write_json(Path(folder) / "manifest.json", manifest)

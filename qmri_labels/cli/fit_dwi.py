@@ -1,8 +1,8 @@
 """The fit command's diffusion part: one DWI series in, one BIDS-derivative folder of maps out.
 
 :func:`map_scan` does one scan (read, :func:`qmri_labels.mapping.fit_volume`, write); the
-command calls it once. A multi-scan mode (a list of scans, ``--shard I/N``) is a loop over it,
-each scan into its own output folder.
+command calls it once, its cohort mode (:mod:`.fit_cohort`, ``--cohort ... --shard I/N``) once
+per scan of the shard, each scan into its own output folder.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from qmri_labels.cli.common import InputError, describe_file, environment, output_prefix, read_mask
 from qmri_labels.data.io import sha256_file
 from qmri_labels.derivatives import write_dataset_description, write_parameter_maps
-from qmri_labels.mapping import STATUS_CODES, fit_volume, load_dwi
+from qmri_labels.mapping import SD_REASON_CODES, STATUS_CODES, UncertaintyNotSupported, fit_volume, load_dwi
 from qmri_labels.qc import write_qc_figure
 
 logger = logging.getLogger("qmri_labels")
@@ -37,6 +37,10 @@ def add_arguments(parser) -> None:
                           "Default: auto for the Rician fit; the Gaussian fit does not need it")
     dwi.add_argument("--noise", choices=("rician", "gaussian"), default=None,
                      help="noise model of the MLE fit (default rician: magnitude images)")
+    dwi.add_argument("--uncertainty", action="store_true",
+                     help="also write the standard deviation of every map (<map>_desc-sd_dwimap.nii.gz): the MLE's "
+                          "Fisher standard error at the estimate (NaN at a bound or where not identifiable), or "
+                          "a network's own SD where it reports one")
     dwi.add_argument("--b0-threshold", type=float, default=0.0,
                      help="b-values <= this count as repeated b = 0 volumes for --sigma auto (s/mm^2, default 0)")
 
@@ -56,8 +60,12 @@ def _sigma_argument(value):
 def map_scan(dwi_path: Path, bval_path: Path, out_dir: Path, *, bvec_path: Path | None = None,
              mask_path: Path | None = None, estimator: str | None = None, model: str | None = None,
              noise: str | None = None, sigma=None, b0_threshold: float = 0.0, chunk_size: int = 20000,
-             device=None, prefix: str | None = None, progress: bool = False) -> dict:
-    """Map one DWI series into ``out_dir`` (which must exist); returns the manifest."""
+             device=None, prefix: str | None = None, progress: bool = False, uncertainty: bool = False) -> dict:
+    """Map one DWI series into ``out_dir`` (which must exist); returns the manifest.
+
+    With ``uncertainty`` a standard-deviation map is written beside each parameter map
+    (:func:`qmri_labels.mapping.fit_volume` ``uncertainty=True``).
+    """
     timings = {}
     t0 = time.perf_counter()
     dwi, bvals, bvecs = load_dwi(dwi_path, bval_path, bvec_path)
@@ -71,9 +79,13 @@ def map_scan(dwi_path: Path, bval_path: Path, out_dir: Path, *, bvec_path: Path 
     timings["read_inputs"] = round(time.perf_counter() - t0, 3)
 
     t1 = time.perf_counter()
-    maps = fit_volume(dwi, mask if mask_volume is not None else None, protocol=bvals, estimator=estimator or "mle",
-                      model=model, noise=noise, sigma=sigma_value, b0_threshold=b0_threshold, chunk_size=chunk_size,
-                      device=device, progress=progress)
+    try:
+        maps = fit_volume(dwi, mask if mask_volume is not None else None, protocol=bvals,
+                          estimator=estimator or "mle", model=model, noise=noise, sigma=sigma_value,
+                          b0_threshold=b0_threshold, chunk_size=chunk_size, device=device, progress=progress,
+                          uncertainty=uncertainty)
+    except UncertaintyNotSupported as exc:
+        raise InputError("--" + str(exc)) from None
     timings["fit"] = round(time.perf_counter() - t1, 3)
 
     t2 = time.perf_counter()
@@ -115,6 +127,10 @@ def map_scan(dwi_path: Path, bval_path: Path, out_dir: Path, *, bvec_path: Path 
         "normalisation": ("none: the MLE fits S0 in the image's units" if maps.estimator["kind"] == "mle" else
                           "the network's recorded preprocessing (estimator.preprocessing); S0 scaled back"),
         "voxels": maps.counts,
+        "uncertainty": None if maps.sd is None else {
+            "method": maps.sd_method,
+            "sd_reasons": {name: maps.sd_reason_counts(name) for name in maps.param_names},
+            "reason_codes": {str(k): v for k, v in SD_REASON_CODES.items()}},
         "status_codes": {str(k): v for k, v in STATUS_CODES.items()},
         **environment(device),
         "chunk_size": chunk_size,
@@ -131,7 +147,7 @@ def run_dwi(args, out_dir: Path, device) -> dict:
         return map_scan(args.dwi, args.bval, out_dir, bvec_path=args.bvec, mask_path=args.mask,
                         estimator=args.estimator, model=args.model, noise=args.noise, sigma=args.sigma,
                         b0_threshold=args.b0_threshold, chunk_size=args.chunk_size, device=device, prefix=args.prefix,
-                        progress=not args.quiet)
+                        progress=not args.quiet, uncertainty=args.uncertainty)
     except InputError:
         raise
     except (ValueError, TypeError) as exc:
