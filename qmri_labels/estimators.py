@@ -31,6 +31,23 @@ from qmri_labels.physics import get_model
 
 ESTIMATOR_KIND = "qmri_labels.NetworkEstimator"
 
+#: Named network designs (keyword arguments of :class:`NetworkEstimator`).
+#: ``epstein``: the default, Epstein et al. (MELBA 2024). ``ivimnet``: the published
+#: configuration of IVIM-NET "optim" (Kaandorp et al., MRM 2021): one sub-network of two
+#: hidden layers per parameter, batch norm, dropout 0.1, sigmoid bounds (the constraints
+#: D 0-0.005, f 0-0.7, D* 0.005-0.2 mm^2/s, S0 0-2) widened by 30 %, Adam at 3e-5 on batches of 128,
+#: patience 10.
+DESIGN_PRESETS: dict[str, dict] = {
+    "epstein": {},
+    "ivimnet": {
+        "parallel": True, "hidden_layers": 2, "width": None, "activation": "elu", "batch_norm": True,
+        "dropout": 0.1, "output": "sigmoid", "bounds_margin": 0.3,
+        # S0, f, D, Dstar (the IVIM model's parameter order)
+        "output_bounds": [[0.0, 0.0, 0.0, 0.005], [2.0, 0.7, 0.005, 0.2]],
+        "lr": 3e-5, "batch_size": 128, "patience": 10, "max_epochs": 1000,
+    },
+}
+
 
 class _ParamsMixin:
     """``get_params`` / ``set_params`` / ``repr`` from the constructor's signature (sklearn style)."""
@@ -63,6 +80,28 @@ def _same(a, b) -> bool:
         return bool(a == b)
     except Exception:
         return a is b
+
+
+def _as_labels(values, shape: tuple, what: str, allow_nan: bool = False) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float32)
+    if values.shape != tuple(shape):
+        raise ValueError(f"{what} must have shape {tuple(shape)} (one row per signal, one column per parameter), "
+                         f"got {values.shape}")
+    if not allow_nan and not np.all(np.isfinite(values)):
+        raise ValueError(f"{what} hold non-finite values")
+    return values
+
+
+def _arrays_fingerprint(tensors: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 (hex) of training arrays given directly (no dataset spec to record)."""
+    import hashlib
+
+    h = hashlib.sha256(b"arrays:")
+    for key in sorted(tensors):
+        a = np.ascontiguousarray(tensors[key], dtype=np.float32)
+        h.update(f"{key}{a.shape}".encode())
+        h.update(a.astype("<f4", copy=False).tobytes())
+    return h.hexdigest()
 
 
 def _as_signals(signals, n_measurements: int) -> tuple[np.ndarray, tuple]:
@@ -206,6 +245,24 @@ class NetworkEstimator(_ParamsMixin):
     mle_options : dict or None
         Settings of the MLE labels (``noise``, ``sigma``, ``bounds``, ``n_starts``, ``device``,
         ``cache``); see :func:`qmri_labels.training.compute_mle_labels`.
+    parallel : bool
+        One sub-network per parameter (IVIM-NET's design) instead of one shared network.
+    batch_norm : bool
+        Batch normalisation after every hidden layer.
+    dropout : float in [0, 1)
+        Dropout after every hidden layer but the last.
+    bounds_margin : float in [0, 1]
+        ``output_bounds`` widened by this fraction of each range at both ends (IVIM-NET: 0.3).
+    fit_s0 : bool
+        Estimate the signal scale S0; ``False`` fixes it at 1 (signals normalised by S0).
+    lr_schedule : {None, "plateau", "cosine"}
+        Learning-rate schedule (see :mod:`qmri_labels.training.schedules`).
+    warm_start : bool
+        Continue training the fitted network (e.g. a shipped one) instead of starting from new
+        weights: fine-tuning. The input standardisation of the network is kept.
+
+    Every option is recorded in the bundle's ``training_config`` and restored by :meth:`load`;
+    :data:`DESIGN_PRESETS` names published designs (``NetworkEstimator.from_preset``).
     """
 
     def __init__(self, label: str = "gt", alpha: float = 0.5, weights: Mapping[str, float] | None = None,
@@ -217,7 +274,9 @@ class NetworkEstimator(_ParamsMixin):
                  shuffle_seed: int | None = None, accelerator: str = "auto", devices: Any = 1,
                  num_nodes: int = 1, strategy: Any = "auto", precision: Any = "32-true", deterministic: bool = True,
                  benchmark: bool | None = None, record_step_losses: bool = False, num_threads: int | None = None,
-                 progress: bool = True, mle_options: Mapping | None = None):
+                 progress: bool = True, mle_options: Mapping | None = None, parallel: bool = False,
+                 batch_norm: bool = False, dropout: float = 0.0, bounds_margin: float = 0.0, fit_s0: bool = True,
+                 lr_schedule: str | None = None, warm_start: bool = False):
         self.label = label
         self.alpha = alpha
         self.weights = weights
@@ -250,6 +309,20 @@ class NetworkEstimator(_ParamsMixin):
         self.num_threads = num_threads
         self.progress = progress
         self.mle_options = mle_options
+        self.parallel = parallel
+        self.batch_norm = batch_norm
+        self.dropout = dropout
+        self.bounds_margin = bounds_margin
+        self.fit_s0 = fit_s0
+        self.lr_schedule = lr_schedule
+        self.warm_start = warm_start
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> "NetworkEstimator":
+        """An estimator with a named design of :data:`DESIGN_PRESETS`; ``overrides`` win."""
+        if preset not in DESIGN_PRESETS:
+            raise ValueError(f"unknown design preset {preset!r}; known: {sorted(DESIGN_PRESETS)}")
+        return cls(**{**DESIGN_PRESETS[preset], **overrides})
 
     # -- identity -----------------------------------------------------------------------------
     @property
@@ -279,7 +352,9 @@ class NetworkEstimator(_ParamsMixin):
 
     # -- training -------------------------------------------------------------------------------
     def _validate(self) -> dict:
+        from qmri_labels.nets.mlp import widen_bounds
         from qmri_labels.training import resolve_weights
+        from qmri_labels.training.schedules import check_schedule
 
         weights = resolve_weights(self.label, self.alpha, self.weights)
         for name in ("batch_size", "max_epochs", "batches_per_block"):
@@ -290,15 +365,43 @@ class NetworkEstimator(_ParamsMixin):
             raise ValueError(f"patience must be an integer >= 0, got {self.patience!r}")
         if not (0.0 <= float(self.val_fraction) < 1.0):
             raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction!r}")
+        for name in ("parallel", "batch_norm", "fit_s0", "warm_start", "standardise_inputs"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not (0.0 <= float(self.dropout) < 1.0):
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        widen_bounds(np.zeros((2, 1)), self.bounds_margin)  # checks the margin
+        check_schedule(self.lr_schedule)
+        if not (math.isfinite(float(self.lr)) and float(self.lr) > 0):
+            raise ValueError(f"lr must be finite and > 0, got {self.lr!r}")
+        if not (math.isfinite(float(self.weight_decay)) and float(self.weight_decay) >= 0):
+            raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay!r}")
         return weights
 
-    def fit(self, dataset: Dataset, mle_labels=None) -> "NetworkEstimator":
-        """Train on ``dataset``.
+    def fit(self, X, y=None, *, protocol=None, bounds=None, model: str = "ivim", sigma=None,
+            mle_labels=None) -> "NetworkEstimator":
+        """Train on a simulated :class:`Dataset` or on arrays of signals (any data).
 
         Parameters
         ----------
-        dataset : Dataset
-            Training data (``signals``, ``theta_true``, ``sigma``, protocol, prior).
+        X : Dataset or array-like (N, M)
+            A dataset (signals, true parameters, noise level, protocol and prior), or signals,
+            e.g. in vivo voxels, with ``protocol`` given.
+        y : array-like (N, P), dict or None
+            Labels for array input, in the model's parameter order: the true parameters for
+            ``gt``, MLE labels for ``mle`` (computed from ``X`` with ``mle_options`` when
+            ``None``), nothing for ``self``; for ``hybrid`` / ``weighted`` a dict
+            ``{"gt": ..., "mle": ...}``. With a dataset, ``y`` may give its MLE labels (as
+            ``mle_labels``).
+        protocol : array-like (M,)
+            b-values (s/mm^2) of array input.
+        bounds : array-like (2, P) or None
+            Parameter range of array input that normalises the parameter losses (and the
+            outputs with ``output_bounds="prior"``); ``None``: the model's default bounds.
+        model : str
+            Signal model of array input.
+        sigma : float, array-like (N,) or None
+            Noise level of array input, used when MLE labels are computed here.
         mle_labels : ndarray (N, P), MLEFit, MLELabels or None
             MLE labels of ``dataset.signals``; computed (and cached) when the loss needs them
             and none are given. Rows with non-finite labels are left out of training.
@@ -307,74 +410,176 @@ class NetworkEstimator(_ParamsMixin):
         -------
         self
         """
-        import lightning as L
-        from lightning.pytorch.callbacks import EarlyStopping
+        from qmri_labels.training import MLELabels, ParameterNormalisation, compute_mle_labels
 
-        from qmri_labels.nets import MLP
-        from qmri_labels.training import (
-            InMemoryDataModule,
-            KeepBestState,
-            LabelLoss,
-            LabelRegressor,
-            MLELabels,
-            ParameterNormalisation,
-            compute_mle_labels,
-        )
-
-        if not isinstance(dataset, Dataset):
-            raise ValueError(f"fit expects a qmri_labels Dataset, got {type(dataset).__name__}")
         weights = self._validate()
-        model = dataset.model
-        n, m = dataset.signals.shape
-        start = time.perf_counter()
+        if isinstance(X, Dataset):
+            if protocol is not None or bounds is not None or sigma is not None:
+                raise ValueError("protocol, bounds and sigma are taken from the dataset; pass them only with arrays")
+            dataset = X
+            if y is not None and mle_labels is not None:
+                raise ValueError("give the dataset's MLE labels once (y or mle_labels)")
+            mle_labels = y if mle_labels is None else mle_labels
+            signal_model = dataset.model
+            tensors = {"signals": dataset.signals}
+            if weights["gt"] > 0:
+                tensors["theta"] = dataset.theta_true
+            mle_info = None
+            if weights["mle"] > 0:
+                if mle_labels is None:
+                    mle_labels = compute_mle_labels(dataset, progress=self.progress, **dict(self.mle_options or {}))
+                if isinstance(mle_labels, MLELabels):
+                    if mle_labels.dataset_fingerprint != dataset.fingerprint:
+                        raise ValueError("mle_labels were computed for another dataset (fingerprints differ)")
+                    mle_info = mle_labels.info()
+                    mle_params = mle_labels.params
+                else:
+                    mle_params = getattr(mle_labels, "params", mle_labels)
+                    mle_info = {"source": "given"}
+                mle_params = np.asarray(mle_params, dtype=np.float32)
+                if mle_params.shape != dataset.theta_true.shape:
+                    raise ValueError(f"mle_labels must have shape {dataset.theta_true.shape}, got {mle_params.shape}")
+                tensors["mle"] = mle_params
+            support = dataset.prior_support
+            record = {"train_fingerprint_": dataset.fingerprint, "train_spec_": dataset.spec.to_dict()}
+            train_protocol = dataset.protocol
+        else:
+            if mle_labels is not None:
+                raise ValueError("with array input, give MLE labels as y")
+            signal_model = get_model(model)
+            if protocol is None:
+                raise ValueError("fit(X) with X an array, not a Dataset, needs protocol=... (b-values in s/mm^2, one "
+                                 "per column of X)")
+            train_protocol = np.asarray(signal_model.validate_protocol(protocol), dtype=np.float64)
+            signals, _ = _as_signals(X, train_protocol.size)
+            signals = np.asarray(signals, dtype=np.float32)
+            if not np.all(np.isfinite(signals)):
+                raise ValueError("X holds non-finite signals; mask or drop those voxels first")
+            tensors, mle_info = self._array_targets(weights, signals, y, signal_model, train_protocol, sigma)
+            support = signal_model.default_bounds if bounds is None else np.asarray(bounds, dtype=np.float64)
+            if support.shape != (2, signal_model.n_params) or not np.all(np.isfinite(support)) or np.any(
+                    support[1] < support[0]):
+                raise ValueError(f"bounds must be finite with shape (2, {signal_model.n_params}) and lower <= upper, "
+                                 f"got {np.asarray(support).tolist()}")
+            record = {"train_fingerprint_": _arrays_fingerprint(tensors),
+                      "train_spec_": {"source": "arrays", "model": signal_model.name, "n": int(signals.shape[0]),
+                                      "protocol": [float(b) for b in train_protocol],
+                                      "bounds": np.asarray(support, float).tolist()}}
 
-        tensors = {"signals": dataset.signals}
+        n = tensors["signals"].shape[0]
         keep = np.ones(n, dtype=bool)
-        if weights["gt"] > 0:
-            tensors["theta"] = dataset.theta_true
-        mle_info = None
-        if weights["mle"] > 0:
-            if mle_labels is None:
-                mle_labels = compute_mle_labels(dataset, progress=self.progress, **dict(self.mle_options or {}))
-            if isinstance(mle_labels, MLELabels):
-                if mle_labels.dataset_fingerprint != dataset.fingerprint:
-                    raise ValueError("mle_labels were computed for another dataset (fingerprints differ)")
-                mle_info = mle_labels.info()
-                mle_params = mle_labels.params
-            else:
-                mle_params = getattr(mle_labels, "params", mle_labels)
-                mle_info = {"source": "given"}
-            mle_params = np.asarray(mle_params, dtype=np.float32)
-            if mle_params.shape != dataset.theta_true.shape:
-                raise ValueError(f"mle_labels must have shape {dataset.theta_true.shape}, got {mle_params.shape}")
-            keep &= np.all(np.isfinite(mle_params), axis=1)
-            tensors["mle"] = mle_params
+        if "mle" in tensors:
+            keep &= np.all(np.isfinite(tensors["mle"]), axis=1)
             mle_info["n_excluded"] = int((~keep).sum())
         if not keep.all():
             if keep.sum() < 2:
                 raise ValueError("fewer than 2 training rows have finite MLE labels")
             tensors = {k: v[keep] for k, v in tensors.items()}
+        normalisation = ParameterNormalisation.from_support(support, signal_model.param_names)
+        self._train(tensors, weights, signal_model, train_protocol, support, normalisation)
+        self.n_excluded_ = int((~keep).sum())
+        self.mle_labels_ = mle_info
+        for key, value in record.items():
+            setattr(self, key, value)
+        return self
 
-        normalisation = ParameterNormalisation.from_support(dataset.prior_support, model.param_names)
-        bounds = model.default_bounds if self.output_bounds is None else np.asarray(self.output_bounds, float)
-        signals = tensors["signals"]
-        if self.standardise_inputs:
-            shift = signals.mean(0, dtype=np.float64)
-            scale = signals.std(0, dtype=np.float64)
-            scale = np.where(scale > 0, scale, 1.0)
+    def _array_targets(self, weights, signals, y, signal_model, protocol, sigma) -> tuple[dict, dict | None]:
+        """Training tensors of array input: ``y`` checked against the label's needs."""
+        shape = (signals.shape[0], signal_model.n_params)
+        needed = [t for t in ("gt", "mle") if weights[t] > 0]
+        if isinstance(y, Mapping):
+            unknown = set(y) - {"gt", "mle"}
+            if unknown:
+                raise ValueError(f"y has unknown label kinds {sorted(unknown)}; known: ['gt', 'mle']")
+            given = dict(y)
+        elif y is None:
+            given = {}
+        elif len(needed) == 1:
+            given = {needed[0]: y}
         else:
-            shift, scale = np.zeros(m), np.ones(m)
+            raise ValueError(f"label {self.label!r} needs "
+                             + (f"labels {needed} as a dict y={{'gt': ..., 'mle': ...}}" if needed
+                                else "no labels (self-supervised): call fit(X) without y"))
+        extra = set(given) - set(needed)
+        if extra:
+            raise ValueError(f"label {self.label!r} does not use {sorted(extra)} labels; drop them from y")
+        tensors = {"signals": signals}
+        mle_info = None
+        if "gt" in needed:
+            if "gt" not in given:
+                raise ValueError(f"label {self.label!r} needs the true parameters: fit(X, y=theta (N, P))")
+            tensors["theta"] = _as_labels(given["gt"], shape, "gt labels (y)")
+        if "mle" in needed:
+            if "mle" in given:
+                tensors["mle"] = _as_labels(given["mle"], shape, "mle labels (y)", allow_nan=True)
+                mle_info = {"source": "given"}
+            else:
+                from qmri_labels.fitting import fit_mle
 
+                options = dict(self.mle_options or {})
+                if options.get("sigma", None) == "known":
+                    options.pop("sigma")
+                options = {k: v for k, v in options.items() if k in ("noise", "sigma", "bounds", "n_starts", "device")}
+                if sigma is not None:
+                    options["sigma"] = sigma
+                fit = fit_mle(signals, protocol, model=signal_model.name, progress=bool(self.progress), **options)
+                tensors["mle"] = np.asarray(fit.params, dtype=np.float32)
+                mle_info = {"source": "computed", "settings": {k: v for k, v in fit.settings.items()
+                                                                if isinstance(v, (str, int, float, bool, type(None)))}}
+        return tensors, mle_info
+
+    def _train(self, tensors: dict, weights: dict, signal_model, protocol, support, normalisation) -> None:
+        """Build (or, with ``warm_start``, reuse) the network and train it on ``tensors``."""
+        import copy
+
+        import lightning as L
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        from qmri_labels.nets import MLP
+        from qmri_labels.training import InMemoryDataModule, KeepBestState, LabelLoss, LabelRegressor, LRSchedule
+
+        start = time.perf_counter()
+        m = tensors["signals"].shape[1]
         seed = int(self.seed)
         init_seed = seed if self.init_seed is None else int(self.init_seed)
         shuffle_seed = seed if self.shuffle_seed is None else int(self.shuffle_seed)
-        # weights are drawn from a private RNG stream: the caller's global RNG state is untouched
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
-            network = MLP(m, model.n_params, hidden_layers=self.hidden_layers, width=self.width,
-                          activation=self.activation, bounds=bounds, output=self.output,
-                          input_shift=shift, input_scale=scale)
-        loss = LabelLoss(weights, model.name, dataset.protocol, normalisation)
+        if self.warm_start and hasattr(self, "network_"):
+            if self.model_name_ != signal_model.name or len(self.protocol_) != len(protocol) or not np.allclose(
+                    self.protocol_, protocol):
+                raise ValueError(f"warm_start: the fitted network is for model {self.model_name_!r} with protocol "
+                                 f"{self.protocol_}, the data for {signal_model.name!r} with {list(protocol)}")
+            network = copy.deepcopy(self.network_)
+        else:
+            signals = tensors["signals"]
+            if self.standardise_inputs:
+                shift = signals.mean(0, dtype=np.float64)
+                scale = signals.std(0, dtype=np.float64)
+                scale = np.where(scale > 0, scale, 1.0)
+            else:
+                shift, scale = np.zeros(m), np.ones(m)
+            if isinstance(self.output_bounds, str):
+                if self.output_bounds != "prior":
+                    raise ValueError(f"output_bounds must be None, 'prior' or an array (2, P), "
+                                     f"got {self.output_bounds!r}")
+                bounds = np.asarray(support, dtype=np.float64)
+            elif self.output_bounds is None:
+                bounds = signal_model.default_bounds
+            else:
+                bounds = np.asarray(self.output_bounds, float)
+            fixed = None
+            if not self.fit_s0:
+                if signal_model.scale_index is None:
+                    raise ValueError(f"fit_s0=False: model {signal_model.name!r} has no signal scale parameter")
+                fixed = {signal_model.scale_index: 1.0}
+            # weights are drawn from a private RNG stream: the caller's global RNG state is untouched
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed)
+                network = MLP(m, signal_model.n_params, hidden_layers=self.hidden_layers, width=self.width,
+                              activation=self.activation, bounds=bounds, output=self.output,
+                              input_shift=shift, input_scale=scale, parallel=bool(self.parallel),
+                              batch_norm=bool(self.batch_norm), dropout=float(self.dropout),
+                              bounds_margin=float(self.bounds_margin), fixed_outputs=fixed)
+        loss = LabelLoss(weights, signal_model.name, protocol, normalisation)
         module = LabelRegressor(network, loss, lr=self.lr, weight_decay=self.weight_decay, optimiser=self.optimiser,
                                 step_batch_size=int(self.batch_size), record_step_losses=bool(self.record_step_losses))
         data = InMemoryDataModule(tensors, batch_size=int(self.batch_size), val_fraction=float(self.val_fraction),
@@ -386,6 +591,9 @@ class NetworkEstimator(_ParamsMixin):
         if self.patience > 0:
             callbacks.append(EarlyStopping(monitor=monitor, patience=int(self.patience), min_delta=float(self.min_delta),
                                            mode="min", check_on_train_epoch_end=not data.has_validation))
+        if self.lr_schedule is not None:
+            callbacks.append(LRSchedule(self.lr_schedule, int(self.max_epochs), monitor=monitor,
+                                        plateau_patience=max(int(self.patience) // 2, 1)))
         trainer_kwargs = {} if data.has_validation else {"limit_val_batches": 0}
         with _quiet_lightning(True), _deterministic_scope(), _torch_threads(self.num_threads):
             trainer = L.Trainer(
@@ -406,22 +614,17 @@ class NetworkEstimator(_ParamsMixin):
             self.step_losses_ = np.array([float(t) for t in module.step_losses], dtype=np.float64)
         self.normalisation_ = normalisation.to_dict()
         self.loss_weights_ = weights
-        self.train_fingerprint_ = dataset.fingerprint
-        self.train_spec_ = dataset.spec.to_dict()
-        self.model_name_ = model.name
-        self.protocol_ = [float(b) for b in dataset.protocol]
-        self.param_names_ = list(model.param_names)
+        self.model_name_ = signal_model.name
+        self.protocol_ = [float(b) for b in protocol]
+        self.param_names_ = list(signal_model.param_names)
         self.n_train_ = int(data.train_indices.numel())
         self.n_val_ = int(data.n_val)
-        self.n_excluded_ = int((~keep).sum())
-        self.mle_labels_ = mle_info
         self.best_epoch_ = keeper.best_epoch
         self.best_val_loss_ = keeper.best_score if math.isfinite(keeper.best_score) else None
         self.n_epochs_ = int(trainer.current_epoch)
         self.fit_seconds_ = time.perf_counter() - start
         self.device_ = device_info(trainer.strategy.root_device)
         self.seeds_ = {"seed": seed, "split_seed": seed, "init_seed": init_seed, "shuffle_seed": shuffle_seed}
-        return self
 
     # -- inference ---------------------------------------------------------------------------
     def predict(self, signals, batch_size: int = 65536, device=None) -> np.ndarray:
@@ -451,7 +654,7 @@ class NetworkEstimator(_ParamsMixin):
     def training_config(self) -> dict:
         """Hyperparameters as plain JSON types (what :meth:`load` rebuilds the estimator from)."""
         params = self.get_params()
-        if params["output_bounds"] is not None:
+        if params["output_bounds"] is not None and not isinstance(params["output_bounds"], str):
             params["output_bounds"] = np.asarray(params["output_bounds"], float).tolist()
         if params["weights"] is not None:
             params["weights"] = dict(params["weights"])
