@@ -689,6 +689,10 @@ class NetworkEstimator(_ParamsMixin):
             "versions": package_versions(),
             "metrics": dict(metrics or getattr(self, "metrics_", {}) or {}),
         }
+        if getattr(self, "tuning_", None) is not None:
+            from qmri_labels.fileio import to_jsonable
+
+            manifest["tuning"] = to_jsonable(self.tuning_)
         if extra:
             manifest.update(extra)
         return manifest
@@ -736,6 +740,8 @@ class NetworkEstimator(_ParamsMixin):
         estimator.device_ = manifest.get("device")
         estimator.metrics_ = manifest.get("metrics", {})
         estimator.manifest_ = manifest
+        if "tuning" in manifest:
+            estimator.tuning_ = manifest["tuning"]
         if get_model(estimator.model_name_).param_names != tuple(estimator.param_names_):
             raise ValueError(f"{path}: parameter names {estimator.param_names_} do not match model "
                              f"{estimator.model_name_!r}")
