@@ -143,7 +143,7 @@ def validation_criteria(estimator: NetworkEstimator, signals, targets: Mapping, 
 def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criterion: str = "val_loss",
          alpha: float = 0.5, base: Mapping[str, Any] | None = None, space: Mapping | None = None,
          validation_fraction: float = 0.2, include_default: bool = True, mle_labels=None,
-         mle_options: Mapping | None = None) -> NetworkEstimator:
+         mle_options: Mapping | None = None, max_rows: int | None = None) -> NetworkEstimator:
     """Search the network design for one training label; return the best trial's network.
 
     Parameters
@@ -172,6 +172,9 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
         MLE labels of ``dataset`` (computed and cached when the label needs them).
     mle_options : mapping or None
         Settings of computed MLE labels.
+    max_rows : int or None
+        Use only this many rows of the training data (a random subset drawn with ``seed``)
+        for the search: a cheaper search at equal budget per label.
 
     Returns
     -------
@@ -203,6 +206,11 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
     model = dataset.model
     n, m = dataset.signals.shape
     order = np.random.default_rng(int(seed)).permutation(n)
+    if max_rows is not None:
+        if int(max_rows) != max_rows or max_rows < 2:
+            raise ValueError(f"max_rows must be an integer >= 2, got {max_rows!r}")
+        order = order[: int(max_rows)]
+    n = len(order)
     n_val = max(int(round(n * float(validation_fraction))), 1)
     val_rows, fit_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
     if len(fit_rows) < 2:
@@ -268,7 +276,8 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
         "n_trials": int(n_trials), "seed": int(seed), "space": {k: list(v) for k, v in space.items()},
         "base": {k: v for k, v in base.items()},
         "split": {"n_fit": int(len(fit_rows)), "n_validation": int(len(val_rows)),
-                  "validation_fraction": float(validation_fraction), "dataset_fingerprint": dataset.fingerprint},
+                  "validation_fraction": float(validation_fraction), "dataset_fingerprint": dataset.fingerprint,
+                  "max_rows": None if max_rows is None else int(max_rows)},
         "best_params": best["params"], "best_value": best["value"],
         "best_scores": next(r for r in records if r["params"] is best["params"]),
         "default": default_record, "trials": records,
