@@ -52,7 +52,7 @@ def nrmse(pred, data) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=["default-self", "ivimnet-self", "default-gt"])
+    parser.add_argument("--methods", nargs="*", default=["default-self", "ivimnet-self", "default-gt"])
     parser.add_argument("--n-train", type=int, default=100_000)
     parser.add_argument("--n-test", type=int, default=10_000)
     parser.add_argument("--max-epochs", type=int, default=None,

@@ -46,6 +46,8 @@ DEFAULT_SPACE: dict[str, tuple] = {
     "batch_norm": ("categorical", [False, True]),
     "dropout": ("categorical", [0.0, 0.05, 0.1]),
     "bounds_margin": ("categorical", [0.0, 0.1, 0.3]),
+    # None: the model's (fitter's) bounds; "prior": the training prior's support
+    "output_bounds": ("categorical", [None, "prior"]),
     "lr": ("logfloat", 1e-4, 3e-3),
     "batch_size": ("categorical", [64, 128, 256, 512]),
     "weight_decay": ("categorical", [0.0, 1e-6, 1e-5, 1e-4]),
@@ -104,12 +106,24 @@ def _default_trial(base: NetworkEstimator, space: Mapping, n_measurements: int) 
         else:
             value = getattr(base, name)
         if spec[0] == "categorical":
-            if value not in list(spec[1]):
+            if isinstance(value, np.ndarray) or not any(_same_choice(value, c) for c in spec[1]):
                 return None
         elif not (spec[1] <= value <= spec[2]):
             return None
         point[name] = int(value) if name == "width_factor" else value
     return point
+
+
+def _same_choice(value, choice) -> bool:
+    """Equal as a categorical choice: None, bools and strings only match their own kind."""
+    kinds = (type(None), bool, str)
+    for kind in kinds:
+        if isinstance(value, kind) or isinstance(choice, kind):
+            return isinstance(value, kind) and isinstance(choice, kind) and value == choice
+    try:
+        return bool(value == choice)
+    except (TypeError, ValueError):
+        return False
 
 
 def validation_criteria(estimator: NetworkEstimator, signals, targets: Mapping, theta_true, support,
