@@ -82,28 +82,6 @@ def _same(a, b) -> bool:
         return a is b
 
 
-def _as_labels(values, shape: tuple, what: str, allow_nan: bool = False) -> np.ndarray:
-    values = np.asarray(values, dtype=np.float32)
-    if values.shape != tuple(shape):
-        raise ValueError(f"{what} must have shape {tuple(shape)} (one row per signal, one column per parameter), "
-                         f"got {values.shape}")
-    if not allow_nan and not np.all(np.isfinite(values)):
-        raise ValueError(f"{what} hold non-finite values")
-    return values
-
-
-def _arrays_fingerprint(tensors: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 (hex) of training arrays given directly (no dataset spec to record)."""
-    import hashlib
-
-    h = hashlib.sha256(b"arrays:")
-    for key in sorted(tensors):
-        a = np.ascontiguousarray(tensors[key], dtype=np.float32)
-        h.update(f"{key}{a.shape}".encode())
-        h.update(a.astype("<f4", copy=False).tobytes())
-    return h.hexdigest()
-
-
 def _as_signals(signals, n_measurements: int) -> tuple[np.ndarray, tuple]:
     signals = np.asarray(signals)
     if signals.dtype.kind not in "fiu":
@@ -410,39 +388,21 @@ class NetworkEstimator(_ParamsMixin):
         -------
         self
         """
-        from qmri_labels.training import MLELabels, ParameterNormalisation, compute_mle_labels
+        from qmri_labels.training import ParameterNormalisation
+        from qmri_labels.training.targets import array_targets, arrays_fingerprint, dataset_targets
 
         weights = self._validate()
         if isinstance(X, Dataset):
             if protocol is not None or bounds is not None or sigma is not None:
                 raise ValueError("protocol, bounds and sigma are taken from the dataset; pass them only with arrays")
-            dataset = X
             if y is not None and mle_labels is not None:
                 raise ValueError("give the dataset's MLE labels once (y or mle_labels)")
-            mle_labels = y if mle_labels is None else mle_labels
-            signal_model = dataset.model
-            tensors = {"signals": dataset.signals}
-            if weights["gt"] > 0:
-                tensors["theta"] = dataset.theta_true
-            mle_info = None
-            if weights["mle"] > 0:
-                if mle_labels is None:
-                    mle_labels = compute_mle_labels(dataset, progress=self.progress, **dict(self.mle_options or {}))
-                if isinstance(mle_labels, MLELabels):
-                    if mle_labels.dataset_fingerprint != dataset.fingerprint:
-                        raise ValueError("mle_labels were computed for another dataset (fingerprints differ)")
-                    mle_info = mle_labels.info()
-                    mle_params = mle_labels.params
-                else:
-                    mle_params = getattr(mle_labels, "params", mle_labels)
-                    mle_info = {"source": "given"}
-                mle_params = np.asarray(mle_params, dtype=np.float32)
-                if mle_params.shape != dataset.theta_true.shape:
-                    raise ValueError(f"mle_labels must have shape {dataset.theta_true.shape}, got {mle_params.shape}")
-                tensors["mle"] = mle_params
-            support = dataset.prior_support
-            record = {"train_fingerprint_": dataset.fingerprint, "train_spec_": dataset.spec.to_dict()}
-            train_protocol = dataset.protocol
+            signal_model = X.model
+            tensors, mle_info = dataset_targets(X, weights, y if mle_labels is None else mle_labels,
+                                                mle_options=self.mle_options, progress=bool(self.progress))
+            support = X.prior_support
+            record = {"train_fingerprint_": X.fingerprint, "train_spec_": X.spec.to_dict()}
+            train_protocol = X.protocol
         else:
             if mle_labels is not None:
                 raise ValueError("with array input, give MLE labels as y")
@@ -452,16 +412,14 @@ class NetworkEstimator(_ParamsMixin):
                                  "per column of X)")
             train_protocol = np.asarray(signal_model.validate_protocol(protocol), dtype=np.float64)
             signals, _ = _as_signals(X, train_protocol.size)
-            signals = np.asarray(signals, dtype=np.float32)
-            if not np.all(np.isfinite(signals)):
-                raise ValueError("X holds non-finite signals; mask or drop those voxels first")
-            tensors, mle_info = self._array_targets(weights, signals, y, signal_model, train_protocol, sigma)
+            tensors, mle_info = array_targets(self.label, weights, signals, y, signal_model, train_protocol, sigma,
+                                              mle_options=self.mle_options, progress=bool(self.progress))
             support = signal_model.default_bounds if bounds is None else np.asarray(bounds, dtype=np.float64)
             if support.shape != (2, signal_model.n_params) or not np.all(np.isfinite(support)) or np.any(
                     support[1] < support[0]):
                 raise ValueError(f"bounds must be finite with shape (2, {signal_model.n_params}) and lower <= upper, "
                                  f"got {np.asarray(support).tolist()}")
-            record = {"train_fingerprint_": _arrays_fingerprint(tensors),
+            record = {"train_fingerprint_": arrays_fingerprint(tensors),
                       "train_spec_": {"source": "arrays", "model": signal_model.name, "n": int(signals.shape[0]),
                                       "protocol": [float(b) for b in train_protocol],
                                       "bounds": np.asarray(support, float).tolist()}}
@@ -482,51 +440,6 @@ class NetworkEstimator(_ParamsMixin):
         for key, value in record.items():
             setattr(self, key, value)
         return self
-
-    def _array_targets(self, weights, signals, y, signal_model, protocol, sigma) -> tuple[dict, dict | None]:
-        """Training tensors of array input: ``y`` checked against the label's needs."""
-        shape = (signals.shape[0], signal_model.n_params)
-        needed = [t for t in ("gt", "mle") if weights[t] > 0]
-        if isinstance(y, Mapping):
-            unknown = set(y) - {"gt", "mle"}
-            if unknown:
-                raise ValueError(f"y has unknown label kinds {sorted(unknown)}; known: ['gt', 'mle']")
-            given = dict(y)
-        elif y is None:
-            given = {}
-        elif len(needed) == 1:
-            given = {needed[0]: y}
-        else:
-            raise ValueError(f"label {self.label!r} needs "
-                             + (f"labels {needed} as a dict y={{'gt': ..., 'mle': ...}}" if needed
-                                else "no labels (self-supervised): call fit(X) without y"))
-        extra = set(given) - set(needed)
-        if extra:
-            raise ValueError(f"label {self.label!r} does not use {sorted(extra)} labels; drop them from y")
-        tensors = {"signals": signals}
-        mle_info = None
-        if "gt" in needed:
-            if "gt" not in given:
-                raise ValueError(f"label {self.label!r} needs the true parameters: fit(X, y=theta (N, P))")
-            tensors["theta"] = _as_labels(given["gt"], shape, "gt labels (y)")
-        if "mle" in needed:
-            if "mle" in given:
-                tensors["mle"] = _as_labels(given["mle"], shape, "mle labels (y)", allow_nan=True)
-                mle_info = {"source": "given"}
-            else:
-                from qmri_labels.fitting import fit_mle
-
-                options = dict(self.mle_options or {})
-                if options.get("sigma", None) == "known":
-                    options.pop("sigma")
-                options = {k: v for k, v in options.items() if k in ("noise", "sigma", "bounds", "n_starts", "device")}
-                if sigma is not None:
-                    options["sigma"] = sigma
-                fit = fit_mle(signals, protocol, model=signal_model.name, progress=bool(self.progress), **options)
-                tensors["mle"] = np.asarray(fit.params, dtype=np.float32)
-                mle_info = {"source": "computed", "settings": {k: v for k, v in fit.settings.items()
-                                                                if isinstance(v, (str, int, float, bool, type(None)))}}
-        return tensors, mle_info
 
     def _train(self, tensors: dict, weights: dict, signal_model, protocol, support, normalisation) -> None:
         """Build (or, with ``warm_start``, reuse) the network and train it on ``tensors``."""
