@@ -104,6 +104,7 @@ def tune_designs(estimators: Mapping, train, mle_labels, tune_cfg: Mapping, seed
     for name, est in estimators.items():
         params = est.get_params()
         base = {k: v for k, v in params.items() if k not in ("label", "alpha", "seed", "weights")}
+        base["progress"] = False  # one bar per trial would drown the study's own progress lines
         if tune_cfg["max_epochs"] is not None:
             base["max_epochs"] = int(tune_cfg["max_epochs"])
         say(f"      tuning {name}: {tune_cfg['n_trials']} trials ({tune_cfg['criterion']})")
@@ -111,6 +112,9 @@ def tune_designs(estimators: Mapping, train, mle_labels, tune_cfg: Mapping, seed
                     alpha=est.alpha, base=base, validation_fraction=tune_cfg["validation_fraction"],
                     mle_labels=mle_labels if est.label in ("mle", "hybrid") else None, max_rows=tune_cfg["max_rows"])
         records[name] = best.tuning_
+        default = best.tuning_.get("default") or {}
+        say(f"      best {tune_cfg['criterion']} {best.tuning_['best_value']:.4g} "
+            f"(default {default.get(tune_cfg['criterion'], float('nan')):.4g})")
         final = copy.deepcopy(est)
         final.set_params(**best.tuning_["best_params"])
         tuned[f"{name}-tuned"] = final
