@@ -50,6 +50,16 @@ def nrmse(pred, data) -> dict:
     return out
 
 
+def slopes(pred, data) -> dict:
+    """Sensitivity: least-squares slope of the estimate against the truth (1 ideal, 0 ignores it)."""
+    out = {}
+    for name in REPORTED:
+        i = data.param_names.index(name)
+        truth = data.theta_true[:, i].astype(np.float64)
+        out[name] = float(np.polyfit(truth, pred[:, i].astype(np.float64), 1)[0])
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="*", default=["default-self", "ivimnet-self", "default-gt"])
@@ -61,6 +71,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tune-n", type=int, default=20_000, help="training signals per tuning trial")
     parser.add_argument("--tune-epochs", type=int, default=30)
     parser.add_argument("--criterion", default="val_loss", choices=["val_loss", "param_rmse"])
+    parser.add_argument("--design", default=None,
+                        help="JSON of NetworkEstimator keywords: trains method 'custom-self' with them")
     parser.add_argument("--out", default="ivimnet_design.json")
     args = parser.parse_args(argv)
 
@@ -70,7 +82,8 @@ def main(argv=None) -> int:
     common = dict(accelerator="cpu", devices=1, num_threads=1, progress=False)
     results = {"train_fingerprint": train.fingerprint, "n_train": args.n_train, "ivimnet_optim_reported": IVIMNET_OPTIM,
                "methods": {}}
-    for method in args.methods + (["tuned-self"] if args.tune else []):
+    extra = (["tuned-self"] if args.tune else []) + (["custom-self"] if args.design else [])
+    for method in args.methods + extra:
         t0 = time.perf_counter()
         if method == "tuned-self":
             from qmri_labels.tuning import tune
@@ -84,6 +97,8 @@ def main(argv=None) -> int:
             if args.max_epochs:
                 est.set_params(max_epochs=args.max_epochs)
             est.fit(train)
+        elif method == "custom-self":
+            est = NetworkEstimator(label="self", **{**common, **json.loads(args.design)}).fit(train)
         else:
             design, label = method.split("-", 1)
             preset = {"default": "epstein"}.get(design, design)
@@ -97,14 +112,17 @@ def main(argv=None) -> int:
                           if k in ("parallel", "batch_norm", "dropout", "bounds_margin", "hidden_layers", "width",
                                    "activation", "lr", "batch_size", "weight_decay", "lr_schedule", "output_bounds",
                                    "max_epochs", "patience")},
-               "nrmse": {str(snr): nrmse(est.predict(d.signals), d) for snr, d in tests.items()}}
+               "nrmse": {str(snr): nrmse(est.predict(d.signals), d) for snr, d in tests.items()},
+               "sensitivity": {str(snr): slopes(est.predict(d.signals), d) for snr, d in tests.items()}}
         results["methods"][method] = row
         print(f"{method}: {est.n_epochs_} epochs, {seconds:.0f} s (under load)", flush=True)
         for snr, d in tests.items():
             r = row["nrmse"][str(snr)]
             ref = IVIMNET_OPTIM[snr]
+            k = row["sensitivity"][str(snr)]
             print(f"  SNR {snr:>3}: D/f/D* NRMSE {r['D']:.3f} / {r['f']:.3f} / {r['Dstar']:.3f}   "
-                  f"(IVIM-NET optim {ref[0]:.3f} / {ref[1]:.3f} / {ref[2]:.3f})", flush=True)
+                  f"(IVIM-NET optim {ref[0]:.3f} / {ref[1]:.3f} / {ref[2]:.3f});  "
+                  f"sensitivity {k['D']:.2f} / {k['f']:.2f} / {k['Dstar']:.2f}", flush=True)
         write_json(Path(args.out), results, sort_keys=True)
     return 0
 
