@@ -508,7 +508,8 @@ class NetworkEstimator(_ParamsMixin):
             callbacks.append(LRSchedule(self.lr_schedule, int(self.max_epochs), monitor=monitor,
                                         plateau_patience=max(int(self.patience) // 2, 1)))
         trainer_kwargs = {} if data.has_validation else {"limit_val_batches": 0}
-        with _quiet_lightning(True), _deterministic_scope(), _torch_threads(self.num_threads):
+        with _quiet_lightning(True), _deterministic_scope(), _torch_threads(self.num_threads), \
+                _training_rng(shuffle_seed):
             trainer = L.Trainer(
                 accelerator=self.accelerator, devices=self.devices, num_nodes=self.num_nodes, strategy=self.strategy,
                 precision=self.precision, deterministic=self.deterministic, benchmark=self.benchmark,
@@ -696,6 +697,17 @@ def _torch_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _training_rng(seed: int):
+    """Seed the global torch RNG for the fit (dropout masks draw from it) and restore the
+    caller's state afterwards: the same seeds give the same network whatever ran before."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() \
+        else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield
 
 
 @contextlib.contextmanager

@@ -221,3 +221,19 @@ def test_warm_start_fine_tunes_a_loaded_network(tmp_path, tiny):
     assert np.abs(after - before).mean() < np.abs(fresh.predict(tiny.signals[:50]) - before).mean()
     with pytest.raises(ValueError, match="warm_start"):
         loaded.fit(tiny.signals[:, :8], protocol=tiny.protocol[:8])
+
+
+def test_dropout_networks_are_reproducible_whatever_ran_before(tiny):
+    import torch
+
+    kw = dict(label="self", dropout=0.2, batch_norm=True, max_epochs=1)
+    torch.manual_seed(1)
+    a = net(**kw).fit(tiny).predict(tiny.signals[:100])
+    torch.manual_seed(2)
+    torch.rand(1000)
+    state = torch.get_rng_state()
+    b = net(**kw).fit(tiny).predict(tiny.signals[:100])
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG state is untouched
+    np.testing.assert_array_equal(a, b)
+    c = net(shuffle_seed=5, **kw).fit(tiny).predict(tiny.signals[:100])
+    assert not np.array_equal(a, c)
