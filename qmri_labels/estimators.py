@@ -32,6 +32,23 @@ from qmri_labels.physics import get_model
 
 ESTIMATOR_KIND = "qmri_labels.NetworkEstimator"
 
+#: Named network designs (keyword arguments of :class:`NetworkEstimator`).
+#: ``epstein``: the default, Epstein et al. (MELBA 2024). ``ivimnet``: the published
+#: configuration of IVIM-NET "optim" (Kaandorp et al., MRM 2021): one sub-network of two
+#: hidden layers per parameter, batch norm, dropout 0.1, sigmoid bounds (the constraints
+#: D 0-0.005, f 0-0.7, D* 0.005-0.2 mm^2/s, S0 0-2) widened by 30 %, Adam at 3e-5 on batches of 128,
+#: patience 10.
+DESIGN_PRESETS: dict[str, dict] = {
+    "epstein": {},
+    "ivimnet": {
+        "parallel": True, "hidden_layers": 2, "width": None, "activation": "elu", "batch_norm": True,
+        "dropout": 0.1, "output": "sigmoid", "bounds_margin": 0.3,
+        # S0, f, D, Dstar (the IVIM model's parameter order)
+        "output_bounds": [[0.0, 0.0, 0.0, 0.005], [2.0, 0.7, 0.005, 0.2]],
+        "lr": 3e-5, "batch_size": 128, "patience": 10, "max_epochs": 1000,
+    },
+}
+
 
 class _ParamsMixin:
     """``get_params`` / ``set_params`` / ``repr`` from the constructor's signature (sklearn style)."""
@@ -227,6 +244,24 @@ class NetworkEstimator(_ParamsMixin):
     mle_options : dict or None
         Settings of the MLE labels (``noise``, ``sigma``, ``bounds``, ``n_starts``, ``device``,
         ``cache``); see :func:`qmri_labels.training.compute_mle_labels`.
+    parallel : bool
+        One sub-network per parameter (IVIM-NET's design) instead of one shared network.
+    batch_norm : bool
+        Batch normalisation after every hidden layer.
+    dropout : float in [0, 1)
+        Dropout after every hidden layer but the last.
+    bounds_margin : float in [0, 1]
+        ``output_bounds`` widened by this fraction of each range at both ends (IVIM-NET: 0.3).
+    fit_s0 : bool
+        Estimate the signal scale S0; ``False`` fixes it at 1 (signals normalised by S0).
+    lr_schedule : {None, "plateau", "cosine"}
+        Learning-rate schedule (see :mod:`qmri_labels.training.schedules`).
+    warm_start : bool
+        Continue training the fitted network (e.g. a shipped one) instead of starting from new
+        weights: fine-tuning. The input standardisation of the network is kept.
+
+    Every option is recorded in the bundle's ``training_config`` and restored by :meth:`load`;
+    :data:`DESIGN_PRESETS` names published designs (``NetworkEstimator.from_preset``).
     """
 
     def __init__(self, label: str = "gt", alpha: float = 0.5, weights: Mapping[str, float] | None = None,
@@ -238,7 +273,9 @@ class NetworkEstimator(_ParamsMixin):
                  shuffle_seed: int | None = None, accelerator: str = "auto", devices: Any = 1,
                  num_nodes: int = 1, strategy: Any = "auto", precision: Any = "32-true", deterministic: bool = True,
                  benchmark: bool | None = None, record_step_losses: bool = False, num_threads: int | None = None,
-                 progress: bool = True, mle_options: Mapping | None = None):
+                 progress: bool = True, mle_options: Mapping | None = None, parallel: bool = False,
+                 batch_norm: bool = False, dropout: float = 0.0, bounds_margin: float = 0.0, fit_s0: bool = True,
+                 lr_schedule: str | None = None, warm_start: bool = False):
         self.label = label
         self.alpha = alpha
         self.weights = weights
@@ -271,6 +308,20 @@ class NetworkEstimator(_ParamsMixin):
         self.num_threads = num_threads
         self.progress = progress
         self.mle_options = mle_options
+        self.parallel = parallel
+        self.batch_norm = batch_norm
+        self.dropout = dropout
+        self.bounds_margin = bounds_margin
+        self.fit_s0 = fit_s0
+        self.lr_schedule = lr_schedule
+        self.warm_start = warm_start
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> "NetworkEstimator":
+        """An estimator with a named design of :data:`DESIGN_PRESETS`; ``overrides`` win."""
+        if preset not in DESIGN_PRESETS:
+            raise ValueError(f"unknown design preset {preset!r}; known: {sorted(DESIGN_PRESETS)}")
+        return cls(**{**DESIGN_PRESETS[preset], **overrides})
 
     # -- identity -----------------------------------------------------------------------------
     @property
@@ -300,7 +351,9 @@ class NetworkEstimator(_ParamsMixin):
 
     # -- training -------------------------------------------------------------------------------
     def _validate(self) -> dict:
+        from qmri_labels.nets.mlp import widen_bounds
         from qmri_labels.training import resolve_weights
+        from qmri_labels.training.schedules import check_schedule
 
         weights = resolve_weights(self.label, self.alpha, self.weights)
         for name in ("batch_size", "max_epochs", "batches_per_block"):
@@ -311,15 +364,43 @@ class NetworkEstimator(_ParamsMixin):
             raise ValueError(f"patience must be an integer >= 0, got {self.patience!r}")
         if not (0.0 <= float(self.val_fraction) < 1.0):
             raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction!r}")
+        for name in ("parallel", "batch_norm", "fit_s0", "warm_start", "standardise_inputs"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not (0.0 <= float(self.dropout) < 1.0):
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        widen_bounds(np.zeros((2, 1)), self.bounds_margin)  # checks the margin
+        check_schedule(self.lr_schedule)
+        if not (math.isfinite(float(self.lr)) and float(self.lr) > 0):
+            raise ValueError(f"lr must be finite and > 0, got {self.lr!r}")
+        if not (math.isfinite(float(self.weight_decay)) and float(self.weight_decay) >= 0):
+            raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay!r}")
         return weights
 
-    def fit(self, dataset: Dataset, mle_labels=None) -> "NetworkEstimator":
-        """Train on ``dataset``.
+    def fit(self, X, y=None, *, protocol=None, bounds=None, model: str = "ivim", sigma=None,
+            mle_labels=None) -> "NetworkEstimator":
+        """Train on a simulated :class:`Dataset` or on arrays of signals (any data).
 
         Parameters
         ----------
-        dataset : Dataset
-            Training data (``signals``, ``theta_true``, ``sigma``, protocol, prior).
+        X : Dataset or array-like (N, M)
+            A dataset (signals, true parameters, noise level, protocol and prior), or signals,
+            e.g. in vivo voxels, with ``protocol`` given.
+        y : array-like (N, P), dict or None
+            Labels for array input, in the model's parameter order: the true parameters for
+            ``gt``, MLE labels for ``mle`` (computed from ``X`` with ``mle_options`` when
+            ``None``), nothing for ``self``; for ``hybrid`` / ``weighted`` a dict
+            ``{"gt": ..., "mle": ...}``. With a dataset, ``y`` may give its MLE labels (as
+            ``mle_labels``).
+        protocol : array-like (M,)
+            b-values (s/mm^2) of array input.
+        bounds : array-like (2, P) or None
+            Parameter range of array input that normalises the parameter losses (and the
+            outputs with ``output_bounds="prior"``); ``None``: the model's default bounds.
+        model : str
+            Signal model of array input.
+        sigma : float, array-like (N,) or None
+            Noise level of array input, used when MLE labels are computed here.
         mle_labels : ndarray (N, P), MLEFit, MLELabels or None
             MLE labels of ``dataset.signals``; computed (and cached) when the loss needs them
             and none are given. Rows with non-finite labels are left out of training.
@@ -328,82 +409,127 @@ class NetworkEstimator(_ParamsMixin):
         -------
         self
         """
-        from qmri_labels.nets import MLP
-        from qmri_labels.training import (
-            InMemoryDataModule,
-            LabelLoss,
-            LabelRegressor,
-            MLELabels,
-            ParameterNormalisation,
-            compute_mle_labels,
-        )
-        from qmri_labels.training.trainer import build_trainer
+        from qmri_labels.training import ParameterNormalisation
+        from qmri_labels.training.targets import array_targets, arrays_fingerprint, dataset_targets
 
-        if not isinstance(dataset, Dataset):
-            raise ValueError(f"fit expects a qmri_labels Dataset, got {type(dataset).__name__}")
         weights = self._validate()
-        model = dataset.model
-        n, m = dataset.signals.shape
-        start = time.perf_counter()
+        if isinstance(X, Dataset):
+            if protocol is not None or bounds is not None or sigma is not None:
+                raise ValueError("protocol, bounds and sigma are taken from the dataset; pass them only with arrays")
+            if y is not None and mle_labels is not None:
+                raise ValueError("give the dataset's MLE labels once (y or mle_labels)")
+            signal_model = X.model
+            tensors, mle_info = dataset_targets(X, weights, y if mle_labels is None else mle_labels,
+                                                mle_options=self.mle_options, progress=bool(self.progress))
+            support = X.prior_support
+            record = {"train_fingerprint_": X.fingerprint, "train_spec_": X.spec.to_dict()}
+            train_protocol = X.protocol
+        else:
+            if mle_labels is not None:
+                raise ValueError("with array input, give MLE labels as y")
+            signal_model = get_model(model)
+            if protocol is None:
+                raise ValueError("fit(X) with X an array, not a Dataset, needs protocol=... (b-values in s/mm^2, one "
+                                 "per column of X)")
+            train_protocol = np.asarray(signal_model.validate_protocol(protocol), dtype=np.float64)
+            signals, _ = _as_signals(X, train_protocol.size)
+            tensors, mle_info = array_targets(self.label, weights, signals, y, signal_model, train_protocol, sigma,
+                                              mle_options=self.mle_options, progress=bool(self.progress))
+            support = signal_model.default_bounds if bounds is None else np.asarray(bounds, dtype=np.float64)
+            if support.shape != (2, signal_model.n_params) or not np.all(np.isfinite(support)) or np.any(
+                    support[1] < support[0]):
+                raise ValueError(f"bounds must be finite with shape (2, {signal_model.n_params}) and lower <= upper, "
+                                 f"got {np.asarray(support).tolist()}")
+            record = {"train_fingerprint_": arrays_fingerprint(tensors),
+                      "train_spec_": {"source": "arrays", "model": signal_model.name, "n": int(signals.shape[0]),
+                                      "protocol": [float(b) for b in train_protocol],
+                                      "bounds": np.asarray(support, float).tolist()}}
 
-        tensors = {"signals": dataset.signals}
+        n = tensors["signals"].shape[0]
         keep = np.ones(n, dtype=bool)
-        if weights["gt"] > 0:
-            tensors["theta"] = dataset.theta_true
-        mle_info = None
-        if weights["mle"] > 0:
-            if mle_labels is None:
-                mle_labels = compute_mle_labels(dataset, progress=self.progress, **dict(self.mle_options or {}))
-            if isinstance(mle_labels, MLELabels):
-                if mle_labels.dataset_fingerprint != dataset.fingerprint:
-                    raise ValueError("mle_labels were computed for another dataset (fingerprints differ)")
-                mle_info = mle_labels.info()
-                mle_params = mle_labels.params
-            else:
-                mle_params = getattr(mle_labels, "params", mle_labels)
-                mle_info = {"source": "given"}
-            mle_params = np.asarray(mle_params, dtype=np.float32)
-            if mle_params.shape != dataset.theta_true.shape:
-                raise ValueError(f"mle_labels must have shape {dataset.theta_true.shape}, got {mle_params.shape}")
-            keep &= np.all(np.isfinite(mle_params), axis=1)
-            tensors["mle"] = mle_params
+        if "mle" in tensors:
+            keep &= np.all(np.isfinite(tensors["mle"]), axis=1)
             mle_info["n_excluded"] = int((~keep).sum())
         if not keep.all():
             if keep.sum() < 2:
                 raise ValueError("fewer than 2 training rows have finite MLE labels")
             tensors = {k: v[keep] for k, v in tensors.items()}
+        normalisation = ParameterNormalisation.from_support(support, signal_model.param_names)
+        self._train(tensors, weights, signal_model, train_protocol, support, normalisation)
+        self.n_excluded_ = int((~keep).sum())
+        self.mle_labels_ = mle_info
+        for key, value in record.items():
+            setattr(self, key, value)
+        return self
 
-        normalisation = ParameterNormalisation.from_support(dataset.prior_support, model.param_names)
-        bounds = model.default_bounds if self.output_bounds is None else np.asarray(self.output_bounds, float)
-        signals = tensors["signals"]
-        if self.standardise_inputs:
-            shift = signals.mean(0, dtype=np.float64)
-            scale = signals.std(0, dtype=np.float64)
-            scale = np.where(scale > 0, scale, 1.0)
-        else:
-            shift, scale = np.zeros(m), np.ones(m)
+    def _train(self, tensors: dict, weights: dict, signal_model, protocol, support, normalisation) -> None:
+        """Build (or, with ``warm_start``, reuse) the network and train it on ``tensors``."""
+        import copy
 
+        from qmri_labels.nets import MLP
+        from qmri_labels.training import InMemoryDataModule, LabelLoss, LabelRegressor, LRSchedule
+        from qmri_labels.training.trainer import build_trainer
+
+        start = time.perf_counter()
+        m = tensors["signals"].shape[1]
         seed = int(self.seed)
         init_seed = seed if self.init_seed is None else int(self.init_seed)
         shuffle_seed = seed if self.shuffle_seed is None else int(self.shuffle_seed)
-        # weights are drawn from a private RNG stream: the caller's global RNG state is untouched
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
-            network = MLP(m, model.n_params, hidden_layers=self.hidden_layers, width=self.width,
-                          activation=self.activation, bounds=bounds, output=self.output,
-                          input_shift=shift, input_scale=scale)
-        loss = LabelLoss(weights, model.name, dataset.protocol, normalisation)
+        if self.warm_start and hasattr(self, "network_"):
+            if self.model_name_ != signal_model.name or len(self.protocol_) != len(protocol) or not np.allclose(
+                    self.protocol_, protocol):
+                raise ValueError(f"warm_start: the fitted network is for model {self.model_name_!r} with protocol "
+                                 f"{self.protocol_}, the data for {signal_model.name!r} with {list(protocol)}")
+            network = copy.deepcopy(self.network_)
+        else:
+            signals = tensors["signals"]
+            if self.standardise_inputs:
+                shift = signals.mean(0, dtype=np.float64)
+                scale = signals.std(0, dtype=np.float64)
+                scale = np.where(scale > 0, scale, 1.0)
+            else:
+                shift, scale = np.zeros(m), np.ones(m)
+            if isinstance(self.output_bounds, str):
+                if self.output_bounds != "prior":
+                    raise ValueError(f"output_bounds must be None, 'prior' or an array (2, P), "
+                                     f"got {self.output_bounds!r}")
+                bounds = np.asarray(support, dtype=np.float64)
+            elif self.output_bounds is None:
+                bounds = signal_model.default_bounds
+            else:
+                bounds = np.asarray(self.output_bounds, float)
+            fixed = None
+            if not self.fit_s0:
+                if signal_model.scale_index is None:
+                    raise ValueError(f"fit_s0=False: model {signal_model.name!r} has no signal scale parameter")
+                fixed = {signal_model.scale_index: 1.0}
+            # weights are drawn from a private RNG stream: the caller's global RNG state is untouched
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed)
+                network = MLP(m, signal_model.n_params, hidden_layers=self.hidden_layers, width=self.width,
+                              activation=self.activation, bounds=bounds, output=self.output,
+                              input_shift=shift, input_scale=scale, parallel=bool(self.parallel),
+                              batch_norm=bool(self.batch_norm), dropout=float(self.dropout),
+                              bounds_margin=float(self.bounds_margin), fixed_outputs=fixed)
+        loss = LabelLoss(weights, signal_model.name, protocol, normalisation)
         module = LabelRegressor(network, loss, lr=self.lr, weight_decay=self.weight_decay, optimiser=self.optimiser,
                                 step_batch_size=int(self.batch_size), record_step_losses=bool(self.record_step_losses))
         data = InMemoryDataModule(tensors, batch_size=int(self.batch_size), val_fraction=float(self.val_fraction),
                                   split_seed=seed, shuffle_seed=shuffle_seed,
                                   batches_per_block=int(self.batches_per_block))
-        with _quiet_lightning(True), _deterministic_scope(), _torch_threads(self.num_threads):
+        monitor = "val_loss" if data.has_validation else "train_loss"
+        schedules = []
+        if self.lr_schedule is not None:
+            schedules.append(LRSchedule(self.lr_schedule, int(self.max_epochs), monitor=monitor,
+                                        plateau_patience=max(int(self.patience) // 2, 1)))
+        with _quiet_lightning(True), _deterministic_scope(), _torch_threads(self.num_threads), \
+                _training_rng(shuffle_seed):
             trainer, keeper = build_trainer(
                 max_epochs=int(self.max_epochs), has_validation=data.has_validation, patience=int(self.patience),
                 min_delta=float(self.min_delta), accelerator=self.accelerator, devices=self.devices,
                 num_nodes=self.num_nodes, strategy=self.strategy, precision=self.precision,
-                deterministic=self.deterministic, benchmark=self.benchmark, progress=bool(self.progress))
+                deterministic=self.deterministic, benchmark=self.benchmark, progress=bool(self.progress),
+                callbacks=schedules)
             trainer.fit(module, datamodule=data)
         network = module.network.to("cpu").eval()
 
@@ -415,17 +541,13 @@ class NetworkEstimator(_ParamsMixin):
             self.step_losses_ = np.array([float(t) for t in module.step_losses], dtype=np.float64)
         self.normalisation_ = normalisation.to_dict()
         self.loss_weights_ = weights
-        self.train_fingerprint_ = dataset.fingerprint
-        self.train_spec_ = dataset.spec.to_dict()
         # how real data must be scaled for this network (qmri_labels.data.preprocessing)
-        self.preprocessing_ = for_training_signals(dataset.signals, dataset.protocol).to_dict()
-        self.model_name_ = model.name
-        self.protocol_ = [float(b) for b in dataset.protocol]
-        self.param_names_ = list(model.param_names)
+        self.preprocessing_ = for_training_signals(np.asarray(tensors["signals"]), protocol).to_dict()
+        self.model_name_ = signal_model.name
+        self.protocol_ = [float(b) for b in protocol]
+        self.param_names_ = list(signal_model.param_names)
         self.n_train_ = int(data.train_indices.numel())
         self.n_val_ = int(data.n_val)
-        self.n_excluded_ = int((~keep).sum())
-        self.mle_labels_ = mle_info
         self.best_epoch_ = keeper.best_epoch
         self.best_val_loss_ = keeper.best_score if math.isfinite(keeper.best_score) else None
         self.n_epochs_ = int(trainer.current_epoch)
@@ -434,7 +556,6 @@ class NetworkEstimator(_ParamsMixin):
         # under DDP every rank holds the same weights; only rank 0 writes (see save)
         self.global_rank_, self.world_size_ = int(trainer.global_rank), int(trainer.world_size)
         self.seeds_ = {"seed": seed, "split_seed": seed, "init_seed": init_seed, "shuffle_seed": shuffle_seed}
-        return self
 
     # -- inference ---------------------------------------------------------------------------
     def predict(self, signals, batch_size: int = 65536, device=None) -> np.ndarray:
@@ -464,7 +585,7 @@ class NetworkEstimator(_ParamsMixin):
     def training_config(self) -> dict:
         """Hyperparameters as plain JSON types (what :meth:`load` rebuilds the estimator from)."""
         params = self.get_params()
-        if params["output_bounds"] is not None:
+        if params["output_bounds"] is not None and not isinstance(params["output_bounds"], str):
             params["output_bounds"] = np.asarray(params["output_bounds"], float).tolist()
         if params["weights"] is not None:
             params["weights"] = dict(params["weights"])
@@ -500,6 +621,10 @@ class NetworkEstimator(_ParamsMixin):
             "versions": package_versions(),
             "metrics": dict(metrics or getattr(self, "metrics_", {}) or {}),
         }
+        if getattr(self, "tuning_", None) is not None:
+            from qmri_labels.fileio import to_jsonable
+
+            manifest["tuning"] = to_jsonable(self.tuning_)
         if extra:
             manifest.update(extra)
         return manifest
@@ -554,6 +679,8 @@ class NetworkEstimator(_ParamsMixin):
         estimator.metrics_ = manifest.get("metrics", {})
         estimator.manifest_ = manifest
         estimator.preprocessing_ = from_manifest(manifest)[0].to_dict()
+        if "tuning" in manifest:
+            estimator.tuning_ = manifest["tuning"]
         if get_model(estimator.model_name_).param_names != tuple(estimator.param_names_):
             raise ValueError(f"{path}: parameter names {estimator.param_names_} do not match model "
                              f"{estimator.model_name_!r}")
@@ -595,6 +722,17 @@ def _torch_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _training_rng(seed: int):
+    """Seed the global torch RNG for the fit (dropout masks draw from it) and restore the
+    caller's state afterwards: the same seeds give the same network whatever ran before."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() \
+        else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield
 
 
 @contextlib.contextmanager

@@ -7,6 +7,9 @@ held-out grid)::
 
     python -m qmri_labels.study --alpha 0.5
     python -m qmri_labels.study --alpha 0.25 0.5 0.75 --snr 15 --n-train 50000
+    python -m qmri_labels.study --snr 10 50 --snr-test 10 20 50      # train over an SNR range
+    python -m qmri_labels.study --tune 20 --seeds 4                  # tuned vs default, 4 seeds
+    python -m qmri_labels.study --config ivimnet_sim                 # IVIM-NET's simulation protocol
     python -m qmri_labels.study --config tiny_ivim --out runs/smoke --quiet
     python -m qmri_labels.study --model qsm            # the QSM label study
     python -m qmri_labels.study --config mismatch_ivim # any named study in studies/
@@ -51,7 +54,8 @@ DEFAULT_CONFIG = "default"
 MODEL_KINDS = {"qsm": "qsm_labels"}
 #: flags that override configuration keys (flag destination -> key)
 FLAG_KEYS = {"alpha": "alpha", "snr": "snr", "bvalues": "bvalues", "n_train": "n_train", "max_epochs": "max_epochs",
-             "seed": "seed", "device": "device", "storage": "storage", "study_name": "study_name", "worker": "worker"}
+             "seed": "seed", "device": "device", "storage": "storage", "study_name": "study_name", "worker": "worker",
+             "snr_test": "grid.snr", "tune": "tune.n_trials", "seeds": "seeds"}
 META_KEYS = {"kind", "name", "description", "title"}
 
 
@@ -143,7 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
                                          f"(default: {DEFAULT_CONFIG}, or the --model's default)")
     parser.add_argument("--model", help="signal model: ivim (default), monoexp, or qsm for the QSM label study")
     parser.add_argument("--alpha", type=float, nargs="+", help="hybrid weights of the MLE loss, one network each")
-    parser.add_argument("--snr", type=float, help="signal-to-noise ratio S0 / sigma")
+    parser.add_argument("--snr", type=float, nargs="+", metavar="SNR",
+                        help="signal-to-noise ratio S0 / sigma of the training data; two values LOW HIGH: "
+                             "one SNR per voxel, uniform in that range")
+    parser.add_argument("--snr-test", type=float, nargs="+", metavar="SNR",
+                        help="SNRs of the evaluation grid (default: the training SNR)")
+    parser.add_argument("--tune", type=int, metavar="N",
+                        help="tune every label's network with N trials (equal budget) and compare tuned vs default")
+    parser.add_argument("--seeds", type=int, metavar="K",
+                        help="train each method K times with different initialisation and batch order")
     parser.add_argument("--bvalues", type=float, nargs="+", help="b-values in s/mm^2")
     parser.add_argument("--n-train", type=int, help="number of training signals")
     parser.add_argument("--max-epochs", type=int, help="maximum training epochs per network")
@@ -200,10 +212,14 @@ def resolve(args: argparse.Namespace) -> tuple[str, dict, Any, str]:
     resolved["kind"] = kind
     if args.model is not None and kind == "ivim_labels":
         resolved["model"] = args.model.lower()
+    if args.snr is not None and len(args.snr) not in (1, 2):
+        raise ValueError(f"--snr takes one value or a range LOW HIGH, got {len(args.snr)} values")
     for dest, key in FLAG_KEYS.items():
         value = getattr(args, dest)
         if value is None:
             continue
+        if dest == "snr" and len(value) == 1:
+            value = value[0]
         flag = "--" + dest.replace("_", "-")
         set_key(resolved, locate_key(defaults, key, kind, flag), value)
     for item in args.set:

@@ -212,3 +212,45 @@ def test_frame_round_trip():
             np.testing.assert_allclose(getattr(back, key)[m], getattr(result, key)[m])
     np.testing.assert_allclose(back.crlb_sd, result.crlb_sd)
     pd.testing.assert_frame_equal(summarize(back), summarize(result))
+
+
+# --- several SNRs (issue 10) ---------------------------------------------------------------------
+def test_evaluate_snrs_scales_the_sd_and_stacks_an_snr_column(tmp_path):
+    from qmri_labels.analysis.grid import evaluate_snrs, grid_snrs
+    from qmri_labels.analysis.report import load_results, write_report
+
+    grid = small_grid(repeats=200, points_per_axis=2)
+    scale = np.array([1.0, 0.5, 1e-3, -0.5])
+    seen = []
+
+    def estimators(g):  # a noise-level-aware estimator set, as the MLE fitter with known sigma
+        seen.append(g.snr)
+        return {"oracle": NoiseOracle(g, scale), "const": ConstantEstimator([1.0, 0.3, 1e-3, 0.05])}
+
+    results = evaluate_snrs(estimators, grid, [15, 60])
+    assert seen == [15.0, 60.0] and list(results) == [15.0, 60.0]
+    sd15 = summarize(results[15.0]).set_index(["method", "parameter"])["mean_sd"]
+    sd60 = summarize(results[60.0]).set_index(["method", "parameter"])["mean_sd"]
+    # the same standard-normal draws at each SNR: the oracle's SD scales exactly with 1 / SNR
+    assert sd15.loc[("oracle", "f")] / sd60.loc[("oracle", "f")] == pytest.approx(4.0, rel=1e-6)
+    frame = results[15.0].to_frame()
+    assert (frame["snr"] == 15.0).all()
+    with pytest.raises(ValueError, match="SNR"):
+        GridResult.from_frame(frame, grid.replace(snr=60.0))
+    both = pd.concat([results[15.0].to_frame(), results[60.0].to_frame()])
+    with pytest.raises(ValueError, match="several SNRs"):
+        GridResult.from_frame(both, grid)
+    sub = results[15.0].select(["const"])
+    assert sub.methods == ["const"] and set(sub.rmse) == {"const"}
+    with pytest.raises(ValueError, match="not in this result"):
+        results[15.0].select(["mle"])
+    write_report(tmp_path, results[60.0], results_by_snr=results, figures=True)
+    grid_csv = pd.read_csv(tmp_path / "grid.csv")
+    assert sorted(set(grid_csv["snr"])) == [15.0, 60.0]
+    assert (tmp_path / "figures" / "snr-15" / "bias_sd_rmse.png").exists()
+    assert "## Across SNRs" in (tmp_path / "report.md").read_text()
+    back = load_results(tmp_path)
+    assert back.result.grid.snr == 60.0 and sorted(back.extra["results_by_snr"]) == [15.0, 60.0]
+    np.testing.assert_allclose(back.extra["results_by_snr"][15.0].sd["oracle"], results[15.0].sd["oracle"])
+    with pytest.raises(ValueError, match="SNRs"):
+        grid_snrs([20, 0])

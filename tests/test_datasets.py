@@ -77,3 +77,33 @@ def test_spec_rejects_bad_values():
         DatasetSpec(protocol=(0, -10, 20))
     with pytest.raises(ValueError, match="prior is for model"):
         DatasetSpec(model="monoexp")
+
+
+# --- SNR as a distribution (issue 10) ------------------------------------------------------------
+@pytest.mark.parametrize("distribution", ["uniform", "loguniform"])
+def test_snr_range_draws_one_sigma_per_voxel(distribution):
+    spec = DatasetSpec(n=20000, seed=1, snr={"low": 10, "high": 100, "distribution": distribution})
+    data = spec.generate()
+    snr = 1.0 / data.sigma.astype(np.float64)
+    assert snr.min() >= 10 - 1e-3 and snr.max() <= 100 + 1e-3
+    # uniform: median near 55; log-uniform: median near sqrt(10 * 100) = 31.6
+    expected = 55.0 if distribution == "uniform" else np.sqrt(1000.0)
+    assert abs(np.median(snr) - expected) < 2.0
+    # the noise follows each voxel's sigma: residuals at b where the signal is large scale with sigma
+    clean_b0 = data.theta_true[:, 0]
+    resid = data.signals[:, 0] - clean_b0
+    low, high = snr < 20, snr > 80
+    assert resid[low].std() > 3 * resid[high].std()
+    assert DatasetSpec.from_dict(spec.to_dict()) == spec
+    assert spec.generate().fingerprint == data.fingerprint
+    assert spec.replace(snr=(10, 100)).generate().fingerprint != DatasetSpec(n=20000, seed=1, snr=30).generate().fingerprint
+
+
+def test_snr_range_is_checked_and_has_no_single_sigma():
+    assert DatasetSpec(snr=[5, 50]).snr == {"low": 5.0, "high": 50.0, "distribution": "uniform"}
+    with pytest.raises(ValueError, match="per voxel"):
+        DatasetSpec(snr=[5, 50]).sigma
+    for bad, match in [([50, 5], "low < high"), ({"low": 5}, "low and high"), ([1, 2, 3], "low, high"),
+                       ({"low": 5, "high": 50, "distribution": "normal"}, "distribution"), ("high", "snr")]:
+        with pytest.raises(ValueError, match=match):
+            DatasetSpec(snr=bad)

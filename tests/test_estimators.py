@@ -136,3 +136,104 @@ def test_sklearn_style_params(tiny):
         NetworkEstimator(batch_size=0).fit(tiny)
     with pytest.raises(ValueError, match="Dataset"):
         NetworkEstimator().fit(tiny.signals)
+
+
+# --- design space, presets, fit(X, y) (issue 10) -------------------------------------------------
+def test_design_options_round_trip_through_a_bundle(tmp_path, tiny):
+    est = net(label="gt", parallel=True, batch_norm=True, dropout=0.1, bounds_margin=0.3, fit_s0=False,
+              hidden_layers=2, lr_schedule="plateau", weight_decay=1e-5, output_bounds="prior").fit(tiny)
+    assert len(est.network_.body.subnets) == 4
+    pred = est.predict(tiny.signals[:200])
+    assert np.all(pred[:, 0] == 1.0)  # S0 fixed
+    support = tiny.prior_support
+    span = support[1] - support[0]
+    assert np.all(pred[:, 1:] >= (support[0] - 0.3 * span)[1:] - 1e-6)
+    est.save(tmp_path / "b")
+    back = NetworkEstimator.load(tmp_path / "b")
+    for key in ("parallel", "batch_norm", "dropout", "bounds_margin", "fit_s0", "lr_schedule", "output_bounds",
+                "weight_decay"):
+        assert back.get_params()[key] == est.get_params()[key], key
+    np.testing.assert_array_equal(back.predict(tiny.signals[:200]), pred)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"dropout": 1.5}, "dropout"), ({"bounds_margin": 2.0}, "bounds_margin"), ({"lr_schedule": "step"}, "lr_schedule"),
+    ({"output_bounds": "box"}, "output_bounds"), ({"lr": 0.0}, "lr"), ({"weight_decay": -1.0}, "weight_decay"),
+])
+def test_invalid_design_options_are_refused(tiny, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        net(**kwargs).fit(tiny)
+    with pytest.raises(TypeError, match="batch_norm"):
+        net(batch_norm=1).fit(tiny)
+    with pytest.raises(ValueError, match="preset"):
+        NetworkEstimator.from_preset("deepivim")
+
+
+def test_ivimnet_preset_builds_its_design():
+    est = NetworkEstimator.from_preset("ivimnet", label="self", max_epochs=3)
+    assert est.parallel and est.batch_norm and est.dropout == 0.1 and est.bounds_margin == 0.3
+    assert est.lr == 3e-5 and est.batch_size == 128 and est.max_epochs == 3 and est.label == "self"
+
+
+def test_fit_from_arrays_matches_fit_from_dataset(tiny):
+    kw = dict(label="gt", max_epochs=2)
+    a = net(**kw).fit(tiny)
+    b = net(**kw).fit(tiny.signals, tiny.theta_true, protocol=tiny.protocol, bounds=tiny.prior_support)
+    np.testing.assert_array_equal(a.predict(tiny.signals[:100]), b.predict(tiny.signals[:100]))
+    assert b.train_spec_["source"] == "arrays" and len(b.train_fingerprint_) == 64
+
+
+def test_fit_from_arrays_self_supervised_and_label_checks(tiny):
+    est = net(label="self").fit(tiny.signals, protocol=tiny.protocol)
+    assert est.predict(tiny.signals[:3]).shape == (3, 4)
+    with pytest.raises(ValueError, match="no labels"):
+        net(label="self").fit(tiny.signals, tiny.theta_true, protocol=tiny.protocol)
+    with pytest.raises(ValueError, match="true parameters"):
+        net(label="gt").fit(tiny.signals, protocol=tiny.protocol)
+    with pytest.raises(ValueError, match="dict"):
+        net(label="hybrid", alpha=0.5).fit(tiny.signals, tiny.theta_true, protocol=tiny.protocol)
+    with pytest.raises(ValueError, match="shape"):
+        net(label="gt").fit(tiny.signals, tiny.theta_true[:10], protocol=tiny.protocol)
+    with pytest.raises(ValueError, match="protocol"):
+        net(label="self").fit(tiny.signals)
+
+
+def test_fit_from_arrays_mle_labels_computed_or_given(tiny, mle_params):
+    given = net(label="hybrid", alpha=0.5).fit(tiny.signals, {"gt": tiny.theta_true, "mle": mle_params},
+                                               protocol=tiny.protocol, bounds=tiny.prior_support)
+    assert given.mle_labels_["source"] == "given"
+    computed = net(label="mle", mle_options={"n_starts": 1}).fit(tiny.signals[:300], protocol=tiny.protocol,
+                                                                 sigma=tiny.spec.sigma)
+    assert computed.mle_labels_["source"] == "computed"
+
+
+def test_warm_start_fine_tunes_a_loaded_network(tmp_path, tiny):
+    base = net(label="gt", max_epochs=1).fit(tiny)
+    base.save(tmp_path / "base")
+    loaded = NetworkEstimator.load(tmp_path / "base")
+    before = loaded.predict(tiny.signals[:50])
+    loaded.set_params(warm_start=True, label="self", max_epochs=1, lr=1e-4, progress=False, accelerator="cpu")
+    loaded.fit(tiny.signals, protocol=tiny.protocol)
+    after = loaded.predict(tiny.signals[:50])
+    # fine-tuned from the loaded weights: changed, but close (a fresh init would be far)
+    fresh = net(label="self", max_epochs=1, lr=1e-4, seed=3).fit(tiny.signals, protocol=tiny.protocol)
+    assert not np.array_equal(before, after)
+    assert np.abs(after - before).mean() < np.abs(fresh.predict(tiny.signals[:50]) - before).mean()
+    with pytest.raises(ValueError, match="warm_start"):
+        loaded.fit(tiny.signals[:, :8], protocol=tiny.protocol[:8])
+
+
+def test_dropout_networks_are_reproducible_whatever_ran_before(tiny):
+    import torch
+
+    kw = dict(label="self", dropout=0.2, batch_norm=True, max_epochs=1)
+    torch.manual_seed(1)
+    a = net(**kw).fit(tiny).predict(tiny.signals[:100])
+    torch.manual_seed(2)
+    torch.rand(1000)
+    state = torch.get_rng_state()
+    b = net(**kw).fit(tiny).predict(tiny.signals[:100])
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG state is untouched
+    np.testing.assert_array_equal(a, b)
+    c = net(shuffle_seed=5, **kw).fit(tiny).predict(tiny.signals[:100])
+    assert not np.array_equal(a, c)

@@ -175,3 +175,76 @@ def test_figure_format_is_checked():
     assert resolve_config({"figure_format": "pdf"})["figure_format"] == "pdf"
     with pytest.raises(ValueError, match="figure_format"):
         resolve_config({"figure_format": "gif"})
+
+
+# --- a fair comparison: SNR ranges and lists, tuning, seeds, named protocols (issue 10) ---------
+def test_snr_range_tune_and_seeds_flags_resolve():
+    _, config, _, _ = study.resolve(args("--snr", "10", "50", "--snr-test", "10", "30", "--tune", "3", "--seeds", "2"))
+    assert config["snr"] == [10.0, 50.0] and config["grid"]["snr"] == [10.0, 30.0]
+    assert config["tune"]["n_trials"] == 3 and config["seeds"] == 2
+    with pytest.raises(ValueError, match="--snr"):
+        study.resolve(args("--snr", "10", "20", "30"))
+    from qmri_labels.workflows.ivim import resolve_config
+
+    cfg = resolve_config({"snr": [10, 50]})
+    assert cfg["snr"] == {"low": 10.0, "high": 50.0, "distribution": "uniform"} and cfg["grid"]["snr"] == [10.0, 50.0]
+    for bad, match in [({"seeds": 0}, "seeds"), ({"tune": {"n_trials": -1}}, "n_trials"),
+                       ({"tune": {"criterion": "grid"}}, "criterion"), ({"tune": {"trials": 3}}, "tune options"),
+                       ({"network": {"depth": 3}}, "network options"), ({"network": {"preset": "x"}}, "preset"),
+                       ({"grid": {"snr": [20, -1]}}, "SNR"), ({"grid": {"snrs": [20]}}, "grid options")]:
+        with pytest.raises(ValueError, match=match):
+            resolve_config(bad)
+
+
+def test_named_literature_protocols_resolve():
+    _, config, _, name = study.resolve(args("--config", "ivimnet_sim"))
+    assert name == "ivimnet_sim" and config["noise"] == "gaussian" and config["snr"] == 20
+    assert config["bvalues"] == [0, 5, 10, 20, 30, 40, 60, 150, 300, 500, 700]
+    assert config["prior"]["ranges"]["Dstar"] == [0.01, 0.1] and config["grid"]["snr"] == [15, 20, 50, 100]
+    _, config, _, _ = study.resolve(args("--config", "epstein_snr15"))
+    assert config["snr"] == 15 and config["noise"] == "rician"
+    from qmri_labels.workflows.ivim import make_estimators, resolve_config
+
+    est = make_estimators(resolve_config({"network": {"preset": "ivimnet"}, "labels": ["self"], "alpha": []}))
+    e = est["net-self"]
+    assert e.parallel and e.batch_norm and e.dropout == 0.1 and e.lr == 3e-5 and e.batch_size == 128
+    # an explicit study entry overrides the preset
+    est = make_estimators(resolve_config({"network": {"preset": "ivimnet"}, "lr": 1e-4, "labels": ["self"],
+                                          "alpha": []}))
+    assert est["net-self"].lr == 1e-4 and est["net-self"].parallel
+
+
+def test_study_with_tuning_seeds_and_snr_list(tmp_path):
+    out = tmp_path / "fair"
+    argv = ["--config", "tiny_ivim", "--set", "labels=[gt, self]", "--set", "alpha=[]", "--n-train", "800",
+            "--set", "n_test=100", "--snr", "20", "40", "--snr-test", "20", "40", "--tune", "2", "--seeds", "2",
+            "--set", "tune.max_epochs=1", "--out", str(out), "--quiet"]
+    assert study.main(argv) == 0
+    summary = pd.read_csv(out / "summary.csv")
+    assert sorted(set(summary["snr"])) == [20.0, 40.0]
+    assert {"net-gt", "net-gt-tuned", "net-self-tuned", "net-gt@s1", "net-self-tuned@s1"} <= set(summary["method"])
+    grid = pd.read_csv(out / "grid.csv")
+    assert sorted(set(grid["snr"])) == [20.0, 40.0]
+    # a higher test SNR gives a smaller SD for every method and varied parameter
+    varied = summary[summary["parameter"].isin(["f", "D", "Dstar"])]
+    sd = varied.pivot_table(index=["method", "parameter"], columns="snr", values="mean_sd")
+    assert (sd[40.0] < sd[20.0]).all()
+    report = (out / "report.md").read_text()
+    for heading in ("## Across SNRs", "## Tuned vs default design per label", "### Label ranking",
+                    "## Over 2 training seeds", "### Findings"):
+        assert heading in report
+    ranking = pd.read_csv(out / "label_ranking.csv")
+    assert set(ranking["metric"]) == {"mean_abs_bias", "mean_sd", "sensitivity", "rmse"}
+    tests = pd.read_csv(out / "tuned_vs_default_tests.csv")
+    assert set(tests["metric"]) == {"abs_bias", "sd", "rmse"} and tests["p_adjusted"].between(0, 1).all()
+    seeds = pd.read_csv(out / "seeds.csv")
+    assert (seeds["n_seeds"] == 2).all() and (seeds["rmse_sd"] > 0).all()
+    findings = pd.read_csv(out / "seed_findings.csv")
+    assert (findings["finding"] == (findings["mean_diff"].abs() > findings["seed_spread"])).all()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tuning"]["net-gt"]["n_trials"] == 2 == manifest["tuning"]["net-self"]["n_trials"]
+    # seed copies differ in init and batch order only
+    s0, s1 = manifest["seeds"]["networks"]["net-gt"], manifest["seeds"]["networks"]["net-gt@s1"]
+    assert s0["split_seed"] == s1["split_seed"] and s0["init_seed"] != s1["init_seed"]
+    train = manifest["data"]["train"]["spec"]
+    assert train["snr"] == {"low": 20.0, "high": 40.0, "distribution": "uniform"}

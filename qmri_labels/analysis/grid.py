@@ -319,6 +319,7 @@ class GridResult:
         truth_cols = {f"true_{n}": np.repeat(self.truth[:, i], P) for i, n in enumerate(self.param_names)}
         for method in self.methods:
             frames.append(pd.DataFrame({
+                "snr": self.grid.snr,
                 "point": np.repeat(np.arange(G), P),
                 **truth_cols,
                 "method": method,
@@ -340,6 +341,13 @@ class GridResult:
         missing = required - set(frame.columns)
         if missing:
             raise ValueError(f"grid table lacks columns {sorted(missing)}")
+        if "snr" in frame:
+            snrs = sorted(set(frame["snr"].astype(float)))
+            if len(snrs) > 1:
+                raise ValueError(f"grid table holds several SNRs {snrs}: pass the rows of one "
+                                 "(frame[frame.snr == s]) with grid.replace(snr=s)")
+            if snrs and not math.isclose(snrs[0], grid.snr, rel_tol=1e-9):
+                raise ValueError(f"grid table is at SNR {snrs[0]:g}, the grid spec at SNR {grid.snr:g}")
         names = grid.param_names
         methods = list(dict.fromkeys(frame["method"]))
         G, P = grid.n_points, len(names)
@@ -363,6 +371,54 @@ class GridResult:
             valid[method] = vf
         return cls(grid=grid, truth=truth, param_names=tuple(names), methods=methods, valid_fraction=valid,
                    crlb_sd=None if np.all(np.isnan(crlb_sd)) else crlb_sd, **out)
+
+
+    def select(self, methods) -> "GridResult":
+        """The result restricted to ``methods`` (in that order)."""
+        methods = list(methods)
+        missing = [m for m in methods if m not in self.methods]
+        if missing:
+            raise ValueError(f"methods {missing} are not in this result {self.methods}")
+        pick = lambda d: {m: d[m] for m in methods if m in d}  # noqa: E731
+        return dataclasses.replace(self, methods=methods, mean=pick(self.mean), bias=pick(self.bias), sd=pick(self.sd),
+                                   rmse=pick(self.rmse), valid_fraction=pick(self.valid_fraction),
+                                   spearman=pick(self.spearman), timings=pick(self.timings))
+
+
+def grid_snrs(snr) -> list[float]:
+    """A checked list of evaluation SNRs from a number or a sequence of numbers."""
+    values = [snr] if isinstance(snr, (int, float, np.integer, np.floating)) else list(snr)
+    out = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
+                np.isfinite(value) and value > 0):
+            raise ValueError(f"evaluation SNRs must be finite numbers > 0, got {value!r}")
+        out.append(float(value))
+    if not out:
+        raise ValueError("at least one evaluation SNR is needed")
+    return list(dict.fromkeys(out))
+
+
+def evaluate_snrs(estimators, grid: GridSpec, snrs, **kwargs) -> dict:
+    """:func:`evaluate_grid` at each SNR of ``snrs``: ``{snr: GridResult}``.
+
+    Parameters
+    ----------
+    estimators : dict or callable
+        Estimators by name, or a function ``grid -> dict`` for estimators that depend on the
+        noise level (an MLE fitter told the true sigma).
+    grid : GridSpec
+        The grid; only its SNR changes (noise seeds stay, so SNRs are compared on the same
+        standard-normal draws).
+    snrs : float or sequence of float
+    **kwargs
+        Passed to :func:`evaluate_grid`.
+    """
+    out = {}
+    for snr in grid_snrs(snrs):
+        g = grid.replace(snr=snr)
+        out[snr] = evaluate_grid(estimators(g) if callable(estimators) else estimators, g, **kwargs)
+    return out
 
 
 def _predict(estimator, signals: np.ndarray) -> np.ndarray:

@@ -149,7 +149,8 @@ def _sweep(summary, alpha_sweep):
 
 def write_report(out_dir, result: GridResult, summary: pd.DataFrame | None = None, config: dict | None = None,
                  alpha_sweep=None, fmt: str = "png", reference: str | None = None, title: str = "Study report",
-                 notes: str | None = None, figures: bool = True) -> Path:
+                 notes: str | None = None, figures: bool = True, results_by_snr: dict | None = None,
+                 sections: list | None = None) -> Path:
     """Write ``report.md``, ``grid.csv``, ``grid_spec.json``, the tables and the figures.
 
     Parameters
@@ -174,6 +175,13 @@ def write_report(out_dir, result: GridResult, summary: pd.DataFrame | None = Non
         Markdown appended under "Notes".
     figures : bool
         Draw the figures (False writes the tables only, e.g. for quick runs).
+    results_by_snr : dict of float to GridResult, optional
+        The same grid at several SNRs (``result`` is one of them, the report's main one):
+        ``grid.csv`` then holds every SNR (column ``snr``), the report gains a table of the
+        metrics across SNRs and ``figures/snr-<s>/`` the bias/SD/RMSE figure of each SNR.
+    sections : list of str, optional
+        Further markdown sections (e.g. tuned vs default, seeds), placed before the
+        configuration.
 
     Returns
     -------
@@ -191,7 +199,13 @@ def write_report(out_dir, result: GridResult, summary: pd.DataFrame | None = Non
         raise ValueError(f"summary lacks columns {sorted(missing)}")
     reference = _reference(result, reference)
 
-    _write_csv(out_dir / GRID_CSV, result.to_frame())
+    by_snr = dict(results_by_snr or {})
+    if by_snr and not any(r is result for r in by_snr.values()):
+        raise ValueError("results_by_snr must include result (the report's main SNR)")
+    if len(by_snr) > 1:
+        _write_csv(out_dir / GRID_CSV, pd.concat([r.to_frame() for _, r in sorted(by_snr.items())], ignore_index=True))
+    else:
+        _write_csv(out_dir / GRID_CSV, result.to_frame())
     _write_text(out_dir / GRID_SPEC, json.dumps(result.grid.to_dict(), indent=2))
     spearman = spearman_table(result)
     _write_csv(out_dir / SPEARMAN_CSV, spearman)
@@ -199,6 +213,13 @@ def write_report(out_dir, result: GridResult, summary: pd.DataFrame | None = Non
     if len(result.methods) >= 2:
         comparisons = compare_on_grid(result, metric="abs_error", reference=reference)
         _write_csv(out_dir / COMPARISONS_CSV, comparisons)
+    snr_figures = {}
+    if figures and len(by_snr) > 1:
+        from qmri_labels.analysis import plots
+
+        for snr, res in sorted(by_snr.items()):
+            snr_figures[snr] = plots.save_figure(plots.plot_bias_sd_rmse(res),
+                                                 out_dir / FIGURES / f"snr-{snr:g}" / "bias_sd_rmse", fmt)
     figures = make_figures(result, summary, out_dir / FIGURES, fmt, alpha_sweep, reference) if figures else {}
 
     grid = result.grid
@@ -241,6 +262,8 @@ def write_report(out_dir, result: GridResult, summary: pd.DataFrame | None = Non
     if "alpha_sweep" in figures:
         lines += ["## Alpha sweep", "", "Hybrid loss `alpha * L_mle + (1 - alpha) * L_gt`; net-gt is alpha = 0 and "
                   "net-mle alpha = 1.", "", f"![alpha sweep]({FIGURES}/{figures['alpha_sweep'].name})", ""]
+    if len(by_snr) > 1:
+        lines += snr_section(by_snr, snr_figures)
     lines += ["## Correlations between estimates (Spearman)", "",
               "`noise_rho`: over the noise repeats of a point, averaged over points; `grid_rho`: of the mean "
               "estimates over the grid (the truth's own is `true_rho`, 0 on a full grid).", "",
@@ -257,6 +280,8 @@ def write_report(out_dir, result: GridResult, summary: pd.DataFrame | None = Non
         lines += ["## Estimator time on the grid", "",
                   markdown_table(pd.DataFrame({"method": list(result.timings),
                                                "seconds": list(result.timings.values())})), ""]
+    for section in sections or []:
+        lines += [section.rstrip(), ""]
     if config is not None:
         import yaml
 
@@ -269,6 +294,31 @@ def write_report(out_dir, result: GridResult, summary: pd.DataFrame | None = Non
     path = out_dir / REPORT_MD
     _write_text(path, "\n".join(lines))
     return path
+
+
+def snr_table(results_by_snr: dict, metrics=("mean_abs_bias", "mean_sd", "rmse", "sensitivity")) -> pd.DataFrame:
+    """Summary metrics of every method and varied parameter at every SNR (long table)."""
+    frames = []
+    for snr, res in sorted(results_by_snr.items()):
+        summary = summarize(res)
+        summary = summary[summary["varied"].astype(bool)] if "varied" in summary else summary
+        summary.insert(0, "snr", snr)
+        frames.append(summary[["snr", "method", "parameter", *[m for m in metrics if m in summary]]])
+    return pd.concat(frames, ignore_index=True)
+
+
+def snr_section(results_by_snr: dict, figures: dict | None = None) -> list:
+    """Markdown lines: RMSE (and bias, SD) per method and parameter across the SNRs."""
+    table = snr_table(results_by_snr)
+    lines = ["## Across SNRs", "",
+             "The same grid and noise draws at each SNR; networks are the same at every SNR (trained once).", ""]
+    for metric, header in (("rmse", "RMSE"), ("mean_abs_bias", "mean abs bias"), ("mean_sd", "mean SD")):
+        wide = table.pivot_table(index=["parameter", "method"], columns="snr", values=metric, sort=False).reset_index()
+        wide.columns = [c if isinstance(c, str) else f"SNR {c:g}" for c in wide.columns]
+        lines += [f"### {header}", "", markdown_table(wide), ""]
+    for snr, path in sorted((figures or {}).items()):
+        lines += [f"![bias, SD and RMSE at SNR {snr:g}]({FIGURES}/snr-{snr:g}/{Path(path).name})"]
+    return lines + [""]
 
 
 def _plain(obj):
@@ -348,7 +398,11 @@ def load_results(folder) -> StudyResults:
         if not (folder / GRID_SPEC).exists():
             raise ValueError(f"{folder}: {GRID_CSV} without {GRID_SPEC}; cannot rebuild the grid")
         grid = GridSpec.from_dict(json.loads((folder / GRID_SPEC).read_text()))
-        result = GridResult.from_frame(pd.read_csv(folder / GRID_CSV), grid)
+        frame = pd.read_csv(folder / GRID_CSV)
+        snrs = sorted(set(frame["snr"].astype(float))) if "snr" in frame else [grid.snr]
+        by_snr = {s: GridResult.from_frame(frame[frame["snr"] == s] if "snr" in frame else frame,
+                                           grid.replace(snr=s)) for s in snrs}
+        result = by_snr.get(grid.snr, by_snr[snrs[0]])
     if (folder / SUMMARY_CSV).exists():
         summary = pd.read_csv(folder / SUMMARY_CSV)
     elif result is not None:
@@ -363,5 +417,6 @@ def load_results(folder) -> StudyResults:
     manifest = _read_mapping(folder / "manifest.json") if (folder / "manifest.json").exists() else None
     spearman = pd.read_csv(folder / SPEARMAN_CSV) if (folder / SPEARMAN_CSV).exists() else None
     comparisons = pd.read_csv(folder / COMPARISONS_CSV) if (folder / COMPARISONS_CSV).exists() else None
+    extra = {"results_by_snr": by_snr} if result is not None and len(by_snr) > 1 else {}
     return StudyResults(folder=folder, summary=summary, result=result, config=config, manifest=manifest,
-                        spearman=spearman, comparisons=comparisons)
+                        spearman=spearman, comparisons=comparisons, extra=extra)

@@ -43,8 +43,11 @@ class DatasetSpec:
     prior : dict
         Parameter prior as a dict (see :mod:`qmri_labels.data.priors`); a prior object is
         converted with its ``to_dict``.
-    snr : float
-        ``S0_reference / sigma``; sigma is the same for every voxel, as in one scan.
+    snr : float, (low, high) or dict
+        ``S0_reference / sigma``. A number: sigma is the same for every voxel, as in one scan.
+        A range -- ``(low, high)`` (uniform) or ``{"low": ..., "high": ...,
+        "distribution": "uniform" | "loguniform"}`` -- draws one SNR per voxel, as networks for
+        in vivo data are trained (``Dataset.sigma`` then differs per voxel).
     noise : {"rician", "gaussian"}
     n : int
         Number of voxels.
@@ -56,7 +59,7 @@ class DatasetSpec:
     model: str = "ivim"
     protocol: tuple = EPSTEIN_BVALUES
     prior: dict = field(default_factory=lambda: UniformPrior().to_dict())
-    snr: float = 30.0
+    snr: float | dict = 30.0
     noise: str = "rician"
     n: int = 100_000
     seed: int = 0
@@ -69,15 +72,14 @@ class DatasetSpec:
         object.__setattr__(self, "protocol", tuple(float(b) for b in model.validate_protocol(self.protocol)))
         if self.noise not in NOISE_TYPES:
             raise ValueError(f"noise must be one of {NOISE_TYPES}, got {self.noise!r}")
-        if not (np.isfinite(self.snr) and self.snr > 0):
-            raise ValueError(f"snr must be finite and > 0, got {self.snr}")
+        snr = snr_setting(self.snr)
         if int(self.n) != self.n or self.n < 1:
             raise ValueError(f"n must be a positive integer, got {self.n}")
         if prior.get("model", self.model) != self.model:
             raise ValueError(f"prior is for model {prior.get('model')!r}, spec for {self.model!r}")
         object.__setattr__(self, "n", int(self.n))
         object.__setattr__(self, "seed", int(self.seed))
-        object.__setattr__(self, "snr", float(self.snr))
+        object.__setattr__(self, "snr", snr)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -97,8 +99,29 @@ class DatasetSpec:
         return dataclasses.replace(self, **changes)
 
     @property
+    def snr_range(self) -> bool:
+        """Whether the SNR is drawn per voxel (a range) rather than one number."""
+        return isinstance(self.snr, dict)
+
+    @property
     def sigma(self) -> float:
+        """The noise level of a single-SNR spec (for an SNR range see ``Dataset.sigma``)."""
+        if self.snr_range:
+            raise ValueError(f"this spec draws the SNR per voxel ({self.snr}); its sigma is per voxel: use "
+                             "Dataset.sigma of the generated dataset")
         return sigma_from_snr(self.snr, self.s0_reference)
+
+    def sample_sigma(self, rng: np.random.Generator) -> np.ndarray:
+        """Per-voxel sigma ``(n,)``; draws from ``rng`` only for an SNR range (so a scalar
+        SNR's datasets are byte for byte those of earlier versions)."""
+        if not self.snr_range:
+            return np.full(self.n, self.sigma)
+        low, high = self.snr["low"], self.snr["high"]
+        if self.snr["distribution"] == "uniform":
+            snr = rng.uniform(low, high, size=self.n)
+        else:
+            snr = np.exp(rng.uniform(np.log(low), np.log(high), size=self.n))
+        return sigma_from_snr(snr, self.s0_reference)
 
     def generate(self) -> "Dataset":
         """Draw the parameters and the noisy signals."""
@@ -108,9 +131,39 @@ class DatasetSpec:
         model = get_model(self.model)
         with torch.no_grad():
             clean = model.forward(torch.from_numpy(theta), torch.tensor(self.protocol, dtype=torch.float64)).numpy()
-        sigma = np.full(self.n, self.sigma)
+        sigma = self.sample_sigma(rng)
         noisy = add_noise(clean, sigma, self.noise, rng)
         return Dataset(self, theta.astype(np.float32), noisy.astype(np.float32), sigma.astype(np.float32))
+
+
+SNR_DISTRIBUTIONS = ("uniform", "loguniform")
+
+
+def snr_setting(snr) -> float | dict:
+    """A checked SNR: a float, or ``{"low", "high", "distribution"}`` for a per-voxel range.
+
+    Accepts a number, a pair ``(low, high)`` (uniform) or a dict with ``low``, ``high`` and
+    optionally ``distribution`` (``"uniform"`` or ``"loguniform"``).
+    """
+    if isinstance(snr, (int, float, np.integer, np.floating)) and not isinstance(snr, bool):
+        if not (np.isfinite(snr) and snr > 0):
+            raise ValueError(f"snr must be finite and > 0, got {snr}")
+        return float(snr)
+    if isinstance(snr, (list, tuple)):
+        if len(snr) != 2:
+            raise ValueError(f"an SNR range must be (low, high), got {list(snr)}")
+        snr = {"low": snr[0], "high": snr[1]}
+    if not isinstance(snr, dict):
+        raise ValueError(f"snr must be a number, (low, high) or a dict with low, high and distribution; got {snr!r}")
+    unknown = set(snr) - {"low", "high", "distribution"}
+    if unknown or not {"low", "high"} <= set(snr):
+        raise ValueError(f"an SNR range needs keys low and high (and optionally distribution), got {sorted(snr)}")
+    out = {"low": float(snr["low"]), "high": float(snr["high"]), "distribution": snr.get("distribution", "uniform")}
+    if out["distribution"] not in SNR_DISTRIBUTIONS:
+        raise ValueError(f"SNR distribution must be one of {SNR_DISTRIBUTIONS}, got {out['distribution']!r}")
+    if not (np.isfinite(out["low"]) and np.isfinite(out["high"]) and 0 < out["low"] < out["high"]):
+        raise ValueError(f"an SNR range needs 0 < low < high, got low={out['low']}, high={out['high']}")
+    return out
 
 
 @dataclass

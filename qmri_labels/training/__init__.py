@@ -13,9 +13,12 @@ from qmri_labels.training.labels import (
 )
 from qmri_labels.training.mle_labels import MLELabels, compute_mle_labels
 from qmri_labels.training.module import KeepBestState, LabelRegressor
+from qmri_labels.training.schedules import LR_SCHEDULES, LRSchedule
 
 __all__ = [
     "LABELS",
+    "LR_SCHEDULES",
+    "LRSchedule",
     "TERMS",
     "InMemoryDataModule",
     "KeepBestState",

@@ -19,7 +19,7 @@ from qmri_labels.training.module import KeepBestState
 def build_trainer(*, max_epochs: int, has_validation: bool, patience: int = 0, min_delta: float = 0.0,
                   accelerator: str = "auto", devices: Any = 1, num_nodes: int = 1, strategy: Any = "auto",
                   precision: Any = "32-true", deterministic: bool = True, benchmark: bool | None = None,
-                  progress: bool = True):
+                  progress: bool = True, callbacks=()):
     """A ``lightning.Trainer`` for :class:`~qmri_labels.training.LabelRegressor`, and its best-state keeper.
 
     Parameters
@@ -36,6 +36,8 @@ def build_trainer(*, max_epochs: int, has_validation: bool, patience: int = 0, m
         Lightning's ``Trainer`` arguments (``strategy="ddp"`` for several processes).
     progress : bool
         Lightning's progress bar.
+    callbacks : sequence of lightning callbacks
+        Further callbacks (e.g. a learning-rate schedule), run after the best-state keeper.
 
     Returns
     -------
@@ -48,7 +50,7 @@ def build_trainer(*, max_epochs: int, has_validation: bool, patience: int = 0, m
 
     monitor = "val_loss" if has_validation else "train_loss"
     keeper = KeepBestState(monitor)
-    callbacks = [keeper]
+    callbacks = [keeper, *callbacks]
     if int(patience) > 0:
         callbacks.append(EarlyStopping(monitor=monitor, patience=int(patience), min_delta=float(min_delta),
                                        mode="min", check_on_train_epoch_end=not has_validation))

@@ -25,15 +25,17 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from qmri_labels.data.datasets import EPSTEIN_BVALUES, DatasetSpec
+from qmri_labels.data.datasets import EPSTEIN_BVALUES, DatasetSpec, snr_setting
 from qmri_labels.data.priors import UniformPrior
 from qmri_labels.fileio import atomic_write_bytes, deep_merge, write_json
+from qmri_labels.workflows.label_fairness import NETWORK_DEFAULTS, TUNE_DEFAULTS
 
 DEFAULTS: dict[str, Any] = {
     "kind": "ivim_labels",
     "title": "Training labels for IVIM: GT, MLE, self-supervised and hybrid",
     "model": "ivim",
     "bvalues": list(EPSTEIN_BVALUES),
+    # a number, or a per-voxel range [low, high] / {low, high, distribution: uniform|loguniform}
     "snr": 30.0,
     "noise": "rician",
     # parameter prior of the training and test data (None: Epstein et al.'s uniform prior)
@@ -44,7 +46,8 @@ DEFAULTS: dict[str, Any] = {
     # labels trained besides one hybrid network per alpha
     "labels": ["gt", "mle", "self"],
     "alpha": [0.5],
-    "network": {"hidden_layers": 3, "width": None, "activation": "elu", "output": "sigmoid"},
+    # network design (NetworkEstimator keywords; preset: a named design such as "ivimnet")
+    "network": dict(NETWORK_DEFAULTS),
     "lr": 1e-3,
     "batch_size": 256,
     "max_epochs": 100,
@@ -53,8 +56,13 @@ DEFAULTS: dict[str, Any] = {
     # fitter of the MLE labels and of the fit-mle reference ("known": the simulated sigma)
     # (n_starts, probe_iter, ... of fit_mle may be added; absent: the fitter's defaults)
     "mle": {"sigma": "known"},
-    # evaluation grid over (f, D, Dstar) spanning the prior, S0 = 1
-    "grid": {"points_per_axis": 10, "repeats": 200, "margin": 0.05},
+    # evaluation grid over (f, D, Dstar) spanning the prior, S0 = 1; snr: one or a list of test
+    # SNRs (null: the training SNR, or the ends of a training SNR range)
+    "grid": {"points_per_axis": 10, "repeats": 200, "margin": 0.05, "snr": None},
+    # per-label tuning with an equal budget (n_trials 0: none); see qmri_labels.tuning
+    "tune": dict(TUNE_DEFAULTS),
+    # training runs per method with different weight init and batch order
+    "seeds": 1,
     "device": "cpu",
     "num_threads": 1,
     "deterministic": True,
@@ -95,9 +103,20 @@ def resolve_config(config: Mapping | None) -> dict:
         if int(cfg[key]) != cfg[key] or cfg[key] < 1:
             raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}")
         cfg[key] = int(cfg[key])
-    if not (np.isfinite(float(cfg["snr"])) and float(cfg["snr"]) > 0):
-        raise ValueError(f"snr must be finite and > 0, got {cfg['snr']!r}")
-    cfg["snr"] = float(cfg["snr"])
+    from qmri_labels.analysis.grid import grid_snrs
+    from qmri_labels.workflows.label_fairness import check_seeds, check_tune, resolve_network
+
+    cfg["snr"] = snr_setting(cfg["snr"])
+    unknown = set(cfg["grid"]) - set(DEFAULTS["grid"])
+    if unknown:
+        raise ValueError(f"unknown grid options {sorted(unknown)}; known: {sorted(DEFAULTS['grid'])}")
+    if cfg["grid"]["snr"] is None:
+        cfg["grid"]["snr"] = ([cfg["snr"]] if not isinstance(cfg["snr"], dict)
+                              else [cfg["snr"]["low"], cfg["snr"]["high"]])
+    cfg["grid"]["snr"] = grid_snrs(cfg["grid"]["snr"])
+    cfg["tune"] = check_tune(cfg)
+    cfg["seeds"] = check_seeds(cfg["seeds"])
+    resolve_network(cfg, DEFAULTS)  # checks the network options
     cfg["bvalues"] = [float(b) for b in np.atleast_1d(cfg["bvalues"])]
     cfg["seed"] = int(cfg["seed"])
     return cfg
@@ -150,6 +169,10 @@ def heldout_metrics(pred: np.ndarray, dataset) -> dict:
            "rmse": {n: float(np.sqrt(np.mean(err[:, i] ** 2))) for i, n in enumerate(names)},
            "mae": {n: float(np.mean(np.abs(err[:, i]))) for i, n in enumerate(names)},
            "bias": {n: float(np.mean(err[:, i])) for i, n in enumerate(names)}}
+    # RMSE / mean truth: the NRMSE of IVIM-NET's tables (Kaandorp et al. 2021)
+    truth_mean = np.mean(dataset.theta_true.astype(np.float64)[ok], axis=0)
+    out["nrmse_mean"] = {n: float(out["rmse"][n] / truth_mean[i]) if truth_mean[i] != 0 else float("nan")
+                         for i, n in enumerate(names)}
     scale_index = dataset.model.scale_index
     tissue = [i for i in range(len(names)) if i != scale_index]
     nrmse = [out["rmse"][names[i]] / norm.scale[i] for i in tissue]
@@ -194,10 +217,11 @@ def make_estimators(cfg: Mapping, quiet: bool = True) -> dict:
     from qmri_labels.estimators import NetworkEstimator
     from qmri_labels.training import method_name
 
+    from qmri_labels.workflows.label_fairness import resolve_network
+
     accelerator, devices, _ = _device(cfg["device"])
-    common = dict(cfg["network"])
-    common.update(lr=cfg["lr"], batch_size=cfg["batch_size"], max_epochs=cfg["max_epochs"],
-                  patience=cfg["patience"], val_fraction=cfg["val_fraction"], seed=cfg["seed"],
+    common = resolve_network(cfg, DEFAULTS)
+    common.update(val_fraction=cfg["val_fraction"], seed=cfg["seed"],
                   accelerator=accelerator, devices=devices, deterministic=cfg["deterministic"],
                   num_threads=cfg["num_threads"], progress=not quiet,
                   mle_options={k: v for k, v in cfg["mle"].items() if k in ("n_starts", "sigma")})
@@ -217,10 +241,13 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
     dict with ``summary`` (DataFrame), ``heldout`` (DataFrame), ``manifest`` (dict),
     ``summary_text`` (str), ``estimators`` (dict of fitted estimators) and ``out``.
     """
-    from qmri_labels.analysis import GridSpec, evaluate_grid, summarize
+    from qmri_labels.analysis import GridSpec, summarize
+    from qmri_labels.analysis.fairness import seed_findings, seed_summary, tuned_vs_default
+    from qmri_labels.analysis.grid import evaluate_snrs
     from qmri_labels.bundle import device_info, package_versions
     from qmri_labels.estimators import MLEEstimator
     from qmri_labels.training import compute_mle_labels
+    from qmri_labels.workflows.label_fairness import seeds_section, tune_designs, tuning_section, with_seeds
 
     t_start = time.perf_counter()
     cfg = resolve_config(config)
@@ -228,8 +255,10 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     accelerator, devices, torch_device = _device(cfg["device"])
-    estimators = make_estimators(cfg, quiet)
-    n_steps = 4 + len(estimators)
+    defaults = make_estimators(cfg, quiet)
+    tuning = cfg["tune"]["n_trials"] > 0
+    n_seeds = cfg["seeds"]
+    n_steps = 4 + len(defaults) * (2 if tuning else 1) * n_seeds + int(tuning)
     step = 0
 
     def begin(message):
@@ -238,14 +267,15 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
         _say(quiet, f"[{step}/{n_steps}] {message}")
         return time.perf_counter()
 
+    snr_text = (f"SNR {cfg['snr']:g}" if not isinstance(cfg["snr"], dict) else
+                f"SNR {cfg['snr']['low']:g}-{cfg['snr']['high']:g} ({cfg['snr']['distribution']} per voxel)")
     t = begin(f"simulating {cfg['n_train']:,} training and {cfg['n_test']:,} held-out signals "
-              f"({cfg['model']}, SNR {cfg['snr']:g}, {cfg['noise']})")
+              f"({cfg['model']}, {snr_text}, {cfg['noise']})")
     train, heldout = build_datasets(cfg)
     timings["datasets"] = time.perf_counter() - t
 
-    needs_mle = any(_needs_mle(e) for e in estimators.values())
+    needs_mle = any(_needs_mle(e) for e in defaults.values())
     mle_labels = None
-    sigma = train.spec.sigma if cfg["mle"].get("sigma", "known") == "known" else cfg["mle"].get("sigma")
     t = begin("MLE labels of the training signals" if needs_mle else "MLE labels not needed (no mle/hybrid net)")
     if needs_mle:
         mle_labels = compute_mle_labels(train, n_starts=cfg["mle"].get("n_starts"), sigma=cfg["mle"].get("sigma"),
@@ -253,6 +283,17 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
         _say(quiet, f"      {'read from cache' if mle_labels.from_cache else 'fitted'}; "
                     f"{mle_labels.n_invalid} invalid fits left out")
     timings["mle_labels"] = time.perf_counter() - t
+
+    designs = dict(defaults)
+    tuning_records = {}
+    if tuning:
+        t = begin(f"tuning every label with {cfg['tune']['n_trials']} trials ({cfg['tune']['criterion']})")
+        tuned, tuning_records = tune_designs(defaults, train, mle_labels, cfg["tune"], cfg["seed"],
+                                             lambda m: _say(quiet, m))
+        designs.update(tuned)
+        timings["tuning"] = time.perf_counter() - t
+    estimators = with_seeds(designs, n_seeds, cfg["seed"])
+    main_names = list(designs)
 
     fitted = {}
     for name, est in estimators.items():
@@ -263,50 +304,97 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
         _say(quiet, f"      {est.n_epochs_} epochs, best epoch {est.best_epoch_}, "
                     f"val loss {est.best_val_loss_:.4g}, {timings[f'train_{name}']:.1f} s")
 
-    t = begin("evaluating on the test grid and the held-out set")
+    t = begin(f"evaluating on the test grid (SNR {', '.join(f'{x:g}' for x in cfg['grid']['snr'])}) "
+              "and the held-out set")
+    known = cfg["mle"].get("sigma", "known") == "known"
     fitter_options = {k: v for k, v in cfg["mle"].items() if k == "n_starts"}
-    mle = MLEEstimator(model=cfg["model"], protocol=cfg["bvalues"], noise=cfg["noise"], sigma=sigma,
-                       device=torch_device, **fitter_options)
+
+    def fitter(sigma):
+        return MLEEstimator(model=cfg["model"], protocol=cfg["bvalues"], noise=cfg["noise"], sigma=sigma,
+                            device=torch_device, **fitter_options)
+
     grid_cfg = dict(cfg["grid"])
+    snrs = grid_cfg["snr"]
+    primary = min(snrs, key=lambda x: abs(np.log(x) - np.log(_centre_snr(cfg["snr"]))))
     grid = GridSpec.for_prior(train.prior_support, cfg["bvalues"], model=cfg["model"],
                               points_per_axis=grid_cfg["points_per_axis"], margin=grid_cfg.get("margin", 0.0),
-                              repeats=grid_cfg["repeats"], snr=cfg["snr"], noise=cfg["noise"],
+                              repeats=grid_cfg["repeats"], snr=primary, noise=cfg["noise"],
                               seed=cfg["seed"] + 2_000_003)
-    methods = {"fit-mle": mle, **fitted}
-    result = evaluate_grid(methods, grid, progress=not quiet)
+    results_all = evaluate_snrs(
+        lambda g: {"fit-mle": fitter(g.sigma if known else cfg["mle"].get("sigma")), **fitted}, grid, snrs,
+        progress=not quiet)
+    shown = ["fit-mle", *main_names]
+    results = {x: r.select(shown) for x, r in results_all.items()}
+    result = results[primary]
+    grid = result.grid
+    summaries = []
+    for x, r in results_all.items():
+        frame = summarize(r)
+        frame.insert(0, "snr", x)
+        summaries.append(frame)
+    summary_all = pd.concat(summaries, ignore_index=True)
     summary = summarize(result)
+    summary.insert(0, "snr", primary)
+    mle = fitter(heldout.sigma if known else cfg["mle"].get("sigma"))
+    methods = {"fit-mle": mle, **{n: fitted[n] for n in main_names}}
     heldout_rows, heldout_by_method = [], {}
     for name, est in methods.items():
         metrics = heldout_metrics(est.predict(heldout.signals), heldout)
         heldout_by_method[name] = metrics
         for p in heldout.param_names:
             heldout_rows.append({"method": name, "parameter": p, "rmse": metrics["rmse"][p], "mae": metrics["mae"][p],
-                                 "bias": metrics["bias"][p], "valid_fraction": metrics["valid_fraction"]})
+                                 "bias": metrics["bias"][p], "nrmse_mean": metrics["nrmse_mean"][p],
+                                 "valid_fraction": metrics["valid_fraction"]})
     heldout_table = pd.DataFrame(heldout_rows)
     timings["evaluation"] = time.perf_counter() - t
 
+    sections = []
+    seed_tables = {}
+    if tuning:
+        comparison = tuned_vs_default(summary, result, {n: f"{n}-tuned" for n in defaults})
+        sections.append(tuning_section(tuning_records, comparison))
+        seed_tables["tuned_vs_default.csv"] = comparison["table"]
+        seed_tables["label_ranking.csv"] = comparison["ranking"]
+        seed_tables["tuned_vs_default_tests.csv"] = comparison["tests"]
+    if n_seeds > 1:
+        per_seed = summary_all[summary_all["snr"] == primary].copy()
+        per_seed = per_seed[per_seed["method"] != "fit-mle"]
+        base = per_seed["method"].str.split("@s").str[0]
+        per_seed["seed"] = per_seed["method"].str.extract(r"@s(\d+)$")[0].fillna("0").astype(int).to_numpy()
+        per_seed["method"] = base.to_numpy()
+        table = seed_summary(per_seed)
+        pairs = [(a, b) for i, a in enumerate(main_names) for b in main_names[i + 1:]]
+        findings = seed_findings(per_seed, pairs)
+        sections.append(seeds_section(table, findings, n_seeds))
+        seed_tables["seeds.csv"] = table
+        seed_tables["seed_findings.csv"] = findings
+
     t = begin("writing results")
-    atomic_write_bytes(out / "summary.csv", summary.to_csv(index=False).encode())
+    atomic_write_bytes(out / "summary.csv", summary_all.to_csv(index=False).encode())
     atomic_write_bytes(out / "heldout.csv", heldout_table.to_csv(index=False).encode())
+    for file, table in seed_tables.items():
+        atomic_write_bytes(out / file, table.to_csv(index=False).encode())
     data_record = {
         "train": {"fingerprint": train.fingerprint, "spec": train.spec.to_dict()},
         "heldout": {"fingerprint": heldout.fingerprint, "spec": heldout.spec.to_dict()},
-        "grid": {"fingerprint": _grid_fingerprint(grid), "spec": grid.to_dict()},
+        "grid": {"fingerprint": _grid_fingerprint(grid), "spec": grid.to_dict(), "snr": snrs},
     }
     if cfg["save_networks"]:
         for name, est in fitted.items():
             grid_rows = summary[summary["method"] == name].drop(columns=["method"]).to_dict(orient="records")
-            est.save(out / "networks" / name,
-                     metrics={"heldout": {"spec": heldout.spec.to_dict(), "fingerprint": heldout.fingerprint,
-                                          **heldout_by_method[name]},
-                              "grid": {"fingerprint": data_record["grid"]["fingerprint"], "summary": grid_rows}},
+            metrics = {"grid": {"fingerprint": data_record["grid"]["fingerprint"], "summary": grid_rows}}
+            if name in heldout_by_method:
+                metrics["heldout"] = {"spec": heldout.spec.to_dict(), "fingerprint": heldout.fingerprint,
+                                      **heldout_by_method[name]}
+            est.save(out / "networks" / name, metrics=metrics,
                      extra={"study": {"kind": "ivim_labels", "title": cfg["title"]}})
     from qmri_labels.analysis import write_report
 
     notes = (f"Networks trained on {train.spec.n:,} signals (fingerprint `{train.fingerprint[:12]}`); "
-             f"held-out RMSE per parameter in `heldout.csv`; trained networks in `networks/`.")
+             f"held-out RMSE per parameter in `heldout.csv` (`nrmse_mean`: RMSE / mean truth); "
+             f"trained networks in `networks/`.")
     write_report(out, result, summary, config=cfg, title=cfg["title"], figures=bool(cfg["figures"]), notes=notes,
-                 fmt=cfg["figure_format"])
+                 fmt=cfg["figure_format"], results_by_snr=results, sections=sections)
     timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
 
@@ -319,6 +407,7 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
         "methods": list(methods),
         "networks": {n: {"bundle": f"networks/{n}" if cfg["save_networks"] else None, "epochs": e.n_epochs_,
                          "best_epoch": e.best_epoch_, "best_val_loss": e.best_val_loss_} for n, e in fitted.items()},
+        "tuning": {n: {k: v for k, v in r.items() if k != "trials"} for n, r in tuning_records.items()} or None,
         "versions": package_versions(),
         "device": device_info(torch_device),
         "determinism": {"deterministic": cfg["deterministic"], "num_threads_training": cfg["num_threads"]},
@@ -328,7 +417,13 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
     write_json(out / "manifest.json", manifest, sort_keys=True)
     text = summary_text(summary)
     return {"summary": summary, "heldout": heldout_table, "manifest": manifest, "summary_text": text,
-            "estimators": methods, "result": result, "out": out}
+            "estimators": methods, "result": result, "results_by_snr": results, "out": out,
+            "summary_all": summary_all}
+
+
+def _centre_snr(snr) -> float:
+    """The training SNR, or the geometric centre of a training SNR range."""
+    return float(snr) if not isinstance(snr, dict) else float(np.sqrt(snr["low"] * snr["high"]))
 
 
 def shipped_name(method: str, prefix: str = "ivim_epstein_snr30_") -> str:

@@ -1,0 +1,116 @@
+"""What a label's loss trains against: the tensors of a training run, from a simulated
+dataset or from arrays of any data (signals and, where the label needs them, labels)."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Mapping
+
+import numpy as np
+
+
+def as_labels(values, shape: tuple, what: str, allow_nan: bool = False) -> np.ndarray:
+    """``values`` as float32 of ``shape``; non-finite entries refused unless ``allow_nan``."""
+    values = np.asarray(values, dtype=np.float32)
+    if values.shape != tuple(shape):
+        raise ValueError(f"{what} must have shape {tuple(shape)} (one row per signal, one column per parameter), "
+                         f"got {values.shape}")
+    if not allow_nan and not np.all(np.isfinite(values)):
+        raise ValueError(f"{what} hold non-finite values")
+    return values
+
+
+def arrays_fingerprint(tensors: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 (hex) of training arrays given directly (no dataset spec to record)."""
+    h = hashlib.sha256(b"arrays:")
+    for key in sorted(tensors):
+        a = np.ascontiguousarray(tensors[key], dtype=np.float32)
+        h.update(f"{key}{a.shape}".encode())
+        h.update(a.astype("<f4", copy=False).tobytes())
+    return h.hexdigest()
+
+
+def dataset_targets(dataset, weights: Mapping, mle_labels=None, mle_options: Mapping | None = None,
+                    progress: bool = False) -> tuple[dict, dict | None]:
+    """Tensors ``signals`` (+ ``theta``, ``mle``) of a simulated dataset and the MLE-label record.
+
+    ``mle_labels`` (ndarray, MLEFit or MLELabels) are computed and cached when the loss needs
+    them and none are given.
+    """
+    from qmri_labels.training.mle_labels import MLELabels, compute_mle_labels
+
+    tensors = {"signals": dataset.signals}
+    if weights["gt"] > 0:
+        tensors["theta"] = dataset.theta_true
+    mle_info = None
+    if weights["mle"] > 0:
+        if mle_labels is None:
+            mle_labels = compute_mle_labels(dataset, progress=progress, **dict(mle_options or {}))
+        if isinstance(mle_labels, MLELabels):
+            if mle_labels.dataset_fingerprint != dataset.fingerprint:
+                raise ValueError("mle_labels were computed for another dataset (fingerprints differ)")
+            mle_info = mle_labels.info()
+            mle_params = mle_labels.params
+        else:
+            mle_params = getattr(mle_labels, "params", mle_labels)
+            mle_info = {"source": "given"}
+        mle_params = np.asarray(mle_params, dtype=np.float32)
+        if mle_params.shape != dataset.theta_true.shape:
+            raise ValueError(f"mle_labels must have shape {dataset.theta_true.shape}, got {mle_params.shape}")
+        tensors["mle"] = mle_params
+    return tensors, mle_info
+
+
+def array_targets(label: str, weights: Mapping, signals: np.ndarray, y, signal_model, protocol, sigma=None,
+                  mle_options: Mapping | None = None, progress: bool = False) -> tuple[dict, dict | None]:
+    """Tensors of array input, ``y`` checked against what the label's loss needs.
+
+    ``y``: an array (N, P) when the loss needs one kind of label (``gt``: true parameters,
+    ``mle``: MLE labels, computed from ``signals`` with ``mle_options`` and ``sigma`` when
+    omitted), a dict ``{"gt": ..., "mle": ...}`` for mixed losses, ``None`` for ``self``.
+    """
+    signals = np.asarray(signals, dtype=np.float32)
+    if not np.all(np.isfinite(signals)):
+        raise ValueError("X holds non-finite signals; mask or drop those voxels first")
+    shape = (signals.shape[0], signal_model.n_params)
+    needed = [t for t in ("gt", "mle") if weights[t] > 0]
+    if isinstance(y, Mapping):
+        unknown = set(y) - {"gt", "mle"}
+        if unknown:
+            raise ValueError(f"y has unknown label kinds {sorted(unknown)}; known: ['gt', 'mle']")
+        given = dict(y)
+    elif y is None:
+        given = {}
+    elif len(needed) == 1:
+        given = {needed[0]: y}
+    else:
+        raise ValueError(f"label {label!r} needs "
+                         + (f"labels {needed} as a dict y={{'gt': ..., 'mle': ...}}" if needed
+                            else "no labels (self-supervised): call fit(X) without y"))
+    extra = set(given) - set(needed)
+    if extra:
+        raise ValueError(f"label {label!r} does not use {sorted(extra)} labels; drop them from y")
+    tensors = {"signals": signals}
+    mle_info = None
+    if "gt" in needed:
+        if "gt" not in given:
+            raise ValueError(f"label {label!r} needs the true parameters: fit(X, y=theta (N, P))")
+        tensors["theta"] = as_labels(given["gt"], shape, "gt labels (y)")
+    if "mle" in needed:
+        if "mle" in given:
+            tensors["mle"] = as_labels(given["mle"], shape, "mle labels (y)", allow_nan=True)
+            mle_info = {"source": "given"}
+        else:
+            from qmri_labels.fitting import fit_mle
+
+            options = {k: v for k, v in dict(mle_options or {}).items()
+                       if k in ("noise", "sigma", "bounds", "n_starts", "device")}
+            if options.get("sigma") == "known":  # arrays carry no known sigma: pass sigma=... to fit
+                options.pop("sigma")
+            if sigma is not None:
+                options["sigma"] = sigma
+            fit = fit_mle(signals, protocol, model=signal_model.name, progress=progress, **options)
+            tensors["mle"] = np.asarray(fit.params, dtype=np.float32)
+            mle_info = {"source": "computed", "settings": {k: v for k, v in fit.settings.items()
+                                                            if isinstance(v, (str, int, float, bool, type(None)))}}
+    return tensors, mle_info

@@ -1,0 +1,299 @@
+"""Per-label hyperparameter search behind one call: :func:`tune`.
+
+A label can win or lose a comparison for reasons that are not the label's: the network
+design, the optimiser settings, the seed. Following Oh et al. (2021) -- retune when the data
+change, pick by a validation loss -- every label gets the same search (the same space, the
+same number of trials, the same data split, the same sampler seed) over the design space of
+:class:`~qmri_labels.estimators.NetworkEstimator`.
+
+The search runs on a validation split of the *training* data, never on an evaluation grid.
+Each trial is scored by two criteria, both recorded:
+
+* ``"val_loss"``: the label's own loss on the validation rows (GT loss for ``gt``, MLE-label
+  loss for ``mle``, signal loss for ``self``). It needs no ground truth beyond what the label
+  itself uses, so it is what a user with in vivo data can do for ``self``.
+* ``"param_rmse"``: the RMSE of the estimated parameters against the simulated truth on the
+  validation rows, each divided by its prior range and averaged over the tissue parameters
+  (what published designs were tuned on).
+
+``criterion`` picks the one that is minimised. By default the untuned design is the first
+trial, so the tuned network is never worse than it on the criterion, and the report can show
+both.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from qmri_labels.data.datasets import Dataset
+from qmri_labels.estimators import NetworkEstimator
+
+CRITERIA = ("val_loss", "param_rmse")
+
+#: The search space: ``name -> ("categorical", choices)`` or ``(kind, low, high)`` with kind
+#: ``"int"``, ``"float"`` or ``"logfloat"``. ``width_factor`` multiplies the number of
+#: measurements (the hidden width); every other name is a NetworkEstimator keyword.
+DEFAULT_SPACE: dict[str, tuple] = {
+    "parallel": ("categorical", [False, True]),
+    "hidden_layers": ("int", 1, 4),
+    "width_factor": ("categorical", [1, 2, 4]),
+    "activation": ("categorical", ["elu", "relu", "gelu"]),
+    "batch_norm": ("categorical", [False, True]),
+    "dropout": ("categorical", [0.0, 0.05, 0.1]),
+    "bounds_margin": ("categorical", [0.0, 0.1, 0.3]),
+    # None: the model's (fitter's) bounds; "prior": the training prior's support
+    "output_bounds": ("categorical", [None, "prior"]),
+    "lr": ("logfloat", 1e-4, 3e-3),
+    "batch_size": ("categorical", [64, 128, 256, 512]),
+    "weight_decay": ("categorical", [0.0, 1e-6, 1e-5, 1e-4]),
+    "lr_schedule": ("categorical", [None, "plateau", "cosine"]),
+}
+
+
+def _check_space(space: Mapping) -> dict:
+    valid = set(NetworkEstimator._param_names()) | {"width_factor"}
+    out = {}
+    for name, spec in dict(space).items():
+        if name not in valid or name in ("label", "alpha", "weights", "seed", "warm_start"):
+            raise ValueError(f"search space names {name!r}, which is not a tunable NetworkEstimator option")
+        if not isinstance(spec, (list, tuple)) or not spec or spec[0] not in ("categorical", "int", "float", "logfloat"):
+            raise ValueError(f"search space entry {name!r} must be ('categorical', [choices]) or "
+                             f"('int'|'float'|'logfloat', low, high), got {spec!r}")
+        if spec[0] == "categorical":
+            if len(spec) != 2 or not list(spec[1]):
+                raise ValueError(f"search space entry {name!r}: categorical needs a non-empty list of choices")
+        elif len(spec) != 3 or not spec[1] < spec[2]:
+            raise ValueError(f"search space entry {name!r}: {spec[0]} needs low < high, got {spec!r}")
+        out[name] = tuple(spec)
+    if "width" in out and "width_factor" in out:
+        raise ValueError("search space has both width and width_factor; keep one")
+    return out
+
+
+def _suggest(trial, space: Mapping) -> dict:
+    params = {}
+    for name, spec in space.items():
+        if spec[0] == "categorical":
+            params[name] = trial.suggest_categorical(name, list(spec[1]))
+        elif spec[0] == "int":
+            params[name] = trial.suggest_int(name, int(spec[1]), int(spec[2]))
+        else:
+            params[name] = trial.suggest_float(name, float(spec[1]), float(spec[2]), log=spec[0] == "logfloat")
+    return params
+
+
+def _estimator_params(params: Mapping, n_measurements: int) -> dict:
+    """Trial parameters as NetworkEstimator keywords (``width_factor`` -> ``width``)."""
+    params = dict(params)
+    factor = params.pop("width_factor", None)
+    if factor is not None:
+        params["width"] = None if int(factor) == 1 else int(factor) * int(n_measurements)
+    return params
+
+
+def _default_trial(base: NetworkEstimator, space: Mapping, n_measurements: int) -> dict | None:
+    """The untuned design as a point of the space, or None where the space cannot express it."""
+    point = {}
+    for name, spec in space.items():
+        if name == "width_factor":
+            width = base.width
+            value = 1 if width is None else (int(width) / n_measurements)
+        else:
+            value = getattr(base, name)
+        if spec[0] == "categorical":
+            if isinstance(value, np.ndarray) or not any(_same_choice(value, c) for c in spec[1]):
+                return None
+        elif not (spec[1] <= value <= spec[2]):
+            return None
+        point[name] = int(value) if name == "width_factor" else value
+    return point
+
+
+def _same_choice(value, choice) -> bool:
+    """Equal as a categorical choice: None, bools and strings only match their own kind."""
+    kinds = (type(None), bool, str)
+    for kind in kinds:
+        if isinstance(value, kind) or isinstance(choice, kind):
+            return isinstance(value, kind) and isinstance(choice, kind) and value == choice
+    try:
+        return bool(value == choice)
+    except (TypeError, ValueError):
+        return False
+
+
+def validation_criteria(estimator: NetworkEstimator, signals, targets: Mapping, theta_true, support,
+                        model, protocol) -> dict:
+    """Both criteria of a fitted estimator on validation rows.
+
+    ``targets`` holds what the label's loss reads (``theta`` and/or ``mle``); ``theta_true``
+    the simulated truth (``None`` for data without one: ``param_rmse`` is then NaN).
+    """
+    from qmri_labels.training import LabelLoss, ParameterNormalisation
+
+    pred = estimator.predict(signals)
+    normalisation = ParameterNormalisation.from_support(support, model.param_names)
+    loss = LabelLoss(estimator.loss_weights_, model.name, protocol, normalisation)
+    keep = np.ones(len(signals), dtype=bool)
+    for value in targets.values():
+        keep &= np.all(np.isfinite(value), axis=1)
+    batch = {"signals": torch.as_tensor(signals[keep], dtype=torch.float32),
+             **{k: torch.as_tensor(v[keep], dtype=torch.float32) for k, v in targets.items()}}
+    with torch.no_grad():
+        val_loss, _ = loss(torch.as_tensor(pred[keep]), batch)
+    out = {"val_loss": float(val_loss), "param_rmse": float("nan")}
+    if theta_true is not None:
+        scale = np.asarray(normalisation.scale)
+        err = (pred.astype(np.float64) - theta_true.astype(np.float64)) / scale
+        tissue = [i for i in range(len(model.param_names)) if i != model.scale_index]
+        out["param_rmse"] = float(np.mean(np.sqrt(np.nanmean(err[:, tissue] ** 2, axis=0))))
+    return out
+
+
+def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criterion: str = "val_loss",
+         alpha: float = 0.5, base: Mapping[str, Any] | None = None, space: Mapping | None = None,
+         validation_fraction: float = 0.2, include_default: bool = True, mle_labels=None,
+         mle_options: Mapping | None = None, max_rows: int | None = None) -> NetworkEstimator:
+    """Search the network design for one training label; return the best trial's network.
+
+    Parameters
+    ----------
+    label : {"gt", "mle", "self", "hybrid"}
+    dataset : Dataset
+        Training data. ``validation_fraction`` of its rows (drawn with ``seed``) score the
+        trials; the rest train them. The evaluation grid is never seen.
+    n_trials : int
+        Trials of the search (give every label the same number: equal budget).
+    seed : int
+        Seeds the split, Optuna's TPE sampler and every trial's network.
+    criterion : {"val_loss", "param_rmse"}
+        Minimised criterion (both are recorded for every trial; see the module docstring).
+    alpha : float
+        MLE weight of ``hybrid``.
+    base : mapping or None
+        NetworkEstimator keywords of the untuned design (e.g. ``max_epochs``, device options);
+        the search varies the keys of ``space`` around it.
+    space : mapping or None
+        Search space (:data:`DEFAULT_SPACE` when None).
+    validation_fraction : float in (0, 1)
+    include_default : bool
+        Make the untuned design (``base``) the first trial where the space can express it.
+    mle_labels : ndarray (N, P), MLELabels or None
+        MLE labels of ``dataset`` (computed and cached when the label needs them).
+    mle_options : mapping or None
+        Settings of computed MLE labels.
+    max_rows : int or None
+        Use only this many rows of the training data (a random subset drawn with ``seed``)
+        for the search: a cheaper search at equal budget per label.
+
+    Returns
+    -------
+    NetworkEstimator
+        Fitted (on the training rows of the split) with the best trial's design;
+        ``tuning_`` records the criterion, the split, the default trial and every trial's
+        parameters and both criteria.
+    """
+    import optuna
+
+    from qmri_labels.training import compute_mle_labels, resolve_weights
+
+    if not isinstance(dataset, Dataset):
+        raise ValueError(f"tune expects a qmri_labels Dataset, got {type(dataset).__name__}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if int(n_trials) != n_trials or n_trials < 1:
+        raise ValueError(f"n_trials must be a positive integer, got {n_trials!r}")
+    if not (0.0 < float(validation_fraction) < 1.0):
+        raise ValueError(f"validation_fraction must lie in (0, 1), got {validation_fraction!r}")
+    space = _check_space(DEFAULT_SPACE if space is None else space)
+    base = dict(base or {})
+    fixed = {"label", "alpha", "seed"} & set(base)
+    if fixed:
+        raise ValueError(f"base must not set {sorted(fixed)}: tune sets them")
+    base_estimator = NetworkEstimator(label=label, alpha=alpha, seed=int(seed), **base)
+    weights = resolve_weights(label, alpha)
+
+    model = dataset.model
+    n, m = dataset.signals.shape
+    order = np.random.default_rng(int(seed)).permutation(n)
+    if max_rows is not None:
+        if int(max_rows) != max_rows or max_rows < 2:
+            raise ValueError(f"max_rows must be an integer >= 2, got {max_rows!r}")
+        order = order[: int(max_rows)]
+    n = len(order)
+    n_val = max(int(round(n * float(validation_fraction))), 1)
+    val_rows, fit_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
+    if len(fit_rows) < 2:
+        raise ValueError(f"dataset of {n} rows is too small for a validation fraction of {validation_fraction}")
+    labels = {}
+    if weights["gt"] > 0:
+        labels["gt"] = dataset.theta_true
+    if weights["mle"] > 0:
+        if mle_labels is None:
+            mle_labels = compute_mle_labels(dataset, progress=False,
+                                            **dict(mle_options or base.get("mle_options") or {}))
+        labels["mle"] = np.asarray(getattr(mle_labels, "params", mle_labels), dtype=np.float32)
+        if labels["mle"].shape != dataset.theta_true.shape:
+            raise ValueError(f"mle_labels must have shape {dataset.theta_true.shape}, got {labels['mle'].shape}")
+    y_fit = None
+    if labels:
+        y_fit = {k: v[fit_rows] for k, v in labels.items()} if len(labels) > 1 else next(iter(labels.values()))[fit_rows]
+    val_targets = {{"gt": "theta", "mle": "mle"}[k]: v[val_rows] for k, v in labels.items()}
+    support = dataset.prior_support
+
+    best: dict[str, Any] = {"value": math.inf, "estimator": None}
+    records: list[dict] = []
+
+    def objective(trial):
+        params = _estimator_params(_suggest(trial, space), m)
+        estimator = NetworkEstimator(**{**base_estimator.get_params(), **params})
+        t0 = time.perf_counter()
+        try:
+            estimator.fit(dataset.signals[fit_rows], y_fit, protocol=dataset.protocol, bounds=support,
+                          model=model.name)
+            scores = validation_criteria(estimator, dataset.signals[val_rows], val_targets,
+                                         dataset.theta_true[val_rows], support, model, dataset.protocol)
+        except (ValueError, RuntimeError) as exc:  # a diverged or impossible design scores +inf
+            scores = {"val_loss": math.inf, "param_rmse": math.inf, "error": str(exc)}
+        for key, value in scores.items():
+            trial.set_user_attr(key, value)
+        value = scores[criterion]
+        value = value if math.isfinite(value) else math.inf
+        records.append({"number": trial.number, "params": params, "val_loss": scores["val_loss"],
+                        "param_rmse": scores["param_rmse"], "seconds": time.perf_counter() - t0,
+                        "epochs": getattr(estimator, "n_epochs_", None)})
+        if value < best["value"]:
+            best.update(value=value, estimator=estimator, params=params)
+        return value
+
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=int(seed)))
+        default_point = _default_trial(base_estimator, space, m) if include_default else None
+        if default_point is not None:
+            study.enqueue_trial(default_point)
+        study.optimize(objective, n_trials=int(n_trials))
+    finally:
+        optuna.logging.set_verbosity(previous)
+    if best["estimator"] is None:
+        raise ValueError(f"every one of the {n_trials} trials for label {label!r} failed; first error: "
+                         f"{records[0].get('error') if records else '?'}")
+    estimator = best["estimator"]
+    default_record = records[0] if default_point is not None else None
+    estimator.tuning_ = {
+        "label": label, "alpha": alpha if label == "hybrid" else None, "criterion": criterion,
+        "n_trials": int(n_trials), "seed": int(seed), "space": {k: list(v) for k, v in space.items()},
+        "base": {k: v for k, v in base.items()},
+        "split": {"n_fit": int(len(fit_rows)), "n_validation": int(len(val_rows)),
+                  "validation_fraction": float(validation_fraction), "dataset_fingerprint": dataset.fingerprint,
+                  "max_rows": None if max_rows is None else int(max_rows)},
+        "best_params": best["params"], "best_value": best["value"],
+        "best_scores": next(r for r in records if r["params"] is best["params"]),
+        "default": default_record, "trials": records,
+    }
+    return estimator

@@ -1,0 +1,180 @@
+"""The fair-comparison parts of the IVIM label study (issue 10): network design options and
+presets from the configuration, per-label tuning with an equal budget, training seeds, and
+the report sections that go with them. :mod:`qmri_labels.workflows.ivim` wires them in."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+#: ``network`` entries of the study configuration (NetworkEstimator keywords, plus ``preset``).
+NETWORK_DEFAULTS: dict[str, Any] = {
+    "preset": None, "hidden_layers": 3, "width": None, "activation": "elu", "output": "sigmoid",
+    "output_bounds": None, "parallel": False, "batch_norm": False, "dropout": 0.0, "bounds_margin": 0.0,
+    "fit_s0": True, "weight_decay": 0.0, "lr_schedule": None,
+}
+#: ``tune`` entries: trials per label (0: no tuning), the criterion, the validation split of
+#: the training data, the epoch budget of a trial (None: the study's) and the rows searched on.
+TUNE_DEFAULTS: dict[str, Any] = {"n_trials": 0, "criterion": "val_loss", "validation_fraction": 0.2,
+                                 "max_epochs": None, "max_rows": None}
+#: study keys that a preset may set (they override the preset only when changed from DEFAULTS)
+TRAINING_KEYS = ("lr", "batch_size", "max_epochs", "patience")
+SEED_STRIDE = 1_000_003
+
+
+def resolve_network(cfg: Mapping, defaults: Mapping) -> dict:
+    """NetworkEstimator keywords of the design from ``cfg["network"]`` and the training keys.
+
+    A ``preset`` (see :data:`qmri_labels.estimators.DESIGN_PRESETS`) gives the base; network
+    and training entries that differ from the workflow's defaults override it.
+    """
+    from qmri_labels.estimators import DESIGN_PRESETS
+
+    network = dict(cfg["network"])
+    unknown = set(network) - set(NETWORK_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown network options {sorted(unknown)}; known: {sorted(NETWORK_DEFAULTS)}")
+    preset = network.pop("preset", None)
+    if preset is not None and preset not in DESIGN_PRESETS:
+        raise ValueError(f"network.preset must be one of {sorted(DESIGN_PRESETS)} or null, got {preset!r}")
+    out = dict(DESIGN_PRESETS[preset]) if preset else {}
+    for key, value in network.items():
+        if preset is None or key not in out or value != NETWORK_DEFAULTS[key]:
+            out[key] = value
+    for key in TRAINING_KEYS:
+        if preset is None or key not in out or cfg[key] != defaults[key]:
+            out[key] = cfg[key]
+    return out
+
+
+def check_tune(cfg: Mapping) -> dict:
+    from qmri_labels.tuning import CRITERIA
+
+    tune = dict(cfg["tune"])
+    unknown = set(tune) - set(TUNE_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown tune options {sorted(unknown)}; known: {sorted(TUNE_DEFAULTS)}")
+    n = tune["n_trials"]
+    if isinstance(n, bool) or int(n) != n or n < 0:
+        raise ValueError(f"tune.n_trials must be an integer >= 0, got {n!r}")
+    tune["n_trials"] = int(n)
+    if tune["criterion"] not in CRITERIA:
+        raise ValueError(f"tune.criterion must be one of {CRITERIA}, got {tune['criterion']!r}")
+    if not (0.0 < float(tune["validation_fraction"]) < 1.0):
+        raise ValueError(f"tune.validation_fraction must lie in (0, 1), got {tune['validation_fraction']!r}")
+    for key in ("max_epochs", "max_rows"):
+        if tune[key] is not None and (int(tune[key]) != tune[key] or tune[key] < 1):
+            raise ValueError(f"tune.{key} must be a positive integer or null, got {tune[key]!r}")
+    return tune
+
+
+def check_seeds(value) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"seeds must be a positive integer (training runs per method), got {value!r}")
+    return int(value)
+
+
+def seed_name(name: str, k: int) -> str:
+    """Method name of seed ``k`` (seed 0 keeps the plain name)."""
+    return name if k == 0 else f"{name}@s{k}"
+
+
+def with_seeds(estimators: Mapping, n_seeds: int, seed: int) -> dict:
+    """``n_seeds`` copies of every estimator that differ in weight init and batch order only
+    (the train/validation split stays that of ``seed``)."""
+    out = {}
+    for name, est in estimators.items():
+        for k in range(n_seeds):
+            copy_ = copy.deepcopy(est)
+            if k:
+                copy_.set_params(init_seed=seed + k * SEED_STRIDE, shuffle_seed=seed + k * SEED_STRIDE)
+            out[seed_name(name, k)] = copy_
+    return out
+
+
+def tune_designs(estimators: Mapping, train, mle_labels, tune_cfg: Mapping, seed: int, say) -> tuple[dict, dict]:
+    """Tune every label with the same trials; return unfitted tuned estimators
+    (``<name>-tuned``) and the tuning records by method."""
+    from qmri_labels.tuning import tune
+
+    tuned, records = {}, {}
+    for name, est in estimators.items():
+        params = est.get_params()
+        base = {k: v for k, v in params.items() if k not in ("label", "alpha", "seed", "weights")}
+        base["progress"] = False  # one bar per trial would drown the study's own progress lines
+        if tune_cfg["max_epochs"] is not None:
+            base["max_epochs"] = int(tune_cfg["max_epochs"])
+        say(f"      tuning {name}: {tune_cfg['n_trials']} trials ({tune_cfg['criterion']})")
+        best = tune(est.label, train, n_trials=tune_cfg["n_trials"], seed=seed, criterion=tune_cfg["criterion"],
+                    alpha=est.alpha, base=base, validation_fraction=tune_cfg["validation_fraction"],
+                    mle_labels=mle_labels if est.label in ("mle", "hybrid") else None, max_rows=tune_cfg["max_rows"])
+        records[name] = best.tuning_
+        default = best.tuning_.get("default") or {}
+        say(f"      best {tune_cfg['criterion']} {best.tuning_['best_value']:.4g} "
+            f"(default {default.get(tune_cfg['criterion'], float('nan')):.4g})")
+        final = copy.deepcopy(est)
+        final.set_params(**best.tuning_["best_params"])
+        tuned[f"{name}-tuned"] = final
+    return tuned, records
+
+
+def tuning_table(records: Mapping) -> pd.DataFrame:
+    """One row per label: both criteria of the default and of the best trial."""
+    rows = []
+    for name, rec in records.items():
+        default = rec.get("default") or {}
+        best = rec["best_scores"]
+        rows.append({"method": name, "criterion": rec["criterion"], "trials": rec["n_trials"],
+                     "val_loss_default": default.get("val_loss", np.nan), "val_loss_tuned": best["val_loss"],
+                     "param_rmse_default": default.get("param_rmse", np.nan), "param_rmse_tuned": best["param_rmse"],
+                     "best_params": ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in rec["best_params"].items())})
+    return pd.DataFrame(rows)
+
+
+def tuning_section(records: Mapping, comparison: Mapping) -> str:
+    """Markdown: the search per label, tuned vs default on the grid, and the ranking change."""
+    from qmri_labels.analysis.report import markdown_table
+
+    table = comparison["table"]
+    cols = ["label", "parameter"] + [f"{m}_{w}" for m in ("mean_abs_bias", "mean_sd", "sensitivity", "rmse")
+                                     for w in ("default", "tuned")]
+    tests = comparison["tests"]
+    lines = ["## Tuned vs default design per label", "",
+             "Every label was tuned with the same number of trials over the same design space, on a validation "
+             "split of the training data (never the evaluation grid); the untuned design is trial 0. Both "
+             "criteria are given for the default and the best trial (`val_loss`: the label's own loss; "
+             "`param_rmse`: normalised parameter RMSE on the simulated validation rows).", "",
+             markdown_table(tuning_table(records)), "",
+             "### On the evaluation grid", "", markdown_table(table, cols), "",
+             "### Label ranking (best first)", "",
+             ("**The ranking of the labels changes with tuning** for at least one parameter and metric."
+              if comparison["ranking_changed"] else "The ranking of the labels is the same with and without tuning."),
+             "", markdown_table(comparison["ranking"]), "",
+             "### Paired tests, tuned minus default, over the grid points", "",
+             "Per-point |bias|, SD and RMSE; paired t-test, Bonferroni-corrected over all rows.", "",
+             markdown_table(tests, ["parameter", "metric", "a", "b", "mean_diff", "t", "p_adjusted", "significant"]),
+             ""]
+    return "\n".join(lines)
+
+
+def seeds_section(seed_table: pd.DataFrame, findings: pd.DataFrame, n_seeds: int) -> str:
+    """Markdown: mean and spread over seeds, and the label differences that exceed the spread."""
+    from qmri_labels.analysis.report import markdown_table
+
+    cols = ["method", "parameter"] + [f"{m}_{s}" for m in ("mean_abs_bias", "mean_sd", "sensitivity", "rmse")
+                                      for s in ("mean", "sd")]
+    kept = findings[findings["finding"]]
+    lines = [f"## Over {n_seeds} training seeds", "",
+             "Each network was trained with different weight initialisation and batch order (same data and "
+             "split). Mean and SD over seeds:", "", markdown_table(seed_table, cols), "",
+             "### Findings", "",
+             "A paired difference between two labels (seed k against seed k) counts as a finding only when its "
+             "mean over seeds exceeds the seed-to-seed spread (the larger SD over seeds of the two); "
+             f"{len(kept)} of {len(findings)} differences do.", ""]
+    if len(kept):
+        lines += [markdown_table(kept, ["a", "b", "parameter", "metric", "mean_diff", "seed_spread"]), ""]
+    return "\n".join(lines)

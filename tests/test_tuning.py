@@ -1,0 +1,58 @@
+import math
+
+import numpy as np
+import pytest
+
+from qmri_labels.data import DatasetSpec
+from qmri_labels.estimators import NetworkEstimator
+from qmri_labels.tuning import DEFAULT_SPACE, tune
+
+BASE = dict(max_epochs=3, patience=0, accelerator="cpu", devices=1, progress=False, num_threads=1)
+#: a deliberately bad default: a learning rate so small that 3 epochs barely move the weights
+BAD = dict(BASE, lr=1e-6, hidden_layers=1, batch_size=512)
+SPACE = {"lr": ("logfloat", 1e-4, 1e-2), "hidden_layers": ("int", 1, 3), "batch_size": ("categorical", [64, 512])}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return DatasetSpec(n=1500, seed=11, snr=30).generate()
+
+
+@pytest.mark.parametrize("label, criterion", [("gt", "val_loss"), ("self", "param_rmse")])
+def test_small_search_beats_a_bad_default(data, label, criterion):
+    space = dict(SPACE, lr=("logfloat", 1e-6, 1e-2))  # the bad default lies inside the space
+    est = tune(label, data, n_trials=5, seed=0, criterion=criterion, base=BAD, space=space)
+    info = est.tuning_
+    default = info["default"]
+    assert default["number"] == 0 and default["params"]["lr"] == 1e-6  # the untuned design was trial 0
+    assert info["best_value"] < 0.8 * default[criterion]
+    assert info["best_params"] != default["params"]
+    assert len(info["trials"]) == 5 and all(math.isfinite(t["val_loss"]) and math.isfinite(t["param_rmse"])
+                                            for t in info["trials"])
+    # the returned network is the best trial's, fitted
+    assert est.lr == info["best_params"]["lr"] and est.predict(data.signals[:4]).shape == (4, 4)
+    assert info["split"]["n_validation"] == 300 and info["split"]["n_fit"] == 1200
+
+
+def test_tuning_is_deterministic_and_recorded_in_the_bundle(tmp_path, data):
+    a = tune("gt", data, n_trials=2, seed=3, base=BASE, space=SPACE, include_default=False)
+    b = tune("gt", data, n_trials=2, seed=3, base=BASE, space=SPACE, include_default=False)
+    assert a.tuning_["best_params"] == b.tuning_["best_params"]
+    np.testing.assert_array_equal(a.predict(data.signals[:50]), b.predict(data.signals[:50]))
+    a.save(tmp_path / "tuned")
+    back = NetworkEstimator.load(tmp_path / "tuned")
+    assert back.tuning_["best_params"] == a.tuning_["best_params"] and back.tuning_["criterion"] == "val_loss"
+
+
+def test_tune_refuses_bad_arguments(data):
+    with pytest.raises(ValueError, match="criterion"):
+        tune("gt", data, n_trials=1, criterion="grid_rmse")
+    with pytest.raises(ValueError, match="search space"):
+        tune("gt", data, n_trials=1, space={"colour": ("categorical", ["red"])})
+    with pytest.raises(ValueError, match="low < high"):
+        tune("gt", data, n_trials=1, space={"lr": ("logfloat", 1e-2, 1e-4)})
+    with pytest.raises(ValueError, match="n_trials"):
+        tune("gt", data, n_trials=0)
+    with pytest.raises(ValueError, match="base"):
+        tune("gt", data, n_trials=1, base={"seed": 1})
+    assert "parallel" in DEFAULT_SPACE and "batch_norm" in DEFAULT_SPACE
