@@ -56,7 +56,7 @@ from qmri_labels.bundle import (
     save_bundle,
 )
 from qmri_labels.data.phantoms import QSMPhantomSet
-from qmri_labels.fitting.qsm_inversion import cosmos, tkd
+from qmri_labels.fitting.qsm_inversion import TV_DEFAULT_LAMBDA, cosmos, tkd, tv
 from qmri_labels.nets.unet3d import UNet3D, UNet3DConfig, unet3d_preset
 from qmri_labels.physics.qsm import _dipole_kernel_torch
 from qmri_labels.training.labels import resolve_weights
@@ -75,7 +75,9 @@ __all__ = [
 ]
 
 QSM_LABELS = ("gt", "mle", "self", "hybrid", "graf")
-INPUT_CHANNELS = ("field", "tkd")
+INPUT_CHANNELS = ("field", "tkd", "tv")
+#: input channels that a residual network adds its output to (the first one present wins)
+RESIDUAL_CHANNELS = ("tv", "tkd")
 
 
 def qsm_loss_weights(label: str, alpha: float | None = None, field_weight: float = 1.0) -> dict[str, float]:
@@ -372,14 +374,17 @@ class QSMEstimator:
     preset : {"toy", "qsmnet", "graf"}
         U-Net preset; ``unet`` overrides its fields (e.g. ``{"init_channels": 32,
         "activation": "elu"}``).
-    inputs : tuple of {"field", "tkd"}
-        Network input channels.
+    inputs : tuple of {"field", "tkd", "tv"}
+        Network input channels (``tv``: the TV inversion of the field, which needs the mask).
     residual : bool
-        With a ``tkd`` input, the network predicts a correction that is added to the TKD
-        estimate (residual learning; the last layer starts at zero, so training starts from
-        TKD); ignored without a TKD channel.
+        With a ``tv`` (else ``tkd``) input, the network predicts a correction that is added to
+        that estimate (residual learning; the last layer starts at zero, so training starts
+        from it); ignored without such a channel.
     tkd_threshold : float
         Threshold of the TKD input channel.
+    tv_lambda : float
+        TV weight of the ``tv`` input channel (:func:`qmri_labels.fitting.qsm_inversion.tv`);
+        tune it on training phantoms.
     patch_size : int or None
         Training patch side (None: whole volumes).
     samples_per_epoch, batch_size, max_epochs, max_time_s, lr, weight_decay : training.
@@ -408,7 +413,7 @@ class QSMEstimator:
     def __init__(self, label: str = "gt", alpha: float | None = None, field_weight: float = 1.0,
                  preset: str = "graf", unet: Mapping[str, Any] | None = None, inputs: Sequence[str] = ("field", "tkd"),
                  residual: bool = True,
-                 tkd_threshold: float = 0.19, patch_size: int | None = 32, samples_per_epoch: int = 64,
+                 tkd_threshold: float = 0.19, tv_lambda: float = TV_DEFAULT_LAMBDA, patch_size: int | None = 32, samples_per_epoch: int = 64,
                  batch_size: int = 2, max_epochs: int = 10, max_time_s: float | None = None, lr: float = 1e-3,
                  weight_decay: float = 0.01, seed: int = 0, device: str | None = None, progress: bool = False,
                  checkpoint_path: str | Path | None = None, warm_start: bool = False):
@@ -420,6 +425,7 @@ class QSMEstimator:
         self.inputs = tuple(inputs)
         self.residual = bool(residual)
         self.tkd_threshold = tkd_threshold
+        self.tv_lambda = tv_lambda
         self.patch_size = patch_size
         self.samples_per_epoch = samples_per_epoch
         self.batch_size = batch_size
@@ -435,7 +441,7 @@ class QSMEstimator:
 
     # -- helpers ---------------------------------------------------------------------------
     def get_params(self) -> dict:
-        keys = ("label", "alpha", "field_weight", "preset", "unet", "inputs", "residual", "tkd_threshold", "patch_size",
+        keys = ("label", "alpha", "field_weight", "preset", "unet", "inputs", "residual", "tkd_threshold", "tv_lambda", "patch_size",
                 "samples_per_epoch", "batch_size", "max_epochs", "max_time_s", "lr", "weight_decay", "seed",
                 "device", "progress", "checkpoint_path", "warm_start")
         return {k: getattr(self, k) for k in keys}
@@ -457,27 +463,35 @@ class QSMEstimator:
 
     @property
     def residual_channel_(self) -> int | None:
-        return self.inputs.index("tkd") if (self.residual and "tkd" in self.inputs) else None
+        if not self.residual:
+            return None
+        for name in RESIDUAL_CHANNELS:
+            if name in self.inputs:
+                return self.inputs.index(name)
+        return None
 
     def _device(self) -> torch.device:
         if self.device is not None:
             return torch.device(self.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    @staticmethod
-    def _input_stack(field: np.ndarray, inputs, norm: QSMNormalisation, voxel_size, b0_dir, threshold) -> np.ndarray:
+    def _input_stack(self, field: np.ndarray, mask, norm: QSMNormalisation, voxel_size, b0_dir) -> np.ndarray:
         chans = []
-        for c in inputs:
+        for c in self.inputs:
             if c == "field":
                 chans.append(field / norm.field_scale)
+            elif c == "tkd":
+                chans.append(tkd(field, voxel_size, b0_dir, self.tkd_threshold) / norm.chi_scale)
             else:
-                chans.append(tkd(field, voxel_size, b0_dir, threshold) / norm.chi_scale)
+                if mask is None:
+                    raise ValueError("the 'tv' input channel needs the brain mask: pass mask=")
+                chans.append(tv(field, mask, voxel_size, b0_dir, lam=float(self.tv_lambda)) / norm.chi_scale)
         return np.stack(chans, axis=-4).astype(np.float32)
 
     def _arrays(self, data: QSMPhantomSet, norm: QSMNormalisation, weights) -> dict:
         field = data.field.astype(np.float32)
         out = {
-            "inputs": self._input_stack(field, self.inputs, norm, data.voxel_size, data.orientations[0], self.tkd_threshold),
+            "inputs": self._input_stack(field, data.mask, norm, data.voxel_size, data.orientations[0]),
             "mask": data.mask.astype(np.float32),
             "chi": data.chi.astype(np.float32),
             "field": field,
@@ -621,7 +635,7 @@ class QSMEstimator:
                 raise ValueError(f"mask shape {mask.shape} does not match field shape {field.shape}")
         voxel_size = self.voxel_size_ if voxel_size is None else tuple(voxel_size)
         b0_dir = self.b0_dir_ if b0_dir is None else tuple(b0_dir)
-        inputs = self._input_stack(batch, self.inputs, self.normalisation_, voxel_size, b0_dir, self.tkd_threshold)
+        inputs = self._input_stack(batch, mask, self.normalisation_, voxel_size, b0_dir)
         dev = torch.device(device) if device is not None else self._device()
         net = self.network_.to(dev).eval()
         outs = []
