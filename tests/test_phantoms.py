@@ -152,4 +152,4 @@ def test_total_field_adds_a_dominant_background_of_the_head():
     from scipy import ndimage
 
     dist = ndimage.distance_transform_edt(~m)
-    assert np.any((bg_chi == 9.4) & (dist < 2))
+    assert np.any((bg_chi == 9.4) & (dist <= 3)) and not np.any((bg_chi == 9.4) & (dist <= 2))

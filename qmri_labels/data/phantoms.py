@@ -255,8 +255,8 @@ def make_background(
     Voxels at distance ``d`` (voxels) from the brain: ``0 < d <= 1``: cerebrospinal fluid
     (0 ppm); ``1 < d <= 1 + skull_thickness``: skull (``skull_chi``); up to ``+
     scalp_thickness``: scalp (0 ppm); beyond: air (``air_chi``). ``n_sinuses`` air-filled
-    ellipsoids (``air_chi``) sit below and in front of the brain centre, touching the brain but
-    never inside it, like the frontal and sphenoid sinuses that make the strongest
+    ellipsoids (``air_chi``) sit below and in front of the brain centre, reaching into the head
+    up to two voxels from the brain (a bony wall between them, as in a real head), like the frontal and sphenoid sinuses that make the strongest
     background fields of a real head. Thicknesses default to 5 % and 3 % of the smallest grid
     side (at least one voxel).
 
@@ -292,7 +292,7 @@ def make_background(
         semi = rng.uniform(0.08, 0.16, size=3) * extent
         c = centre + direction * 0.5 * extent
         q = sum(((idx[j] - np.float32(c[j])) / np.float32(semi[j])) ** 2 for j in range(3))
-        chi[(q <= 1.0) & ~mask] = air_chi
+        chi[(q <= 1.0) & (dist > 2)] = air_chi
     chi[mask] = 0.0
     return chi
 
