@@ -146,7 +146,7 @@ def test_estimator_bad_input(data):
         _tiny(inputs=("phase",)).fit(train)
     with pytest.raises(ValueError, match="QSMPhantomSet"):
         _tiny().fit(np.zeros((2, 8, 8, 8)))
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(ValueError, match="not fitted"):
         _tiny().predict(np.zeros((8, 8, 8)))
     est = _tiny().fit(train)
     with pytest.raises(ValueError, match="field"):
@@ -227,3 +227,38 @@ def test_shipped_model_beats_conventional_inversions():
     for baseline in (tkd(field, mask=mask), tikhonov(field, lam=lam, mask=mask)):
         assert nrmse(net, chi, mask) < nrmse(baseline, chi, mask)
         assert ssim(net, chi, mask) > ssim(baseline, chi, mask)
+
+
+def test_qsm_estimator_follows_the_estimator_contract():
+    inputs = ["field", "tv"]
+    est = QSMEstimator(unet=None, inputs=inputs, residual=1, warm_start=0)
+    params = est.get_params(deep=True)
+    # __init__ stores its arguments unchanged (scikit-learn's clone relies on it)
+    assert params["inputs"] is inputs and params["unet"] is None and params["residual"] == 1
+    assert params == est.get_params(deep=False)
+    try:
+        from sklearn.base import clone
+    except ImportError:  # pragma: no cover - scikit-learn is optional
+        clone = None
+    if clone is not None:
+        twin = clone(est)
+        assert twin.get_params()["inputs"] == inputs and not hasattr(twin, "network_")
+    assert est.set_params(tv_lambda=1e-3) is est and est.tv_lambda == 1e-3
+    with pytest.raises(ValueError, match="invalid parameter 'tv_lamda'"):
+        est.set_params(tv_lamda=1.0)
+    with pytest.raises(ValueError, match="not fitted yet"):
+        est.manifest()
+
+
+def test_check_input_kind_refuses_a_mismatched_network():
+    from qmri_labels.training.qsm import check_input_kind
+
+    assert check_input_kind({"input_kind": "local"}, "local") == "local"
+    with pytest.raises(ValueError, match="trained on 'local_unmasked' fields but is given 'local'"):
+        check_input_kind({}, "local")  # an old bundle without the record: unmasked fields
+    with pytest.raises(ValueError, match="trained on 'local' fields but is given 'bfr:vsharp'"):
+        check_input_kind({"input_kind": "local"}, "bfr:vsharp")
+    assert check_input_kind({"input_kind": "local"}, "bfr:vsharp", force=True) == "local"
+    assert check_input_kind({"input_kind": "bfr:pdf"}, "bfr:pdf") == "bfr:pdf"
+    with pytest.raises(ValueError, match="given_kind 'masked'"):
+        check_input_kind({"input_kind": "local"}, "masked")
