@@ -181,8 +181,10 @@ def test_label_study_runs_by_name(tmp_path):
     import pandas as pd
 
     table = pd.read_csv(out / "results.csv")
-    assert {"tkd", "tikhonov", "cosmos", "net-gt", "net-mle", "net-self", "net-hybrid-0.5", "net-graf"} <= set(table.method)
-    assert table[["nrmse", "ssim"]].notna().all().all()
+    assert {"tkd", "tikhonov", "tv", "cosmos", "net-gt", "net-mle", "net-self", "net-hybrid-0.5",
+            "net-graf"} <= set(table.method)
+    assert table[["nrmse", "xsim", "hfen", "ssim"]].notna().all().all()
+    assert "input: masked local fields" in (out / "report.md").read_text()
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["fingerprints"]) == {"train", "val", "test"}
     assert yaml.safe_load((out / "config.yaml").read_text())["kind"] == "qsm_labels"

@@ -274,8 +274,9 @@ def run_labels(config: Mapping, out: Path, quiet: bool = True) -> dict:
     fig = _slices_figure(test, estimates, 0, 2)
     _save_fig(fig, out / "slices.png")
     report = ["# QSM label-choice study", "",
-              f"Held-out phantoms: {len(test)} of shape {list(test.chi.shape[1:])}, field noise "
-              f"{test.spec.noise_sigma} ppm, COSMOS from {test.fields.shape[1]} orientations.", "",
+              f"Held-out phantoms: {len(test)} of shape {list(test.chi.shape[1:])}, input: {_field_label(test)}, "
+              f"field noise {test.spec.noise_sigma} ppm, COSMOS from {test.fields.shape[1]} orientations; "
+              "Tikhonov and TV lambdas tuned on the training phantoms.", "",
               table.to_markdown(index=False, floatfmt=".3f") if _has_tabulate() else table.to_string(index=False),
               "", "![slices](slices.png)", ""]
     atomic_write_bytes(out / "report.md", "\n".join(report).encode())
@@ -284,6 +285,13 @@ def run_labels(config: Mapping, out: Path, quiet: bool = True) -> dict:
     _print(quiet, table.to_string(index=False))
     return {"results": rows, "history": hist_rows, "out": str(out), "timings_s": timings,
             "summary_text": table.to_string(index=False, float_format=lambda v: f"{v:.3f}")}
+
+
+def _field_label(data: QSMPhantomSet) -> str:
+    """What the fields of a table's phantoms are (an unmasked field is always said so)."""
+    return {"local": "masked local fields", "total": "TOTAL fields (background not removed)",
+            "local_unmasked": "UNMASKED local fields (field outside the brain mask given; no real map has it)"}[
+        data.spec.field_kind]
 
 
 def _has_tabulate() -> bool:
@@ -343,7 +351,7 @@ def run_activation(config: Mapping, out: Path, quiet: bool = True) -> dict:
     _save_fig(fig, out / "slices.png")
     report = ["# QSM activation / channel study (after Graf et al. 2023)", "",
               f"Label {config['label']!r}; {len(train)} training and {len(test)} held-out phantoms of shape "
-              f"{list(test.chi.shape[1:])}.", "",
+              f"{list(test.chi.shape[1:])}, input: {_field_label(test)}.", "",
               table.to_markdown(index=False, floatfmt=".3f") if _has_tabulate() else table.to_string(index=False),
               "", "![convergence](convergence.png)", "", "![slices](slices.png)", ""]
     atomic_write_bytes(out / "report.md", "\n".join(report).encode())
