@@ -502,18 +502,12 @@ def generate_qsm(spec: dict) -> QSMDataset:
             fields = fields * mask[:, None]
         voxel_size = truncate_to
     if bfr is not None:
-        from qmri_labels.fitting.bfr import remove_background
+        # the one place where data generation calls a fitting step (architecture.md says so)
+        from qmri_labels.fitting.bfr import remove_background_per_orientation
 
         options = {k: v for k, v in bfr.items() if k != "method"}
-        b0 = base.orientations
-        locals_, masks = [], []
-        for vol_fields, vol_mask in zip(fields, mask):
-            per_orient = [remove_background(bfr["method"], f.astype(np.float32), vol_mask, voxel_size, d, **options)
-                          for f, d in zip(vol_fields, b0)]
-            eroded = np.logical_and.reduce([e for _, e in per_orient])
-            locals_.append(np.stack([loc * eroded for loc, _ in per_orient]))
-            masks.append(eroded)
-        fields, mask = np.stack(locals_), np.stack(masks)
+        fields, mask = remove_background_per_orientation(bfr["method"], fields, mask, voxel_size, base.orientations,
+                                                         **options)
         chi = chi * mask
     return QSMDataset({**spec, "truncate_to": truncate_to, "bfr": bfr}, np.ascontiguousarray(chi, dtype=np.float32),
                       np.ascontiguousarray(mask, dtype=bool), np.ascontiguousarray(fields, dtype=np.float32),

@@ -47,7 +47,7 @@ import torch
 from qmri_labels.physics.qsm import _check_voxel_size, _dipole_kernel_torch, _to_tensor
 
 __all__ = ["sharp", "vsharp", "resharp", "pdf", "lbv", "BFR_METHODS", "DEFAULTS", "remove_background",
-           "sphere_kernel"]
+           "remove_background_per_orientation", "sphere_kernel"]
 
 _DIMS = (-3, -2, -1)
 
@@ -309,3 +309,26 @@ def remove_background(method: str, total_field, mask, voxel_size=(1.0, 1.0, 1.0)
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)} for BFR method {method!r}; known: {sorted(DEFAULTS[method])}")
     return BFR_METHODS[method](total_field, mask, voxel_size, b0_dir, **options)
+
+
+def remove_background_per_orientation(method: str, fields, masks, voxel_size, orientations, **options):
+    """BFR of phantom-set fields ``(N, K, X, Y, Z)`` (K B0 orientations) with masks ``(N, X, Y, Z)``.
+
+    Each field is processed with its own B0 direction; the local fields of one volume share the
+    intersection of their eroded masks. Returns ``(local (N, K, X, Y, Z) float32, eroded (N, X, Y,
+    Z) bool)`` as NumPy arrays.
+    """
+    fields = np.asarray(fields)
+    masks = np.asarray(masks)
+    if fields.ndim != 5 or masks.shape != fields.shape[:1] + fields.shape[2:]:
+        raise ValueError(f"fields must be (N, K, X, Y, Z) and masks (N, X, Y, Z), got {fields.shape} and {masks.shape}")
+    if len(orientations) != fields.shape[1]:
+        raise ValueError(f"{len(orientations)} orientations for {fields.shape[1]} fields per volume")
+    local, eroded = [], []
+    for vol_fields, mask in zip(fields, masks):
+        per = [remove_background(method, np.asarray(f, np.float32), mask, voxel_size, d, **options)
+               for f, d in zip(vol_fields, orientations)]
+        common = np.logical_and.reduce([e for _, e in per])
+        local.append(np.stack([loc * common for loc, _ in per]).astype(np.float32))
+        eroded.append(common)
+    return np.stack(local), np.stack(eroded)

@@ -460,19 +460,13 @@ def bfr_phantom_set(spec: QSMPhantomSpec, method: str, **options) -> QSMPhantomS
     Same seed, same heads, same noise as ``spec``; the fields become the method's local fields,
     and chi and the mask are restricted to its eroded mask (what an evaluation after BFR scores).
     """
-    from qmri_labels.fitting.bfr import remove_background
+    from qmri_labels.fitting.bfr import remove_background_per_orientation
 
     total = spec.replace(field_kind="total").generate()
-    fields, masks = [], []
-    for vol_fields, mask in zip(total.fields, total.mask):
-        per = [remove_background(method, f, mask, total.voxel_size, d, **options)
-               for f, d in zip(vol_fields, total.orientations)]
-        eroded = np.logical_and.reduce([e for _, e in per])
-        fields.append(np.stack([loc * eroded for loc, _ in per]).astype(np.float32))
-        masks.append(eroded)
-    mask = np.stack(masks)
-    return QSMPhantomSet(spec=total.spec, chi=(total.chi * mask).astype(np.float32), mask=mask,
-                         fields=np.stack(fields), orientations=total.orientations)
+    fields, mask = remove_background_per_orientation(method, total.fields, total.mask, total.voxel_size,
+                                                     total.orientations, **options)
+    return QSMPhantomSet(spec=total.spec, chi=(total.chi * mask).astype(np.float32), mask=mask, fields=fields,
+                         orientations=total.orientations)
 
 
 def evaluate_model(path: Path, bfr_methods=("vsharp",), quiet: bool = False, n_tune: int = 2) -> dict:
