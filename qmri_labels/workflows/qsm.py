@@ -489,6 +489,14 @@ def evaluate_model(path: Path, bfr_methods=("vsharp",), quiet: bool = False, n_t
     test_spec = QSMPhantomSpec.from_dict(manifest["test_spec"])
     train_spec = QSMPhantomSpec.from_dict(manifest["train_spec"]).replace(n=int(n_tune))
     results = dict(manifest.get("heldout_metrics_after_bfr", {}))
+    # the masked-local-field held-out metrics again, with every current metric (XSIM included)
+    test = test_spec.generate()
+    local_rows, _ = evaluate_methods({"unet": est}, test, train_spec.generate(), tkd_threshold=float(config["tkd_threshold"]),
+                                     tikhonov_lambdas=config["tikhonov_lambdas"], tv_lambdas=config["tv_lambdas"],
+                                     include_cosmos=False)
+    _print(quiet, "[evaluate-model] masked local fields:")
+    for r in local_rows:
+        _print(quiet, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
     for method in bfr_methods:
         check_input_kind(manifest, f"bfr:{method}", force=True)
         test = bfr_phantom_set(test_spec, method)
@@ -501,6 +509,8 @@ def evaluate_model(path: Path, bfr_methods=("vsharp",), quiet: bool = False, n_t
         for r in rows:
             _print(quiet, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
     keep = {k: v for k, v in read_manifest(path).items() if k not in ("format", "format_version", "weights", "created")}
+    keep["heldout_metrics"] = local_rows
+    keep["heldout_metrics_tuned_on"] = f"first {int(n_tune)} training phantoms"
     keep["heldout_metrics_after_bfr"] = results
     keep["evaluate_command"] = (f"python -m qmri_labels.workflows.qsm evaluate-model --model {path} "
                                 f"--bfr {' '.join(bfr_methods)}")
