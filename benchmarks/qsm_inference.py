@@ -5,10 +5,12 @@ Each case runs in a fresh Python process so that its peak memory is its own:
 * ``phantom``  -- :func:`qmri_labels.data.phantoms.make_phantom` of a ``size``^3 volume plus
                   its field (:func:`forward_field`).
 * ``tkd``      -- :func:`qmri_labels.fitting.qsm_inversion.tkd` of a ``size``^3 field.
-* ``unet``     -- whole-volume inference of the ``graf`` U-Net with 16 initial channels
-                  (the shipped ``models/qsm_graf16`` bundle when present, otherwise a randomly
-                  initialised network of the same architecture) through
-                  :meth:`QSMEstimator.predict`, which includes the TKD input channel.
+* ``tv``       -- :func:`qmri_labels.fitting.qsm_inversion.tv` of a ``size``^3 masked field.
+* ``unet``     -- whole-volume inference of the shipped U-Net
+                  (``models/qsm_unet_field-tv_residual_lrelu16``: ``graf`` preset, 16 initial
+                  channels, inputs field + TV; a randomly initialised network of the same
+                  architecture if the bundle is absent) through :meth:`QSMEstimator.predict`,
+                  which includes computing its TV input channel.
 
 Peak memory is the process's maximum resident set size minus the resident size before the
 case (CPU), or ``torch.cuda.max_memory_allocated`` (GPU). Targets from the issue: U-Net
@@ -56,17 +58,17 @@ def run_case(case: str, size: int, device: str, repeats: int, threads: int | Non
     if threads:
         torch.set_num_threads(threads)
     from qmri_labels.data.phantoms import make_phantom
-    from qmri_labels.fitting.qsm_inversion import tkd
+    from qmri_labels.fitting.qsm_inversion import tkd, tv
     from qmri_labels.physics.qsm import forward_field
 
     shape = (size, size, size)
     chi, mask = make_phantom(shape, seed=0) if case != "phantom" else (None, None)
-    field = forward_field(chi) if case != "phantom" else None
+    field = forward_field(chi) * mask if case != "phantom" else None  # a masked local field
     est = None
     if case == "unet":
         from qmri_labels.training.qsm import QSMEstimator
 
-        bundle = REPO / "qmri_labels" / "models" / "qsm_graf16"
+        bundle = REPO / "qmri_labels" / "models" / "qsm_unet_field-tv_residual_lrelu16"
         if (bundle / "manifest.json").is_file():
             est = QSMEstimator.load(bundle, device=device)
             source = str(bundle.relative_to(REPO))
@@ -74,7 +76,7 @@ def run_case(case: str, size: int, device: str, repeats: int, threads: int | Non
             from qmri_labels.nets.unet3d import UNet3D, unet3d_preset
             from qmri_labels.training.qsm import QSMNormalisation
 
-            est = QSMEstimator(device=device)
+            est = QSMEstimator(device=device, inputs=("field", "tv"))
             est.network_ = UNet3D(unet3d_preset("graf", in_channels=2)).eval()
             est.normalisation_ = QSMNormalisation(0.03, 0.05)
             est.voxel_size_, est.b0_dir_ = (1.0, 1.0, 1.0), (0.0, 0.0, 1.0)
@@ -89,6 +91,8 @@ def run_case(case: str, size: int, device: str, repeats: int, threads: int | Non
         if case == "phantom":
             c, _ = make_phantom(shape, seed=1)
             return forward_field(c)
+        if case == "tv":
+            return tv(torch.as_tensor(field, device=device), torch.as_tensor(mask, device=device))
         if case == "tkd":
             if cuda:
                 out = tkd(torch.as_tensor(field, device=device), threshold=0.19)
@@ -129,7 +133,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", action="append", help="cpu, cuda (default: cpu, plus cuda if available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--cases", nargs="+", default=["phantom", "tkd", "unet"])
+    parser.add_argument("--cases", nargs="+", default=["phantom", "tkd", "tv", "unet"])
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)

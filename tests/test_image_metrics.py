@@ -73,7 +73,7 @@ def test_psnr(images):
 
 def test_image_metrics_keys_and_errors(images):
     y, mask, _ = images
-    assert set(image_metrics(y, y, mask)) == {"nrmse", "nrmse_demeaned", "ssim", "hfen", "psnr"}
+    assert set(image_metrics(y, y, mask)) == {"nrmse", "nrmse_demeaned", "xsim", "ssim", "hfen", "psnr"}
     with pytest.raises(ValueError, match="shape"):
         nrmse(y[:-1], y)
     with pytest.raises(ValueError, match="mask"):
@@ -82,3 +82,24 @@ def test_image_metrics_keys_and_errors(images):
         nrmse(np.full_like(y, np.nan), y, mask)
     with pytest.raises(ValueError, match="zero"):
         nrmse(y, np.zeros_like(y), mask)
+
+
+def test_nrmse_hfen_xsim_match_the_qsm_ci_scorer():
+    """An independent implementation: the QSM-CI challenge's scorer (qsm-ci, MIT)."""
+    qsm_eval = pytest.importorskip("qsm_ci.qsm_eval")
+    from qmri_labels.analysis.image_metrics import xsim
+    from qmri_labels.data.phantoms import QSMPhantomSpec
+    from qmri_labels.fitting.qsm_inversion import tkd
+
+    data = QSMPhantomSpec(shape=(32, 32, 32), n=1, seed=4, noise_sigma=0.005).generate()
+    chi, mask = data.chi[0].astype(np.float64), data.mask[0]
+    est = tkd(data.field[0], mask=mask).astype(np.float64)  # a masked estimate with streaks
+    assert nrmse_demeaned(est, chi, mask) == pytest.approx(qsm_eval.nrmse_challenge(est, chi, mask)[0], rel=1e-10)
+    assert hfen(est, chi, mask) == pytest.approx(qsm_eval.hfen(est, chi, mask), rel=1e-10)
+    ours = xsim(est, chi, mask)
+    assert ours == pytest.approx(qsm_eval.xsim(est, chi, mask), rel=1e-10)
+    assert 0.0 < ours < 0.99 and xsim(chi, chi, mask) == pytest.approx(1.0)
+    # the QSM constants differ from the SSIM ones: XSIM is not SSIM with another name
+    assert abs(ours - ssim(est, chi, mask)) > 1e-3
+    with pytest.raises(ValueError, match="window"):
+        xsim(est, chi, mask, window=4)

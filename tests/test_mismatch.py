@@ -62,6 +62,59 @@ def test_qsm_resolution_mismatch_tiny(tmp_path):
     assert "nrmse" in cells and cells.groupby("test")["test_fingerprint"].nunique().max() == 1
     assert "NRMSE (%)" in (tmp_path / "qsm" / "report.md").read_text()
     assert (tmp_path / "qsm" / "networks" / "tiny_qsm_1x1x3mm").is_dir()
+    assert {"xsim", "hfen", "ssim"} <= set(cells.columns)
+
+
+def test_qsm_resolution_datasets_differ_only_in_resolution():
+    """Oh et al.'s premise: same phantoms, same masking, same BFR; only the resolution changes."""
+    from qmri_labels.data.registry import generate_qsm, get_definition
+    from qmri_labels.physics.qsm import change_resolution
+
+    fine_def, coarse_def = get_definition("tiny_qsm_1mm"), get_definition("tiny_qsm_1x1x3mm")
+    for split in ("train", "test"):
+        fine_spec, coarse_spec = fine_def.splits[split], coarse_def.splits[split]
+        differing = {k for k in fine_spec if fine_spec[k] != coarse_spec[k]}
+        assert differing == {"truncate_to"}  # same seeds, noise, field kind (masked local), no BFR either way
+    assert fine_def.splits["test"]["field_kind"] == "local" and fine_def.splits["test"]["bfr"] is None
+    fine = generate_qsm(fine_def.splits["test"])
+    coarse = generate_qsm(coarse_def.splits["test"])
+    # both fields are masked local fields: zero outside their own masks
+    for data in (fine, coarse):
+        assert np.all(data.fields[:, 0][~data.mask] == 0) and np.all(data.chi[~data.mask] == 0)
+    # the coarse set IS the fine set, k-space truncated and masked the same way
+    mask = change_resolution(fine.mask.astype(np.float64), (1, 1, 1), (1, 1, 3)) > 0.5
+    np.testing.assert_array_equal(coarse.mask, mask)
+    np.testing.assert_allclose(coarse.chi, change_resolution(fine.chi.astype(np.float64), (1, 1, 1), (1, 1, 3)) * mask,
+                               atol=1e-6)
+    np.testing.assert_allclose(coarse.fields,
+                               change_resolution(fine.fields.astype(np.float64), (1, 1, 1), (1, 1, 3)) * mask[:, None],
+                               atol=1e-6)
+
+
+def test_qsm_bfr_mismatch_by_name_gives_a_4x4_matrix_and_12_tests(tmp_path):
+    from qmri_labels.data.registry import generate_qsm, get_definition
+
+    names = ["tiny_qsm_bfr_vsharp", "tiny_qsm_bfr_lbv", "tiny_qsm_bfr_pdf", "tiny_qsm_bfr_resharp"]
+    # the four datasets hold the same phantoms; only the BFR method differs
+    specs = [get_definition(n).splits["test"] for n in names]
+    assert all({k for k in s if s[k] != specs[0][k]} <= {"bfr"} for s in specs)
+    data = [generate_qsm(s) for s in specs]
+    assert len({d.fingerprint for d in data}) == 4
+    for d in data[1:]:  # same objects: chi agrees wherever both eroded masks hold
+        both = d.mask & data[0].mask
+        np.testing.assert_array_equal(d.chi[both], data[0].chi[both])
+
+    config = yaml.safe_load((studies_dir() / "tiny_mismatch_qsm_bfr.yaml").read_text())
+    config["qsm"].update(max_epochs=1, samples_per_epoch=1, unet={"levels": 2, "init_channels": 2})
+    result = mismatch.run(config, tmp_path / "bfr", quiet=True)
+    matrix = result["matrix"]
+    assert matrix.shape == (4, 4) and np.all(np.isfinite(matrix.to_numpy()))
+    ttests = result["ttests"]
+    assert len(ttests) == 12  # matched network vs each other one, in each of the 4 columns
+    assert all((r.train_a == r.test) or (r.train_b == r.test) for r in ttests.itertuples())
+    # Bonferroni over the 12 comparisons
+    np.testing.assert_allclose(ttests["p_adjusted"], np.minimum(1.0, ttests["p_value"] * 12))
+    assert "XSIM" in (tmp_path / "bfr" / "report.md").read_text()
 
 
 def test_incompatible_protocols_are_skipped_with_a_reason(tmp_path):

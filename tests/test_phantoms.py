@@ -6,6 +6,7 @@ import pytest
 from qmri_labels.data.phantoms import (
     QSMPhantomSet,
     QSMPhantomSpec,
+    make_background,
     make_phantom,
     random_orientations,
 )
@@ -59,6 +60,22 @@ def test_orientations():
     assert np.all(tilt <= 25.0 + 1e-9) and np.all(tilt > 5)
     with pytest.raises(ValueError):
         random_orientations(0)
+    with pytest.raises(ValueError, match="min_angle_deg"):
+        random_orientations(3, 20.0, min_angle_deg=25.0)
+
+
+def test_orientation_tilts_are_uniform_on_the_documented_zone():
+    from scipy import stats
+
+    max_angle = 30.0
+    # default zone: max/2 .. max, uniform by area, i.e. cos(theta) uniform on [cos max, cos max/2]
+    cos_t = random_orientations(2001, max_angle, seed=1)[1:, 2]
+    lo, hi = np.cos(np.radians(max_angle)), np.cos(np.radians(max_angle / 2))
+    assert stats.kstest(cos_t, stats.uniform(lo, hi - lo).cdf).pvalue > 0.01
+    # the whole spherical cap on request: tilts below max/2 appear, cos uniform on [cos max, 1]
+    cos_cap = random_orientations(2001, max_angle, seed=1, min_angle_deg=0.0)[1:, 2]
+    assert stats.kstest(cos_cap, stats.uniform(lo, 1 - lo).cdf).pvalue > 0.01
+    assert np.mean(cos_cap > hi) > 0.2
 
 
 def test_phantom_set_fields_noise_and_roundtrip(tmp_path):
@@ -66,12 +83,11 @@ def test_phantom_set_fields_noise_and_roundtrip(tmp_path):
     data = spec.generate()
     assert data.chi.shape == (2, 16, 16, 16) and data.fields.shape == (2, 3, 16, 16, 16)
     for k, d in enumerate(data.orientations):
-        np.testing.assert_allclose(data.fields[1, k], forward_field(data.chi[1], b0_dir=d), atol=1e-6)
+        # the default field is the local field of the brain sources, inside the mask only
+        np.testing.assert_allclose(data.fields[1, k], forward_field(data.chi[1], b0_dir=d) * data.mask[1], atol=1e-6)
     noisy = spec.replace(noise_sigma=0.01).generate()
-    resid = noisy.fields - data.fields
-    assert resid.std() == pytest.approx(0.01, rel=0.05)
-    masked = spec.replace(mask_field=True).generate()
-    assert np.all(masked.fields[:, :, ~masked.mask[0]][0] == 0)
+    resid = (noisy.fields - data.fields)[:, :, data.mask[0]][0]
+    assert resid.std() == pytest.approx(0.01, rel=0.1)
     assert spec.generate().fingerprint == data.fingerprint != noisy.fingerprint
     path = data.save(tmp_path / "ph.npz")
     back = QSMPhantomSet.load(path)
@@ -98,3 +114,42 @@ def test_spec_validation():
         QSMPhantomSpec(n_orientations=0)
     with pytest.raises(ValueError, match="unknown"):
         QSMPhantomSpec.from_dict({"shape": [8, 8, 8], "bogus": 1})
+
+
+def test_local_field_is_masked_by_default_and_noise_stays_inside_the_mask():
+    spec = QSMPhantomSpec(shape=(24, 24, 24), n=2, noise_sigma=0.01, seed=9)
+    assert spec.field_kind == "local"
+    data = spec.generate()
+    clean = spec.replace(noise_sigma=0.0).generate()
+    m = data.mask[:, None].repeat(data.fields.shape[1], axis=1)
+    assert np.all(data.fields[~m] == 0)  # no field (and no noise) outside the brain
+    resid = (data.fields - clean.fields)[m]
+    assert resid.std() == pytest.approx(0.01, rel=0.05)
+    # the unmasked local field only by explicit choice; there the noise covers the whole grid
+    unmasked = spec.replace(field_kind="local_unmasked").generate()
+    unmasked_clean = spec.replace(field_kind="local_unmasked", noise_sigma=0.0).generate()
+    outside = (unmasked.fields - unmasked_clean.fields)[~m]
+    assert outside.std() == pytest.approx(0.01, rel=0.05)
+    np.testing.assert_array_equal(unmasked.chi, data.chi)
+    with pytest.raises(ValueError, match="field_kind"):
+        QSMPhantomSpec(field_kind="masked")
+
+
+def test_total_field_adds_a_dominant_background_of_the_head():
+    spec = QSMPhantomSpec(shape=(48, 48, 48), n=1, noise_sigma=0.0, seed=2, n_orientations=2)
+    local = spec.generate()
+    total = spec.replace(field_kind="total").generate()
+    np.testing.assert_array_equal(total.chi, local.chi)  # chi is that of the brain sources
+    m = local.mask[0]
+    background = total.fields[0, 0] - local.fields[0, 0]
+    assert np.all(background[~m] == 0)
+    # the background field inside the brain is an order of magnitude above the local one
+    assert background[m].std() > 5 * local.fields[0, 0][m].std()
+    # and it is the field of the head around the brain: skull, air, sinuses
+    bg_chi = make_background(m, seed=0)
+    assert np.all(bg_chi[m] == 0) and (bg_chi == -2.0).any() and (bg_chi == 9.4).any()
+    # sinuses: air inside the head (next to the brain), not only around it
+    from scipy import ndimage
+
+    dist = ndimage.distance_transform_edt(~m)
+    assert np.any((bg_chi == 9.4) & (dist <= 3)) and not np.any((bg_chi == 9.4) & (dist <= 2))

@@ -127,6 +127,26 @@ def test_change_resolution_truncation():
     np.testing.assert_allclose(up, smooth, atol=1e-6)
 
 
+def test_change_resolution_even_target_keeps_the_nyquist_pattern():
+    # cos(pi x / 2) on 12 samples, coarsened to 6 samples of 2 mm, is exactly (-1)^k: the new
+    # Nyquist frequency. Both +-Nyquist bins of the fine spectrum alias onto it; keeping only
+    # one (and then taking .real) would halve its amplitude.
+    x = np.arange(12)
+    vol = np.broadcast_to(np.cos(np.pi * x / 2)[:, None, None], (12, 4, 6)).astype(np.float64)
+    down = change_resolution(vol, (1, 1, 1), (2, 1, 1))
+    assert down.shape == (6, 4, 6)
+    np.testing.assert_allclose(down[:, 0, 0], (-1.0) ** np.arange(6), atol=1e-12)
+    # zero filling from an even size splits the Nyquist bin: a real pattern stays real and
+    # is the band-limited interpolation cos(pi x' / 2)
+    up = change_resolution(down, (2, 1, 1), (1, 1, 1))
+    np.testing.assert_allclose(up, vol, atol=1e-12)
+    # an oblique pattern on an even 3-D grid: truncation commutes with sampling
+    rng = np.random.default_rng(0)
+    coarse = rng.normal(size=(6, 4, 8))
+    fine = change_resolution(coarse, (2, 2, 2), (1, 1, 1))
+    np.testing.assert_allclose(change_resolution(fine, (1, 1, 1), (2, 2, 2)), coarse, atol=1e-12)
+
+
 def test_gradient_kernel():
     g = gradient_kernel_sq((8, 8, 8), (1.0, 2.0, 1.0))
     assert g[0, 0, 0] == 0

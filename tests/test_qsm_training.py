@@ -146,7 +146,7 @@ def test_estimator_bad_input(data):
         _tiny(inputs=("phase",)).fit(train)
     with pytest.raises(ValueError, match="QSMPhantomSet"):
         _tiny().fit(np.zeros((2, 8, 8, 8)))
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(ValueError, match="not fitted"):
         _tiny().predict(np.zeros((8, 8, 8)))
     est = _tiny().fit(train)
     with pytest.raises(ValueError, match="field"):
@@ -181,8 +181,10 @@ def test_label_study_runs_by_name(tmp_path):
     import pandas as pd
 
     table = pd.read_csv(out / "results.csv")
-    assert {"tkd", "tikhonov", "cosmos", "net-gt", "net-mle", "net-self", "net-hybrid-0.5", "net-graf"} <= set(table.method)
-    assert table[["nrmse", "ssim"]].notna().all().all()
+    assert {"tkd", "tikhonov", "tv", "cosmos", "net-gt", "net-mle", "net-self", "net-hybrid-0.5",
+            "net-graf"} <= set(table.method)
+    assert table[["nrmse", "xsim", "hfen", "ssim"]].notna().all().all()
+    assert "input: masked local fields" in (out / "report.md").read_text()
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["fingerprints"]) == {"train", "val", "test"}
     assert yaml.safe_load((out / "config.yaml").read_text())["kind"] == "qsm_labels"
@@ -207,23 +209,73 @@ def test_activation_study_tiny(tmp_path):
         assert (tmp_path / name).is_file()
 
 
-def test_shipped_model_beats_conventional_inversions():
-    from qmri_labels.analysis.image_metrics import nrmse, ssim
-    from qmri_labels.fitting.qsm_inversion import tikhonov, tkd
+def test_shipped_model_is_named_for_what_it_is_and_beats_the_baselines_on_masked_fields():
+    from qmri_labels.analysis.image_metrics import nrmse, xsim
+    from qmri_labels.fitting.qsm_inversion import tikhonov, tkd, tv
     from qmri_labels.paths import models_dir
+    from qmri_labels.workflows.qsm import SHIPPED_MODEL
 
-    bundle = models_dir() / "qsm_graf16"
+    bundle = models_dir() / SHIPPED_MODEL
     if not (bundle / "manifest.json").is_file():
-        pytest.skip("models/qsm_graf16 is not present")
+        pytest.fail(f"shipped model {bundle} is missing")
+    assert not (models_dir() / "qsm_graf16").exists()  # trained on unmasked fields: superseded
     est = QSMEstimator.load(bundle, device="cpu")
-    assert est.network_.config.init_channels == 16 and est.network_.config.levels == 5
     manifest = est.manifest_
-    spec = QSMPhantomSpec.from_dict(manifest["test_spec"]).replace(n=1, seed=123457)
-    assert spec.seed not in (manifest["train_spec"]["seed"], manifest["test_spec"]["seed"])
+    # the name says it: inputs field + TV, residual (on the TV channel), leaky ReLU, 16 channels
+    assert tuple(est.inputs) == ("field", "tv") and est.residual and est.residual_channel_ == 1
+    assert est.network_.config.activation == "leaky_relu" and est.network_.config.init_channels == 16
+    assert manifest["input_kind"] == "local" and manifest["train_spec"]["field_kind"] == "local"
+    rows = {r["method"]: r for r in manifest["heldout_metrics"]}
+    for baseline in ("tkd", "tikhonov", "tv"):
+        assert rows["unet"]["nrmse"] < rows[baseline]["nrmse"], baseline
+        assert rows["unet"]["xsim"] > rows[baseline]["xsim"], baseline
+    # the recorded numbers are real: recompute on the first recorded held-out phantom
+    spec = QSMPhantomSpec.from_dict(manifest["test_spec"]).replace(n=1)
     data = spec.generate()
     chi, mask, field = data.chi[0], data.mask[0], data.field[0]
+    assert np.all(field[~mask] == 0)  # a masked local field
     net = est.predict(field, mask)
-    lam = next(r["lambda"] for r in manifest["heldout_metrics"] if r["method"] == "tikhonov")
-    for baseline in (tkd(field, mask=mask), tikhonov(field, lam=lam, mask=mask)):
-        assert nrmse(net, chi, mask) < nrmse(baseline, chi, mask)
-        assert ssim(net, chi, mask) > ssim(baseline, chi, mask)
+    for name, baseline in (("tkd", tkd(field, mask=mask)),
+                           ("tikhonov", tikhonov(field, lam=rows["tikhonov"]["lambda"], mask=mask))):
+        assert nrmse(net, chi, mask) < nrmse(baseline, chi, mask), name
+        assert xsim(net, chi, mask) > xsim(baseline, chi, mask), name
+    # against tuned TV the margin is small (mean over the 4 held-out phantoms: NRMSE 16.2 vs 16.5 %,
+    # XSIM 0.62 vs 0.56); on this phantom TV wins both (NRMSE 11.3 vs 13.2 %, XSIM 0.568 vs 0.548)
+    chi_tv = tv(field, mask, lam=rows["tv"]["lambda"])
+    assert xsim(net, chi, mask) > xsim(chi_tv, chi, mask) - 0.05
+    assert nrmse(net, chi, mask) < 1.25 * nrmse(chi_tv, chi, mask)
+
+
+def test_qsm_estimator_follows_the_estimator_contract():
+    inputs = ["field", "tv"]
+    est = QSMEstimator(unet=None, inputs=inputs, residual=1, warm_start=0)
+    params = est.get_params(deep=True)
+    # __init__ stores its arguments unchanged (scikit-learn's clone relies on it)
+    assert params["inputs"] is inputs and params["unet"] is None and params["residual"] == 1
+    assert params == est.get_params(deep=False)
+    try:
+        from sklearn.base import clone
+    except ImportError:  # pragma: no cover - scikit-learn is optional
+        clone = None
+    if clone is not None:
+        twin = clone(est)
+        assert twin.get_params()["inputs"] == inputs and not hasattr(twin, "network_")
+    assert est.set_params(tv_lambda=1e-3) is est and est.tv_lambda == 1e-3
+    with pytest.raises(ValueError, match="invalid parameter 'tv_lamda'"):
+        est.set_params(tv_lamda=1.0)
+    with pytest.raises(ValueError, match="not fitted yet"):
+        est.manifest()
+
+
+def test_check_input_kind_refuses_a_mismatched_network():
+    from qmri_labels.training.qsm import check_input_kind
+
+    assert check_input_kind({"input_kind": "local"}, "local") == "local"
+    with pytest.raises(ValueError, match="trained on 'local_unmasked' fields but is given 'local'"):
+        check_input_kind({}, "local")  # an old bundle without the record: unmasked fields
+    with pytest.raises(ValueError, match="trained on 'local' fields but is given 'bfr:vsharp'"):
+        check_input_kind({"input_kind": "local"}, "bfr:vsharp")
+    assert check_input_kind({"input_kind": "local"}, "bfr:vsharp", force=True) == "local"
+    assert check_input_kind({"input_kind": "bfr:pdf"}, "bfr:pdf") == "bfr:pdf"
+    with pytest.raises(ValueError, match="given_kind 'masked'"):
+        check_input_kind({"input_kind": "local"}, "masked")

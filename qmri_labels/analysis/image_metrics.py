@@ -15,8 +15,13 @@ reference, and ``mask`` (optional, default: every voxel) selects the voxels that
   ``L = max(y) - min(y)`` over the mask unless given; both images are set to zero outside the
   mask before filtering, and the SSIM map is averaged over the mask.
 * :func:`hfen` -- high-frequency error norm ``100 ||LoG(x) - LoG(y)|| / ||LoG(y)||`` with the
-  Laplacian of Gaussian (sigma 1.5 voxels, ``scipy.ndimage.gaussian_laplace``) applied to the
-  mask-zeroed images, norms over the mask.
+  Laplacian of Gaussian (sigma 1.5 voxels, truncated at 5 sigma as in the QSM-CI scorer,
+  ``scipy.ndimage.gaussian_laplace``) applied to the mask-zeroed images, norms over the mask.
+* :func:`xsim` -- the structural similarity that the QSM reconstruction challenge 2.0
+  (Marques et al., 2021) defined for susceptibility maps: no rescaling of the maps (they stay
+  in ppm), ``L = 1`` ppm, ``K1 = 0.01``, ``K2 = 0.001`` (so ``C1 = 1e-4``, ``C2 = 1e-6``; the
+  small K2 makes streaking artefacts count), a uniform 5x5x5 window truncated at the volume
+  edge, averaged over the mask. Identical to the QSM-CI scorer's ``xsim`` (checked in the tests).
 * :func:`psnr` -- ``20 log10(L / RMSE)`` in dB with ``RMSE = sqrt(mean((x - y)^2))`` over the
   mask and ``L = max(y) - min(y)`` over the mask unless given.
 """
@@ -26,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["nrmse", "nrmse_demeaned", "ssim", "hfen", "psnr", "image_metrics"]
+__all__ = ["nrmse", "nrmse_demeaned", "ssim", "xsim", "hfen", "psnr", "image_metrics"]
 
 
 def _prepare(x, y, mask):
@@ -103,12 +108,43 @@ def ssim(x, y, mask=None, *, data_range: float | None = None, sigma: float = 1.5
     return float(smap[m].mean())
 
 
-def hfen(x, y, mask=None, *, sigma: float = 1.5) -> float:
-    """High-frequency error norm (%): ``100 ||LoG(x) - LoG(y)|| / ||LoG(y)||`` over the mask,
-    LoG with standard deviation ``sigma`` voxels applied to the mask-zeroed images."""
+def xsim(x, y, mask=None, *, window: int = 5, data_range: float = 1.0, k1: float = 0.01, k2: float = 0.001) -> float:
+    """XSIM, the QSM challenge 2.0 structural similarity of susceptibility maps (ppm).
+
+    ``XSIM = mean over the mask of (2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 +
+    s_y^2 + C2))`` with local statistics over a uniform ``window``^3 cube (default 5; at the volume
+    edge only the voxels inside count), ``C1 = (k1 L)^2``, ``C2 = (k2 L)^2``, ``L = data_range``
+    (default 1 ppm; the maps are not rescaled), ``k1 = 0.01``, ``k2 = 0.001``. The images are
+    used as given (an estimate masked to the brain is zero outside it). 1 means identical.
+    """
     x, y, m = _prepare(x, y, mask)
-    lx = ndimage.gaussian_laplace(np.where(m, x, 0.0), sigma=sigma)
-    ly = ndimage.gaussian_laplace(np.where(m, y, 0.0), sigma=sigma)
+    if int(window) < 1 or int(window) % 2 == 0:
+        raise ValueError(f"window must be an odd integer >= 1, got {window}")
+    if not data_range > 0:
+        raise ValueError(f"data_range must be > 0, got {data_range}")
+    k = int(window)
+
+    def local_sum(a):
+        return ndimage.uniform_filter(a, size=k, mode="constant", cval=0.0) * k**3
+
+    count = local_sum(np.ones_like(y))
+    mu_x, mu_y = local_sum(x) / count, local_sum(y) / count
+    sxx = local_sum(x * x) / count - mu_x**2
+    syy = local_sum(y * y) / count - mu_y**2
+    sxy = local_sum(x * y) / count - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    num = (2 * mu_x * mu_y + c1) * (2 * sxy + c2)
+    den = (mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2)
+    return float(np.mean(num[m] / den[m]))
+
+
+def hfen(x, y, mask=None, *, sigma: float = 1.5, truncate: float = 5.0) -> float:
+    """High-frequency error norm (%): ``100 ||LoG(x) - LoG(y)|| / ||LoG(y)||`` over the mask,
+    LoG with standard deviation ``sigma`` voxels (truncated at ``truncate`` sigma) applied to
+    the mask-zeroed images."""
+    x, y, m = _prepare(x, y, mask)
+    lx = ndimage.gaussian_laplace(np.where(m, x, 0.0), sigma=sigma, truncate=truncate)
+    ly = ndimage.gaussian_laplace(np.where(m, y, 0.0), sigma=sigma, truncate=truncate)
     ref = np.linalg.norm(ly[m])
     if ref == 0:
         raise ValueError("LoG of the reference is zero inside the mask; HFEN is undefined")
@@ -127,10 +163,11 @@ def psnr(x, y, mask=None, *, data_range: float | None = None) -> float:
 
 
 def image_metrics(x, y, mask=None) -> dict[str, float]:
-    """All metrics in one dict: ``nrmse``, ``nrmse_demeaned``, ``ssim``, ``hfen``, ``psnr``."""
+    """All metrics in one dict: ``nrmse``, ``nrmse_demeaned``, ``xsim``, ``ssim``, ``hfen``, ``psnr``."""
     return {
         "nrmse": nrmse(x, y, mask),
         "nrmse_demeaned": nrmse_demeaned(x, y, mask),
+        "xsim": xsim(x, y, mask),
         "ssim": ssim(x, y, mask),
         "hfen": hfen(x, y, mask),
         "psnr": psnr(x, y, mask),

@@ -16,10 +16,22 @@ distance (exact in the limit ``R >> s``). Each shape is evaluated only inside it
 Randomness comes only from NumPy's PCG64 generator seeded by the caller, so the same seed
 gives the same phantom on every machine.
 
-:class:`QSMPhantomSpec` describes a set of phantoms with their noisy local fields (one field
-per B0 orientation; several orientations make COSMOS labels possible, see
-:func:`qmri_labels.fitting.qsm_inversion.cosmos`); :meth:`QSMPhantomSpec.generate` returns a
-:class:`QSMPhantomSet` with a SHA-256 fingerprint.
+A head, not a box of shapes (:func:`make_background`): the phantom's support is the *brain
+mask*; around it lie a skull-like shell (``skull_chi``, -2 ppm relative to brain tissue, like
+cortical bone), a thin soft-tissue scalp (0 ppm), air outside the head (``air_chi``, +9.4 ppm:
+air minus water) and a few sinus-like air pockets just outside the brain. The *total* field
+is the dipole convolution of everything (brain sources plus background); the *local* field is
+the field of the brain sources alone, restricted to the brain mask -- what a field map holds
+after background-field removal (:mod:`qmri_labels.fitting.bfr`). Inside the brain the
+background field is 10-100x larger than the local field, as in a real head.
+
+:class:`QSMPhantomSpec` describes a set of phantoms with their noisy fields (one field per B0
+orientation; several orientations make COSMOS labels possible, see
+:func:`qmri_labels.fitting.qsm_inversion.cosmos`); ``field_kind`` chooses which field the set holds:
+``"local"`` (the default everywhere: the local field, zero outside the mask), ``"total"``
+(total field inside the mask, for background-field removal) or ``"local_unmasked"`` (the local
+field on the whole grid, as in Graf et al.; only by explicit choice, never a default).
+:meth:`QSMPhantomSpec.generate` returns a :class:`QSMPhantomSet` with a SHA-256 fingerprint.
 """
 
 from __future__ import annotations
@@ -38,11 +50,17 @@ from qmri_labels.fileio import atomic_write_bytes, read_verified_npz
 from qmri_labels.physics.qsm import forward_field, normalize_direction
 
 __all__ = [
+    "FIELD_KINDS",
     "make_phantom",
+    "make_background",
     "random_orientations",
     "QSMPhantomSpec",
     "QSMPhantomSet",
 ]
+
+
+#: what a phantom set's ``fields`` hold (:attr:`QSMPhantomSpec.field_kind`)
+FIELD_KINDS = ("local", "total", "local_unmasked")
 
 
 def _rng(seed_or_rng) -> np.random.Generator:
@@ -194,31 +212,94 @@ def make_phantom(
     return chi, mask
 
 
-def random_orientations(n: int, max_angle_deg: float = 30.0, seed=0) -> np.ndarray:
+def random_orientations(n: int, max_angle_deg: float = 30.0, seed=0, *, min_angle_deg: float | None = None) -> np.ndarray:
     """``n`` unit B0 directions: the first is ``(0, 0, 1)``, the others are random tilts.
 
-    Tilts are drawn uniformly on the spherical cap within ``max_angle_deg`` of z with an
-    azimuth spread evenly around the cap (plus jitter) so that the directions are diverse,
-    as in head rotations of a multi-orientation (COSMOS) acquisition.
+    Each tilt is drawn uniformly (by area) on the spherical zone between ``min_angle_deg``
+    (default ``max_angle_deg / 2``, so that every extra orientation adds information for
+    COSMOS; 0 gives the whole spherical cap) and ``max_angle_deg`` from z: ``cos(theta)`` is
+    uniform on ``[cos(max), cos(min)]``. The azimuths are spread evenly around z (plus a
+    jitter of +-0.3 rad) so that the directions are diverse, as in head rotations of a
+    multi-orientation (COSMOS) acquisition.
     """
     if n < 1:
         raise ValueError(f"number of orientations must be >= 1, got {n}")
     if not (0 < max_angle_deg <= 90):
         raise ValueError(f"max_angle_deg must be in (0, 90], got {max_angle_deg}")
+    min_angle = 0.5 * max_angle_deg if min_angle_deg is None else float(min_angle_deg)
+    if not (0 <= min_angle <= max_angle_deg):
+        raise ValueError(f"min_angle_deg must be in [0, max_angle_deg={max_angle_deg}], got {min_angle_deg}")
     rng = _rng(seed)
+    cos_max, cos_min = np.cos(np.deg2rad(max_angle_deg)), np.cos(np.deg2rad(min_angle))
     dirs = [np.array([0.0, 0.0, 1.0])]
     for i in range(1, n):
-        cos_max = np.cos(np.deg2rad(max_angle_deg))
-        cos_t = rng.uniform(cos_max, np.cos(np.deg2rad(max_angle_deg) * 0.5))
+        cos_t = rng.uniform(cos_max, cos_min)
         theta = np.arccos(cos_t)
         phi = 2 * np.pi * (i - 1) / max(n - 1, 1) + rng.uniform(-0.3, 0.3)
         dirs.append(np.array([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)]))
     return np.stack(dirs).astype(np.float64)
 
 
+def make_background(
+    mask: np.ndarray,
+    *,
+    skull_chi: float = -2.0,
+    air_chi: float = 9.4,
+    skull_thickness: float | None = None,
+    scalp_thickness: float | None = None,
+    n_sinuses: int = 2,
+    seed: int | np.random.Generator | None = 0,
+) -> np.ndarray:
+    """Susceptibility (ppm, relative to brain tissue) of everything outside a brain mask.
+
+    Voxels at distance ``d`` (voxels) from the brain: ``0 < d <= 1``: cerebrospinal fluid
+    (0 ppm); ``1 < d <= 1 + skull_thickness``: skull (``skull_chi``); up to ``+
+    scalp_thickness``: scalp (0 ppm); beyond: air (``air_chi``). ``n_sinuses`` air-filled
+    ellipsoids (``air_chi``) sit below and in front of the brain centre, reaching into the head
+    up to two voxels from the brain (a bony wall between them, as in a real head), like the frontal and sphenoid sinuses that make the strongest
+    background fields of a real head. Thicknesses default to 5 % and 3 % of the smallest grid
+    side (at least one voxel).
+
+    Returns
+    -------
+    ndarray float32, the shape of ``mask``; zero inside the mask.
+    """
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 3 or not mask.any():
+        raise ValueError(f"mask must be a non-empty 3-D boolean array, got shape {mask.shape}")
+    if n_sinuses < 0:
+        raise ValueError(f"n_sinuses must be >= 0, got {n_sinuses}")
+    rng = _rng(seed)
+    n_min = min(mask.shape)
+    skull = max(1.0, 0.05 * n_min) if skull_thickness is None else float(skull_thickness)
+    scalp = max(1.0, 0.03 * n_min) if scalp_thickness is None else float(scalp_thickness)
+    if skull < 0 or scalp < 0:
+        raise ValueError("skull_thickness and scalp_thickness must be >= 0 voxels")
+    dist = ndimage.distance_transform_edt(~mask)
+    chi = np.zeros(mask.shape, dtype=np.float32)
+    chi[(dist > 1) & (dist <= 1 + skull)] = skull_chi
+    chi[dist > 1 + skull + scalp] = air_chi
+    coords = np.argwhere(mask)
+    centre = coords.mean(axis=0)
+    extent = coords.max(axis=0) - coords.min(axis=0) + 1
+    idx = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in mask.shape], indexing="ij", sparse=True)
+    for _ in range(int(n_sinuses)):
+        # below (-z) and in front (+y) of the centre, at the brain's edge
+        direction = np.array([rng.uniform(-0.4, 0.4), rng.uniform(0.3, 0.9), -rng.uniform(0.5, 1.0)])
+        direction /= np.linalg.norm(direction)
+        semi = rng.uniform(0.08, 0.16, size=3) * extent
+        c = centre + direction * 0.5 * extent
+        q = sum(((idx[j] - np.float32(c[j])) / np.float32(semi[j])) ** 2 for j in range(3))
+        chi[(q <= 1.0) & (dist > 2)] = air_chi
+    chi[mask] = 0.0
+    return chi
+
+
 @dataclass(frozen=True)
 class QSMPhantomSpec:
-    """Recipe of a set of synthetic QSM phantoms with noisy local fields.
+    """Recipe of a set of synthetic QSM head phantoms with noisy fields.
 
     Attributes
     ----------
@@ -231,7 +312,9 @@ class QSMPhantomSpec:
     sigma_chi : float
         Standard deviation of the shape susceptibilities (ppm).
     noise_sigma : float
-        Standard deviation of the Gaussian noise added to each field (ppm), inside the mask.
+        Standard deviation of the Gaussian noise added to each field (ppm): inside the mask
+        for ``field_kind="local"`` and ``"total"`` (outside it the field is zero), on the whole
+        grid for ``"local_unmasked"``.
     n_orientations : int
         Number of B0 orientations (1: no COSMOS label possible).
     max_angle_deg : float
@@ -249,11 +332,20 @@ class QSMPhantomSpec:
         setting: the field is the circular k-space convolution on the grid (the zero border
         around the support keeps wrap-around small), which is exactly the forward model that
         the inversions and the self-supervised loss use.
-    mask_field : bool
-        If True the fields are set to zero outside the mask (a local field map after
-        background removal). The default False gives the field on the whole grid, as in
-        Graf et al.: chi is zero outside the mask anyway, so nothing is hidden from the
-        inversion and COSMOS without noise is exact up to the mean.
+    field_kind : {"local", "total", "local_unmasked"}
+        Which field the set holds (see the module docstring). ``"local"`` (default) is the
+        local field of the brain sources, zero outside the mask; ``"total"`` adds the
+        background field of skull, air and sinuses (zero outside the mask too, for
+        background-field removal); ``"local_unmasked"`` is the local field on the whole grid
+        (Graf et al.'s setting; a network trained on it has seen field outside the mask that
+        no real local field map has).
+    mask_extent : (float, float)
+        Range of the brain ellipsoids' semi-axes as a fraction of half the grid (leaves room
+        for skull, scalp and air).
+    skull_chi, air_chi : float
+        Background susceptibilities (ppm relative to brain tissue) of :func:`make_background`.
+    n_sinuses : int
+        Sinus-like air pockets per head.
     """
 
     shape: tuple[int, int, int] = (64, 64, 64)
@@ -269,12 +361,21 @@ class QSMPhantomSpec:
     n_spheres: int | None = None
     n_boxes: int | None = None
     pad: int = 0
-    mask_field: bool = False
+    field_kind: str = "local"
+    mask_extent: tuple[float, float] = (0.5, 0.7)
+    skull_chi: float = -2.0
+    air_chi: float = 9.4
+    n_sinuses: int = 2
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         object.__setattr__(self, "voxel_size", tuple(float(v) for v in self.voxel_size))
         object.__setattr__(self, "size_range", tuple(float(v) for v in self.size_range))
+        object.__setattr__(self, "mask_extent", tuple(float(v) for v in self.mask_extent))
+        if self.field_kind not in FIELD_KINDS:
+            raise ValueError(f"field_kind must be one of {FIELD_KINDS}, got {self.field_kind!r}")
+        if int(self.n_sinuses) < 0:
+            raise ValueError(f"n_sinuses must be >= 0, got {self.n_sinuses}")
         if len(self.shape) != 3 or any(s < 4 for s in self.shape):
             raise ValueError(f"shape must be three integers >= 4, got {self.shape!r}")
         if int(self.n) < 1:
@@ -291,6 +392,7 @@ class QSMPhantomSpec:
         d["shape"] = list(self.shape)
         d["voxel_size"] = list(self.voxel_size)
         d["size_range"] = list(self.size_range)
+        d["mask_extent"] = list(self.mask_extent)
         return d
 
     @classmethod
@@ -308,13 +410,14 @@ class QSMPhantomSpec:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     def generate(self) -> "QSMPhantomSet":
-        """Draw the phantoms, their fields in every orientation, and the noise."""
+        """Draw the heads, their fields in every orientation, and the noise."""
         root = np.random.SeedSequence(int(self.seed))
         phantom_seq, orient_seq, noise_seq = root.spawn(3)
         orientations = random_orientations(int(self.n_orientations), self.max_angle_deg, seed=_rng(orient_seq))
         noise_rng = _rng(noise_seq)
         chis, masks, fields = [], [], []
         for child in phantom_seq.spawn(int(self.n)):
+            rng = _rng(child)
             chi, mask = make_phantom(
                 self.shape,
                 n_spheres=self.n_spheres,
@@ -322,15 +425,20 @@ class QSMPhantomSpec:
                 sigma=self.sigma_chi,
                 size_range=self.size_range,
                 smoothing=self.smoothing,
-                seed=_rng(child),
+                mask_extent=self.mask_extent,
+                seed=rng,
             )
+            source = chi
+            if self.field_kind == "total":
+                source = chi + make_background(mask, skull_chi=self.skull_chi, air_chi=self.air_chi,
+                                               n_sinuses=int(self.n_sinuses), seed=rng)
             per_orient = np.stack(
-                [forward_field(chi, self.voxel_size, d, pad=self.pad) for d in orientations]
+                [forward_field(source, self.voxel_size, d, pad=self.pad) for d in orientations]
             ).astype(np.float32)
             if self.noise_sigma > 0:
                 noise = noise_rng.normal(0.0, self.noise_sigma, size=per_orient.shape).astype(np.float32)
                 per_orient = per_orient + noise
-            if self.mask_field:
+            if self.field_kind != "local_unmasked":
                 per_orient *= mask
             chis.append(chi)
             masks.append(mask)
@@ -346,7 +454,7 @@ class QSMPhantomSpec:
 
 @dataclass
 class QSMPhantomSet:
-    """Phantoms, masks and noisy local fields.
+    """Phantoms (chi of the brain sources), brain masks and noisy fields.
 
     Attributes
     ----------
@@ -355,8 +463,8 @@ class QSMPhantomSet:
         True susceptibility (ppm).
     mask : ndarray bool, (N, X, Y, Z)
     fields : ndarray float32, (N, K, X, Y, Z)
-        Noisy local fields (ppm) for each of the K orientations (zero outside the mask if
-        ``spec.mask_field``).
+        Noisy fields (ppm) for each of the K orientations, of the kind ``spec.field_kind``
+        (local by default; zero outside the mask unless ``"local_unmasked"``).
     orientations : ndarray float64, (K, 3)
         Unit B0 directions; the first is the reference orientation ``(0, 0, 1)``.
     """

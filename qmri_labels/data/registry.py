@@ -100,8 +100,11 @@ def _canonical_prior(model: str, prior: Any) -> dict:
 
 #: a QSM split: the fields of :class:`qmri_labels.data.phantoms.QSMPhantomSpec` (phantoms,
 #: fields and noise at ``voxel_size``) plus ``truncate_to``, the voxel size after k-space
-#: truncation (``None``: keep the phantom resolution)
-QSM_EXTRA_FIELDS = ("truncate_to",)
+#: truncation (``None``: keep the phantom resolution), and ``bfr``, a background-field removal
+#: method of :mod:`qmri_labels.fitting.bfr` applied (after any truncation) to a total field
+#: (``field_kind: total``), which gives local fields on the method's eroded mask: a method name
+#: or ``{method: NAME, option: value, ...}`` (resolved with every default option written out)
+QSM_EXTRA_FIELDS = ("truncate_to", "bfr")
 
 
 @dataclass(frozen=True)
@@ -169,10 +172,26 @@ def _resolve_split(kind: str, spec: dict, where: str) -> dict:
         raise ValueError(f"{where}: QSM datasets need qmri_labels.data.phantoms: {exc}") from exc
     spec = dict(spec)
     truncate_to = spec.pop("truncate_to", None)
+    bfr = spec.pop("bfr", None)
     try:
         phantom = QSMPhantomSpec.from_dict(spec).to_dict()
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: {exc}") from exc
+    if bfr is not None:
+        from qmri_labels.fitting.bfr import BFR_METHODS, DEFAULTS as BFR_DEFAULTS
+
+        bfr = {"method": bfr} if isinstance(bfr, str) else dict(bfr)
+        method = bfr.get("method")
+        if method not in BFR_METHODS:
+            raise ValueError(f"{where}: unknown bfr method {method!r}; known: {sorted(BFR_METHODS)}")
+        unknown = set(bfr) - {"method"} - set(BFR_DEFAULTS[method])
+        if unknown:
+            raise ValueError(f"{where}: unknown bfr option(s) {sorted(unknown)} for {method!r}; "
+                             f"known: {sorted(BFR_DEFAULTS[method])}")
+        bfr = {"method": method, **{k: bfr.get(k, v) for k, v in BFR_DEFAULTS[method].items()}}
+        if phantom["field_kind"] != "total":
+            raise ValueError(f"{where}: bfr {bfr!r} needs field_kind: total (got {phantom['field_kind']!r})")
+    phantom["bfr"] = bfr
     if truncate_to is not None:
         truncate_to = [float(v) for v in truncate_to]
         if len(truncate_to) != 3:
@@ -297,7 +316,7 @@ def _generator_code_hash(kind: str) -> str:
     modules = ["qmri_labels.data.datasets", "qmri_labels.data.priors", "qmri_labels.physics.noise",
                "qmri_labels.physics.ivim", "qmri_labels.physics.monoexp"]
     if kind == "qsm":
-        modules = ["qmri_labels.physics.qsm", "qmri_labels.data.phantoms", __name__]
+        modules = ["qmri_labels.physics.qsm", "qmri_labels.data.phantoms", "qmri_labels.fitting.bfr", __name__]
     h = hashlib.sha256()
     for module in modules:
         spec = importlib.util.find_spec(module)
@@ -428,7 +447,7 @@ class QSMDataset:
         """
         from qmri_labels.data.phantoms import QSMPhantomSet, QSMPhantomSpec
 
-        fields = {k: v for k, v in self.spec.items() if k != "truncate_to"}
+        fields = {k: v for k, v in self.spec.items() if k not in QSM_EXTRA_FIELDS}
         fields.update(shape=list(self.chi.shape[1:]), voxel_size=list(self.voxel_size))
         return QSMPhantomSet(spec=QSMPhantomSpec.from_dict(fields), chi=self.chi, mask=self.mask, fields=self.fields,
                              orientations=self.orientations, fingerprint=self.fingerprint)
@@ -453,30 +472,44 @@ class QSMDataset:
 
 
 def generate_qsm(spec: dict) -> QSMDataset:
-    """Generate a QSM split: phantoms and noisy fields at ``voxel_size``, then k-space truncation.
+    """Generate a QSM split: phantoms and noisy fields at ``voxel_size``, then k-space truncation,
+    then background-field removal.
 
     The phantoms, their fields (every orientation) and the noise are drawn by
-    :meth:`QSMPhantomSpec.generate` at the phantom resolution. With ``truncate_to`` set, chi,
-    the fields and the mask (thresholded at 0.5) are coarsened by k-space truncation
-    (:func:`qmri_labels.physics.qsm.change_resolution`), as Oh et al. (2021) made their
-    1x1x3 mm data from 1x1x1 mm acquisitions: the two resolutions of one seed hold the same
-    objects. The dipole kernel at the coarse voxel size equals the fine one at every kept
-    frequency (the field of view is unchanged), so the truncated field is the field of the
-    truncated chi, up to the noise and the padding of the fine computation.
+    :meth:`QSMPhantomSpec.generate` at the phantom resolution; the fields are masked (local by
+    default). With ``truncate_to`` set, chi, the fields and the mask (thresholded at 0.5) are
+    coarsened by k-space truncation (:func:`qmri_labels.physics.qsm.change_resolution`), as Oh
+    et al. (2021) made their 1x1x3 mm data from 1x1x1 mm acquisitions, and chi and the fields
+    are masked again by the coarse mask: the two resolutions of one seed hold the same objects
+    with the same masking, and differ only in resolution. With ``bfr`` set (a total field), the
+    background is removed by that method at the final resolution; fields and chi are then
+    restricted to the method's eroded mask, which becomes the dataset's mask.
     """
     from qmri_labels.data.phantoms import QSMPhantomSpec
     from qmri_labels.physics.qsm import change_resolution
 
     spec = dict(spec)
     truncate_to = spec.pop("truncate_to", None)
+    bfr = spec.pop("bfr", None)
     base = QSMPhantomSpec.from_dict(spec).generate()
     chi, mask, fields = base.chi, base.mask, base.fields
+    voxel_size = spec.get("voxel_size", [1.0, 1.0, 1.0])
     if truncate_to is not None:
-        old = spec["voxel_size"]
-        mask = change_resolution(mask.astype(np.float64), old, truncate_to) > 0.5
-        chi = change_resolution(chi.astype(np.float64), old, truncate_to) * mask
-        fields = change_resolution(fields.astype(np.float64), old, truncate_to) * mask[:, None]
-    return QSMDataset({**spec, "truncate_to": truncate_to}, np.ascontiguousarray(chi, dtype=np.float32),
+        mask = change_resolution(mask.astype(np.float64), voxel_size, truncate_to) > 0.5
+        chi = change_resolution(chi.astype(np.float64), voxel_size, truncate_to) * mask
+        fields = change_resolution(fields.astype(np.float64), voxel_size, truncate_to)
+        if base.spec.field_kind != "local_unmasked":
+            fields = fields * mask[:, None]
+        voxel_size = truncate_to
+    if bfr is not None:
+        # the one place where data generation calls a fitting step (architecture.md says so)
+        from qmri_labels.fitting.bfr import remove_background_per_orientation
+
+        options = {k: v for k, v in bfr.items() if k != "method"}
+        fields, mask = remove_background_per_orientation(bfr["method"], fields, mask, voxel_size, base.orientations,
+                                                         **options)
+        chi = chi * mask
+    return QSMDataset({**spec, "truncate_to": truncate_to, "bfr": bfr}, np.ascontiguousarray(chi, dtype=np.float32),
                       np.ascontiguousarray(mask, dtype=bool), np.ascontiguousarray(fields, dtype=np.float32),
                       np.asarray(base.orientations, dtype=np.float64))
 

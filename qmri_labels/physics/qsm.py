@@ -246,6 +246,38 @@ def forward_field(
     return out if was_tensor else out.cpu().numpy()
 
 
+def _resample_axis(t: torch.Tensor, dim: int, n_new: int) -> torch.Tensor:
+    """Band-limited resampling of a (complex) spectrum-domain axis ``dim`` to ``n_new`` samples.
+
+    Works on the unshifted spectrum along ``dim``. Frequencies ``|n| < min(N, n_new)/2`` are
+    copied. The Nyquist bin is handled symmetrically: truncating to an even ``n_new`` puts
+    ``S[+n_new/2] + S[-n_new/2]`` into the new Nyquist bin (both frequencies alias to the same
+    samples ``(-1)^x`` on the coarse grid, so this is what sampling the band-limited image
+    gives), and zero-filling from an even ``N`` splits the old Nyquist bin in halves over
+    ``+-N/2`` (a real image stays real).
+    """
+    n_old = t.shape[dim]
+    if n_new == n_old:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n_new
+    out = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    n = min(n_old, n_new)
+    half = (n - 1) // 2  # strictly positive frequencies kept on both sides of 0
+    out.narrow(dim, 0, half + 1).copy_(t.narrow(dim, 0, half + 1))
+    if half:
+        out.narrow(dim, n_new - half, half).copy_(t.narrow(dim, n_old - half, half))
+    if n % 2 == 0:
+        nyq = n // 2
+        if n_new < n_old:  # truncation to an even size: the new Nyquist bin gets both old bins
+            out.narrow(dim, nyq, 1).copy_(t.narrow(dim, nyq, 1) + t.narrow(dim, n_old - nyq, 1))
+        else:  # zero filling from an even size: split the old Nyquist bin over +-N/2
+            old_nyq = t.narrow(dim, nyq, 1)
+            out.narrow(dim, nyq, 1).copy_(0.5 * old_nyq)
+            out.narrow(dim, n_new - nyq, 1).copy_(0.5 * old_nyq)
+    return out
+
+
 def change_resolution(
     volume: np.ndarray | torch.Tensor,
     voxel_size: Sequence[float],
@@ -253,11 +285,13 @@ def change_resolution(
 ) -> np.ndarray | torch.Tensor:
     """Resample ``(..., X, Y, Z)`` to ``new_voxel_size`` by k-space truncation (or zero filling).
 
-    The central part of the centred spectrum is kept (larger voxels) or the spectrum is
+    The low frequencies of the spectrum are kept (larger voxels) or the spectrum is
     zero-filled (smaller voxels); the new size along axis i is
-    ``round(N_i * voxel_size_i / new_voxel_size_i)``. Intensities are preserved (a constant
-    image stays the same constant). This is how Oh et al. (2021) make 1x1x3 mm data from
-    1x1x1 mm data: ``change_resolution(x, (1, 1, 1), (1, 1, 3))``.
+    ``round(N_i * voxel_size_i / new_voxel_size_i)``. The Nyquist bin of an even size is
+    handled symmetrically (see :func:`_resample_axis`), so a real image gives a real image and
+    a pattern at the new Nyquist frequency keeps its amplitude. Intensities are preserved (a
+    constant image stays the same constant). This is how Oh et al. (2021) make 1x1x3 mm data
+    from 1x1x1 mm data: ``change_resolution(x, (1, 1, 1), (1, 1, 3))``.
     """
     t, was_tensor = _to_tensor(volume, "volume")
     _check_volume(t, "volume")
@@ -265,19 +299,11 @@ def change_resolution(
     v_new = _check_voxel_size(new_voxel_size)
     old_shape = tuple(t.shape[-3:])
     new_shape = tuple(max(1, int(round(n * a / b))) for n, a, b in zip(old_shape, v_old, v_new))
-    spectrum = torch.fft.fftshift(torch.fft.fftn(t, dim=(-3, -2, -1)), dim=(-3, -2, -1))
-    out = torch.zeros(t.shape[:-3] + new_shape, dtype=spectrum.dtype, device=t.device)
-    src, dst = [], []
-    for n_old, n_new in zip(old_shape, new_shape):
-        n = min(n_old, n_new)
-        # the zero frequency of a centred spectrum sits at index N // 2
-        s0 = n_old // 2 - n // 2
-        d0 = n_new // 2 - n // 2
-        src.append(slice(s0, s0 + n))
-        dst.append(slice(d0, d0 + n))
-    out[(..., *dst)] = spectrum[(..., *src)]
+    spectrum = torch.fft.fftn(t, dim=(-3, -2, -1))
+    for axis, n_new in zip((-3, -2, -1), new_shape):
+        spectrum = _resample_axis(spectrum, t.ndim + axis, n_new)
     scale = float(np.prod(new_shape)) / float(np.prod(old_shape))
-    result = torch.fft.ifftn(torch.fft.ifftshift(out, dim=(-3, -2, -1)), dim=(-3, -2, -1)).real * scale
+    result = torch.fft.ifftn(spectrum, dim=(-3, -2, -1)).real * scale
     result = result.to(t.dtype)
     return result if was_tensor else result.cpu().numpy()
 

@@ -1,0 +1,43 @@
+"""Training 3-D U-Nets for QSM dipole inversion with a choice of training label.
+
+A small subpackage, one job per module:
+
+``loss``       label choices (gt, mle = COSMOS, self, hybrid, graf), :class:`QSMLoss`, the
+               normalisation stored with a network.
+``data``       reproducible random patches of phantom arrays, padding.
+``module``     the thin LightningModule.
+``estimator``  :class:`QSMEstimator` (scikit-learn's contract, model bundles) and
+               :func:`check_input_kind` (refuse a network trained on other inputs).
+
+The best epoch is kept by the IVIM training's
+:class:`qmri_labels.training.module.KeepBestState`. Everything is importable from here, as
+before the split (``from qmri_labels.training.qsm import QSMEstimator``).
+"""
+
+from qmri_labels.training.qsm.data import EpochSampler, QSMPatchDataset, pad_to_multiple
+from qmri_labels.training.qsm.estimator import (
+    INPUT_CHANNELS,
+    INPUT_KINDS,
+    RESIDUAL_CHANNELS,
+    QSMEstimator,
+    check_input_kind,
+)
+from qmri_labels.training.qsm.loss import QSM_LABELS, QSMLoss, QSMNormalisation, qsm_loss_weights
+from qmri_labels.training.qsm.module import QSMLitModule, network_chi
+
+__all__ = [
+    "QSM_LABELS",
+    "INPUT_CHANNELS",
+    "INPUT_KINDS",
+    "RESIDUAL_CHANNELS",
+    "qsm_loss_weights",
+    "QSMNormalisation",
+    "QSMLoss",
+    "QSMPatchDataset",
+    "EpochSampler",
+    "QSMLitModule",
+    "QSMEstimator",
+    "check_input_kind",
+    "network_chi",
+    "pad_to_multiple",
+]

@@ -1,0 +1,472 @@
+"""The QSM U-Net estimator (scikit-learn's contract, model-bundle persistence).
+
+The network input is the normalised field and, by default, a TKD estimate computed from the
+same field (``inputs=("field", "tkd")``); ``"tv"`` adds the TV inversion (the strongest
+conventional baseline) as a channel. With ``residual`` the network learns a correction of
+the TV (else TKD) channel. ``inputs=("field",)`` is Graf et al.'s and QSMnet's setting.
+
+Training uses random patches (``patch_size``) of larger volumes, or whole volumes
+(``patch_size=None``); for patches the field-consistency term is an approximation (QSMnet+
+makes the same one), with whole volumes it is exact.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from qmri_labels.bundle import device_info, load_bundle, package_versions, read_manifest, save_bundle
+from qmri_labels.data.phantoms import FIELD_KINDS, QSMPhantomSet
+from qmri_labels.fitting.qsm_inversion import TV_DEFAULT_LAMBDA, cosmos, tkd, tv
+from qmri_labels.nets.unet3d import UNet3D, UNet3DConfig, unet3d_preset
+from qmri_labels.training.module import KeepBestState
+from qmri_labels.training.qsm.data import EpochSampler, QSMPatchDataset, pad_to_multiple
+from qmri_labels.training.qsm.loss import QSMLoss, QSMNormalisation, qsm_loss_weights
+from qmri_labels.training.qsm.module import QSMLitModule, network_chi
+
+__all__ = ["QSMEstimator", "INPUT_CHANNELS", "RESIDUAL_CHANNELS", "INPUT_KINDS", "check_input_kind"]
+
+INPUT_CHANNELS = ("field", "tkd", "tv")
+#: what a network was trained on (recorded in its bundle): the phantom field kinds, or a
+#: local field after a background-field removal method, ``"bfr:<method>"``
+INPUT_KINDS = FIELD_KINDS
+#: input channels that a residual network adds its output to (the first one present wins)
+RESIDUAL_CHANNELS = ("tv", "tkd")
+
+
+class QSMEstimator:
+    """3-D U-Net estimator of chi from a local field, trained on synthetic phantoms.
+
+    Parameters
+    ----------
+    label : {"gt", "mle", "self", "hybrid", "graf"}
+    alpha : float
+        MLE weight of ``hybrid``.
+    field_weight : float
+        lambda of ``graf`` (default 1).
+    preset : {"toy", "qsmnet", "graf"}
+        U-Net preset; ``unet`` overrides its fields (e.g. ``{"init_channels": 32,
+        "activation": "elu"}``).
+    inputs : tuple of {"field", "tkd", "tv"}
+        Network input channels (``tv``: the TV inversion of the field, which needs the mask).
+    residual : bool
+        With a ``tv`` (else ``tkd``) input, the network predicts a correction that is added to
+        that estimate (residual learning; the last layer starts at zero, so training starts
+        from it); ignored without such a channel.
+    tkd_threshold : float
+        Threshold of the TKD input channel.
+    tv_lambda : float
+        TV weight of the ``tv`` input channel (:func:`qmri_labels.fitting.qsm_inversion.tv`);
+        tune it on training phantoms.
+    patch_size : int or None
+        Training patch side (None: whole volumes).
+    samples_per_epoch, batch_size, max_epochs, max_time_s, lr, weight_decay : training.
+    seed : int
+        Seeds the weight initialisation and the patch sampling.
+    device : str or None
+        ``"cpu"``, ``"cuda"``, ... (default: CUDA when available).
+    progress : bool
+        Lightning's progress bar.
+    checkpoint_path : path or None
+        If set, the best model so far is written there (bundle format) after each improvement.
+    warm_start : bool
+        If the estimator is already fitted (or loaded), continue from its weights and keep its
+        normalisation instead of starting afresh (scikit-learn's meaning).
+
+    Attributes (after fit)
+    ----------------------
+    network_ : UNet3D
+    normalisation_ : QSMNormalisation
+    history_ : list of dict (epoch, train_loss, val_loss, val_nrmse, time_s)
+    best_epoch_ : int
+    voxel_size_ : tuple
+    train_fingerprint_ : str
+    """
+
+    def __init__(self, label: str = "gt", alpha: float | None = None, field_weight: float = 1.0,
+                 preset: str = "graf", unet: Mapping[str, Any] | None = None, inputs: Sequence[str] = ("field", "tkd"),
+                 residual: bool = True,
+                 tkd_threshold: float = 0.19, tv_lambda: float = TV_DEFAULT_LAMBDA, patch_size: int | None = 32, samples_per_epoch: int = 64,
+                 batch_size: int = 2, max_epochs: int = 10, max_time_s: float | None = None, lr: float = 1e-3,
+                 weight_decay: float = 0.01, seed: int = 0, device: str | None = None, progress: bool = False,
+                 checkpoint_path: str | Path | None = None, warm_start: bool = False):
+        self.label = label
+        self.alpha = alpha
+        self.field_weight = field_weight
+        self.preset = preset
+        self.unet = unet
+        self.inputs = inputs
+        self.residual = residual
+        self.tkd_threshold = tkd_threshold
+        self.tv_lambda = tv_lambda
+        self.patch_size = patch_size
+        self.samples_per_epoch = samples_per_epoch
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.max_time_s = max_time_s
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.seed = seed
+        self.device = device
+        self.progress = progress
+        self.checkpoint_path = checkpoint_path
+        self.warm_start = warm_start
+
+    # -- scikit-learn contract -------------------------------------------------------------
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor's arguments, as given (``deep`` is accepted for scikit-learn)."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params) -> "QSMEstimator":
+        valid = set(self._param_names())
+        for key, value in params.items():
+            if key not in valid:
+                raise ValueError(f"invalid parameter {key!r} for QSMEstimator; valid: {sorted(valid)}")
+            setattr(self, key, value)
+        return self
+
+    @property
+    def _inputs(self) -> tuple[str, ...]:
+        return tuple(self.inputs)
+
+    def _validate(self):
+        qsm_loss_weights(self.label, self.alpha, self.field_weight)
+        if isinstance(self.inputs, str) or not self._inputs or any(c not in INPUT_CHANNELS for c in self._inputs) \
+                or len(set(self._inputs)) != len(self._inputs):
+            raise ValueError(f"inputs must be a non-empty tuple of distinct names from {INPUT_CHANNELS}, got {self.inputs!r}")
+        if self.patch_size is not None and int(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be None or >= 1, got {self.patch_size}")
+        for name in ("samples_per_epoch", "batch_size", "max_epochs"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and self.weight_decay >= 0):
+            raise ValueError("lr must be > 0 and weight_decay >= 0")
+
+    def _unet_config(self) -> UNet3DConfig:
+        return unet3d_preset(self.preset, in_channels=len(self._inputs), out_channels=1, **dict(self.unet or {}))
+
+    @property
+    def residual_channel_(self) -> int | None:
+        if not self.residual:
+            return None
+        for name in RESIDUAL_CHANNELS:
+            if name in self._inputs:
+                return self._inputs.index(name)
+        return None
+
+    def _device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def _input_stack(self, field: np.ndarray, mask, norm: QSMNormalisation, voxel_size, b0_dir) -> np.ndarray:
+        chans = []
+        for c in self._inputs:
+            if c == "field":
+                chans.append(field / norm.field_scale)
+            elif c == "tkd":
+                chans.append(tkd(field, voxel_size, b0_dir, self.tkd_threshold) / norm.chi_scale)
+            else:
+                if mask is None:
+                    raise ValueError("the 'tv' input channel needs the brain mask: pass mask=")
+                chans.append(tv(field, mask, voxel_size, b0_dir, lam=float(self.tv_lambda)) / norm.chi_scale)
+        return np.stack(chans, axis=-4).astype(np.float32)
+
+    def _arrays(self, data: QSMPhantomSet, norm: QSMNormalisation, weights) -> dict:
+        field = data.field.astype(np.float32)
+        out = {
+            "inputs": self._input_stack(field, data.mask, norm, data.voxel_size, data.orientations[0]),
+            "mask": data.mask.astype(np.float32),
+            "chi": data.chi.astype(np.float32),
+            "field": field,
+        }
+        if weights["mle"] > 0:
+            if data.fields.shape[1] < 3:
+                raise ValueError(
+                    f"label {self.label!r} needs COSMOS labels, i.e. phantoms with n_orientations >= 3 "
+                    f"(got {data.fields.shape[1]})")
+            out["mle"] = cosmos(data.fields, data.orientations, data.voxel_size, mask=data.mask).astype(np.float32)
+        return out
+
+    # -- sklearn contract ------------------------------------------------------------------
+    def fit(self, data: QSMPhantomSet, validation: QSMPhantomSet | None = None) -> "QSMEstimator":
+        """Train on a :class:`~qmri_labels.data.phantoms.QSMPhantomSet` (optionally validating on another).
+
+        The best epoch by validation loss (training loss without validation data) is kept.
+        """
+        self._validate()
+        if not isinstance(data, QSMPhantomSet):
+            raise ValueError(f"fit expects a QSMPhantomSet, got {type(data).__name__}")
+        weights = qsm_loss_weights(self.label, self.alpha, self.field_weight)
+        b0 = data.orientations[0]
+        field = data.field
+        tkd_train = tkd(field, data.voxel_size, b0, self.tkd_threshold)
+        m = data.mask
+        field_scale = float(np.sqrt(np.mean(field[m] ** 2)))
+        chi_scale = float(np.sqrt(np.mean(tkd_train[m] ** 2)))
+        norm = QSMNormalisation(field_scale, chi_scale)
+        previous = getattr(self, "network_", None) if self.warm_start else None
+        if previous is not None:
+            norm = self.normalisation_
+
+        torch.manual_seed(int(self.seed))
+        network = UNet3D(self._unet_config())
+        if previous is not None:
+            if previous.config != network.config:
+                raise ValueError("warm_start: the fitted network's architecture differs from the current settings")
+            network.load_state_dict(previous.state_dict())
+        elif self.residual_channel_ is not None:
+            # start exactly at the TKD estimate: every step can only learn a correction
+            nn.init.zeros_(network.head.weight)
+            nn.init.zeros_(network.head.bias)
+        loss = QSMLoss(weights, norm, data.voxel_size, b0)
+        module = QSMLitModule(network, loss, lr=self.lr, weight_decay=self.weight_decay,
+                              residual_channel=self.residual_channel_)
+
+        arrays = self._arrays(data, norm, weights)
+        patch = self.patch_size
+        if patch is None:
+            mult = network.size_multiple
+            if any(s % mult for s in data.chi.shape[1:]):
+                raise ValueError(f"whole-volume training needs shapes divisible by {mult}, got {data.chi.shape[1:]}")
+        elif int(patch) % network.size_multiple:
+            raise ValueError(f"patch_size must be a multiple of {network.size_multiple} for this U-Net, got {patch}")
+        train_ds = QSMPatchDataset(arrays, patch, self.samples_per_epoch, seed=self.seed)
+        train_dl = DataLoader(train_ds, batch_size=int(self.batch_size), sampler=EpochSampler(train_ds))
+        val_dl = None
+        if validation is not None:
+            val_arrays = self._arrays(validation, norm, weights)
+            val_padded = {}
+            crop = None
+            for k, v in val_arrays.items():
+                val_padded[k], crop = pad_to_multiple(v, network.size_multiple)
+            val_ds = QSMPatchDataset(val_padded, None, 1, seed=0)
+            val_dl = DataLoader(val_ds, batch_size=1, shuffle=False)
+
+        self.normalisation_ = norm
+        self.voxel_size_ = tuple(float(v) for v in data.voxel_size)
+        self.b0_dir_ = tuple(float(v) for v in b0)
+        self.train_fingerprint_ = data.fingerprint
+        self.train_spec_ = data.spec.to_dict()
+        self.validation_fingerprint_ = None if validation is None else validation.fingerprint
+
+        keeper = KeepBestState("val_loss" if val_dl is not None else "train_loss")
+        if previous is not None:
+            # continuing: only a better score than the previous best replaces it
+            keeper.best_score = float(getattr(self, "previous_best_score_", math.inf))
+        if self.checkpoint_path is not None:
+            saved = {"epoch": None}
+
+            def checkpoint(module, row):
+                # after each epoch: write the bundle when KeepBestState found a better epoch
+                if keeper.best_state is not None and keeper.best_epoch != saved["epoch"]:
+                    saved["epoch"] = keeper.best_epoch
+                    self.network_ = UNet3D(self._unet_config())
+                    self.network_.load_state_dict({k: v.detach().cpu() for k, v in keeper.best_state.items()})
+                    self.history_ = list(module.history)
+                    self.best_epoch_ = keeper.best_epoch
+                    self.save(self.checkpoint_path)
+
+            module.epoch_listeners.append(checkpoint)
+        device = self._device()
+        max_time = None if self.max_time_s is None else {"seconds": float(self.max_time_s)}
+        t0 = time.perf_counter()
+        trainer = L.Trainer(
+            accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=int(self.max_epochs),
+            max_time=max_time, logger=False, enable_checkpointing=False,
+            enable_model_summary=False, enable_progress_bar=bool(self.progress), num_sanity_val_steps=0,
+            callbacks=[keeper],
+        )
+        with warnings.catch_warnings():
+            # without a validation set the module's validation_step is simply unused
+            warnings.filterwarnings("ignore", message=".*validation_step.*val_dataloader")
+            trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl)
+        network = module.network.to("cpu").eval()  # KeepBestState restored the best epoch's weights
+        if keeper.best_state is None and previous is not None and math.isfinite(keeper.best_score):
+            network.load_state_dict(previous.state_dict())  # no epoch beat the previous best
+        self.network_ = network
+        self.history_ = list(module.history)
+        self.best_epoch_ = keeper.best_epoch
+        self.fit_time_s_ = time.perf_counter() - t0
+        if self.checkpoint_path is not None:
+            self.save(self.checkpoint_path)
+        return self
+
+    def _check_fitted(self):
+        if not hasattr(self, "network_"):
+            raise ValueError("this QSMEstimator is not fitted yet: call fit(phantoms) or load(path)")
+
+    @torch.no_grad()
+    def predict(self, field, mask=None, *, voxel_size: Sequence[float] | None = None,
+                b0_dir: Sequence[float] | None = None, patch_size: int | None = None, overlap: int = 16,
+                device: str | None = None) -> np.ndarray:
+        """chi (ppm) from a local field (ppm), ``(X, Y, Z)`` or ``(N, X, Y, Z)``.
+
+        The whole volume is padded to a multiple of ``2**(levels - 1)`` and passed at once,
+        unless ``patch_size`` is given: then overlapping cubes (step ``patch_size - overlap``)
+        are predicted and averaged with a weight that tapers towards the cube edges.
+        ``voxel_size`` and ``b0_dir`` default to the training ones (the TKD input channel
+        needs them). The result is zero outside ``mask``.
+        """
+        self._check_fitted()
+        field = np.asarray(field, dtype=np.float32)
+        single = field.ndim == 3
+        if field.ndim not in (3, 4):
+            raise ValueError(f"field must be (X, Y, Z) or (N, X, Y, Z), got shape {field.shape}")
+        if not np.all(np.isfinite(field)):
+            raise ValueError("field contains NaN or inf")
+        batch = field[None] if single else field
+        if mask is not None:
+            mask = np.asarray(mask) != 0
+            if mask.shape != field.shape[-3:] and mask.shape != field.shape:
+                raise ValueError(f"mask shape {mask.shape} does not match field shape {field.shape}")
+        voxel_size = self.voxel_size_ if voxel_size is None else tuple(voxel_size)
+        b0_dir = self.b0_dir_ if b0_dir is None else tuple(b0_dir)
+        inputs = self._input_stack(batch, mask, self.normalisation_, voxel_size, b0_dir)
+        dev = torch.device(device) if device is not None else self._device()
+        net = self.network_.to(dev).eval()
+        outs = []
+        for x in inputs:
+            if patch_size is None:
+                xp, crop = pad_to_multiple(x, net.size_multiple)
+                y = network_chi(net, torch.as_tensor(xp[None], device=dev), self.residual_channel_)[0].cpu().numpy()[crop]
+            else:
+                y = self._predict_patches(net, x, int(patch_size), int(overlap), dev, self.residual_channel_)
+            outs.append(y * self.normalisation_.chi_scale)
+        chi = np.stack(outs).astype(np.float32)
+        if mask is not None:
+            chi = chi * mask
+        return chi[0] if single else chi
+
+    @staticmethod
+    def _predict_patches(net, x: np.ndarray, patch: int, overlap: int, dev, residual_channel=None) -> np.ndarray:
+        if patch % net.size_multiple:
+            raise ValueError(f"patch_size must be a multiple of {net.size_multiple}, got {patch}")
+        if not (0 <= overlap < patch):
+            raise ValueError(f"overlap must be in [0, patch_size), got {overlap}")
+        shape = x.shape[-3:]
+        padded_shape = [max(s, patch) for s in shape]
+        xp = np.zeros(x.shape[:-3] + tuple(padded_shape), dtype=np.float32)
+        xp[..., : shape[0], : shape[1], : shape[2]] = x
+        step = patch - overlap
+        starts = [sorted(set(list(range(0, s - patch + 1, step)) + [s - patch])) for s in padded_shape]
+        ramp = np.minimum(np.arange(patch) + 1, np.arange(patch)[::-1] + 1).astype(np.float32)
+        ramp = np.minimum(ramp, overlap // 2 + 1) if overlap else np.ones(patch, np.float32)
+        w = ramp[:, None, None] * ramp[None, :, None] * ramp[None, None, :]
+        acc = np.zeros(padded_shape, np.float32)
+        wsum = np.zeros(padded_shape, np.float32)
+        for i in starts[0]:
+            for j in starts[1]:
+                for k in starts[2]:
+                    cube = xp[..., i : i + patch, j : j + patch, k : k + patch]
+                    y = network_chi(net, torch.as_tensor(cube[None], device=dev), residual_channel)[0].cpu().numpy()
+                    acc[i : i + patch, j : j + patch, k : k + patch] += w * y
+                    wsum[i : i + patch, j : j + patch, k : k + patch] += w
+        return (acc / wsum)[: shape[0], : shape[1], : shape[2]]
+
+    # -- persistence -----------------------------------------------------------------------
+    def manifest(self, extra: Mapping[str, Any] | None = None) -> dict:
+        self._check_fitted()
+        params = self.get_params()
+        params["checkpoint_path"] = None if params["checkpoint_path"] is None else str(params["checkpoint_path"])
+        params["inputs"] = list(self._inputs)
+        out = {
+            "kind": "qsm_unet",
+            "estimator": "QSMEstimator",
+            "params": params,
+            "unet": self.network_.config.to_dict(),
+            "normalisation": self.normalisation_.to_dict(),
+            "voxel_size": list(self.voxel_size_),
+            "b0_dir": list(self.b0_dir_),
+            "train_fingerprint": self.train_fingerprint_,
+            "train_spec": self.train_spec_,
+            "validation_fingerprint": getattr(self, "validation_fingerprint_", None),
+            "history": getattr(self, "history_", []),
+            "best_epoch": getattr(self, "best_epoch_", None),
+            "n_parameters": self.network_.n_parameters(),
+            "versions": package_versions(),
+            "device": device_info(self._device()),
+        }
+        if extra:
+            out.update(extra)
+        return out
+
+    def save(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
+        """Write the network and its manifest as a model bundle folder (atomically)."""
+        state = {k: v.detach().cpu().contiguous() for k, v in self.network_.state_dict().items()}
+        return save_bundle(path, state, self.manifest(extra))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None) -> "QSMEstimator":
+        """Load a bundle written by :meth:`save` (checksum verified, no code executed)."""
+        manifest = read_manifest(path)
+        if manifest.get("kind") != "qsm_unet":
+            raise ValueError(f"{path} is not a QSM U-Net bundle (kind={manifest.get('kind')!r})")
+        state, manifest = load_bundle(path)
+        params = dict(manifest["params"])
+        params["inputs"] = tuple(params["inputs"])
+        if device is not None:
+            params["device"] = device
+        est = cls(**params)
+        net = UNet3D(UNet3DConfig.from_dict(manifest["unet"]))
+        net.load_state_dict(state)
+        est.network_ = net.eval()
+        est.normalisation_ = QSMNormalisation.from_dict(manifest["normalisation"])
+        est.voxel_size_ = tuple(manifest["voxel_size"])
+        est.b0_dir_ = tuple(manifest["b0_dir"])
+        est.train_fingerprint_ = manifest["train_fingerprint"]
+        est.train_spec_ = manifest.get("train_spec")
+        est.validation_fingerprint_ = manifest.get("validation_fingerprint")
+        est.history_ = manifest.get("history", [])
+        est.best_epoch_ = manifest.get("best_epoch")
+        est.manifest_ = manifest
+        return est
+
+
+def check_input_kind(manifest: Mapping[str, Any], given_kind: str, force: bool = False) -> str:
+    """Refuse a QSM network whose training input differs from the field it is about to get.
+
+    Parameters
+    ----------
+    manifest : mapping
+        A QSM bundle's manifest (``QSMEstimator.load(path).manifest_``); its ``input_kind`` is
+        what the network was trained on: ``"local"`` (masked local field), ``"local_unmasked"``,
+        ``"total"`` or ``"bfr:<method>"`` (local field after that background-field removal).
+        Bundles written before the kind was recorded were trained on unmasked local fields.
+    given_kind : str
+        What the caller has: ``"local"`` for a local field map (zero outside the mask),
+        ``"bfr:<method>"`` after removing the background with ``<method>``, ...
+    force : bool
+        Return instead of raising (the caller takes the responsibility).
+
+    Returns
+    -------
+    The network's training input kind. ValueError (naming both kinds) on a mismatch unless
+    ``force``. A network trained on masked local fields accepts a BFR result (a masked local
+    field as well) and vice versa only with ``force``: their errors differ.
+    """
+    trained = str(manifest.get("input_kind", "local_unmasked"))
+    given = str(given_kind)
+    valid = set(INPUT_KINDS) | {k for k in (trained, given) if k.startswith("bfr:")}
+    for name, kind in (("given_kind", given), ("network input_kind", trained)):
+        if kind not in valid:
+            raise ValueError(f"{name} {kind!r} is not one of {sorted(INPUT_KINDS)} or 'bfr:<method>'")
+    if trained != given and not force:
+        raise ValueError(
+            f"this QSM network was trained on {trained!r} fields but is given {given!r}; its accuracy on other "
+            f"inputs is unknown (pass force=True to use it anyway)")
+    return trained
