@@ -14,7 +14,7 @@ A cohort, split into shards for the array jobs of a cluster scheduler (see
 QSM (dipole inversion of a local field map in ppm)::
 
     qmri-fit --model qsm --field sub-01_field.nii.gz --mask brain.nii.gz \\
-        [--estimator tkd|tikhonov|NAME|PATH] [--b0-dir 0,0,1] [--mat] --out chi/
+        [--estimator tkd|tikhonov|tv|NAME|PATH] [--bfr METHOD] [--b0-dir 0,0,1] [--mat] --out chi/
 
 The command is a thin layer: diffusion maps come from :func:`qmri_labels.mapping.fit_volume`
 (via :func:`qmri_labels.cli.fit_dwi.map_scan`), QSM from :mod:`qmri_labels.cli.fit_qsm`; the
@@ -116,6 +116,9 @@ def check_mode(args) -> str:
             raise InputError("--uncertainty: SD maps are available for diffusion maps only (the MLE or a network "
                              "that reports SDs); QSM does not write them yet")
         return "qsm"
+    for option, unset in fit_qsm.QSM_ONLY_OPTIONS.items():
+        if getattr(args, option) != unset:
+            raise InputError(f"--{option.replace('_', '-')} is a QSM option; it applies with --field ... --model qsm only")
     if args.dwi is None:
         raise InputError("nothing to fit: give --dwi DWI.nii.gz --bval DWI.bval (diffusion), "
                          "--cohort FOLDER_OR_LIST (many diffusion scans) or "

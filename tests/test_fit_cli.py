@@ -701,3 +701,103 @@ def test_overwrite_never_replaces_a_folder_holding_the_inputs(ivim_data, capsys)
     code, err = run(["--dwi", ivim_data["dwi"], "--bval", ivim_data["bval"], "--out", folder, "--overwrite"], capsys)
     assert code == 1 and "holds the input" in err
     assert ivim_data["dwi"].exists() and ivim_data["bval"].exists()
+
+
+@pytest.fixture(scope="module")
+def qsm_head(tmp_path_factory):
+    """One 40^3 head phantom given twice: its total field (brain + skull/air background) and its
+    masked local field, from the same seed (same sources, same mask)."""
+    from qmri_labels.data.phantoms import QSMPhantomSpec
+
+    folder = tmp_path_factory.mktemp("qsm_head")
+    spec = QSMPhantomSpec(shape=(40, 40, 40), n=1, seed=5, noise_sigma=0.0)
+    local = spec.generate()
+    total = spec.replace(field_kind="total").generate()
+    np.testing.assert_array_equal(local.mask, total.mask)
+    affine = np.eye(4)
+    paths = {}
+    for name, array in (("total", total.fields[0, 0]), ("local", local.fields[0, 0])):
+        paths[name] = save(folder / f"sub-01_{name}field.nii.gz", array.astype(np.float32), affine)
+    paths["mask"] = save(folder / "brain_mask.nii.gz", local.mask[0].astype(np.uint8), affine)
+    return {"paths": paths, "chi": local.chi[0], "mask": local.mask[0], "local": local.fields[0, 0],
+            "total": total.fields[0, 0]}
+
+
+def test_qsm_total_field_with_bfr_is_inverted_after_background_removal(qsm_head, tmp_path, capsys):
+    import torch
+
+    from qmri_labels.analysis.image_metrics import nrmse
+    from qmri_labels.fitting import bfr, qsm_inversion
+
+    paths = qsm_head["paths"]
+    code, err = run(["--field", paths["total"], "--mask", paths["mask"], "--bfr", "vsharp", "--out", tmp_path / "bfr",
+                     "--quiet"], capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "bfr" / "manifest.json").read_text())
+    assert manifest["field"]["input_kind"] == "bfr:vsharp"
+    assert manifest["field"]["background_field_removal"]["options"] == bfr.DEFAULTS["vsharp"]
+    eroded_count = manifest["voxels"]["estimated"]
+    assert 0 < eroded_count < qsm_head["mask"].sum()
+    assert manifest["voxels"]["skipped"]["eroded_by_bfr"] == qsm_head["mask"].sum() - eroded_count
+    chi = load_map(tmp_path / "bfr", chi_map_name("sub-01_totalfield"))[1]
+    # the command is the library: V-SHARP, then TKD on the local field inside the eroded mask
+    local, eroded = bfr.vsharp(qsm_head["total"], qsm_head["mask"], (1.0, 1.0, 1.0))
+    eroded = np.asarray(eroded, bool)
+    direct = qsm_inversion.tkd(torch.as_tensor(np.where(eroded, local, 0), dtype=torch.float32), voxel_size=(1, 1, 1),
+                               b0_dir=(0, 0, 1), mask=torch.as_tensor(eroded), threshold=0.19).numpy()
+    np.testing.assert_allclose(chi, np.where(eroded, direct, 0), atol=1e-5)
+    assert int(eroded.sum()) == eroded_count and np.all(chi[~eroded] == 0)
+    # without background removal, the background (about 10x the local field) ruins the map
+    assert run(["--field", paths["total"], "--mask", paths["mask"], "--out", tmp_path / "raw", "--quiet"], capsys)[0] == 0
+    raw = load_map(tmp_path / "raw", chi_map_name("sub-01_totalfield"))[1]
+    truth = qsm_head["chi"]
+    assert nrmse(chi, truth, eroded) < 0.5 * nrmse(raw, truth, eroded)
+
+
+def test_qsm_tv_estimator_through_the_command(qsm_head, tmp_path, capsys):
+    import torch
+
+    from qmri_labels.fitting import qsm_inversion
+
+    paths = qsm_head["paths"]
+    code, err = run(["--field", paths["local"], "--mask", paths["mask"], "--estimator", "tv", "--tv-lambda", "5e-4",
+                     "--out", tmp_path / "tv", "--quiet"], capsys)
+    assert code == 0, err
+    chi = load_map(tmp_path / "tv", chi_map_name("sub-01"))[1]
+    mask = qsm_head["mask"]
+    direct = qsm_inversion.tv(torch.as_tensor(qsm_head["local"] * mask), torch.as_tensor(mask), (1, 1, 1), (0, 0, 1),
+                              lam=5e-4).numpy()
+    np.testing.assert_allclose(chi, np.where(mask, direct, 0), atol=1e-5)
+    assert json.loads((tmp_path / "tv" / "manifest.json").read_text())["estimator"]["options"] == {"lam": 5e-4}
+    for argv, message in ((["--tv-lambda", "1e-3"], "--tv-lambda applies to --estimator tv only"),
+                          (["--estimator", "tv", "--tv-lambda", "-1"], "must be a positive number"),
+                          (["--allow-input-mismatch"], "applies to QSM networks only")):
+        code, err = run(["--field", paths["local"], "--mask", paths["mask"], *argv, "--out", tmp_path / "bad",
+                         "--quiet"], capsys)
+        assert code == 1 and message in err, (argv, err)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_qsm_network_refuses_fields_unlike_its_training_inputs(qsm_network_bundle, qsm_head, tmp_path, capsys):
+    from qmri_labels.training.qsm import QSMEstimator
+
+    assert QSMEstimator.load(qsm_network_bundle).manifest_["input_kind"] == "local"
+    paths = qsm_head["paths"]
+    code, err = run(["--field", paths["total"], "--mask", paths["mask"], "--bfr", "sharp", "--estimator",
+                     qsm_network_bundle, "--out", tmp_path / "refused"], capsys)
+    assert code == 1 and "'local'" in err and "'bfr:sharp'" in err and "--allow-input-mismatch" in err
+    assert not (tmp_path / "refused").exists()
+    code, err = run(["--field", paths["total"], "--mask", paths["mask"], "--bfr", "sharp", "--estimator",
+                     qsm_network_bundle, "--allow-input-mismatch", "--out", tmp_path / "forced", "--quiet"], capsys)
+    assert code == 0, err
+    estimator = json.loads((tmp_path / "forced" / "manifest.json").read_text())["estimator"]
+    assert estimator["trained_input_kind"] == "local" and estimator["given_input_kind"] == "bfr:sharp"
+    assert any("input mismatch allowed" in note for note in estimator["notes"])
+
+
+def test_qsm_options_are_refused_with_diffusion_data(epstein_data, tmp_path, capsys):
+    for argv in (["--bfr", "vsharp"], ["--tv-lambda", "1e-3"], ["--mat"], ["--allow-input-mismatch"]):
+        code, err = run(["--dwi", epstein_data["dwi"], "--bval", epstein_data["bval"], *argv, "--out", tmp_path / "o"],
+                        capsys)
+        assert code == 1 and "is a QSM option" in err, (argv, err)
+    assert not (tmp_path / "o").exists()

@@ -1,9 +1,11 @@
 """The fit command's QSM part: dipole inversion of a local field map (ppm) into chi (ppm).
 
 Conventional inversions come from :mod:`qmri_labels.fitting.qsm_inversion` (``tkd``,
-``tikhonov``); networks are QSM U-Net bundles read with ``QSMEstimator.load`` and run with
-``predict``, both through their public names only. The input is a *local* field (background
-field removed); a background-field-removal step would go in :func:`prepare_local_field`.
+``tikhonov``, ``tv``); networks are QSM U-Net bundles read with ``QSMEstimator.load`` and run
+with ``predict``, both through their public names only. The input is a *local* field
+(background field removed, zero outside the mask), or a *total* field with ``--bfr METHOD``,
+which removes the background first (:mod:`qmri_labels.fitting.bfr`). A network trained on
+another kind of input than it is given is refused unless ``--allow-input-mismatch``.
 """
 
 from __future__ import annotations
@@ -28,12 +30,21 @@ from qmri_labels.qc import write_qc_figure
 
 logger = logging.getLogger("qmri_labels")
 
-QSM_ESTIMATORS = ("tkd", "tikhonov")
+QSM_ESTIMATORS = ("tkd", "tikhonov", "tv")
+#: background-field-removal methods of ``--bfr`` (qmri_labels.fitting.bfr)
+BFR_CHOICES = ("sharp", "vsharp", "resharp", "pdf", "lbv")
 
 
 def add_arguments(parser) -> None:
     qsm = parser.add_argument_group("QSM")
-    qsm.add_argument("--field", type=Path, help="3-D local field map in ppm (background field removed)")
+    qsm.add_argument("--field", type=Path,
+                     help="3-D field map in ppm: a local field (background removed), or a total field with --bfr")
+    qsm.add_argument("--bfr", choices=BFR_CHOICES, default=None,
+                     help="--field is a TOTAL field: remove the background field with this method first "
+                          "(qmri_labels.fitting.bfr defaults; the mask is eroded as the method requires)")
+    qsm.add_argument("--allow-input-mismatch", action="store_true",
+                     help="QSM network: run even if it was trained on another kind of field than it is given "
+                          "(e.g. masked local fields vs fields after --bfr); the manifest records it")
     qsm.add_argument("--b0-dir", default="0,0,1",
                      help="main field direction in the image's voxel axes, e.g. 0,0,1; or 'affine' for "
                           "the scanner's z axis expressed through the image affine (default 0,0,1)")
@@ -45,11 +56,40 @@ def add_arguments(parser) -> None:
                      help="TKD: |D| below which the kernel inverse is truncated (default 0.19)")
     qsm.add_argument("--tikhonov-lambda", type=float, default=None,
                      help="Tikhonov: weight of the gradient regulariser (default: the toolkit's tuned value)")
+    qsm.add_argument("--tv-lambda", type=float, default=None,
+                     help="TV: weight of the total-variation term (default: the toolkit's value tuned on "
+                          "training phantoms, qmri_labels.fitting.qsm_inversion.TV_DEFAULT_LAMBDA)")
 
 
-def prepare_local_field(args, field_map: np.ndarray, mask: np.ndarray, voxel_size) -> tuple[np.ndarray, dict]:
-    """The local field the inversion works on (today: the input as it is)."""
-    return field_map, {"background_field_removal": "none (the input is a local field)"}
+#: the QSM-only options and the value each has when not given (refused with diffusion data)
+QSM_ONLY_OPTIONS = {"bfr": None, "allow_input_mismatch": False, "mat": False, "patch_size": None,
+                    "tkd_threshold": None, "tikhonov_lambda": None, "tv_lambda": None}
+
+
+def prepare_local_field(args, field_map: np.ndarray, mask: np.ndarray, voxel_size, b0_dir, device
+                        ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The local field the inversion works on, its mask, and a record for the manifest.
+
+    Without ``--bfr`` the input is taken as a local field; with it, the background field is
+    removed by that method (its documented defaults), which also erodes the mask.
+    """
+    if args.bfr is None:
+        return field_map, mask, {"input_kind": "local", "background_field_removal": "none (the input is a local field)"}
+    import torch
+
+    from qmri_labels.fitting import bfr
+
+    total = torch.as_tensor(field_map, dtype=torch.float32, device=device)
+    local, eroded = bfr.remove_background(args.bfr, total, torch.as_tensor(mask, device=device), voxel_size, b0_dir)
+    eroded = eroded.cpu().numpy().astype(bool)
+    if not eroded.any():
+        raise InputError(f"--bfr {args.bfr}: the eroded mask is empty (the mask is too small for the method's "
+                         "kernel radius)")
+    local = np.where(eroded, local.cpu().numpy(), 0).astype(np.float32)
+    return local, eroded, {"input_kind": f"bfr:{args.bfr}",
+                           "background_field_removal": {"method": args.bfr, "options": dict(bfr.DEFAULTS[args.bfr]),
+                                                        "voxels_in_mask": int(mask.sum()),
+                                                        "voxels_after_erosion": int(eroded.sum())}}
 
 
 def run_qsm(args, out_dir: Path, device) -> dict:
@@ -69,7 +109,8 @@ def run_qsm(args, out_dir: Path, device) -> dict:
     field_map = np.where(mask, field_map, 0).astype(np.float32)
     voxel_size = positive_voxel_size(field_volume, args.field)
     b0_dir, b0_source = parse_b0_dir(args.b0_dir, field_volume.affine)
-    field_map, field_info = prepare_local_field(args, field_map, mask, voxel_size)
+    input_mask = mask
+    field_map, mask, field_info = prepare_local_field(args, field_map, mask, voxel_size, b0_dir, device)
     timings["read_inputs"] = round(time.perf_counter() - t0, 3)
 
     t1 = time.perf_counter()
@@ -78,10 +119,16 @@ def run_qsm(args, out_dir: Path, device) -> dict:
         raise InputError("--tkd-threshold applies to --estimator tkd only")
     if name != "tikhonov" and args.tikhonov_lambda is not None:
         raise InputError("--tikhonov-lambda applies to --estimator tikhonov only")
+    if name != "tv" and args.tv_lambda is not None:
+        raise InputError("--tv-lambda applies to --estimator tv only")
     if name in QSM_ESTIMATORS and args.patch_size is not None:
         raise InputError("--patch-size applies to QSM networks only")
+    if name in QSM_ESTIMATORS and args.allow_input_mismatch:
+        raise InputError("--allow-input-mismatch applies to QSM networks only")
     chi, info = invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshold=args.tkd_threshold,
-                             tikhonov_lambda=args.tikhonov_lambda, patch_size=args.patch_size)
+                             tikhonov_lambda=args.tikhonov_lambda, tv_lambda=args.tv_lambda,
+                             patch_size=args.patch_size, input_kind=field_info["input_kind"],
+                             allow_input_mismatch=args.allow_input_mismatch)
     chi = np.where(mask, chi, 0).astype(np.float32)
     timings["inversion"] = round(time.perf_counter() - t1, 3)
 
@@ -92,7 +139,9 @@ def run_qsm(args, out_dir: Path, device) -> dict:
     written = write_map(out_dir, chi_map_name(prefix), chi, field_volume.affine, field_volume.header,
                         {"Model": "qsm", "Parameter": "chi", "Units": "ppm", "Estimator": info,
                          "B0Direction": list(b0_dir), "InputChecksums": checksums,
-                         "Description": "susceptibility chi; 0 outside the mask"},
+                         "InputKind": field_info["input_kind"],
+                         "Description": "susceptibility chi; 0 outside the mask"
+                                        + (" (the mask eroded by background-field removal)" if args.bfr else "")},
                         description=f"qmri_labels chi [ppm] {name}")
     outputs[written[0]] = "susceptibility chi (ppm), float32; 0 outside the mask"
     outputs[written[1]] = f"sidecar of {written[0]}"
@@ -102,7 +151,8 @@ def run_qsm(args, out_dir: Path, device) -> dict:
                                        "b0_dir": np.array(b0_dir), "affine": field_volume.affine})
         outputs[mat_name] = "MATLAB file: chi (ppm), mask, voxel_size (mm), b0_dir, affine"
     qc_name = f"{prefix}_qc.png"
-    write_qc_figure(out_dir / qc_name, {"field (ppm)": field_map, "chi (ppm)": chi},
+    field_title = f"local field after {args.bfr} (ppm)" if args.bfr else "field (ppm)"
+    write_qc_figure(out_dir / qc_name, {field_title: field_map, "chi (ppm)": chi},
                     title=f"{args.field.name}: QSM by {name}", orthogonal=True, voxel_size=voxel_size)
     outputs[qc_name] = "QC figure: field and chi, three orthogonal middle slices"
     write_dataset_description(out_dir, "Quantitative susceptibility maps")
@@ -121,8 +171,10 @@ def run_qsm(args, out_dir: Path, device) -> dict:
         "b0_dir_source": b0_source,
         "voxel_size_mm": list(voxel_size),
         "estimator": info,
-        "voxels": {"total": int(np.prod(field_volume.shape[:3])), "in_mask": int(mask.sum()) + n_nonfinite,
-                   "estimated": int(mask.sum()), "skipped": {"nonfinite_field": n_nonfinite}},
+        "voxels": {"total": int(np.prod(field_volume.shape[:3])), "in_mask": int(input_mask.sum()) + n_nonfinite,
+                   "estimated": int(mask.sum()),
+                   "skipped": {"nonfinite_field": n_nonfinite,
+                               "eroded_by_bfr": int(input_mask.sum()) - int(mask.sum())}},
         **environment(device),
         "timings_s": timings,
         "outputs": outputs,
@@ -153,8 +205,12 @@ def parse_b0_dir(text: str, affine: np.ndarray) -> tuple[tuple[float, float, flo
 
 
 def invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshold=None, tikhonov_lambda=None,
-                 patch_size=None):
-    """chi (ppm) inside ``mask`` and a description of the estimator for the manifest."""
+                 tv_lambda=None, patch_size=None, input_kind="local", allow_input_mismatch=False):
+    """chi (ppm) inside ``mask`` and a description of the estimator for the manifest.
+
+    ``input_kind`` says what ``field_map`` is (``"local"`` or ``"bfr:<method>"``); a network
+    trained on another kind is refused unless ``allow_input_mismatch``.
+    """
     if name in QSM_ESTIMATORS:
         try:
             from qmri_labels.fitting import qsm_inversion
@@ -164,8 +220,13 @@ def invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshol
 
         if name == "tkd":
             options = {"threshold": 0.19 if tkd_threshold is None else tkd_threshold}
-        else:
+        elif name == "tikhonov":
             options = {"lam": qsm_inversion.TIKHONOV_DEFAULT_LAMBDA if tikhonov_lambda is None else tikhonov_lambda}
+        else:
+            options = {"lam": qsm_inversion.TV_DEFAULT_LAMBDA if tv_lambda is None else tv_lambda}
+        for option, value in options.items():
+            if not (np.isfinite(value) and value > 0):
+                raise InputError(f"--estimator {name}: {option} must be a positive number, got {value}")
         function = getattr(qsm_inversion, name)
         field_t = torch.as_tensor(field_map, dtype=torch.float32, device=device)
         mask_t = torch.as_tensor(mask, device=device)
@@ -182,11 +243,18 @@ def invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshol
     except ValueError as exc:
         raise InputError(f"--{exc}") from None
     try:
-        from qmri_labels.training.qsm import QSMEstimator
+        from qmri_labels.training.qsm import QSMEstimator, check_input_kind
     except ImportError as exc:
         raise InputError(f"QSM networks are not available in this installation ({exc})") from None
     network = _load_qsm_network(bundle, QSMEstimator, device)
     notes = []
+    try:
+        trained_kind = check_input_kind(network.manifest_, input_kind, force=allow_input_mismatch)
+    except ValueError as exc:
+        raise InputError(f"--estimator {bundle}: {exc} (--allow-input-mismatch runs it anyway)") from None
+    if trained_kind != input_kind:
+        notes.append(f"input mismatch allowed: trained on {trained_kind!r} fields, given {input_kind!r}")
+        logger.warning("qmri_labels.fit: warning: %s", notes[-1])
     trained_voxel = tuple(float(v) for v in network.voxel_size_)
     if not np.allclose(trained_voxel, voxel_size, rtol=0.05):
         # networks generalise poorly across resolutions (Oh et al. 2021): run, but say so
@@ -200,7 +268,8 @@ def invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshol
     return np.asarray(chi, dtype=np.float32), {
         "kind": "network", "name": name, "bundle": str(bundle), "bundle_sha256": sha256_file(bundle / "manifest.json")
         if (bundle / "manifest.json").exists() else None,
-        "trained_voxel_size_mm": list(trained_voxel), "patch_size": patch_size, "notes": notes}
+        "trained_voxel_size_mm": list(trained_voxel), "trained_input_kind": trained_kind, "given_input_kind": input_kind,
+        "patch_size": patch_size, "notes": notes}
 
 
 def _load_qsm_network(bundle: Path, estimator_class, device):

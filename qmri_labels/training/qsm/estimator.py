@@ -262,6 +262,7 @@ class QSMEstimator:
         self.b0_dir_ = tuple(float(v) for v in b0)
         self.train_fingerprint_ = data.fingerprint
         self.train_spec_ = data.spec.to_dict()
+        self.input_kind_ = input_kind_of(self.train_spec_)
         self.validation_fingerprint_ = None if validation is None else validation.fingerprint
 
         keeper = KeepBestState("val_loss" if val_dl is not None else "train_loss")
@@ -394,6 +395,7 @@ class QSMEstimator:
             "b0_dir": list(self.b0_dir_),
             "train_fingerprint": self.train_fingerprint_,
             "train_spec": self.train_spec_,
+            "input_kind": getattr(self, "input_kind_", input_kind_of(self.train_spec_)),
             "validation_fingerprint": getattr(self, "validation_fingerprint_", None),
             "history": getattr(self, "history_", []),
             "best_epoch": getattr(self, "best_epoch_", None),
@@ -430,11 +432,23 @@ class QSMEstimator:
         est.b0_dir_ = tuple(manifest["b0_dir"])
         est.train_fingerprint_ = manifest["train_fingerprint"]
         est.train_spec_ = manifest.get("train_spec")
+        # bundles written before the kind was recorded were trained on unmasked local fields
+        est.input_kind_ = str(manifest.get("input_kind", "local_unmasked"))
         est.validation_fingerprint_ = manifest.get("validation_fingerprint")
         est.history_ = manifest.get("history", [])
         est.best_epoch_ = manifest.get("best_epoch")
         est.manifest_ = manifest
         return est
+
+
+def input_kind_of(train_spec: Mapping[str, Any] | None) -> str:
+    """What a network trained on data of this spec takes as input: ``"bfr:<method>"`` when the
+    data went through a background-field removal step, else the phantoms' ``field_kind``."""
+    spec = dict(train_spec or {})
+    bfr = spec.get("bfr")
+    if bfr:
+        return f"bfr:{bfr['method'] if isinstance(bfr, Mapping) else bfr}"
+    return str(spec.get("field_kind", "local_unmasked"))
 
 
 def check_input_kind(manifest: Mapping[str, Any], given_kind: str, force: bool = False) -> str:
