@@ -50,7 +50,12 @@ class MLEFit:
         Negative log-likelihood at the estimate, all constants included (``inf`` for a Rician
         voxel with an exact zero sample, NaN for invalid voxels).
     converged : ndarray of bool (...)
-        The iteration met its tolerance before ``max_iter``.
+        The iteration met its tolerance (predicted further decrease of the NLL below ``tol``)
+        before ``max_iter``.
+    stalled : ndarray of bool (...)
+        The iteration stopped without meeting its tolerance because no step could make
+        progress (damping at its ceiling, or steps below float resolution). Voxels neither
+        converged nor stalled ran out of iterations.
     valid : ndarray of bool (...)
         The voxel's input was usable (finite, not all zero, non-negative for Rician noise).
     sigma : ndarray (...)
@@ -73,6 +78,7 @@ class MLEFit:
     sigma_estimated: bool = False
     sigma_method: str = "given"
     n_iter: np.ndarray | None = None
+    stalled: np.ndarray | None = None
     invalid_reason: np.ndarray | None = None
     settings: dict = field(default_factory=dict)
 
@@ -124,9 +130,10 @@ def fit_mle(
     signals : array_like (..., M)
         Measured signals (magnitude for Rician noise). Any leading shape.
     bvalues : array_like (M,)
-        Protocol: b-values in s/mm^2 (or echo times for a T2 decay).
+        Protocol: b-values in s/mm^2, or echo times in ms for the relaxation models.
     model : str or SignalModel
-        ``"ivim"`` (S0, f, D, Dstar) or ``"monoexp"`` (S0, D), or a model instance.
+        ``"ivim"`` (S0, f, D, Dstar), ``"monoexp"`` (S0, D), ``"t2"`` (S0, T2 in ms; echo
+        times in ms), ``"t2star"`` (S0, T2star in ms), or a model instance.
     noise : {"rician", "gaussian"}
     sigma : float, array_like (...) or None
         Noise standard deviation per channel, scalar or one per voxel. ``None``: for Gaussian
@@ -137,8 +144,11 @@ def fit_mle(
     bounds : array_like (2, n_params), dict or None
         Lower and upper bounds in the model's parameter order, or ``{name: (low, high)}`` for
         some parameters. ``None``: the model's default bounds, except for the signal scale
-        (S0), which is bounded by ``[0, 2 x`` the voxel's mean signal at the lowest b-value ``]``
-        so that unnormalised data need no bounds.
+        (S0), which is bounded by ``[0, h x`` the voxel's mean signal at the lowest b-value ``]``
+        (``h = model.scale_headroom(protocol)``, 2 for diffusion models) so that unnormalised
+        data need no bounds. When an estimate sits on a bound in most voxels a
+        ``UserWarning`` names the parameter: the bounds (or the protocol's units) likely do
+        not suit the data.
     device : str or torch.device, optional
         ``"cpu"`` (default) or a CUDA device.
     n_starts : int
@@ -197,6 +207,7 @@ def fit_mle(
     params = np.full((n_vox, model.n_params), np.nan)
     nll = np.full(n_vox, np.nan)
     converged = np.zeros(n_vox, dtype=bool)
+    stalled = np.zeros(n_vox, dtype=bool)
     n_iter = np.zeros(n_vox, dtype=np.int64)
 
     index = np.flatnonzero(valid)
@@ -221,11 +232,12 @@ def fit_mle(
     for chunk in iterator:
         y = torch.as_tensor(flat[chunk], dtype=dtype, device=device)
         s = torch.as_tensor(sigma_flat[chunk], dtype=dtype, device=device)[:, None]
-        theta, conv, iters = _fit_chunk(
+        theta, conv, stall, iters = _fit_chunk(
             model, y, b, s, noise, lower, upper, scale_relative, n_starts, probe_iter, max_iter, tol
         )
         params[chunk] = np.clip(theta.double().cpu().numpy(), clip_lo, clip_hi)
         converged[chunk] = conv.cpu().numpy()
+        stalled[chunk] = stall.cpu().numpy()
         n_iter[chunk] = iters.cpu().numpy()
         # the reported NLL: float64, exact Bessel function, with the noise level the fit used
         # or (Gaussian noise without sigma) the one it implies
@@ -236,6 +248,7 @@ def fit_mle(
                 sigma_flat[chunk] = torch.sqrt(((y64 - pred) ** 2).mean(-1)).clamp_min(1e-12).numpy()
             nll[chunk] = full_nll(y64, pred, torch.as_tensor(sigma_flat[chunk])[:, None], noise).numpy()
 
+    _warn_on_bounds(model, params[valid], lower, upper, scale_relative)
     return MLEFit(
         model=model,
         params=params.reshape(*lead_shape, model.n_params),
@@ -246,11 +259,34 @@ def fit_mle(
         sigma_estimated=sigma_estimated,
         sigma_method=sigma_method,
         n_iter=n_iter.reshape(lead_shape),
+        stalled=stalled.reshape(lead_shape),
         invalid_reason=reason.reshape(lead_shape),
         settings={"fitter_version": FITTER_VERSION, "noise": noise, "n_starts": n_starts, "probe_iter": probe_iter,
                   "max_iter": max_iter, "tol": tol, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
                   "bounds": None if bounds is None else np.stack([lower, upper]).tolist()},
     )
+
+
+#: fraction of voxels on one bound of one parameter above which fit_mle warns
+BOUND_WARNING_FRACTION = 0.5
+
+
+def _warn_on_bounds(model, params, lower, upper, scale_relative) -> None:
+    """Warn when a parameter's estimate sits on one of its bounds for most voxels."""
+    if params.shape[0] == 0:
+        return
+    span = upper - lower
+    for i, name in enumerate(model.param_names):
+        if scale_relative and i == model.scale_index:
+            continue  # bounded per voxel relative to its own signal
+        for side, bound, hit in (("lower", lower[i], params[:, i] <= lower[i] + 1e-6 * span[i]),
+                                 ("upper", upper[i], params[:, i] >= upper[i] - 1e-6 * span[i])):
+            share = float(hit.mean())
+            if share > BOUND_WARNING_FRACTION:
+                warnings.warn(
+                    f"{name} sits on its {side} bound ({bound:g} {model.units[name]}) in {share:.0%} of voxels: "
+                    f"the bounds or the protocol's units ({model.protocol_name} in {model.protocol_unit}) "
+                    f"probably do not suit the data of model {model.name!r}", UserWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,7 +400,7 @@ def _resolve_bounds(model: SignalModel, bounds):
 
 
 def _fit_chunk(model, y, b, sigma, noise, lower, upper, scale_relative, n_starts, probe_iter, max_iter, tol):
-    """Fit one chunk of valid voxels; returns (theta, converged, iterations) in original units."""
+    """Fit one chunk of valid voxels; returns (theta, converged, stalled, iterations) in original units."""
     n, p = y.shape[0], model.n_params
     dtype, device = y.dtype, y.device
     # work on signals scaled to about 1 at the lowest b-value: the same tolerances then suit any
@@ -380,7 +416,7 @@ def _fit_chunk(model, y, b, sigma, noise, lower, upper, scale_relative, n_starts
     if k is not None:
         if scale_relative:
             lo[:, k] = 0.0
-            hi[:, k] = 2.0
+            hi[:, k] = model.scale_headroom(b)
         else:
             lo[:, k] = lo[:, k] / scale
             hi[:, k] = hi[:, k] / scale
@@ -410,7 +446,7 @@ def _fit_chunk(model, y, b, sigma, noise, lower, upper, scale_relative, n_starts
     theta = batch.theta
     if k is not None:
         theta[:, k] = theta[:, k] * scale
-    return theta, batch.converged, batch.iters
+    return theta, batch.converged, batch.stalled, batch.iters
 
 
 @dataclass
@@ -427,6 +463,7 @@ class _Batch:
     hess: torch.Tensor
     lam: torch.Tensor
     converged: torch.Tensor
+    stalled: torch.Tensor
     iters: torch.Tensor
 
     def select(self, index: torch.Tensor) -> "_Batch":
@@ -486,6 +523,7 @@ class _LevenbergMarquardt:
         return _Batch(theta.clone(), y, sigma, lo, hi, obj, grad, hess,
                       lam=torch.full((n,), 1e-3, dtype=theta.dtype, device=theta.device),
                       converged=torch.zeros(n, dtype=torch.bool, device=theta.device),
+                      stalled=torch.zeros(n, dtype=torch.bool, device=theta.device),
                       iters=torch.zeros(n, dtype=torch.int64, device=theta.device))
 
     def iterate(self, batch: _Batch, max_iter: int) -> None:
@@ -494,7 +532,7 @@ class _LevenbergMarquardt:
         dtype, device = batch.theta.dtype, batch.theta.device
         eye = torch.eye(p, dtype=dtype, device=device)
         tiny = torch.finfo(dtype).tiny
-        active = torch.nonzero(~batch.converged).squeeze(-1)
+        active = torch.nonzero(~(batch.converged | batch.stalled)).squeeze(-1)
         for _ in range(max_iter):
             if active.numel() == 0:
                 break
@@ -531,7 +569,10 @@ class _LevenbergMarquardt:
             batch.hess[active] = torch.where(keep[..., None], t_hess, hs)
             batch.lam[active] = lm
             batch.iters[active] += 1
-            # converged: less than `tol` further decrease predicted, or no step can help
-            done = (predicted.abs() < self.tol) | (lm >= 1e12) | (real_step.abs() <= 1e-9 * sp).all(-1)
-            batch.converged[active] = done
-            active = active[~done]
+            # converged: less than `tol` further decrease predicted; stalled: no step can help
+            # (damping at its ceiling, or a step below float resolution) without meeting `tol`
+            met = predicted.abs() < self.tol
+            stuck = ~met & ((lm >= 1e12) | (real_step.abs() <= 1e-9 * sp).all(-1))
+            batch.converged[active] = met
+            batch.stalled[active] = stuck
+            active = active[~(met | stuck)]
