@@ -27,6 +27,7 @@ import numpy as np
 from qmri_labels.analysis.image_metrics import image_metrics
 from qmri_labels.data.phantoms import QSMPhantomSet, QSMPhantomSpec
 from qmri_labels.fileio import atomic_write_bytes, deep_merge, write_json
+from qmri_labels.workflows.common import merge_config
 from qmri_labels.fitting.qsm_inversion import (
     TIKHONOV_DEFAULT_LAMBDA,
     cosmos,
@@ -76,6 +77,8 @@ ACTIVATION_DEFAULTS["phantom"]["n_orientations"] = 1
 DEFAULTS = LABEL_DEFAULTS
 DEFAULTS_BY_KIND = {"qsm_labels": LABEL_DEFAULTS, "qsm_activation": ACTIVATION_DEFAULTS}
 KINDS = ("qsm_labels", "qsm_activation")
+#: sub-mappings of the config checked by their consumer (QSMPhantomSpec, QSMEstimator), not against DEFAULTS
+FREE_FORM_KEYS = ("phantom", "training")
 
 
 def _write_csv(path: Path, df) -> None:
@@ -201,7 +204,7 @@ def run_labels(config: Mapping, out: Path, quiet: bool = True) -> dict:
     """Label-choice study (kind ``qsm_labels``); writes results.csv, report.md, figures."""
     import pandas as pd
 
-    config = deep_merge(LABEL_DEFAULTS, config or {})
+    config = merge_config(LABEL_DEFAULTS, config, FREE_FORM_KEYS)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -257,7 +260,7 @@ def run_activation(config: Mapping, out: Path, quiet: bool = True) -> dict:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    config = deep_merge(ACTIVATION_DEFAULTS, config or {})
+    config = merge_config(ACTIVATION_DEFAULTS, config, FREE_FORM_KEYS)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
