@@ -189,3 +189,16 @@ def test_flags_in_force_during_training_are_recorded(data):
     assert run.record["flags_in_fit"]["cudnn_benchmark"] is True
     assert run.record["flags_in_fit"]["use_deterministic_algorithms"] is True
     assert torch.backends.cudnn.benchmark is False  # restored after the fit
+
+
+def test_determinism_record_uses_the_bundle_description_of_versions_and_device():
+    from qmri_labels.bundle import device_info, package_versions
+
+    record = record_determinism(DeterminismSettings(num_threads=1))
+    assert record["versions"] == package_versions()
+    info = device_info("cpu")
+    assert {k: v for k, v in record["device_info"].items() if k != "torch_threads"} == \
+        {k: v for k, v in info.items() if k != "torch_threads"}
+    assert record["device_name"] == info["processor"]
+    # one description of packages and devices: no second copy of the version/platform fields
+    assert not {"torch", "numpy", "platform", "cuda_version"} & set(record)

@@ -27,7 +27,7 @@ import numpy as np
 from qmri_labels.analysis.image_metrics import image_metrics
 from qmri_labels.data.phantoms import QSMPhantomSet, QSMPhantomSpec
 from qmri_labels.fileio import atomic_write_bytes, deep_merge, write_json
-from qmri_labels.workflows.common import merge_config
+from qmri_labels.workflows.common import markdown, merge_config
 from qmri_labels.fitting.qsm_inversion import (
     TIKHONOV_DEFAULT_LAMBDA,
     cosmos,
@@ -234,7 +234,7 @@ def run_labels(config: Mapping, out: Path, quiet: bool = True) -> dict:
     report = ["# QSM label-choice study", "",
               f"Held-out phantoms: {len(test)} of shape {list(test.chi.shape[1:])}, field noise "
               f"{test.spec.noise_sigma} ppm, COSMOS from {test.fields.shape[1]} orientations.", "",
-              table.to_markdown(index=False, floatfmt=".3f") if _has_tabulate() else table.to_string(index=False),
+              markdown(table),
               "", "![slices](slices.png)", ""]
     atomic_write_bytes(out / "report.md", "\n".join(report).encode())
     timings["total"] = time.perf_counter() - t0
@@ -242,14 +242,6 @@ def run_labels(config: Mapping, out: Path, quiet: bool = True) -> dict:
     _print(quiet, table.to_string(index=False))
     return {"results": rows, "history": hist_rows, "out": str(out), "timings_s": timings,
             "summary_text": table.to_string(index=False, float_format=lambda v: f"{v:.3f}")}
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def run_activation(config: Mapping, out: Path, quiet: bool = True) -> dict:
@@ -301,7 +293,7 @@ def run_activation(config: Mapping, out: Path, quiet: bool = True) -> dict:
     report = ["# QSM activation / channel study (after Graf et al. 2023)", "",
               f"Label {config['label']!r}; {len(train)} training and {len(test)} held-out phantoms of shape "
               f"{list(test.chi.shape[1:])}.", "",
-              table.to_markdown(index=False, floatfmt=".3f") if _has_tabulate() else table.to_string(index=False),
+              markdown(table),
               "", "![convergence](convergence.png)", "", "![slices](slices.png)", ""]
     atomic_write_bytes(out / "report.md", "\n".join(report).encode())
     timings["total"] = time.perf_counter() - t0
