@@ -53,6 +53,8 @@ def fit_multistart(signal, bvalues, sigma, bounds, extra_starts=(), ftol=1e-13, 
     signal = np.asarray(signal, dtype=np.float64)
     bvalues = np.asarray(bvalues, dtype=np.float64)
     bounds = np.asarray(bounds, dtype=np.float64)
+    if signal.shape != bvalues.shape:
+        raise ValueError(f"signal has shape {signal.shape}, bvalues {bvalues.shape}: one sample per b-value")
     s0 = float(signal[bvalues == bvalues.min()].mean())
     high = bvalues >= 200
     slope = np.polyfit(bvalues[high], np.log(np.clip(signal[high], 1e-6 * s0 + 1e-300, None)), 1)[0] if high.sum() >= 2 else -1e-3
