@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -161,12 +161,39 @@ def read_verified_npz(path: str | os.PathLike, build, what: str, format_version:
     return obj
 
 
-def deep_merge(base: Mapping, override: Mapping) -> dict:
-    """``base`` with ``override`` laid over it; nested mappings are merged key by key."""
+def deep_merge(base: Mapping, override: Mapping, *, strict: bool = False, free: Iterable[str] = (),
+               allow: Iterable[str] = (), _path: str = "") -> dict:
+    """``base`` with ``override`` laid over it; nested mappings are merged key by key.
+
+    Parameters
+    ----------
+    base, override : Mapping
+    strict : bool
+        A key of ``override`` that ``base`` does not have is a ``ValueError`` naming its dotted
+        path and the known keys, at every level where ``base`` holds a mapping. Not checked
+        below: a value whose default is not a mapping or is an empty mapping (e.g. ``None``: the
+        given value replaces it whole), and the dotted paths in ``free``; their consumers
+        validate them.
+    free : iterable of str
+        Dotted paths of free-form sub-mappings (merged, not checked) when ``strict``.
+    allow : iterable of str
+        Extra top-level keys accepted when ``strict`` (e.g. ``name``, ``description``).
+    """
+    free = tuple(free)
+    if strict:
+        known = set(base) | (set(allow) if not _path else set())
+        unknown = [key for key in override if key not in known]
+        if unknown:
+            where = f" in {_path!r}" if _path else ""
+            raise ValueError(f"unknown configuration key{'s' if len(unknown) > 1 else ''} "
+                             f"{', '.join(repr(_path + '.' + str(k) if _path else str(k)) for k in unknown)}{where}; "
+                             f"known: {', '.join(sorted(map(str, base)))}")
     out = copy.deepcopy(dict(base))
     for key, value in override.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
+            path = f"{_path}.{key}" if _path else str(key)
+            check = strict and path not in free and bool(out[key])
+            out[key] = deep_merge(out[key], value, strict=check, free=free, _path=path)
         else:
             out[key] = copy.deepcopy(value)
     return out

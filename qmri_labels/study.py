@@ -48,6 +48,7 @@ from qmri_labels import paths
 from qmri_labels.fileio import deep_merge
 from qmri_labels.log import add_verbosity_flags, configure_cli_logging
 from qmri_labels.workflows import KINDS
+from qmri_labels.workflows.common import merge_config
 
 DEFAULT_CONFIG = "default"
 #: ``--model`` value -> study kind (voxel models all use the label comparison)
@@ -56,7 +57,6 @@ MODEL_KINDS = {"qsm": "qsm_labels"}
 FLAG_KEYS = {"alpha": "alpha", "snr": "snr", "bvalues": "bvalues", "n_train": "n_train", "max_epochs": "max_epochs",
              "seed": "seed", "device": "device", "storage": "storage", "study_name": "study_name", "worker": "worker",
              "snr_test": "grid.snr", "tune": "tune.n_trials", "seeds": "seeds"}
-META_KEYS = {"kind", "name", "description", "title"}
 
 
 def workflow_module(kind: str):
@@ -126,7 +126,8 @@ def locate_key(defaults: Mapping, key: str, kind: str, flag: str) -> list[str]:
     homes = [parent for parent, value in defaults.items() if isinstance(value, Mapping) and key in value]
     if len(homes) == 1:
         return [homes[0], key]
-    raise ValueError(f"{flag} does not apply to study kind {kind!r} (its configuration has no {key!r} entry)")
+    raise ValueError(f"{flag} does not apply to study kind {kind!r} (its configuration has no {key!r} entry); "
+                     f"known: {', '.join(sorted(defaults))}")
 
 
 def set_key(config: dict, path: list[str], value) -> None:
@@ -204,14 +205,11 @@ def resolve(args: argparse.Namespace) -> tuple[str, dict, Any, str]:
                          f"{name!r} is of kind {kind!r}")
     module = workflow_module(kind)
     defaults = workflow_defaults(module, kind)
-    unknown = set(config) - set(defaults) - META_KEYS if defaults else set()
-    if unknown:
-        raise ValueError(f"configuration {name!r} has keys {sorted(unknown)} that kind {kind!r} does not know; "
-                         f"known: {sorted(defaults)}")
-    resolved = deep_merge(defaults, config)
-    resolved["kind"] = kind
+    # flags and --set go into the user's configuration, which is then checked against the
+    # workflow's DEFAULTS at every level: a key the workflow does not read is an error
+    config = copy.deepcopy(config)
     if args.model is not None and kind == "ivim_labels":
-        resolved["model"] = args.model.lower()
+        config["model"] = args.model.lower()
     if args.snr is not None and len(args.snr) not in (1, 2):
         raise ValueError(f"--snr takes one value or a range LOW HIGH, got {len(args.snr)} values")
     for dest, key in FLAG_KEYS.items():
@@ -221,7 +219,7 @@ def resolve(args: argparse.Namespace) -> tuple[str, dict, Any, str]:
         if dest == "snr" and len(value) == 1:
             value = value[0]
         flag = "--" + dest.replace("_", "-")
-        set_key(resolved, locate_key(defaults, key, kind, flag), value)
+        set_key(config, locate_key(defaults, key, kind, flag), value)
     for item in args.set:
         if "=" not in item:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
@@ -230,7 +228,15 @@ def resolve(args: argparse.Namespace) -> tuple[str, dict, Any, str]:
             value = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ValueError(f"--set {key}: value {text!r} is not valid YAML ({exc})") from exc
-        set_key(resolved, locate_key(defaults, key.strip(), kind, f"--set {key}"), value)
+        set_key(config, locate_key(defaults, key.strip(), kind, f"--set {key}"), value)
+    if defaults:
+        try:
+            resolved = merge_config(defaults, config, tuple(getattr(module, "FREE_FORM_KEYS", ())))
+        except ValueError as exc:
+            raise ValueError(f"configuration {name!r} (kind {kind!r}): {exc}") from None
+    else:
+        resolved = config
+    resolved["kind"] = kind
     return kind, resolved, module, name
 
 

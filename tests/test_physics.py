@@ -88,3 +88,33 @@ def test_noise_rejects_bad_input():
         add_noise(np.ones(3), 0.1, "poisson")
     with pytest.raises(ValueError, match="sigma"):
         add_noise(np.ones(3), np.nan)
+
+
+@pytest.mark.parametrize("name, tname", [("t2", "T2"), ("t2star", "T2star")])
+def test_relaxation_models_in_ms(name, tname):
+    model = get_model(name)
+    assert model.param_names == ("S0", tname) and model.units[tname] == "ms"
+    assert model.protocol_name == "echo_times" and model.protocol_unit == "ms"
+    lo, hi = model.default_bounds[:, 1]
+    assert lo <= 1.0 and hi >= 2000.0  # brain T2 (~80 ms) to fluid (~2000 ms) fit the box
+    te = torch.tensor([10.0, 20, 40, 80, 160], dtype=torch.float64)
+    theta = torch.tensor([[1.5, 80.0], [0.7, 25.0]], dtype=torch.float64)
+    np.testing.assert_allclose(model.forward(theta, te).numpy(),
+                               theta[:, :1].numpy() * np.exp(-te.numpy() / theta[:, 1:].numpy()), rtol=1e-12)
+    np.testing.assert_allclose(model.jacobian(theta, te).numpy(), SignalModel.jacobian(model, theta, te).numpy(),
+                               rtol=1e-10)
+    signals, grads = model.forward_and_gradients(theta, te)
+    np.testing.assert_allclose(grads.transpose(-1, -2).numpy(), model.jacobian(theta, te).numpy())
+    init = model.initial_estimate(signals, te)
+    np.testing.assert_allclose(init.numpy(), theta.numpy(), rtol=1e-8)  # exact on clean signals
+    starts = model.starting_points(init, torch.as_tensor(model.default_bounds[0]).expand(2, 2),
+                                   torch.as_tensor(model.default_bounds[1]).expand(2, 2), 4)
+    assert starts.shape == (2, 4, 2) and torch.all(starts[:, :, 0] == init[:, None, 0])
+    assert torch.all((starts[:, 1:, 1] >= lo) & (starts[:, 1:, 1] <= hi))
+
+
+def test_monoexp_claims_diffusion_only():
+    import qmri_labels.physics.monoexp as monoexp
+
+    assert "T2 relaxation" not in monoexp.__doc__ and "t2" in monoexp.__doc__
+    assert get_model("monoexp").protocol_unit == "s/mm^2"

@@ -94,12 +94,53 @@ def test_settings_validation_and_scope_restores_flags():
         assert rec["use_deterministic_algorithms"] and rec["cudnn_benchmark"] and rec["num_threads"] == 1
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
             torch.get_num_threads()) == before
-    if not torch.cuda.is_available():
-        ok, reason = device_available("cuda")
-        assert not ok and "no CUDA" in reason
-        with pytest.raises(ValueError, match="no CUDA"):
-            with determinism_scope(DeterminismSettings(device="cuda")):
-                pass
+
+
+NO_CUDA = "no CUDA device on this machine: the GPU half (cuDNN benchmark, device effects) did not run"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the no-CUDA error path cannot run here")
+def test_cuda_settings_without_cuda_are_a_clear_error():
+    ok, reason = device_available("cuda")
+    assert not ok and "no CUDA" in reason
+    with pytest.raises(ValueError, match="no CUDA"):
+        with determinism_scope(DeterminismSettings(device="cuda")):
+            pass
+
+
+@needs_cuda
+def test_cudnn_benchmark_flag_is_in_force_on_the_gpu(data):
+    train, test = data
+    settings = DeterminismSettings(seed=3, device="cuda", cudnn_benchmark=True, deterministic=False)
+    with determinism_scope(settings):
+        assert torch.backends.cudnn.benchmark is True and torch.backends.cudnn.deterministic is False
+        record = record_determinism(settings)
+    assert record["cudnn_benchmark"] is True and record["device_name"] == torch.cuda.get_device_name(0)
+    run = train_network(train, settings, max_epochs=1, **NET)
+    assert run.record["flags_in_fit"]["cudnn_benchmark"] is True
+    assert torch.backends.cudnn.benchmark is False  # restored after the fit
+    assert run.record["device"] == "cuda"
+    assert np.all(np.isfinite(run.step_losses)) and run.step_losses.size == 100
+
+
+@needs_cuda
+def test_gpu_training_is_reproducible_and_close_to_the_cpu(data):
+    train, test = data
+    gpu = DeterminismSettings(seed=3, device="cuda")
+    a = train_network(train, gpu, max_epochs=1, **NET)
+    b = train_network(train, gpu, max_epochs=1, **NET)
+    # with every source fixed the GPU repeats itself bit for bit
+    assert bitwise_equal(a.step_losses, b.step_losses) and weights_equal(a.network, b.network)
+    cpu = train_network(train, DeterminismSettings(seed=3, num_threads=1), max_epochs=1, **NET)
+    # the device is a source: same seeds, other kernels; the trajectories stay close
+    np.testing.assert_allclose(a.step_losses, cpu.step_losses, rtol=1e-3)
+    # inference of one network on both devices: nearly equal outputs
+    on_gpu = run_inference(cpu.network, test.signals, DeterminismSettings(device="cuda"))
+    on_cpu = run_inference(cpu.network, test.signals)
+    scale = np.abs(on_cpu).max(axis=0)
+    assert np.max(np.abs(on_gpu - on_cpu) / scale) < 1e-4
+    assert bitwise_equal(on_gpu, run_inference(cpu.network, test.signals, DeterminismSettings(device="cuda")))
 
 
 def test_train_network_rejects_conflicting_parameters(data):
@@ -131,7 +172,11 @@ def test_reproducibility_study_tiny(tmp_path, data):
     assert 0 < inference.loc["dtype=bf16-mixed", "max_rel_output_diff"] < 0.1
     skipped = pd.read_csv(out / "skipped.csv")
     assert "inference" in set(skipped.phase) and any("cuDNN" in r for r in skipped.reason)
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        # the GPU rows ran: device and cuDNN benchmark were measured, not skipped
+        assert "device=cuda" not in set(skipped.source) and "device=cuda" in set(training.index)
+        assert training.loc["device=cuda", "repeats"] >= 1
+    else:
         assert any("no CUDA GPU" in r for r in skipped[skipped.source == "device=cuda"].reason)
     assert "bit-identical: yes" in (out / "report.md").read_text()
     with pytest.raises(ValueError, match="unknown source"):
@@ -144,3 +189,16 @@ def test_flags_in_force_during_training_are_recorded(data):
     assert run.record["flags_in_fit"]["cudnn_benchmark"] is True
     assert run.record["flags_in_fit"]["use_deterministic_algorithms"] is True
     assert torch.backends.cudnn.benchmark is False  # restored after the fit
+
+
+def test_determinism_record_uses_the_bundle_description_of_versions_and_device():
+    from qmri_labels.bundle import device_info, package_versions
+
+    record = record_determinism(DeterminismSettings(num_threads=1))
+    assert record["versions"] == package_versions()
+    info = device_info("cpu")
+    assert {k: v for k, v in record["device_info"].items() if k != "torch_threads"} == \
+        {k: v for k, v in info.items() if k != "torch_threads"}
+    assert record["device_name"] == info["processor"]
+    # one description of packages and devices: no second copy of the version/platform fields
+    assert not {"torch", "numpy", "platform", "cuda_version"} & set(record)

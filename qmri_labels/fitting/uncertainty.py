@@ -87,8 +87,9 @@ def admissible_box(model, signals: np.ndarray, bvalues: np.ndarray, lower: np.nd
                    scale_relative: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per-voxel bounds ``(N, P)`` in the data's units, as the fitter applies them.
 
-    With ``scale_relative`` the scale parameter (S0) is bounded by ``[0, 2 x`` the voxel's mean
-    signal at the lowest b-value ``]`` (its largest magnitude if that mean is not positive).
+    With ``scale_relative`` the scale parameter (S0) is bounded by ``[0, h x`` the voxel's mean
+    signal at the lowest b-value ``]`` (its largest magnitude if that mean is not positive), with
+    ``h = model.scale_headroom(bvalues)`` (2 for diffusion models), as in the fitter.
     """
     n = signals.shape[0]
     lo = np.broadcast_to(lower, (n, model.n_params)).copy()
@@ -98,7 +99,7 @@ def admissible_box(model, signals: np.ndarray, bvalues: np.ndarray, lower: np.nd
         scale = signals[:, bvalues == bvalues.min()].mean(-1)
         scale = np.where(scale > 0, scale, np.abs(signals).max(-1))
         lo[:, k] = 0.0
-        hi[:, k] = 2.0 * scale
+        hi[:, k] = float(model.scale_headroom(torch.as_tensor(bvalues))) * scale
     return lo, hi
 
 

@@ -9,6 +9,7 @@ from qmri_labels.physics.base import (
 )
 from qmri_labels.physics.ivim import IVIMModel, ivim_signal
 from qmri_labels.physics.monoexp import MonoExpModel, monoexp_signal
+from qmri_labels.physics.relaxometry import T2Model, T2StarModel, relaxation_signal
 from qmri_labels.physics.noise import add_noise, sigma_from_snr
 
 __all__ = [
@@ -21,6 +22,9 @@ __all__ = [
     "ivim_signal",
     "MonoExpModel",
     "monoexp_signal",
+    "T2Model",
+    "T2StarModel",
+    "relaxation_signal",
     "add_noise",
     "sigma_from_snr",
 ]

@@ -155,6 +155,15 @@ class SignalModel:
         bounds = torch.as_tensor(self.default_bounds, dtype=signals.dtype, device=signals.device)
         return (0.5 * (bounds[0] + bounds[1])).expand(signals.shape[0], -1).clone()
 
+    def scale_headroom(self, protocol) -> float:
+        """Upper bound of the scale parameter (S0) relative to a voxel's mean signal at the
+        lowest protocol value, used when no bound is given for it.
+
+        2 suits protocols that start at (or near) zero, where that signal is about S0; models
+        whose lowest protocol value can sit well into the decay (echo times) override it.
+        """
+        return 2.0
+
     def starting_points(self, init: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, n_starts: int) -> torch.Tensor:
         """Starting points ``(N, n_starts, n_params)`` for the MLE fitter.
 

@@ -1,7 +1,8 @@
-"""Mono-exponential decay ``S = S0 * exp(-b * D)``.
+"""Mono-exponential diffusion decay ``S = S0 * exp(-b * D)`` (ADC).
 
-Serves diffusion (ADC, b in s/mm^2, D in mm^2/s) and, with echo times as the protocol and
-the rate 1/T2 as ``D``, T2 relaxation.
+b in s/mm^2 and D in mm^2/s; the bounds (D up to 0.005 mm^2/s) are those of diffusion. For
+relaxometry (echo times in ms, T2 or T2* in ms) use the ``"t2"`` and ``"t2star"`` models of
+:mod:`qmri_labels.physics.relaxometry`.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ def monoexp_signal(params: torch.Tensor, protocol: torch.Tensor) -> torch.Tensor
 
 @register_model
 class MonoExpModel(SignalModel):
-    """Mono-exponential decay (parameters S0, D)."""
+    """Mono-exponential diffusion decay (parameters S0, D in mm^2/s; b-values in s/mm^2)."""
 
     name = "monoexp"
     parameters = (
         Parameter("S0", "a.u.", 0.0, 2.0, "signal at b = 0"),
-        Parameter("D", "mm^2/s", 0.0, 0.005, "apparent diffusion coefficient (or decay rate)"),
+        Parameter("D", "mm^2/s", 0.0, 0.005, "apparent diffusion coefficient"),
     )
     scale_index = 0
 

@@ -26,7 +26,6 @@ import contextlib
 import copy
 import dataclasses
 import os
-import platform
 import random
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -167,10 +166,12 @@ def device_available(device: str) -> tuple[bool, str]:
 
 
 def device_name(device: str) -> str:
-    """Human-readable name: the GPU model for CUDA devices, the processor for the CPU."""
-    if device != "cpu" and device_available(device)[0]:
-        return torch.cuda.get_device_name(_cuda_index(device))
-    return platform.processor() or platform.machine() or "cpu"
+    """Human-readable name: the GPU model for CUDA devices, the processor for the CPU
+    (from :func:`qmri_labels.bundle.device_info`, the one place that describes devices)."""
+    from qmri_labels.bundle import device_info
+
+    info = device_info(device if device_available(device)[0] else "cpu")
+    return info.get("gpu_name") or info["processor"] or "cpu"
 
 
 @contextlib.contextmanager
@@ -218,24 +219,25 @@ def record_determinism(settings: DeterminismSettings | None = None) -> dict:
 
     Call it inside :func:`determinism_scope` to record what a run actually used.
     """
+    from qmri_labels.bundle import device_info, package_versions
+
     device = settings.device if settings is not None else "cpu"
+    info = device_info(device if device_available(device)[0] else "cpu")
     record = {
         "settings": settings.to_dict() if settings is not None else None,
         "precision": settings.precision if settings is not None else None,
-        "use_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "use_deterministic_algorithms": info["deterministic_algorithms"],
         "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
-        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
-        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "cudnn_deterministic": info["cudnn_deterministic"],
+        "cudnn_benchmark": info["cudnn_benchmark"],
         "cudnn_version": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "cublas_workspace_config": os.environ.get(_CUBLAS_ENV),
-        "num_threads": torch.get_num_threads(),
+        "num_threads": info["torch_threads"],
         "device": device,
-        "device_name": device_name(device),
-        "cuda_available": torch.cuda.is_available(),
-        "torch": torch.__version__,
-        "cuda_version": torch.version.cuda,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
+        "device_name": info.get("gpu_name") or info["processor"] or "cpu",
+        # what bundle manifests record too, from the same functions
+        "device_info": info,
+        "versions": package_versions(),
     }
     return record
 

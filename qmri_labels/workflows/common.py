@@ -12,24 +12,19 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from qmri_labels.fileio import write_text
+from qmri_labels.fileio import deep_merge, write_text
 
 
-def merge_config(defaults: Mapping, config: Mapping | None) -> dict:
-    """Deep-merge ``config`` over ``defaults``; unknown top-level keys are an error."""
-    config = dict(config or {})
-    unknown = set(config) - set(defaults) - {"name", "description"}
-    if unknown:
-        raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(defaults)}")
-    out = copy.deepcopy(dict(defaults))
-    for key, value in config.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            merged = dict(out[key])
-            merged.update(value)
-            out[key] = merged
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+#: keys any study configuration may carry besides its workflow's ``DEFAULTS``
+META_KEYS = ("kind", "name", "description", "title")
+
+
+def merge_config(defaults: Mapping, config: Mapping | None, free: tuple[str, ...] = ()) -> dict:
+    """``config`` merged over ``defaults`` by :func:`qmri_labels.fileio.deep_merge` (the one
+    merge), strictly: an unknown key at any level is a ``ValueError`` naming it and the known
+    ones, except under the dotted paths in ``free`` (sub-mappings their consumer validates,
+    e.g. a workflow's ``FREE_FORM_KEYS``) and where the default is ``None`` or empty."""
+    return deep_merge(defaults, dict(config or {}), strict=True, free=free, allow=META_KEYS)
 
 
 def parameter_indices(dataset, parameters) -> list[int]:

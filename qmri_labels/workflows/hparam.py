@@ -115,6 +115,9 @@ DEFAULTS: dict = {
     "alpha": 0.05,
 }
 
+#: sub-mappings of the config checked by their consumer (the search-space check, NetworkEstimator), not against DEFAULTS
+FREE_FORM_KEYS = ("search_space", "reference", "network")
+
 SEARCHABLE = ("lr", "batch_size", "width", "hidden_layers", "activation", "weight_decay", "optimiser", "label",
               "alpha", "val_fraction")
 
@@ -163,7 +166,7 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
     import optuna
 
     t0, started = time.perf_counter(), time.time()
-    config = merge_config(DEFAULTS, config)
+    config = merge_config(DEFAULTS, config, FREE_FORM_KEYS)
     space = _check_space(config["search_space"])
     n_trials = int(config["n_trials"])
     if n_trials < 1:

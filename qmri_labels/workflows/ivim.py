@@ -27,7 +27,8 @@ import pandas as pd
 
 from qmri_labels.data.datasets import EPSTEIN_BVALUES, DatasetSpec, snr_setting
 from qmri_labels.data.priors import UniformPrior
-from qmri_labels.fileio import atomic_write_bytes, deep_merge, write_json
+from qmri_labels.fileio import atomic_write_bytes, write_json
+from qmri_labels.workflows.common import merge_config
 from qmri_labels.workflows.label_fairness import NETWORK_DEFAULTS, TUNE_DEFAULTS
 
 DEFAULTS: dict[str, Any] = {
@@ -53,9 +54,9 @@ DEFAULTS: dict[str, Any] = {
     "max_epochs": 100,
     "patience": 10,
     "val_fraction": 0.1,
-    # fitter of the MLE labels and of the fit-mle reference ("known": the simulated sigma)
-    # (n_starts, probe_iter, ... of fit_mle may be added; absent: the fitter's defaults)
-    "mle": {"sigma": "known"},
+    # fitter of the MLE labels and of the fit-mle reference: sigma ("known": the simulated one),
+    # n_starts (None: fit_mle's default), bounds ((2, P) list in the model's order; None: defaults)
+    "mle": {"sigma": "known", "n_starts": None, "bounds": None},
     # evaluation grid over (f, D, Dstar) spanning the prior, S0 = 1; snr: one or a list of test
     # SNRs (null: the training SNR, or the ends of a training SNR range)
     "grid": {"points_per_axis": 10, "repeats": 200, "margin": 0.05, "snr": None},
@@ -73,15 +74,13 @@ DEFAULTS: dict[str, Any] = {
 }
 
 LABEL_ORDER = ("gt", "mle", "self")
+#: sub-mappings of the config checked by their consumer (NetworkEstimator), not against DEFAULTS
+FREE_FORM_KEYS = ("network",)
 
 
 def resolve_config(config: Mapping | None) -> dict:
     """Defaults merged with ``config``, checked; raises ``ValueError`` naming a bad entry."""
-    config = dict(config or {})
-    unknown = set(config) - set(DEFAULTS) - {"name", "description"}
-    if unknown:
-        raise ValueError(f"unknown config keys {sorted(unknown)} for kind 'ivim_labels'; known: {sorted(DEFAULTS)}")
-    cfg = deep_merge(DEFAULTS, config or {})
+    cfg = merge_config(DEFAULTS, config, FREE_FORM_KEYS)
     if cfg["figure_format"] not in ("png", "pdf"):
         raise ValueError(f"figure_format must be 'png' or 'pdf', got {cfg['figure_format']!r}")
     if cfg["kind"] != "ivim_labels":
@@ -224,7 +223,7 @@ def make_estimators(cfg: Mapping, quiet: bool = True) -> dict:
     common.update(val_fraction=cfg["val_fraction"], seed=cfg["seed"],
                   accelerator=accelerator, devices=devices, deterministic=cfg["deterministic"],
                   num_threads=cfg["num_threads"], progress=not quiet,
-                  mle_options={k: v for k, v in cfg["mle"].items() if k in ("n_starts", "sigma")})
+                  mle_options=dict(cfg["mle"]))
     out = {}
     for label in cfg["labels"]:
         out[method_name(label)] = NetworkEstimator(label=label, **common)
@@ -278,7 +277,7 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
     mle_labels = None
     t = begin("MLE labels of the training signals" if needs_mle else "MLE labels not needed (no mle/hybrid net)")
     if needs_mle:
-        mle_labels = compute_mle_labels(train, n_starts=cfg["mle"].get("n_starts"), sigma=cfg["mle"].get("sigma"),
+        mle_labels = compute_mle_labels(train, **cfg["mle"],
                                         device=torch_device, progress=not quiet)
         _say(quiet, f"      {'read from cache' if mle_labels.from_cache else 'fitted'}; "
                     f"{mle_labels.n_invalid} invalid fits left out")
@@ -307,7 +306,7 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
     t = begin(f"evaluating on the test grid (SNR {', '.join(f'{x:g}' for x in cfg['grid']['snr'])}) "
               "and the held-out set")
     known = cfg["mle"].get("sigma", "known") == "known"
-    fitter_options = {k: v for k, v in cfg["mle"].items() if k == "n_starts"}
+    fitter_options = {k: v for k, v in cfg["mle"].items() if k != "sigma"}
 
     def fitter(sigma):
         return MLEEstimator(model=cfg["model"], protocol=cfg["bvalues"], noise=cfg["noise"], sigma=sigma,

@@ -69,6 +69,9 @@ DEFAULTS: dict = {
     "qsm": {},
 }
 
+#: sub-mappings of the config checked by their consumer (NetworkEstimator, QSMEstimator), not against DEFAULTS
+FREE_FORM_KEYS = ("network", "qsm")
+
 #: QSMEstimator settings of the QSM mismatch study (CPU size; a GPU can take more)
 QSM_TRAINING: dict = {"label": "gt", "preset": "graf", "unet": {"levels": 3, "init_channels": 8},
                       "inputs": ["field", "tkd"], "patch_size": None, "batch_size": 2, "max_epochs": 6,
@@ -84,7 +87,7 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
     """Run the mismatch study; see the module docstring for what is written under ``out``."""
     t0 = time.perf_counter()
     started = time.time()
-    config = merge_config(DEFAULTS, config)
+    config = merge_config(DEFAULTS, config, FREE_FORM_KEYS)
     names = config["datasets"]
     if config["comparisons"] not in ("all_pairs", "matched_vs_others"):
         raise ValueError(f"comparisons must be 'all_pairs' or 'matched_vs_others', got {config['comparisons']!r}")

@@ -27,7 +27,8 @@ import numpy as np
 
 from qmri_labels.analysis.image_metrics import image_metrics
 from qmri_labels.data.phantoms import QSMPhantomSet, QSMPhantomSpec
-from qmri_labels.fileio import atomic_write_bytes, deep_merge, write_json
+from qmri_labels.fileio import atomic_write_bytes, write_json
+from qmri_labels.workflows.common import markdown, merge_config
 from qmri_labels.fitting.qsm_inversion import (
     TIKHONOV_DEFAULT_LAMBDA,
     TV_DEFAULT_LAMBDA,
@@ -80,6 +81,8 @@ ACTIVATION_DEFAULTS["phantom"]["n_orientations"] = 1
 DEFAULTS = LABEL_DEFAULTS
 DEFAULTS_BY_KIND = {"qsm_labels": LABEL_DEFAULTS, "qsm_activation": ACTIVATION_DEFAULTS}
 KINDS = ("qsm_labels", "qsm_activation")
+#: sub-mappings of the config checked by their consumer (QSMPhantomSpec, QSMEstimator), not against DEFAULTS
+FREE_FORM_KEYS = ("phantom", "training")
 
 
 def _write_csv(path: Path, df) -> None:
@@ -246,7 +249,7 @@ def run_labels(config: Mapping, out: Path, quiet: bool = True) -> dict:
     """Label-choice study (kind ``qsm_labels``); writes results.csv, report.md, figures."""
     import pandas as pd
 
-    config = deep_merge(LABEL_DEFAULTS, config or {})
+    config = merge_config(LABEL_DEFAULTS, config, FREE_FORM_KEYS)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -277,7 +280,7 @@ def run_labels(config: Mapping, out: Path, quiet: bool = True) -> dict:
               f"Held-out phantoms: {len(test)} of shape {list(test.chi.shape[1:])}, input: {_field_label(test)}, "
               f"field noise {test.spec.noise_sigma} ppm, COSMOS from {test.fields.shape[1]} orientations; "
               "Tikhonov and TV lambdas tuned on the training phantoms.", "",
-              table.to_markdown(index=False, floatfmt=".3f") if _has_tabulate() else table.to_string(index=False),
+              markdown(table),
               "", "![slices](slices.png)", ""]
     atomic_write_bytes(out / "report.md", "\n".join(report).encode())
     timings["total"] = time.perf_counter() - t0
@@ -294,14 +297,6 @@ def _field_label(data: QSMPhantomSet) -> str:
         data.spec.field_kind]
 
 
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def run_activation(config: Mapping, out: Path, quiet: bool = True) -> dict:
     """Graf et al.'s activation x initial-channels comparison (kind ``qsm_activation``)."""
     import matplotlib
@@ -310,7 +305,7 @@ def run_activation(config: Mapping, out: Path, quiet: bool = True) -> dict:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    config = deep_merge(ACTIVATION_DEFAULTS, config or {})
+    config = merge_config(ACTIVATION_DEFAULTS, config, FREE_FORM_KEYS)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -352,7 +347,7 @@ def run_activation(config: Mapping, out: Path, quiet: bool = True) -> dict:
     report = ["# QSM activation / channel study (after Graf et al. 2023)", "",
               f"Label {config['label']!r}; {len(train)} training and {len(test)} held-out phantoms of shape "
               f"{list(test.chi.shape[1:])}, input: {_field_label(test)}.", "",
-              table.to_markdown(index=False, floatfmt=".3f") if _has_tabulate() else table.to_string(index=False),
+              markdown(table),
               "", "![convergence](convergence.png)", "", "![slices](slices.png)", ""]
     atomic_write_bytes(out / "report.md", "\n".join(report).encode())
     timings["total"] = time.perf_counter() - t0
@@ -404,7 +399,7 @@ def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None,
     on; see :func:`qmri_labels.training.qsm.check_input_kind`). ``resume`` continues from the
     bundle at ``out`` (same data, same configuration) for another ``minutes``.
     """
-    config = deep_merge(MODEL_CONFIG, config or {})
+    config = merge_config(MODEL_CONFIG, config, FREE_FORM_KEYS)
     out = Path(out)
     train, val, test = make_phantom_sets(config)
     t = dict(config["training"])

@@ -78,6 +78,9 @@ DEFAULTS: dict = {
     "correction": "bonferroni",
 }
 
+#: sub-mappings of the config checked by their consumer (NetworkEstimator, DeterminismSettings), not against DEFAULTS
+FREE_FORM_KEYS = ("network", "baseline")
+
 #: offset of the "other" seed when a seed source is varied
 SEED_OFFSET = 10_007
 
@@ -145,7 +148,7 @@ def _first_divergence(a: np.ndarray, b: np.ndarray) -> float:
 def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
     """Run the reproducibility study (see the module docstring)."""
     t0, started = time.perf_counter(), time.time()
-    config = merge_config(DEFAULTS, config)
+    config = merge_config(DEFAULTS, config, FREE_FORM_KEYS)
     steps, repeats = int(config["steps"]), int(config["repeats"])
     if steps < 1 or repeats < 1:
         raise ValueError(f"steps and repeats must be >= 1, got {steps} and {repeats}")
