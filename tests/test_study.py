@@ -39,6 +39,27 @@ def test_results_folder_is_complete(tiny_run):
     assert config["kind"] == "ivim_labels" and config["alpha"] == [0.0, 1.0] and config["n_train"] == 1500
 
 
+def test_summary_has_calibration_for_every_method(tiny_run):
+    from qmri_labels.analysis.report import CALIBRATION_COLUMNS
+
+    summary = pd.read_csv(tiny_run / "summary.csv")
+    assert {"coverage_95", "mean_halfwidth_95", "crps", "coverage_50", "coverage_90", "z_rms"} <= set(summary.columns)
+    assert set(CALIBRATION_COLUMNS) <= set(summary.columns)
+    methods = list(dict.fromkeys(summary["method"]))
+    assert len(methods) == 6
+    # every method reports an SD by default (MLE: Fisher SEs; networks: heteroscedastic heads)
+    varied = summary[summary["parameter"].isin(["f", "D", "Dstar"])]
+    values = varied[["coverage_95", "mean_halfwidth_95", "crps", "z_rms"]].to_numpy()
+    assert np.all(np.isfinite(values)) and np.all(values[:, 1:] > 0)
+    assert np.all((values[:, 0] >= 0) & (values[:, 0] <= 1))
+    report = (tiny_run / "report.md").read_text()
+    assert "## Calibration of the reported uncertainty" in report
+    for method in methods:
+        assert f"- **{method}**" in report
+    net = NetworkEstimator.load(tiny_run / "networks" / "net-gt")
+    assert net.uncertainty == "heteroscedastic" and net.reports_sd
+
+
 def test_manifest_records_seeds_fingerprints_versions_timings(tiny_run):
     m = json.loads((tiny_run / "manifest.json").read_text())
     assert len(m["data"]["train"]["fingerprint"]) == 64 and len(m["data"]["heldout"]["fingerprint"]) == 64
