@@ -419,7 +419,7 @@ class NetworkEstimator(_ParamsMixin):
         widen_bounds(np.zeros((2, 1)), self.bounds_margin)  # checks the margin
         if self.uncertainty not in UNCERTAINTY_KINDS:
             raise ValueError(f"uncertainty must be one of {UNCERTAINTY_KINDS}, got {self.uncertainty!r}")
-        if isinstance(self.n_members, (bool, np.bool_)) or int(self.n_members) != self.n_members \
+        if not isinstance(self.n_members, (int, np.integer)) or isinstance(self.n_members, (bool, np.bool_)) \
                 or self.n_members < 1:
             raise ValueError(f"n_members must be an integer >= 1, got {self.n_members!r}")
         if self.uncertainty is not None and "self" in weights and weights["self"] and len(

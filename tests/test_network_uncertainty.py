@@ -136,7 +136,7 @@ def test_same_seed_same_weights_and_clone(hetero_gt, ensemble, data):
 
 
 def test_invalid_combinations_are_refused(data, hetero_gt):
-    for bad in (0, -1, 1.5, True):
+    for bad in (0, -1, 1.5, True, "2", None):
         with pytest.raises(ValueError, match="n_members"):
             net(n_members=bad).fit(data)
     with pytest.raises(ValueError, match="uncertainty"):
