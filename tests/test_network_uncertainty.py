@@ -206,3 +206,16 @@ def test_methods_without_sd_get_nan_columns_and_not_reported(data, grid, tmp_pat
     assert (tmp_path / "figures" / "reliability.png").is_file()
     with pytest.raises(ValueError, match="with_sd names methods"):
         evaluate_grid({"fit-mle": mle}, grid, with_sd=["nope"])
+
+
+def test_study_config_uncertainty_keys_reach_the_networks():
+    from qmri_labels.workflows.ivim import resolve_config, make_estimators
+
+    cfg = resolve_config({})
+    assert cfg["uncertainty"] == "heteroscedastic" and cfg["n_members"] == 1
+    nets = make_estimators(resolve_config({"uncertainty": None, "n_members": 3}))
+    assert {(e.uncertainty, e.n_members) for e in nets.values()} == {(None, 3)}
+    with pytest.raises(ValueError, match="n_members"):
+        resolve_config({"n_members": 0})
+    with pytest.raises(ValueError, match="uncertainty must be one of"):
+        resolve_config({"uncertainty": "mc-dropout"})
