@@ -50,6 +50,10 @@ DESIGN_PRESETS: dict[str, dict] = {
 }
 
 
+#: Kinds of network uncertainty (``NetworkEstimator(uncertainty=...)``).
+UNCERTAINTY_KINDS = (None, "heteroscedastic")
+
+
 class _ParamsMixin:
     """``get_params`` / ``set_params`` / ``repr`` from the constructor's signature (sklearn style)."""
 
@@ -259,6 +263,25 @@ class NetworkEstimator(_ParamsMixin):
     warm_start : bool
         Continue training the fitted network (e.g. a shipped one) instead of starting from new
         weights: fine-tuning. The input standardisation of the network is kept.
+    uncertainty : {None, "heteroscedastic"}
+        ``"heteroscedastic"``: add a log-variance branch
+        (:class:`~qmri_labels.nets.heteroscedastic.HeteroscedasticNet`) trained with the
+        Gaussian negative log-likelihood of the label
+        (:class:`~qmri_labels.training.likelihood_losses.HeteroscedasticLabelLoss`). For
+        ``gt`` / ``mle`` / ``hybrid`` labels the reported SD is the expected error *to that
+        label* (for MLE labels: to the MLE, not to the truth). The ``self`` label has no
+        parameter target: the branch learns the per-voxel *signal* noise level (signal-space
+        Gaussian or Rician likelihood, the training data's noise model) and the reported SD is
+        the Cramer-Rao (Fisher) SD at the predicted parameters for that noise level, the spread
+        an efficient estimator would have there, not the network's own error (``inf`` where a
+        parameter is not identifiable, e.g. D* at f = 0). Whether any of these is calibrated
+        against the truth is measured by :mod:`qmri_labels.analysis.calibration`.
+    n_members : int
+        Members of a deep ensemble (M independently trained networks, member ``k`` with
+        ``init_seed + k`` and ``shuffle_seed + k``, the same train/validation split);
+        ``predict`` returns the mean of the members and, with ``return_sd``, the SD of the
+        mixture (member variances plus the spread of the member means;
+        :func:`~qmri_labels.nets.ensemble.combine_members`). 1: a single network.
 
     Every option is recorded in the bundle's ``training_config`` and restored by :meth:`load`;
     :data:`DESIGN_PRESETS` names published designs (``NetworkEstimator.from_preset``).
@@ -275,7 +298,8 @@ class NetworkEstimator(_ParamsMixin):
                  benchmark: bool | None = None, record_step_losses: bool = False, num_threads: int | None = None,
                  progress: bool = True, mle_options: Mapping | None = None, parallel: bool = False,
                  batch_norm: bool = False, dropout: float = 0.0, bounds_margin: float = 0.0, fit_s0: bool = True,
-                 lr_schedule: str | None = None, warm_start: bool = False):
+                 lr_schedule: str | None = None, warm_start: bool = False, uncertainty: str | None = None,
+                 n_members: int = 1):
         self.label = label
         self.alpha = alpha
         self.weights = weights
@@ -315,6 +339,8 @@ class NetworkEstimator(_ParamsMixin):
         self.fit_s0 = fit_s0
         self.lr_schedule = lr_schedule
         self.warm_start = warm_start
+        self.uncertainty = uncertainty
+        self.n_members = n_members
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "NetworkEstimator":
@@ -333,6 +359,27 @@ class NetworkEstimator(_ParamsMixin):
     def _check_fitted(self):
         if not hasattr(self, "network_"):
             raise ValueError(f"this {type(self).__name__} is not fitted yet: call fit(dataset) or load(path)")
+
+    def _members(self) -> list:
+        """The fitted network's members (one for a single network)."""
+        from qmri_labels.nets.ensemble import DeepEnsemble
+
+        return list(self.network_.members) if isinstance(self.network_, DeepEnsemble) else [self.network_]
+
+    def _fitted_members(self) -> int:
+        return len(self._members())
+
+    def _fitted_uncertainty(self) -> str | None:
+        from qmri_labels.nets.heteroscedastic import HeteroscedasticNet
+
+        return "heteroscedastic" if isinstance(self._members()[0], HeteroscedasticNet) else None
+
+    @property
+    def reports_sd(self) -> bool:
+        """Whether the fitted network reports SDs (``predict(..., return_sd=True)``): a
+        heteroscedastic head or an ensemble of more than one member."""
+        self._check_fitted()
+        return self._fitted_uncertainty() is not None or self._fitted_members() > 1
 
     @property
     def model_name(self) -> str:
@@ -370,6 +417,20 @@ class NetworkEstimator(_ParamsMixin):
         if not (0.0 <= float(self.dropout) < 1.0):
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
         widen_bounds(np.zeros((2, 1)), self.bounds_margin)  # checks the margin
+        if self.uncertainty not in UNCERTAINTY_KINDS:
+            raise ValueError(f"uncertainty must be one of {UNCERTAINTY_KINDS}, got {self.uncertainty!r}")
+        if not isinstance(self.n_members, (int, np.integer)) or isinstance(self.n_members, (bool, np.bool_)) \
+                or self.n_members < 1:
+            raise ValueError(f"n_members must be an integer >= 1, got {self.n_members!r}")
+        if self.uncertainty is not None and "self" in weights and weights["self"] and len(
+                [t for t, w in weights.items() if w]) > 1:
+            raise ValueError("uncertainty='heteroscedastic' cannot mix the self-supervised term (a signal-noise "
+                             f"variance) with parameter terms; got weights {weights}")
+        if self.warm_start and hasattr(self, "network_") and (
+                self.uncertainty != self._fitted_uncertainty() or int(self.n_members) != self._fitted_members()):
+            raise ValueError(f"warm_start: the fitted network has uncertainty={self._fitted_uncertainty()!r}, "
+                             f"n_members={self._fitted_members()}; this estimator asks for "
+                             f"uncertainty={self.uncertainty!r}, n_members={self.n_members!r}")
         check_schedule(self.lr_schedule)
         if not (math.isfinite(float(self.lr)) and float(self.lr) > 0):
             raise ValueError(f"lr must be finite and > 0, got {self.lr!r}")
@@ -424,10 +485,13 @@ class NetworkEstimator(_ParamsMixin):
             support = X.prior_support
             record = {"train_fingerprint_": X.fingerprint, "train_spec_": X.spec.to_dict()}
             train_protocol = X.protocol
+            noise = X.spec.noise
         else:
             if mle_labels is not None:
                 raise ValueError("with array input, give MLE labels as y")
             signal_model = get_model(model)
+            # the noise model of the self label's signal-space likelihood: the MLE labels' one
+            noise = dict(self.mle_options or {}).get("noise", "rician")
             if protocol is None:
                 raise ValueError("fit(X) with X an array, not a Dataset, needs protocol=... (b-values in s/mm^2, one "
                                  "per column of X)")
@@ -455,67 +519,138 @@ class NetworkEstimator(_ParamsMixin):
                 raise ValueError("fewer than 2 training rows have finite MLE labels")
             tensors = {k: v[keep] for k, v in tensors.items()}
         normalisation = ParameterNormalisation.from_support(support, signal_model.param_names)
-        self._train(tensors, weights, signal_model, train_protocol, support, normalisation)
+        self._train(tensors, weights, signal_model, train_protocol, support, normalisation, noise)
         self.n_excluded_ = int((~keep).sum())
         self.mle_labels_ = mle_info
         for key, value in record.items():
             setattr(self, key, value)
         return self
 
-    def _train(self, tensors: dict, weights: dict, signal_model, protocol, support, normalisation) -> None:
-        """Build (or, with ``warm_start``, reuse) the network and train it on ``tensors``."""
+    def _train(self, tensors: dict, weights: dict, signal_model, protocol, support, normalisation,
+               noise: str = "rician") -> None:
+        """Build (or, with ``warm_start``, reuse) the network(s) and train them on ``tensors``;
+        an ensemble trains its members one after another, member ``k`` with seeds offset by ``k``."""
         import copy
 
-        from qmri_labels.nets import MLP
-        from qmri_labels.training import InMemoryDataModule, LabelLoss, LabelRegressor, LRSchedule
-        from qmri_labels.training.trainer import build_trainer
+        from qmri_labels.nets.ensemble import DeepEnsemble
 
         start = time.perf_counter()
-        m = tensors["signals"].shape[1]
         seed = int(self.seed)
         init_seed = seed if self.init_seed is None else int(self.init_seed)
         shuffle_seed = seed if self.shuffle_seed is None else int(self.shuffle_seed)
-        if self.warm_start and hasattr(self, "network_"):
+        n_members = int(self.n_members)
+        warm = self.warm_start and hasattr(self, "network_")
+        if warm:
             if self.model_name_ != signal_model.name or len(self.protocol_) != len(protocol) or not np.allclose(
                     self.protocol_, protocol):
                 raise ValueError(f"warm_start: the fitted network is for model {self.model_name_!r} with protocol "
                                  f"{self.protocol_}, the data for {signal_model.name!r} with {list(protocol)}")
-            network = copy.deepcopy(self.network_)
+            previous = self._members()
+        members, runs = [], []
+        for k in range(n_members):
+            if warm:
+                network = copy.deepcopy(previous[k])
+            else:
+                network = self._new_network(tensors["signals"], signal_model, support, normalisation, weights,
+                                            init_seed + k)
+            runs.append(self._train_network(network, tensors, weights, signal_model, protocol, normalisation, noise,
+                                            seed, shuffle_seed + k))
+            members.append(runs[-1][0].network.to("cpu").eval())
+        network = members[0] if n_members == 1 else DeepEnsemble(members).eval()
+        module, trainer, keeper, data = runs[0]
+
+        self.network_ = network
+        self.history_ = list(module.history)
+        self.flags_in_fit_ = module.flags_in_fit
+        if module.step_losses is not None:
+            # float64 holds float32 and bfloat16 losses exactly
+            self.step_losses_ = np.array([float(t) for t in module.step_losses], dtype=np.float64)
+        self.normalisation_ = normalisation.to_dict()
+        self.loss_weights_ = weights
+        # how real data must be scaled for this network (qmri_labels.data.preprocessing)
+        self.preprocessing_ = for_training_signals(np.asarray(tensors["signals"]), protocol).to_dict()
+        self.model_name_ = signal_model.name
+        self.protocol_ = [float(b) for b in protocol]
+        self.param_names_ = list(signal_model.param_names)
+        self.n_train_, self.n_val_ = int(data.train_indices.numel()), int(data.n_val)
+        self.best_epoch_ = keeper.best_epoch
+        self.best_val_loss_ = keeper.best_score if math.isfinite(keeper.best_score) else None
+        self.n_epochs_ = int(trainer.current_epoch)
+        self.fit_seconds_ = time.perf_counter() - start
+        self.device_ = device_info(trainer.strategy.root_device)
+        # under DDP every rank holds the same weights; only rank 0 writes (see save)
+        self.global_rank_, self.world_size_ = int(trainer.global_rank), int(trainer.world_size)
+        self.seeds_ = {"seed": seed, "split_seed": seed, "init_seed": init_seed, "shuffle_seed": shuffle_seed}
+        self.uncertainty_ = {"kind": self.uncertainty, "n_members": n_members, "noise": noise}
+        if n_members > 1:
+            self.seeds_["members"] = [{"init_seed": init_seed + k, "shuffle_seed": shuffle_seed + k}
+                                      for k in range(n_members)]
+            self.members_training_ = [
+                {"best_epoch": kp.best_epoch, "best_val_loss": kp.best_score if math.isfinite(kp.best_score) else None,
+                 "n_epochs": int(tr.current_epoch), "history": list(mod.history)} for mod, tr, kp, _ in runs]
+
+    def _new_network(self, signals, signal_model, support, normalisation, weights, init_seed: int):
+        """A freshly initialised network (with a log-variance branch for ``uncertainty``); its
+        weights are drawn from a private RNG stream seeded with ``init_seed``, so the caller's
+        global RNG state is untouched."""
+        from qmri_labels.nets import MLP
+        from qmri_labels.nets.heteroscedastic import HeteroscedasticNet
+
+        m = signals.shape[1]
+        if self.standardise_inputs:
+            shift = signals.mean(0, dtype=np.float64)
+            scale = signals.std(0, dtype=np.float64)
+            scale = np.where(scale > 0, scale, 1.0)
         else:
-            signals = tensors["signals"]
-            if self.standardise_inputs:
-                shift = signals.mean(0, dtype=np.float64)
-                scale = signals.std(0, dtype=np.float64)
-                scale = np.where(scale > 0, scale, 1.0)
-            else:
-                shift, scale = np.zeros(m), np.ones(m)
-            if isinstance(self.output_bounds, str):
-                if self.output_bounds != "prior":
-                    raise ValueError(f"output_bounds must be None, 'prior' or an array (2, P), "
-                                     f"got {self.output_bounds!r}")
-                bounds = np.asarray(support, dtype=np.float64)
-            elif self.output_bounds is None:
-                bounds = signal_model.default_bounds
-            else:
-                bounds = np.asarray(self.output_bounds, float)
-            fixed = None
-            if not self.fit_s0:
-                if signal_model.scale_index is None:
-                    raise ValueError(f"fit_s0=False: model {signal_model.name!r} has no signal scale parameter")
-                fixed = {signal_model.scale_index: 1.0}
-            # weights are drawn from a private RNG stream: the caller's global RNG state is untouched
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(init_seed)
-                network = MLP(m, signal_model.n_params, hidden_layers=self.hidden_layers, width=self.width,
-                              activation=self.activation, bounds=bounds, output=self.output,
-                              input_shift=shift, input_scale=scale, parallel=bool(self.parallel),
-                              batch_norm=bool(self.batch_norm), dropout=float(self.dropout),
-                              bounds_margin=float(self.bounds_margin), fixed_outputs=fixed)
-        loss = LabelLoss(weights, signal_model.name, protocol, normalisation)
+            shift, scale = np.zeros(m), np.ones(m)
+        if isinstance(self.output_bounds, str):
+            if self.output_bounds != "prior":
+                raise ValueError(f"output_bounds must be None, 'prior' or an array (2, P), "
+                                 f"got {self.output_bounds!r}")
+            bounds = np.asarray(support, dtype=np.float64)
+        elif self.output_bounds is None:
+            bounds = signal_model.default_bounds
+        else:
+            bounds = np.asarray(self.output_bounds, float)
+        fixed = None
+        if not self.fit_s0:
+            if signal_model.scale_index is None:
+                raise ValueError(f"fit_s0=False: model {signal_model.name!r} has no signal scale parameter")
+            fixed = {signal_model.scale_index: 1.0}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            network = MLP(m, signal_model.n_params, hidden_layers=self.hidden_layers, width=self.width,
+                          activation=self.activation, bounds=bounds, output=self.output,
+                          input_shift=shift, input_scale=scale, parallel=bool(self.parallel),
+                          batch_norm=bool(self.batch_norm), dropout=float(self.dropout),
+                          bounds_margin=float(self.bounds_margin), fixed_outputs=fixed)
+            if self.uncertainty == "heteroscedastic":
+                # the self label learns one signal-noise variance (signal units), the parameter
+                # labels one variance per parameter on the loss's normalised scale
+                if weights.get("self"):
+                    network = HeteroscedasticNet(network, m, 1, scale=None, hidden_layers=self.hidden_layers,
+                                                 width=self.width, activation=self.activation)
+                else:
+                    network = HeteroscedasticNet(network, m, signal_model.n_params, scale=normalisation.scale,
+                                                 hidden_layers=self.hidden_layers, width=self.width,
+                                                 activation=self.activation)
+        return network
+
+    def _train_network(self, network, tensors: dict, weights: dict, signal_model, protocol, normalisation,
+                       noise: str, split_seed: int, shuffle_seed: int):
+        """Train one network; returns ``(module, trainer, keeper, datamodule)``."""
+        from qmri_labels.training import InMemoryDataModule, LabelLoss, LabelRegressor, LRSchedule
+        from qmri_labels.training.likelihood_losses import HeteroscedasticLabelLoss
+        from qmri_labels.training.trainer import build_trainer
+
+        if self.uncertainty == "heteroscedastic":
+            loss = HeteroscedasticLabelLoss(weights, signal_model.name, protocol, normalisation, noise=noise)
+        else:
+            loss = LabelLoss(weights, signal_model.name, protocol, normalisation)
         module = LabelRegressor(network, loss, lr=self.lr, weight_decay=self.weight_decay, optimiser=self.optimiser,
                                 step_batch_size=int(self.batch_size), record_step_losses=bool(self.record_step_losses))
         data = InMemoryDataModule(tensors, batch_size=int(self.batch_size), val_fraction=float(self.val_fraction),
-                                  split_seed=seed, shuffle_seed=shuffle_seed,
+                                  split_seed=split_seed, shuffle_seed=shuffle_seed,
                                   batches_per_block=int(self.batches_per_block))
         monitor = "val_loss" if data.has_validation else "train_loss"
         schedules = []
@@ -531,34 +666,10 @@ class NetworkEstimator(_ParamsMixin):
                 deterministic=self.deterministic, benchmark=self.benchmark, progress=bool(self.progress),
                 callbacks=schedules)
             trainer.fit(module, datamodule=data)
-        network = module.network.to("cpu").eval()
-
-        self.network_ = network
-        self.history_ = list(module.history)
-        self.flags_in_fit_ = module.flags_in_fit
-        if module.step_losses is not None:
-            # float64 holds float32 and bfloat16 losses exactly
-            self.step_losses_ = np.array([float(t) for t in module.step_losses], dtype=np.float64)
-        self.normalisation_ = normalisation.to_dict()
-        self.loss_weights_ = weights
-        # how real data must be scaled for this network (qmri_labels.data.preprocessing)
-        self.preprocessing_ = for_training_signals(np.asarray(tensors["signals"]), protocol).to_dict()
-        self.model_name_ = signal_model.name
-        self.protocol_ = [float(b) for b in protocol]
-        self.param_names_ = list(signal_model.param_names)
-        self.n_train_ = int(data.train_indices.numel())
-        self.n_val_ = int(data.n_val)
-        self.best_epoch_ = keeper.best_epoch
-        self.best_val_loss_ = keeper.best_score if math.isfinite(keeper.best_score) else None
-        self.n_epochs_ = int(trainer.current_epoch)
-        self.fit_seconds_ = time.perf_counter() - start
-        self.device_ = device_info(trainer.strategy.root_device)
-        # under DDP every rank holds the same weights; only rank 0 writes (see save)
-        self.global_rank_, self.world_size_ = int(trainer.global_rank), int(trainer.world_size)
-        self.seeds_ = {"seed": seed, "split_seed": seed, "init_seed": init_seed, "shuffle_seed": shuffle_seed}
+        return module, trainer, keeper, data
 
     # -- inference ---------------------------------------------------------------------------
-    def predict(self, signals, batch_size: int = 65536, device=None) -> np.ndarray:
+    def predict(self, signals, batch_size: int = 65536, device=None, return_sd: bool = False):
         """Parameters ``(..., P)`` float32 for signals ``(..., M)``.
 
         Parameters
@@ -568,18 +679,70 @@ class NetworkEstimator(_ParamsMixin):
             Voxels per forward pass (bounds the memory).
         device : str or None
             Where to run the network (``None``: CPU).
+        return_sd : bool
+            Also return the SD ``(..., P)`` float32 of each estimate: the heteroscedastic
+            head's and/or the ensemble's (see ``uncertainty`` and ``n_members`` in the class
+            docstring for what it means per label). A single network without a head
+            reports none (ValueError).
+
+        Returns
+        -------
+        params : ndarray (..., P)
+        sd : ndarray (..., P)
+            Only with ``return_sd=True``.
         """
         self._check_fitted()
+        if not isinstance(return_sd, (bool, np.bool_)):
+            raise TypeError(f"return_sd must be True or False, got {return_sd!r}")
+        if return_sd and not self.reports_sd:
+            raise ValueError("this network reports no standard deviations: train it with "
+                             "uncertainty='heteroscedastic' or n_members > 1")
         flat, lead = _as_signals(signals, len(self.protocol_))
         device = torch.device(device) if device is not None else torch.device("cpu")
         network = self.network_.to(device).eval()
+        members = self._members()
         out = np.empty((flat.shape[0], len(self.param_names_)), dtype=np.float32)
+        sd = np.empty_like(out) if return_sd else None
         with torch.inference_mode():
             for start in range(0, flat.shape[0], int(batch_size)):
                 block = torch.as_tensor(flat[start : start + batch_size], dtype=torch.float32, device=device)
-                out[start : start + batch_size] = network(block).cpu().numpy()
+                if len(members) == 1 and self._fitted_uncertainty() is None:
+                    out[start : start + batch_size] = network(block).cpu().numpy()
+                    continue
+                mean, variance = self._member_predictions(members, block, return_sd)
+                out[start : start + batch_size] = mean
+                if return_sd:
+                    sd[start : start + batch_size] = variance
         self.network_.to("cpu")
-        return out.reshape(*lead, -1)
+        if not return_sd:
+            return out.reshape(*lead, -1)
+        return out.reshape(*lead, -1), sd.reshape(*lead, -1)
+
+    def _member_predictions(self, members, block: torch.Tensor, return_sd: bool):
+        """Mean and (with ``return_sd``) SD of the members' predictions of one block."""
+        from qmri_labels.nets.ensemble import combine_members
+        from qmri_labels.training.likelihood_losses import signal_space_sd
+
+        means, variances = [], []
+        for member in members:
+            output = member(block)
+            if isinstance(output, tuple):
+                mean, log_var = output
+                if not return_sd:
+                    variance = None
+                elif log_var.shape[-1] == 1 and mean.shape[-1] != 1:
+                    # self label: the Fisher SD at the prediction for the learned signal noise
+                    noise = (getattr(self, "uncertainty_", None) or {}).get("noise", "rician")
+                    variance = signal_space_sd(get_model(self.model_name_), mean.cpu().numpy(), self.protocol_,
+                                               log_var.cpu().numpy(), noise) ** 2
+                else:
+                    variance = (member.sd(log_var) ** 2).cpu().numpy().astype(np.float64)
+            else:
+                mean, variance = output, (np.zeros(tuple(output.shape)) if return_sd else None)
+            means.append(mean.cpu().numpy().astype(np.float64))
+            variances.append(variance)
+        mean, sd = combine_members(np.stack(means), np.stack(variances) if return_sd else None, axis=0)
+        return mean.astype(np.float32), sd.astype(np.float32)
 
     # -- persistence -------------------------------------------------------------------------
     def training_config(self) -> dict:
@@ -605,7 +768,7 @@ class NetworkEstimator(_ParamsMixin):
             "model": self.model_name_,
             "protocol": self.protocol_,
             "param_names": self.param_names_,
-            "network": dict(self.network_.config),
+            "network": _network_config(self.network_),
             "normalisation": self.normalisation_,
             "preprocessing": getattr(self, "preprocessing_", None) or from_manifest(None)[0].to_dict(),
             "loss_weights": self.loss_weights_,
@@ -621,6 +784,11 @@ class NetworkEstimator(_ParamsMixin):
             "versions": package_versions(),
             "metrics": dict(metrics or getattr(self, "metrics_", {}) or {}),
         }
+        if getattr(self, "uncertainty_", None) and (self.uncertainty_["kind"] is not None
+                                                    or self.uncertainty_["n_members"] > 1):
+            manifest["uncertainty"] = dict(self.uncertainty_)
+        if getattr(self, "members_training_", None):
+            manifest["training"]["members"] = self.members_training_
         if getattr(self, "tuning_", None) is not None:
             from qmri_labels.fileio import to_jsonable
 
@@ -642,8 +810,6 @@ class NetworkEstimator(_ParamsMixin):
     @classmethod
     def load(cls, path) -> "NetworkEstimator":
         """Load a bundle written by :meth:`save`; the checksum is verified before reading weights."""
-        from qmri_labels.nets import MLP
-
         state, manifest = load_bundle(path)
         if manifest.get("kind") != ESTIMATOR_KIND:
             raise ValueError(f"{path} is a bundle of kind {manifest.get('kind')!r}, not a {ESTIMATOR_KIND}")
@@ -652,7 +818,7 @@ class NetworkEstimator(_ParamsMixin):
             net_cfg = dict(manifest["network"])
             names = cls._param_names()
             estimator = cls(**{k: v for k, v in config.items() if k in names})
-            network = MLP(**net_cfg)
+            network = _network_from_config(net_cfg)
             network.load_state_dict(state, strict=True)
         except (KeyError, TypeError, RuntimeError) as exc:
             raise ValueError(f"{path}: bundle manifest/weights do not describe a network ({exc})") from exc
@@ -675,6 +841,10 @@ class NetworkEstimator(_ParamsMixin):
         estimator.n_epochs_ = training.get("n_epochs")
         estimator.fit_seconds_ = training.get("fit_seconds")
         estimator.seeds_ = training.get("seeds")
+        if "uncertainty" in manifest:
+            estimator.uncertainty_ = dict(manifest["uncertainty"])
+        if "members" in training:
+            estimator.members_training_ = list(training["members"])
         estimator.device_ = manifest.get("device")
         estimator.metrics_ = manifest.get("metrics", {})
         estimator.manifest_ = manifest
@@ -685,6 +855,37 @@ class NetworkEstimator(_ParamsMixin):
             raise ValueError(f"{path}: parameter names {estimator.param_names_} do not match model "
                              f"{estimator.model_name_!r}")
         return estimator
+
+
+def _network_config(network) -> dict:
+    """The bundle's description of a network: its config, or ``{"kind": "ensemble", "members":
+    [config, ...]}`` for a :class:`~qmri_labels.nets.ensemble.DeepEnsemble` (whose weights are
+    saved in the same file under ``members.<k>.`` prefixes)."""
+    from qmri_labels.nets.ensemble import DeepEnsemble
+
+    if isinstance(network, DeepEnsemble):
+        return {"kind": "ensemble", "members": [dict(m.config) for m in network.members]}
+    return dict(network.config)
+
+
+def _network_from_config(config: Mapping):
+    """An untrained network from :func:`_network_config`'s description (load the weights after)."""
+    from qmri_labels.nets import MLP
+    from qmri_labels.nets.ensemble import DeepEnsemble
+    from qmri_labels.nets.heteroscedastic import HeteroscedasticNet
+
+    config = dict(config)
+    kind = config.get("kind")
+    if kind == "ensemble":
+        members = config["members"]
+        if not isinstance(members, list) or not members:
+            raise ValueError(f"an ensemble config needs a non-empty list of members, got {members!r}")
+        return DeepEnsemble([_network_from_config(m) for m in members])
+    if kind == "heteroscedastic":
+        return HeteroscedasticNet.from_config(config)
+    if kind is not None:
+        raise ValueError(f"unknown network kind {kind!r}")
+    return MLP(**config)
 
 
 @contextlib.contextmanager

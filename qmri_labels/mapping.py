@@ -506,6 +506,8 @@ def _check_uncertainty(uncertainty, resolved: _Resolved) -> bool:
     if uncertainty and resolved.kind == "network":
         try:
             accepts = "return_sd" in inspect.signature(resolved.network.predict).parameters
+            # a NetworkEstimator always takes return_sd; only one with a head or ensemble reports SDs
+            accepts = accepts and bool(getattr(resolved.network, "reports_sd", True))
         except (TypeError, ValueError):
             accepts = False
         if not accepts:

@@ -161,6 +161,8 @@ def test_a_network_without_sd_is_refused_and_one_with_sd_is_scaled_back():
     class ReportsSD(NetworkEstimator):
         """A network whose SD is a known function of its estimate (10 % of it)."""
 
+        reports_sd = True
+
         def predict(self, signals, batch_size=65536, device=None, return_sd=False):
             params = super().predict(signals, batch_size=batch_size, device=device)
             return (params, 0.1 * np.abs(params)) if return_sd else params

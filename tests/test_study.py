@@ -20,8 +20,10 @@ def tiny_run(tmp_path_factory):
 
     os.environ.setdefault("QMRI_LABELS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     out = tmp_path_factory.mktemp("study") / "tiny"
-    # alpha 0 and 1 are the pure losses: their networks must equal net-gt and net-mle
-    assert study.main(["--config", "tiny_ivim", "--alpha", "0", "1", "--out", str(out), "--quiet"]) == 0
+    # alpha 0 and 1 are the pure losses: their networks must equal net-gt and net-mle; the
+    # networks carry variance heads so that every method reports SDs for the calibration section
+    assert study.main(["--config", "tiny_ivim", "--alpha", "0", "1", "--set", "uncertainty=heteroscedastic",
+                       "--out", str(out), "--quiet"]) == 0
     return out
 
 
@@ -37,6 +39,27 @@ def test_results_folder_is_complete(tiny_run):
     assert np.all(np.isfinite(summary[["mean_abs_bias", "mean_sd", "rmse"]].to_numpy()))
     config = yaml.safe_load((tiny_run / "config.yaml").read_text())
     assert config["kind"] == "ivim_labels" and config["alpha"] == [0.0, 1.0] and config["n_train"] == 1500
+
+
+def test_summary_has_calibration_for_every_method(tiny_run):
+    from qmri_labels.analysis.report import CALIBRATION_COLUMNS
+
+    summary = pd.read_csv(tiny_run / "summary.csv")
+    assert {"coverage_95", "mean_halfwidth_95", "crps", "coverage_50", "coverage_90", "z_rms"} <= set(summary.columns)
+    assert set(CALIBRATION_COLUMNS) <= set(summary.columns)
+    methods = list(dict.fromkeys(summary["method"]))
+    assert len(methods) == 6
+    # every method reports an SD (MLE: Fisher SEs; networks: heteroscedastic heads, asked for)
+    varied = summary[summary["parameter"].isin(["f", "D", "Dstar"])]
+    values = varied[["coverage_95", "mean_halfwidth_95", "crps", "z_rms"]].to_numpy()
+    assert np.all(np.isfinite(values)) and np.all(values[:, 1:] > 0)
+    assert np.all((values[:, 0] >= 0) & (values[:, 0] <= 1))
+    report = (tiny_run / "report.md").read_text()
+    assert "## Calibration of the reported uncertainty" in report
+    for method in methods:
+        assert f"- **{method}**" in report
+    net = NetworkEstimator.load(tiny_run / "networks" / "net-gt")
+    assert net.uncertainty == "heteroscedastic" and net.reports_sd
 
 
 def test_manifest_records_seeds_fingerprints_versions_timings(tiny_run):

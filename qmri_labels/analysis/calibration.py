@@ -172,6 +172,15 @@ class CalibrationResult:
             out = np.nansum(hits, axis=0) / self.n_reported[method].sum(axis=0)[:, None]
         return out if level_index is None else out[:, level_index]
 
+    def select(self, methods) -> "CalibrationResult":
+        """The result restricted to those of ``methods`` it holds (in that order)."""
+        import dataclasses
+
+        methods = [m for m in methods if m in self.methods]
+        pick = lambda d: {m: d[m] for m in methods if m in d}  # noqa: E731
+        return dataclasses.replace(self, methods=methods, **{k: pick(getattr(self, k)) for k in (
+            "coverage", "halfwidth", "hits", "n_reported", "crps", "z_rms", "reported", "reliability")})
+
     def to_frame(self) -> pd.DataFrame:
         """Long table: one row per grid point, method and parameter (``coverage_<level>``,
         ``halfwidth_<level>``, ``crps``, ``z_rms``, ``reported``, ``true_<name>``)."""
@@ -235,10 +244,7 @@ def evaluate_calibration(estimators: dict, grid: GridSpec, levels=DEFAULT_LEVELS
     names = list(estimators)
     truth = grid.truth
     G, P = truth.shape
-    L, K = len(levels), len(reliability_levels)
-    out = {k: {m: np.empty(shape) for m in names} for k, shape in
-           (("coverage", (G, P, L)), ("halfwidth", (G, P, L)), ("hits", (G, P, L)), ("n_reported", (G, P)),
-            ("crps", (G, P)), ("z_rms", (G, P)), ("reported", (G, P)), ("reliability", (G, P, K)))}
+    accumulator = CalibrationAccumulator(names, grid, levels, reliability_levels)
     points_per_chunk = max(1, grid.chunk_size // grid.repeats)
     chunks = range(math.ceil(G / points_per_chunk))
     if progress:
@@ -251,19 +257,46 @@ def evaluate_calibration(estimators: dict, grid: GridSpec, levels=DEFAULT_LEVELS
         flat = grid.signals(slice(lo, hi)).astype(np.float32).reshape(n * grid.repeats, -1)
         for m in names:
             est, sd = _predict_with_sd(estimators[m], flat)
-            if est.shape != (n * grid.repeats, P) or sd.shape != est.shape:
-                raise ValueError(f"estimator {m!r} returned shapes {est.shape} and {sd.shape}, expected "
-                                 f"{(n * grid.repeats, P)} (parameters {grid.param_names})")
-            est, sd = est.reshape(n, grid.repeats, P), sd.reshape(n, grid.repeats, P)
-            # one pass for the summary levels and the reliability diagram's
-            part = calibration_statistics(est, sd, truth[lo:hi], levels + reliability_levels)
-            for key in ("coverage", "halfwidth", "hits"):
-                out[key][m][lo:hi] = part[key][..., :L]
-            for key in ("n_reported", "crps", "z_rms", "reported"):
-                out[key][m][lo:hi] = part[key]
-            out["reliability"][m][lo:hi] = part["coverage"][..., L:]
-    return CalibrationResult(truth=truth, param_names=grid.param_names, methods=names, levels=levels,
-                             reliability_levels=reliability_levels, grid=grid, **out)
+            accumulator.add(m, lo, hi, est, sd)
+    return accumulator.result()
+
+
+class CalibrationAccumulator:
+    """Calibration statistics gathered chunk by chunk of grid points (shared by
+    :func:`evaluate_calibration` and :func:`qmri_labels.analysis.evaluate_grid`, which
+    evaluates the same signals in one pass)."""
+
+    def __init__(self, names, grid: GridSpec, levels=DEFAULT_LEVELS, reliability_levels=RELIABILITY_LEVELS):
+        self.names, self.grid = list(names), grid
+        self.levels, self.reliability_levels = _check_levels(levels), _check_levels(reliability_levels)
+        G, P = grid.truth.shape
+        L, K = len(self.levels), len(self.reliability_levels)
+        self.out = {k: {m: np.empty(shape) for m in self.names} for k, shape in
+                    (("coverage", (G, P, L)), ("halfwidth", (G, P, L)), ("hits", (G, P, L)), ("n_reported", (G, P)),
+                     ("crps", (G, P)), ("z_rms", (G, P)), ("reported", (G, P)), ("reliability", (G, P, K)))}
+
+    def add(self, method: str, lo: int, hi: int, est, sd) -> None:
+        """Statistics of grid points ``lo:hi`` from estimates and SDs ``(n * repeats, P)``."""
+        grid, truth = self.grid, self.grid.truth
+        n, P, L = hi - lo, truth.shape[1], len(self.levels)
+        est, sd = np.asarray(est, dtype=np.float64), np.asarray(sd, dtype=np.float64)
+        if est.shape != (n * grid.repeats, P) or sd.shape != est.shape:
+            raise ValueError(f"estimator {method!r} returned shapes {est.shape} and {sd.shape}, expected "
+                             f"{(n * grid.repeats, P)} (parameters {grid.param_names})")
+        est, sd = est.reshape(n, grid.repeats, P), sd.reshape(n, grid.repeats, P)
+        # one pass for the summary levels and the reliability diagram's
+        part = calibration_statistics(est, sd, truth[lo:hi], self.levels + self.reliability_levels)
+        out = self.out
+        for key in ("coverage", "halfwidth", "hits"):
+            out[key][method][lo:hi] = part[key][..., :L]
+        for key in ("n_reported", "crps", "z_rms", "reported"):
+            out[key][method][lo:hi] = part[key]
+        out["reliability"][method][lo:hi] = part["coverage"][..., L:]
+
+    def result(self) -> CalibrationResult:
+        return CalibrationResult(truth=self.grid.truth, param_names=self.grid.param_names, methods=self.names,
+                                 levels=self.levels, reliability_levels=self.reliability_levels, grid=self.grid,
+                                 **self.out)
 
 
 def summarize_calibration(result: CalibrationResult, alpha: float = 0.01) -> pd.DataFrame:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -289,6 +290,9 @@ class GridResult:
         Cramer-Rao lower bound on the SD of an unbiased estimator.
     timings : dict[str, float]
         Seconds spent in each estimator's ``predict``.
+    calibration : CalibrationResult or None
+        Calibration of the reported SDs of the methods evaluated with ``with_sd``
+        (:mod:`qmri_labels.analysis.calibration`); None when none was asked for.
     """
 
     grid: GridSpec
@@ -303,6 +307,7 @@ class GridResult:
     spearman: dict = field(default_factory=dict)
     crlb_sd: np.ndarray | None = None
     timings: dict = field(default_factory=dict)
+    calibration: Any = None
 
     @property
     def units(self) -> dict:
@@ -382,7 +387,8 @@ class GridResult:
         pick = lambda d: {m: d[m] for m in methods if m in d}  # noqa: E731
         return dataclasses.replace(self, methods=methods, mean=pick(self.mean), bias=pick(self.bias), sd=pick(self.sd),
                                    rmse=pick(self.rmse), valid_fraction=pick(self.valid_fraction),
-                                   spearman=pick(self.spearman), timings=pick(self.timings))
+                                   spearman=pick(self.spearman), timings=pick(self.timings),
+                                   calibration=None if self.calibration is None else self.calibration.select(methods))
 
 
 def grid_snrs(snr) -> list[float]:
@@ -472,7 +478,8 @@ def _spearman_over_repeats(est: np.ndarray) -> np.ndarray:
     return corr
 
 
-def evaluate_grid(estimators: dict, grid: GridSpec, progress: bool = False, crlb: bool = True) -> GridResult:
+def evaluate_grid(estimators: dict, grid: GridSpec, progress: bool = False, crlb: bool = True,
+                  with_sd=()) -> GridResult:
     """Evaluate estimators on every grid point with ``grid.repeats`` noise repeats.
 
     Parameters
@@ -486,6 +493,10 @@ def evaluate_grid(estimators: dict, grid: GridSpec, progress: bool = False, crlb
         Show a progress bar over the chunks.
     crlb : bool
         Also compute the Cramer-Rao lower bound at each grid point.
+    with_sd : collection of str
+        Methods whose SDs are evaluated in the same pass: each is called as
+        ``predict(signals, return_sd=True) -> (params, sd)`` (or is a callable returning that)
+        and its SDs' calibration lands in :attr:`GridResult.calibration`.
 
     Returns
     -------
@@ -498,6 +509,15 @@ def evaluate_grid(estimators: dict, grid: GridSpec, progress: bool = False, crlb
     if not estimators:
         raise ValueError("estimators must name at least one estimator")
     names = list(estimators)
+    with_sd = list(dict.fromkeys(with_sd or ()))
+    unknown = [m for m in with_sd if m not in names]
+    if unknown:
+        raise ValueError(f"with_sd names methods {unknown} that are not among the estimators {names}")
+    calibration = None
+    if with_sd:
+        from qmri_labels.analysis.calibration import CalibrationAccumulator
+
+        calibration = CalibrationAccumulator(with_sd, grid)
     truth = grid.truth
     G, P = truth.shape
     points_per_chunk = max(1, grid.chunk_size // grid.repeats)
@@ -518,8 +538,15 @@ def evaluate_grid(estimators: dict, grid: GridSpec, progress: bool = False, crlb
         flat = signals.reshape(n * grid.repeats, -1)
         for m in names:
             start = time.perf_counter()
-            est = _predict(estimators[m], flat)
+            if m in with_sd:
+                from qmri_labels.analysis.calibration import _predict_with_sd
+
+                est, reported_sd = _predict_with_sd(estimators[m], flat)
+            else:
+                est = _predict(estimators[m], flat)
             timings[m] += time.perf_counter() - start
+            if m in with_sd:
+                calibration.add(m, lo, hi, est, reported_sd)
             if est.shape != (n * grid.repeats, P):
                 raise ValueError(f"estimator {m!r} returned shape {est.shape}, expected {(n * grid.repeats, P)} "
                                  f"(parameters {grid.param_names})")
@@ -538,4 +565,5 @@ def evaluate_grid(estimators: dict, grid: GridSpec, progress: bool = False, crlb
         bound = crlb_fn(grid.model, truth, np.asarray(grid.protocol), grid.sigma, grid.noise)
     return GridResult(grid=grid, truth=truth, param_names=grid.param_names, methods=names, mean=stats["mean"],
                       bias=bias, sd=stats["sd"], rmse=stats["rmse"], valid_fraction=valid, spearman=spearman,
-                      crlb_sd=bound, timings=timings)
+                      crlb_sd=bound, timings=timings,
+                      calibration=None if calibration is None else calibration.result())

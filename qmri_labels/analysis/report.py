@@ -220,7 +220,18 @@ def write_report(out_dir, result: GridResult, summary: pd.DataFrame | None = Non
         for snr, res in sorted(by_snr.items()):
             snr_figures[snr] = plots.save_figure(plots.plot_bias_sd_rmse(res),
                                                  out_dir / FIGURES / f"snr-{snr:g}" / "bias_sd_rmse", fmt)
+    draw = figures
     figures = make_figures(result, summary, out_dir / FIGURES, fmt, alpha_sweep, reference) if figures else {}
+    if result.calibration is not None:
+        if not set(CALIBRATION_COLUMNS) <= set(summary.columns):
+            summary = add_calibration(summary, result)
+        if draw and result.calibration.methods:
+            from qmri_labels.analysis import plots
+            from qmri_labels.analysis.calibration import plot_reliability
+
+            varied = list(result.grid.varied) or None
+            figures["reliability"] = plots.save_figure(plot_reliability(result.calibration, parameters=varied),
+                                                       out_dir / FIGURES / "reliability", fmt)
 
     grid = result.grid
     lines = [f"# {title}", ""]
@@ -251,6 +262,8 @@ def write_report(out_dir, result: GridResult, summary: pd.DataFrame | None = Non
                   "Each curve is averaged over the other parameters; dashed: the Cramer-Rao bound, the smallest "
                   "SD an unbiased estimator can reach.", "",
                   f"![bias, SD and RMSE]({FIGURES}/{figures['bias_sd_rmse'].name})", ""]
+    if result.calibration is not None:
+        lines += calibration_section(result, summary, figures.get("reliability"))
     quivers = [k for k in figures if k.startswith("quiver_")]
     if quivers:
         lines += ["## Bias vectors", "", "Arrows go from the true value to the mean estimate.", ""]
@@ -294,6 +307,84 @@ def write_report(out_dir, result: GridResult, summary: pd.DataFrame | None = Non
     path = out_dir / REPORT_MD
     _write_text(path, "\n".join(lines))
     return path
+
+
+#: summary.csv columns of the calibration of reported SDs (NaN for a method that reports none)
+CALIBRATION_COLUMNS = ("coverage_50", "coverage_90", "coverage_95", "mean_halfwidth_50", "mean_halfwidth_90",
+                       "mean_halfwidth_95", "crps", "z_rms", "sd_reported_fraction")
+#: z_rms above which (with 95 % coverage below nominal) the report calls a method over-confident
+OVERCONFIDENT_Z_RMS = 1.1
+
+
+def add_calibration(summary: pd.DataFrame, result: GridResult) -> pd.DataFrame:
+    """``summary`` with the :data:`CALIBRATION_COLUMNS` of ``result.calibration`` merged on
+    (method, parameter); NaN for methods that reported no SD (and for all when none did)."""
+    from qmri_labels.analysis.calibration import summarize_calibration
+
+    summary = summary.drop(columns=[c for c in CALIBRATION_COLUMNS if c in summary.columns])
+    if result.calibration is not None and result.calibration.methods:
+        table = summarize_calibration(result.calibration).rename(columns={"reported_fraction": "sd_reported_fraction"})
+        table = table[["method", "parameter", *CALIBRATION_COLUMNS]]
+    else:
+        table = pd.DataFrame(columns=["method", "parameter", *CALIBRATION_COLUMNS])
+    merged = summary.merge(table, on=["method", "parameter"], how="left")
+    for col in CALIBRATION_COLUMNS:
+        merged[col] = merged[col].astype(float)
+    return merged
+
+
+def overconfidence_sentences(summary: pd.DataFrame, methods, parameters) -> list:
+    """One sentence per method: over-confident by how much (z_rms, 95 % coverage), calibrated,
+    or SD not reported."""
+    out = []
+    for method in methods:
+        sub = summary[(summary["method"] == method) & summary["parameter"].isin(parameters)].set_index("parameter")
+        if sub.empty:
+            continue
+        if "z_rms" not in sub or sub["z_rms"].isna().all():
+            out.append(f"- **{method}**: SD not reported (no uncertainty head or ensemble), so its calibration is "
+                       "not assessed.")
+            continue
+        over = [(p, sub.loc[p, "z_rms"], sub.loc[p, "coverage_95"]) for p in parameters if p in sub.index
+                and sub.loc[p, "z_rms"] > OVERCONFIDENT_Z_RMS and sub.loc[p, "coverage_95"] < 0.95]
+        if over:
+            parts = [f"{p} (errors {z:.2g}x the reported SD, 95 % intervals cover {100 * c:.0f} %)"
+                     for p, z, c in over]
+            out.append(f"- **{method}** is over-confident for " + ", ".join(parts) + ".")
+        else:
+            under = any(sub.loc[p, "z_rms"] < 1 / OVERCONFIDENT_Z_RMS for p in parameters if p in sub.index)
+            shown = ", ".join(f"{p} z_rms {sub.loc[p, 'z_rms']:.2g} / coverage {100 * sub.loc[p, 'coverage_95']:.0f} %"
+                              for p in parameters if p in sub.index)
+            verdict = "is not over-confident" + ("; its SDs are too wide (under-confident) where z_rms < 0.91"
+                                                 if under else "")
+            out.append(f"- **{method}** {verdict} ({shown}).")
+    return out
+
+
+def calibration_section(result: GridResult, summary: pd.DataFrame, figure=None) -> list:
+    """Report lines on the calibration of reported SDs: table, reliability figure, and one
+    sentence per method."""
+    parameters = list(result.grid.varied) or list(result.param_names)
+    shown = summary[summary["parameter"].isin(parameters)]
+    cols = ["method", "parameter", "coverage_50", "coverage_90", "coverage_95", "mean_halfwidth_95", "crps", "z_rms"]
+    cols += [c for c in ("mean_sd", "mean_crlb_sd") if c in summary.columns]
+    lines = ["## Calibration of the reported uncertainty", "",
+             "Each method's reported SD turned into central intervals `estimate -/+ z SD` and checked against the "
+             "truth over every grid point and noise repeat: *coverage* of the nominal 50/90/95 % intervals "
+             "(calibrated: the nominal level), the mean 95 % half-width (sharpness), the CRPS (a proper score in "
+             "the parameter's units, lower is better) and *z_rms*, the RMS of (truth - estimate) / SD (1 calibrated; "
+             "2: the errors are twice what the SDs say). Beside them the observed mean SD over the noise repeats "
+             "and the Cramer-Rao bound. The MLE reports Wald SEs from the Fisher information; networks the SD of "
+             "their heteroscedastic head or ensemble (what it means per label: `NetworkEstimator` docstring). "
+             "Methods without an SD show `–`.", "",
+             markdown_table(shown, [c for c in cols if c in shown.columns],
+                            {"mean_halfwidth_95": "mean 95 % half-width", "mean_sd": "mean SD",
+                             "mean_crlb_sd": "mean CRLB SD"}), ""]
+    lines += overconfidence_sentences(summary, result.methods, parameters) + [""]
+    if figure is not None:
+        lines += ["Reliability diagram: observed against nominal coverage (diagonal: calibrated; below it: "
+                  "over-confident).", "", f"![reliability]({FIGURES}/{Path(figure).name})", ""]
+    return lines
 
 
 def snr_table(results_by_snr: dict, metrics=("mean_abs_bias", "mean_sd", "rmse", "sensitivity")) -> pd.DataFrame:

@@ -8,8 +8,10 @@ One run of :func:`run`:
 3. trains one network per label: ``gt``, ``mle``, ``self`` and ``hybrid`` for each alpha,
    all from the same initial weights and batch order, so that only the label differs;
 4. evaluates every network and the MLE fitter on a grid of true parameters with noise
-   repeats (bias, SD, RMSE, sensitivity, ...; :mod:`qmri_labels.analysis`) and on the
-   held-out set;
+   repeats (bias, SD, RMSE, sensitivity, ...; :mod:`qmri_labels.analysis`), the calibration
+   of the SDs they report (the MLE's Fisher SEs, the networks' heteroscedastic heads or
+   ensembles; coverage, interval width, CRPS, z_rms; :mod:`qmri_labels.analysis.calibration`)
+   in the same pass, and the held-out set;
 5. writes ``summary.csv``, ``heldout.csv``, ``report.md`` with figures, ``grid.csv``, the
    trained networks as model bundles under ``networks/``, and ``manifest.json``.
 """
@@ -54,6 +56,13 @@ DEFAULTS: dict[str, Any] = {
     "max_epochs": 100,
     "patience": 10,
     "val_fraction": 0.1,
+    # reported SDs of the networks, for the calibration section: null (default: plain networks,
+    # the label comparison as published; only the MLE reports SDs), "heteroscedastic" (a
+    # log-variance head trained with the label's likelihood: no extra training, but the
+    # likelihood reweights the voxels, so the point estimates change too), n_members: deep-ensemble
+    # members per method (each one a training)
+    "uncertainty": None,
+    "n_members": 1,
     # fitter of the MLE labels and of the fit-mle reference: sigma ("known": the simulated one),
     # n_starts (None: fit_mle's default), bounds ((2, P) list in the model's order; None: defaults)
     "mle": {"sigma": "known", "n_starts": None, "bounds": None},
@@ -98,7 +107,11 @@ def resolve_config(config: Mapping | None) -> dict:
     cfg["labels"] = list(dict.fromkeys(labels))
     if not cfg["labels"] and not cfg["alpha"]:
         raise ValueError("nothing to train: labels and alpha are both empty")
-    for key in ("n_train", "n_test", "batch_size", "max_epochs"):
+    from qmri_labels.estimators import UNCERTAINTY_KINDS
+
+    if cfg["uncertainty"] not in UNCERTAINTY_KINDS:
+        raise ValueError(f"uncertainty must be one of {UNCERTAINTY_KINDS}, got {cfg['uncertainty']!r}")
+    for key in ("n_train", "n_test", "batch_size", "max_epochs", "n_members"):
         if int(cfg[key]) != cfg[key] or cfg[key] < 1:
             raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}")
         cfg[key] = int(cfg[key])
@@ -220,7 +233,8 @@ def make_estimators(cfg: Mapping, quiet: bool = True) -> dict:
 
     accelerator, devices, _ = _device(cfg["device"])
     common = resolve_network(cfg, DEFAULTS)
-    common.update(val_fraction=cfg["val_fraction"], seed=cfg["seed"],
+    common.update(val_fraction=cfg["val_fraction"], seed=cfg["seed"], uncertainty=cfg["uncertainty"],
+                  n_members=cfg["n_members"],
                   accelerator=accelerator, devices=devices, deterministic=cfg["deterministic"],
                   num_threads=cfg["num_threads"], progress=not quiet,
                   mle_options=dict(cfg["mle"]))
@@ -243,6 +257,7 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
     from qmri_labels.analysis import GridSpec, summarize
     from qmri_labels.analysis.fairness import seed_findings, seed_summary, tuned_vs_default
     from qmri_labels.analysis.grid import evaluate_snrs
+    from qmri_labels.analysis.report import add_calibration
     from qmri_labels.bundle import device_info, package_versions
     from qmri_labels.estimators import MLEEstimator
     from qmri_labels.training import compute_mle_labels
@@ -319,20 +334,22 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
                               points_per_axis=grid_cfg["points_per_axis"], margin=grid_cfg.get("margin", 0.0),
                               repeats=grid_cfg["repeats"], snr=primary, noise=cfg["noise"],
                               seed=cfg["seed"] + 2_000_003)
+    # every method that reports SDs is also checked for calibration, in the same pass
+    with_sd = ["fit-mle", *(n for n, e in fitted.items() if e.reports_sd)]
     results_all = evaluate_snrs(
         lambda g: {"fit-mle": fitter(g.sigma if known else cfg["mle"].get("sigma")), **fitted}, grid, snrs,
-        progress=not quiet)
+        progress=not quiet, with_sd=with_sd)
     shown = ["fit-mle", *main_names]
     results = {x: r.select(shown) for x, r in results_all.items()}
     result = results[primary]
     grid = result.grid
     summaries = []
     for x, r in results_all.items():
-        frame = summarize(r)
+        frame = add_calibration(summarize(r), r)
         frame.insert(0, "snr", x)
         summaries.append(frame)
     summary_all = pd.concat(summaries, ignore_index=True)
-    summary = summarize(result)
+    summary = add_calibration(summarize(result), result)
     summary.insert(0, "snr", primary)
     mle = fitter(heldout.sigma if known else cfg["mle"].get("sigma"))
     methods = {"fit-mle": mle, **{n: fitted[n] for n in main_names}}
