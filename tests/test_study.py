@@ -212,9 +212,9 @@ def test_snr_range_tune_and_seeds_flags_resolve():
     cfg = resolve_config({"snr": [10, 50]})
     assert cfg["snr"] == {"low": 10.0, "high": 50.0, "distribution": "uniform"} and cfg["grid"]["snr"] == [10.0, 50.0]
     for bad, match in [({"seeds": 0}, "seeds"), ({"tune": {"n_trials": -1}}, "n_trials"),
-                       ({"tune": {"criterion": "grid"}}, "criterion"), ({"tune": {"trials": 3}}, "tune options"),
+                       ({"tune": {"criterion": "grid"}}, "criterion"), ({"tune": {"trials": 3}}, "unknown configuration key .tune.trials."),
                        ({"network": {"depth": 3}}, "network options"), ({"network": {"preset": "x"}}, "preset"),
-                       ({"grid": {"snr": [20, -1]}}, "SNR"), ({"grid": {"snrs": [20]}}, "grid options")]:
+                       ({"grid": {"snr": [20, -1]}}, "SNR"), ({"grid": {"snrs": [20]}}, "unknown configuration key .grid.snrs.")]:
         with pytest.raises(ValueError, match=match):
             resolve_config(bad)
 
