@@ -14,7 +14,7 @@ The best epoch is kept by the IVIM training's
 before the split (``from qmri_labels.training.qsm import QSMEstimator``).
 """
 
-from qmri_labels.training.qsm.data import EpochSampler, QSMPatchDataset, pad_to_multiple
+from qmri_labels.training.qsm.data import EpochSampler, QSMPatchDataset, RankBatches, pad_to_multiple
 from qmri_labels.training.qsm.estimator import (
     INPUT_CHANNELS,
     INPUT_KINDS,
@@ -35,6 +35,7 @@ __all__ = [
     "QSMLoss",
     "QSMPatchDataset",
     "EpochSampler",
+    "RankBatches",
     "QSMLitModule",
     "QSMEstimator",
     "check_input_kind",

@@ -29,8 +29,9 @@ from qmri_labels.bundle import device_info, load_bundle, package_versions, read_
 from qmri_labels.data.phantoms import FIELD_KINDS, QSMPhantomSet
 from qmri_labels.fitting.qsm_inversion import TV_DEFAULT_LAMBDA, cosmos, tkd, tv
 from qmri_labels.nets.unet3d import UNet3D, UNet3DConfig, unet3d_preset
+from qmri_labels.training.distributed import is_distributed
 from qmri_labels.training.module import KeepBestState
-from qmri_labels.training.qsm.data import EpochSampler, QSMPatchDataset, pad_to_multiple
+from qmri_labels.training.qsm.data import EpochSampler, QSMPatchDataset, RankBatches, pad_to_multiple
 from qmri_labels.training.qsm.loss import QSMLoss, QSMNormalisation, qsm_loss_weights
 from qmri_labels.training.qsm.module import QSMLitModule, network_chi
 
@@ -82,6 +83,17 @@ class QSMEstimator:
     warm_start : bool
         If the estimator is already fitted (or loaded), continue from its weights and keep its
         normalisation instead of starting afresh (scikit-learn's meaning).
+    accelerator, devices, num_nodes, strategy
+        Lightning's ``Trainer`` arguments, as for
+        :class:`~qmri_labels.estimators.NetworkEstimator` (``accelerator=None``: from
+        ``device``). ``devices=2, strategy="ddp"`` trains on two processes: rank ``r`` of ``W``
+        takes patches ``r::W`` of each epoch's seeded draw (``batch_size`` and
+        ``samples_per_epoch`` are global and must divide by ``W``), every step averages the
+        gradients over all ranks weighted by their masked voxels, the best epoch is chosen on
+        losses reduced over ranks, and only rank 0 writes (``save``, ``checkpoint_path``).
+        On GPUs batch norm is synchronised over ranks (``SyncBatchNorm``); on CPU processes,
+        where PyTorch has no synchronised batch norm, each rank normalises with its own
+        ``batch_size / W`` patches and the running statistics kept are rank 0's.
 
     Attributes (after fit)
     ----------------------
@@ -91,6 +103,8 @@ class QSMEstimator:
     best_epoch_ : int
     voxel_size_ : tuple
     train_fingerprint_ : str
+    global_rank_, world_size_ : int
+        This process's rank and the number of processes of the fit (0 and 1 without DDP).
     """
 
     def __init__(self, label: str = "gt", alpha: float | None = None, field_weight: float = 1.0,
@@ -99,7 +113,8 @@ class QSMEstimator:
                  tkd_threshold: float = 0.19, tv_lambda: float = TV_DEFAULT_LAMBDA, patch_size: int | None = 32, samples_per_epoch: int = 64,
                  batch_size: int = 2, max_epochs: int = 10, max_time_s: float | None = None, lr: float = 1e-3,
                  weight_decay: float = 0.01, seed: int = 0, device: str | None = None, progress: bool = False,
-                 checkpoint_path: str | Path | None = None, warm_start: bool = False):
+                 checkpoint_path: str | Path | None = None, warm_start: bool = False, accelerator: str | None = None,
+                 devices: Any = 1, num_nodes: int = 1, strategy: Any = "auto"):
         self.label = label
         self.alpha = alpha
         self.field_weight = field_weight
@@ -121,6 +136,10 @@ class QSMEstimator:
         self.progress = progress
         self.checkpoint_path = checkpoint_path
         self.warm_start = warm_start
+        self.accelerator = accelerator
+        self.devices = devices
+        self.num_nodes = num_nodes
+        self.strategy = strategy
 
     # -- scikit-learn contract -------------------------------------------------------------
     @classmethod
@@ -153,6 +172,10 @@ class QSMEstimator:
         for name in ("samples_per_epoch", "batch_size", "max_epochs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.accelerator is not None and not isinstance(self.accelerator, str):
+            raise TypeError(f"accelerator must be a string or None, got {self.accelerator!r}")
+        if int(self.num_nodes) < 1:
+            raise ValueError(f"num_nodes must be >= 1, got {self.num_nodes}")
         if not (self.lr > 0 and self.weight_decay >= 0):
             raise ValueError("lr must be > 0 and weight_decay >= 0")
 
@@ -167,6 +190,11 @@ class QSMEstimator:
             if name in self._inputs:
                 return self._inputs.index(name)
         return None
+
+    def _accelerator(self) -> str:
+        if self.accelerator is not None:
+            return self.accelerator
+        return "gpu" if self._device().type == "cuda" else "cpu"
 
     def _device(self) -> torch.device:
         if self.device is not None:
@@ -246,7 +274,9 @@ class QSMEstimator:
         elif int(patch) % network.size_multiple:
             raise ValueError(f"patch_size must be a multiple of {network.size_multiple} for this U-Net, got {patch}")
         train_ds = QSMPatchDataset(arrays, patch, self.samples_per_epoch, seed=self.seed)
-        train_dl = DataLoader(train_ds, batch_size=int(self.batch_size), sampler=EpochSampler(train_ds))
+        train_sampler = EpochSampler(train_ds)
+        samplers = [train_sampler]
+        train_dl = DataLoader(train_ds, batch_sampler=RankBatches(train_sampler, int(self.batch_size)))
         val_dl = None
         if validation is not None:
             val_arrays = self._arrays(validation, norm, weights)
@@ -255,7 +285,9 @@ class QSMEstimator:
             for k, v in val_arrays.items():
                 val_padded[k], crop = pad_to_multiple(v, network.size_multiple)
             val_ds = QSMPatchDataset(val_padded, None, 1, seed=0)
-            val_dl = DataLoader(val_ds, batch_size=1, shuffle=False)
+            val_sampler = EpochSampler(val_ds, shuffle=False, pad=True)
+            samplers.append(val_sampler)
+            val_dl = DataLoader(val_ds, batch_size=1, sampler=val_sampler)
 
         self.normalisation_ = norm
         self.voxel_size_ = tuple(float(v) for v in data.voxel_size)
@@ -273,8 +305,9 @@ class QSMEstimator:
             saved = {"epoch": None}
 
             def checkpoint(module, row):
-                # after each epoch: write the bundle when KeepBestState found a better epoch
-                if keeper.best_state is not None and keeper.best_epoch != saved["epoch"]:
+                # after each epoch: write the bundle (rank 0) when KeepBestState found a better epoch
+                if module.trainer.global_rank == 0 and keeper.best_state is not None \
+                        and keeper.best_epoch != saved["epoch"]:
                     saved["epoch"] = keeper.best_epoch
                     self.network_ = UNet3D(self._unet_config())
                     self.network_.load_state_dict({k: v.detach().cpu() for k, v in keeper.best_state.items()})
@@ -283,22 +316,33 @@ class QSMEstimator:
                     self.save(self.checkpoint_path)
 
             module.epoch_listeners.append(checkpoint)
-        device = self._device()
+        accelerator = self._accelerator()
         max_time = None if self.max_time_s is None else {"seconds": float(self.max_time_s)}
         t0 = time.perf_counter()
         trainer = L.Trainer(
-            accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=int(self.max_epochs),
-            max_time=max_time, logger=False, enable_checkpointing=False,
+            accelerator=accelerator, devices=self.devices, num_nodes=int(self.num_nodes), strategy=self.strategy,
+            # PyTorch's SyncBatchNorm runs on GPUs only; on CPU processes batch norm stays per rank
+            sync_batchnorm=accelerator != "cpu" and network.config.batch_norm,
+            # the samplers split each epoch's draw over the ranks themselves (Lightning's
+            # DistributedSampler would wrap them and never advance their epoch)
+            use_distributed_sampler=False,
+            max_epochs=int(self.max_epochs), max_time=max_time, logger=False, enable_checkpointing=False,
             enable_model_summary=False, enable_progress_bar=bool(self.progress), num_sanity_val_steps=0,
-            callbacks=[keeper],
+            callbacks=[_ShareSamplers(samplers, train_dl.batch_sampler), keeper],
         )
         with warnings.catch_warnings():
             # without a validation set the module's validation_step is simply unused
             warnings.filterwarnings("ignore", message=".*validation_step.*val_dataloader")
             trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl)
-        network = module.network.to("cpu").eval()  # KeepBestState restored the best epoch's weights
+        self.global_rank_, self.world_size_ = int(trainer.global_rank), int(trainer.world_size)
+        # KeepBestState restored the best epoch's weights; a fresh UNet3D drops the SyncBatchNorm
+        # layers Lightning may have swapped in
+        network = UNet3D(self._unet_config())
+        network.load_state_dict({k: v.detach().cpu() for k, v in module.network.state_dict().items()})
+        network.eval()
         if keeper.best_state is None and previous is not None and math.isfinite(keeper.best_score):
             network.load_state_dict(previous.state_dict())  # no epoch beat the previous best
+        _broadcast_buffers(network)
         self.network_ = network
         self.history_ = list(module.history)
         self.best_epoch_ = keeper.best_epoch
@@ -385,6 +429,9 @@ class QSMEstimator:
         params = self.get_params()
         params["checkpoint_path"] = None if params["checkpoint_path"] is None else str(params["checkpoint_path"])
         params["inputs"] = list(self._inputs)
+        for key in ("devices", "strategy"):
+            if not isinstance(params[key], (str, int, float, bool, list, type(None))):
+                params[key] = str(params[key])
         out = {
             "kind": "qsm_unet",
             "estimator": "QSMEstimator",
@@ -402,13 +449,20 @@ class QSMEstimator:
             "n_parameters": self.network_.n_parameters(),
             "versions": package_versions(),
             "device": device_info(self._device()),
+            "world_size": int(getattr(self, "world_size_", 1)),
         }
         if extra:
             out.update(extra)
         return out
 
     def save(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
-        """Write the network and its manifest as a model bundle folder (atomically)."""
+        """Write the network and its manifest as a model bundle folder (atomically).
+
+        After a distributed fit only rank 0 writes (every rank holds the same weights); the
+        other ranks return the path without touching it.
+        """
+        if getattr(self, "global_rank_", 0) != 0:
+            return Path(path)
         state = {k: v.detach().cpu().contiguous() for k, v in self.network_.state_dict().items()}
         return save_bundle(path, state, self.manifest(extra))
 
@@ -439,6 +493,33 @@ class QSMEstimator:
         est.best_epoch_ = manifest.get("best_epoch")
         est.manifest_ = manifest
         return est
+
+
+class _ShareSamplers(L.Callback):
+    """Give every :class:`EpochSampler` its rank's share once Lightning knows the ranks."""
+
+    def __init__(self, samplers, batches: RankBatches):
+        self.samplers = list(samplers)
+        self.batches = batches
+
+    def setup(self, trainer, pl_module, stage):
+        for sampler in self.samplers:
+            sampler.set_world(int(trainer.global_rank), int(trainer.world_size))
+        self.batches.batch_size  # noqa: B018  (ValueError now if the global batch does not split)
+
+
+def _broadcast_buffers(network: nn.Module) -> None:
+    """Rank 0's buffers (batch-norm running statistics) on every rank; nothing in one process.
+
+    The parameters are already equal (synchronised gradients); only per-rank batch-norm
+    statistics can differ, and DDP itself uses rank 0's at every forward.
+    """
+    if not is_distributed():
+        return
+    import torch.distributed as dist
+
+    for buffer in network.buffers():
+        dist.broadcast(buffer.data, src=0)
 
 
 def input_kind_of(train_spec: Mapping[str, Any] | None) -> str:
