@@ -222,6 +222,8 @@ def test_a_trial_whose_worker_died_before_its_objective_began_is_failed_and_run_
     still fails it after the grace period and runs it again."""
     storage = f"sqlite:///{tmp_path / 's.db'}"
     study = hparam.open_study(storage, "s", 0, 1, 1)
+    # the grace period runs from the orphan's start (study.ask), so the clock starts before it
+    t0 = time.monotonic()
     orphan = study.ask()  # RUNNING, as a worker that died right after taking it leaves it
     orphan.suggest_float("x", 0.0, 1.0)
 
@@ -229,7 +231,6 @@ def test_a_trial_whose_worker_died_before_its_objective_began_is_failed_and_run_
         trial.set_user_attr(hparam.STARTED_ATTR, trial.number)
         return trial.suggest_float("x", 0.0, 1.0)
 
-    t0 = time.monotonic()
     ran = hparam.run_trials(study, objective, n_trials=1, finish=True, poll_seconds=0.2, grace_seconds=1.0)
     assert time.monotonic() - t0 >= 1.0
     trials = study.get_trials()
