@@ -1,5 +1,5 @@
-"""Training cost of network uncertainty: a heteroscedastic head and a deep ensemble against a
-plain network, as CPU-time ratios measured in one process (interleaved repeats, the first
+"""Training cost of network uncertainty: a heteroscedastic head, a variance head (trained on the
+detached mean) and a deep ensemble against a plain network, as CPU-time ratios measured in one process (interleaved repeats, the first
 repeat of each discarded as warm-up), so that a loaded machine distorts both sides alike.
 
     python benchmarks/network_uncertainty_cost.py --n 20000 --epochs 40 --repeats 3 --members 2
@@ -27,6 +27,7 @@ def main(argv=None) -> dict:
         parser.error("--repeats must be >= 2 (the first is a warm-up)")
     data = DatasetSpec(n=args.n, seed=1).generate()
     variants = {"plain": {}, "heteroscedastic": {"uncertainty": "heteroscedastic"},
+                "variance_head": {"uncertainty": "variance_head"},
                 f"ensemble-{args.members}": {"n_members": args.members}}
     seconds = {name: [] for name in variants}
     for _ in range(args.repeats):

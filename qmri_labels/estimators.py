@@ -51,7 +51,7 @@ DESIGN_PRESETS: dict[str, dict] = {
 
 
 #: Kinds of network uncertainty (``NetworkEstimator(uncertainty=...)``).
-UNCERTAINTY_KINDS = (None, "heteroscedastic")
+UNCERTAINTY_KINDS = (None, "heteroscedastic", "variance_head")
 
 
 class _ParamsMixin:
@@ -263,7 +263,7 @@ class NetworkEstimator(_ParamsMixin):
     warm_start : bool
         Continue training the fitted network (e.g. a shipped one) instead of starting from new
         weights: fine-tuning. The input standardisation of the network is kept.
-    uncertainty : {None, "heteroscedastic"}
+    uncertainty : {None, "heteroscedastic", "variance_head"}
         ``"heteroscedastic"``: add a log-variance branch
         (:class:`~qmri_labels.nets.heteroscedastic.HeteroscedasticNet`) trained with the
         Gaussian negative log-likelihood of the label
@@ -275,7 +275,13 @@ class NetworkEstimator(_ParamsMixin):
         the Cramer-Rao (Fisher) SD at the predicted parameters for that noise level, the spread
         an efficient estimator would have there, not the network's own error (``inf`` where a
         parameter is not identifiable, e.g. D* at f = 0). Whether any of these is calibrated
-        against the truth is measured by :mod:`qmri_labels.analysis.calibration`.
+        against the truth is measured by :mod:`qmri_labels.analysis.calibration`. The
+        likelihood also trains the mean, so the point estimates differ from a plain network's.
+        ``"variance_head"``: the same branch and the same meaning of the SD per label, but the
+        mean is trained by the plain label loss alone and the branch by the likelihood at the
+        *detached* mean (:class:`~qmri_labels.training.likelihood_losses.VarianceHeadLoss`);
+        early stopping watches the plain loss. With the same seeds the point estimates are
+        bit-identical to ``uncertainty=None``'s, so a label comparison stays one factor at a time.
     n_members : int
         Members of a deep ensemble (M independently trained networks, member ``k`` with
         ``init_seed + k`` and ``shuffle_seed + k``, the same train/validation split);
@@ -372,7 +378,8 @@ class NetworkEstimator(_ParamsMixin):
     def _fitted_uncertainty(self) -> str | None:
         from qmri_labels.nets.heteroscedastic import HeteroscedasticNet
 
-        return "heteroscedastic" if isinstance(self._members()[0], HeteroscedasticNet) else None
+        member = self._members()[0]
+        return member.config["kind"] if isinstance(member, HeteroscedasticNet) else None
 
     @property
     def reports_sd(self) -> bool:
@@ -424,7 +431,7 @@ class NetworkEstimator(_ParamsMixin):
             raise ValueError(f"n_members must be an integer >= 1, got {self.n_members!r}")
         if self.uncertainty is not None and "self" in weights and weights["self"] and len(
                 [t for t, w in weights.items() if w]) > 1:
-            raise ValueError("uncertainty='heteroscedastic' cannot mix the self-supervised term (a signal-noise "
+            raise ValueError(f"uncertainty={self.uncertainty!r} cannot mix the self-supervised term (a signal-noise "
                              f"variance) with parameter terms; got weights {weights}")
         if self.warm_start and hasattr(self, "network_") and (
                 self.uncertainty != self._fitted_uncertainty() or int(self.n_members) != self._fitted_members()):
@@ -624,27 +631,33 @@ class NetworkEstimator(_ParamsMixin):
                           input_shift=shift, input_scale=scale, parallel=bool(self.parallel),
                           batch_norm=bool(self.batch_norm), dropout=float(self.dropout),
                           bounds_margin=float(self.bounds_margin), fixed_outputs=fixed)
-            if self.uncertainty == "heteroscedastic":
+            if self.uncertainty is not None:
+                # (created after the mean network from the same RNG stream, so the mean network's
+                # initial weights are those of a plain network with this seed)
                 # the self label learns one signal-noise variance (signal units), the parameter
                 # labels one variance per parameter on the loss's normalised scale
                 if weights.get("self"):
                     network = HeteroscedasticNet(network, m, 1, scale=None, hidden_layers=self.hidden_layers,
-                                                 width=self.width, activation=self.activation)
+                                                 width=self.width, activation=self.activation, kind=self.uncertainty)
                 else:
                     network = HeteroscedasticNet(network, m, signal_model.n_params, scale=normalisation.scale,
                                                  hidden_layers=self.hidden_layers, width=self.width,
-                                                 activation=self.activation)
+                                                 activation=self.activation, kind=self.uncertainty)
         return network
 
     def _train_network(self, network, tensors: dict, weights: dict, signal_model, protocol, normalisation,
                        noise: str, split_seed: int, shuffle_seed: int):
         """Train one network; returns ``(module, trainer, keeper, datamodule)``."""
         from qmri_labels.training import InMemoryDataModule, LabelLoss, LabelRegressor, LRSchedule
-        from qmri_labels.training.likelihood_losses import HeteroscedasticLabelLoss
+        from qmri_labels.training.likelihood_losses import HeteroscedasticLabelLoss, VarianceHeadLoss
         from qmri_labels.training.trainer import build_trainer
 
         if self.uncertainty == "heteroscedastic":
             loss = HeteroscedasticLabelLoss(weights, signal_model.name, protocol, normalisation, noise=noise)
+        elif self.uncertainty == "variance_head":
+            # the mean by the plain label loss, the log-variance by the likelihood at the detached
+            # mean; the logged (monitored) loss is the plain one, so the same epoch is kept
+            loss = VarianceHeadLoss(weights, signal_model.name, protocol, normalisation, noise=noise)
         else:
             loss = LabelLoss(weights, signal_model.name, protocol, normalisation)
         module = LabelRegressor(network, loss, lr=self.lr, weight_decay=self.weight_decay, optimiser=self.optimiser,
@@ -696,7 +709,7 @@ class NetworkEstimator(_ParamsMixin):
             raise TypeError(f"return_sd must be True or False, got {return_sd!r}")
         if return_sd and not self.reports_sd:
             raise ValueError("this network reports no standard deviations: train it with "
-                             "uncertainty='heteroscedastic' or n_members > 1")
+                             "uncertainty='heteroscedastic' or 'variance_head', or n_members > 1")
         flat, lead = _as_signals(signals, len(self.protocol_))
         device = torch.device(device) if device is not None else torch.device("cpu")
         network = self.network_.to(device).eval()
@@ -872,7 +885,7 @@ def _network_from_config(config: Mapping):
     """An untrained network from :func:`_network_config`'s description (load the weights after)."""
     from qmri_labels.nets import MLP
     from qmri_labels.nets.ensemble import DeepEnsemble
-    from qmri_labels.nets.heteroscedastic import HeteroscedasticNet
+    from qmri_labels.nets.heteroscedastic import VARIANCE_KINDS, HeteroscedasticNet
 
     config = dict(config)
     kind = config.get("kind")
@@ -881,7 +894,7 @@ def _network_from_config(config: Mapping):
         if not isinstance(members, list) or not members:
             raise ValueError(f"an ensemble config needs a non-empty list of members, got {members!r}")
         return DeepEnsemble([_network_from_config(m) for m in members])
-    if kind == "heteroscedastic":
+    if kind in VARIANCE_KINDS:
         return HeteroscedasticNet.from_config(config)
     if kind is not None:
         raise ValueError(f"unknown network kind {kind!r}")

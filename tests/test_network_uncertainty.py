@@ -43,6 +43,11 @@ def hetero_self(data):
 
 
 @pytest.fixture(scope="module")
+def vh_gt(data):
+    return net(label="gt", uncertainty="variance_head").fit(data)
+
+
+@pytest.fixture(scope="module")
 def ensemble(data):
     return net(label="gt", n_members=2).fit(data)
 
@@ -51,7 +56,7 @@ def _weights(est):
     return {k: v.clone() for k, v in est.network_.state_dict().items()}
 
 
-@pytest.mark.parametrize("name", ["hetero_gt", "hetero_self", "ensemble"])
+@pytest.mark.parametrize("name", ["hetero_gt", "hetero_self", "vh_gt", "ensemble"])
 def test_predict_with_sd_shape_positivity_and_unchanged_point_estimate(name, request, data):
     est = request.getfixturevalue(name)
     assert est.reports_sd
@@ -103,7 +108,7 @@ def test_ensemble_members_are_independently_seeded_and_combined(ensemble, data):
     assert [m["shuffle_seed"] for m in ensemble.seeds_["members"]] == [3, 4]
 
 
-@pytest.mark.parametrize("name", ["hetero_gt", "hetero_self", "ensemble"])
+@pytest.mark.parametrize("name", ["hetero_gt", "hetero_self", "vh_gt", "ensemble"])
 def test_bundle_round_trip_identical_predictions_and_sds(name, request, data, tmp_path):
     est = request.getfixturevalue(name)
     path = est.save(tmp_path / name)
@@ -115,7 +120,7 @@ def test_bundle_round_trip_identical_predictions_and_sds(name, request, data, tm
         assert manifest["network"]["kind"] == "ensemble" and len(manifest["network"]["members"]) == 2
         assert len(manifest["training"]["members"]) == 2
     else:
-        assert manifest["network"]["kind"] == "heteroscedastic"
+        assert manifest["network"]["kind"] == est.uncertainty
     assert manifest["training_config"]["uncertainty"] == est.uncertainty
     assert manifest["training_config"]["n_members"] == est.n_members
     back = NetworkEstimator.load(path)
@@ -212,12 +217,68 @@ def test_study_config_uncertainty_keys_reach_the_networks():
     from qmri_labels.workflows.ivim import resolve_config, make_estimators
 
     cfg = resolve_config({})
-    # the default study keeps the published (plain) networks: heads change the point estimates
-    assert cfg["uncertainty"] is None and cfg["n_members"] == 1
-    assert {(e.uncertainty, e.n_members) for e in make_estimators(cfg).values()} == {(None, 1)}
+    # the default study adds variance heads that leave the point estimates those of plain networks
+    assert cfg["uncertainty"] == "variance_head" and cfg["n_members"] == 1
+    assert {(e.uncertainty, e.n_members) for e in make_estimators(cfg).values()} == {("variance_head", 1)}
+    assert {e.uncertainty for e in make_estimators(resolve_config({"uncertainty": None})).values()} == {None}
     nets = make_estimators(resolve_config({"uncertainty": "heteroscedastic", "n_members": 3}))
     assert {(e.uncertainty, e.n_members) for e in nets.values()} == {("heteroscedastic", 3)}
     with pytest.raises(ValueError, match="n_members"):
         resolve_config({"n_members": 0})
     with pytest.raises(ValueError, match="uncertainty must be one of"):
         resolve_config({"uncertainty": "mc-dropout"})
+
+
+# -- variance_head: the point estimates of the plain network, plus an SD -----------------------
+
+@pytest.fixture(scope="module")
+def small_data():
+    return DatasetSpec(n=240, seed=5).generate()
+
+
+@pytest.mark.parametrize("label", ["gt", "mle", "self", "hybrid"])
+def test_variance_head_point_estimates_are_bit_identical_to_the_plain_network(label, small_data):
+    # 3 epochs with patience 1 and a large step: early stopping and the kept epoch take part
+    args = dict(label=label, max_epochs=3, patience=1, lr=5e-3, batch_size=64, val_fraction=0.25)
+    plain = net(**args).fit(small_data)
+    head = net(uncertainty="variance_head", **args).fit(small_data)
+    signals = small_data.signals[:60]
+    np.testing.assert_array_equal(head.predict(signals), plain.predict(signals))
+    params, sd = head.predict(signals, return_sd=True)
+    np.testing.assert_array_equal(params, plain.predict(signals))
+    assert head.best_epoch_ == plain.best_epoch_ and head.n_epochs_ == plain.n_epochs_
+    assert [h["val_loss"] for h in head.history_] == [h["val_loss"] for h in plain.history_]
+    # the mean network's weights are the plain network's, bit for bit
+    mean_state = head.network_.mean_network.state_dict()
+    assert all(bool((mean_state[k] == v).all()) for k, v in plain.network_.state_dict().items())
+    # the variance branch did learn: its NLL is logged and its SDs are positive and vary by voxel
+    assert all(np.isfinite(h["train_variance_nll"]) for h in head.history_)
+    finite = sd[np.isfinite(sd)]
+    assert finite.size and np.all(finite > 0) and np.unique(finite).size > 1
+    if label == "self":
+        assert head.network_.config["n_variances"] == 1
+
+
+def test_heteroscedastic_changes_the_point_estimates_variance_head_does_not(data, hetero_gt, vh_gt):
+    # the contrast the variance head exists for (the same seeds as the fixtures)
+    plain = net(label="gt").fit(data)
+    signals = data.signals[:80]
+    np.testing.assert_array_equal(vh_gt.predict(signals), plain.predict(signals))
+    assert not np.array_equal(hetero_gt.predict(signals), plain.predict(signals))
+    assert vh_gt._fitted_uncertainty() == "variance_head" and hetero_gt._fitted_uncertainty() == "heteroscedastic"
+
+
+def test_variance_head_ensemble_clone_and_warm_start(small_data):
+    args = dict(label="gt", max_epochs=2, batch_size=64, n_members=2)
+    plain = net(**args).fit(small_data)
+    head = net(uncertainty="variance_head", **args).fit(small_data)
+    signals = small_data.signals[:30]
+    np.testing.assert_array_equal(head.predict(signals), plain.predict(signals))
+    _, sd_plain = plain.predict(signals, return_sd=True)
+    _, sd_head = head.predict(signals, return_sd=True)
+    # the mixture adds the members' own variances to their spread
+    assert np.all(sd_head > sd_plain)
+    clone = NetworkEstimator(**head.get_params())
+    assert clone.uncertainty == "variance_head" and clone.n_members == 2
+    with pytest.raises(ValueError, match="warm_start"):
+        head.set_params(warm_start=True, uncertainty="heteroscedastic").fit(small_data)

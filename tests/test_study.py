@@ -21,9 +21,8 @@ def tiny_run(tmp_path_factory):
     os.environ.setdefault("QMRI_LABELS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     out = tmp_path_factory.mktemp("study") / "tiny"
     # alpha 0 and 1 are the pure losses: their networks must equal net-gt and net-mle; the
-    # networks carry variance heads so that every method reports SDs for the calibration section
-    assert study.main(["--config", "tiny_ivim", "--alpha", "0", "1", "--set", "uncertainty=heteroscedastic",
-                       "--out", str(out), "--quiet"]) == 0
+    # networks carry the default variance heads, so every method reports SDs for the calibration section
+    assert study.main(["--config", "tiny_ivim", "--alpha", "0", "1", "--out", str(out), "--quiet"]) == 0
     return out
 
 
@@ -49,7 +48,7 @@ def test_summary_has_calibration_for_every_method(tiny_run):
     assert set(CALIBRATION_COLUMNS) <= set(summary.columns)
     methods = list(dict.fromkeys(summary["method"]))
     assert len(methods) == 6
-    # every method reports an SD (MLE: Fisher SEs; networks: heteroscedastic heads, asked for)
+    # every method reports an SD (MLE: Fisher SEs; networks: the study's default variance heads)
     varied = summary[summary["parameter"].isin(["f", "D", "Dstar"])]
     values = varied[["coverage_95", "mean_halfwidth_95", "crps", "z_rms"]].to_numpy()
     assert np.all(np.isfinite(values)) and np.all(values[:, 1:] > 0)
@@ -59,7 +58,7 @@ def test_summary_has_calibration_for_every_method(tiny_run):
     for method in methods:
         assert f"- **{method}**" in report
     net = NetworkEstimator.load(tiny_run / "networks" / "net-gt")
-    assert net.uncertainty == "heteroscedastic" and net.reports_sd
+    assert net.uncertainty == "variance_head" and net.reports_sd
 
 
 def test_manifest_records_seeds_fingerprints_versions_timings(tiny_run):

@@ -15,6 +15,12 @@ Two kinds of variance, chosen by ``n_variances``:
   self-supervised label, which has no parameter target (see
   :mod:`qmri_labels.training.likelihood_losses`).
 
+``kind`` says how the two branches were trained, and travels with the bundle's network config:
+``"heteroscedastic"`` (the mean by the NLL too, so its point estimates differ from a plain
+network's) or ``"variance_head"`` (the mean by the plain label loss alone, the variance branch
+by the NLL at the detached mean; see
+:class:`qmri_labels.training.likelihood_losses.VarianceHeadLoss`). The forward pass is the same.
+
 The log-variance is softly kept in ``[log_var_min, log_var_max]`` (smooth, never exactly flat)
 so that the NLL cannot diverge on a perfectly fitted batch.
 """
@@ -27,6 +33,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from qmri_labels.nets.mlp import MLP
+
+#: Training kinds of a mean-plus-log-variance network (``config["kind"]``).
+VARIANCE_KINDS = ("heteroscedastic", "variance_head")
 
 
 class HeteroscedasticNet(nn.Module):
@@ -51,12 +60,17 @@ class HeteroscedasticNet(nn.Module):
     variance_network : nn.Module or None
         A ready variance branch instead of the default MLP (its output: ``n_variances`` raw
         values per voxel).
+    kind : {"heteroscedastic", "variance_head"}
+        How the net is trained (recorded in :attr:`config`; see the module docstring).
     """
 
     def __init__(self, mean_network: nn.Module, n_inputs: int, n_variances: int, scale=None, hidden_layers: int = 2,
                  width: int | None = None, activation: str = "elu", log_var_min: float = -18.0,
-                 log_var_max: float = 6.0, variance_network: nn.Module | None = None):
+                 log_var_max: float = 6.0, variance_network: nn.Module | None = None,
+                 kind: str = "heteroscedastic"):
         super().__init__()
+        if kind not in VARIANCE_KINDS:
+            raise ValueError(f"kind must be one of {VARIANCE_KINDS}, got {kind!r}")
         if int(n_variances) < 1:
             raise ValueError(f"n_variances must be >= 1, got {n_variances}")
         if not log_var_min < log_var_max:
@@ -76,7 +90,7 @@ class HeteroscedasticNet(nn.Module):
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
         self.log_var_min, self.log_var_max = float(log_var_min), float(log_var_max)
         self.config = {
-            "kind": "heteroscedastic",
+            "kind": kind,
             "mean": dict(getattr(mean_network, "config", {}) or {}),
             "variance": dict(getattr(variance_network, "config", {}) or {}),
             "n_inputs": int(n_inputs),
@@ -108,9 +122,11 @@ class HeteroscedasticNet(nn.Module):
     def from_config(cls, config: dict) -> "HeteroscedasticNet":
         """Rebuild an untrained net from :attr:`config` (both branches :class:`MLP`); load the
         weights with ``load_state_dict`` afterwards."""
-        if config.get("kind") != "heteroscedastic":
-            raise ValueError(f"not a heteroscedastic network config: kind={config.get('kind')!r}")
+        if config.get("kind") not in VARIANCE_KINDS:
+            raise ValueError(f"not a mean-plus-variance network config (kind one of {VARIANCE_KINDS}): "
+                             f"kind={config.get('kind')!r}")
         mean = MLP(**config["mean"])
         variance = MLP(**config["variance"])
         return cls(mean, config["n_inputs"], config["n_variances"], scale=config["scale"],
-                   log_var_min=config["log_var_min"], log_var_max=config["log_var_max"], variance_network=variance)
+                   log_var_min=config["log_var_min"], log_var_max=config["log_var_max"], variance_network=variance,
+                   kind=config["kind"])

@@ -17,6 +17,12 @@
   estimator at the predicted parameters, given the noise level the network infers for that
   voxel (:func:`signal_space_sd`), i.e. the spread an MLE would have there, not the network's
   own error; the network's own error is seen by an ensemble's spread.
+
+:class:`HeteroscedasticLabelLoss` trains the mean by these likelihoods too, which reweights the
+voxels (an error counts less where the predicted variance is large) and so changes the point
+estimates. :class:`VarianceHeadLoss` trains the mean by the plain label loss alone and the
+variance branch by the same likelihood at the *detached* mean (a post-hoc variance head trained
+jointly): the point estimates are those of the plain network, bit for bit with the same seeds.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from torch import nn
 from qmri_labels.fitting.fisher import fisher_information, information_to_variance
 from qmri_labels.fitting.likelihood import NOISE_MODELS, rician_nll_terms
 from qmri_labels.physics import get_model
-from qmri_labels.training.labels import ParameterNormalisation, term_weights
+from qmri_labels.training.labels import LabelLoss, ParameterNormalisation, term_weights
 
 
 def gaussian_nll(pred: torch.Tensor, log_var: torch.Tensor, target: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -124,3 +130,45 @@ class HeteroscedasticLabelLoss(nn.Module):
                 terms[term] = gaussian_nll(pred, log_var, batch["theta" if term == "gt" else "mle"], self.scale)
         total = sum(self.weights[t] * v for t, v in terms.items())
         return total, terms
+
+
+class VarianceHeadLoss(nn.Module):
+    """The plain label loss for the mean and the likelihood for the variance branch only.
+
+    For ``output = (mean, log_var)`` the mean is trained by exactly
+    :class:`~qmri_labels.training.LabelLoss` and the log-variance by
+    :class:`HeteroscedasticLabelLoss` evaluated at ``mean.detach()`` (parameter labels: the
+    Gaussian NLL of the label; ``self``: the signal-space NLL of the measured signals given the
+    detached prediction, so the branch learns the noise level around the plain network's fit).
+    No gradient of the likelihood reaches the mean network, none of the label loss the
+    variance branch.
+
+    Parameters are those of :class:`HeteroscedasticLabelLoss`.
+
+    ``forward((mean, log_var), batch)`` returns ``(total, terms)``: ``total``'s *value* is the
+    plain label loss, so that logging, early stopping, the best epoch and learning-rate
+    schedules see exactly the plain network's numbers, and its *gradient* is that of the plain
+    loss plus that of the likelihood (added as ``nll - nll.detach()``, which is 0 in value);
+    ``terms`` holds the plain terms and ``variance_nll``.
+    """
+
+    def __init__(self, weights: Mapping[str, float], model: str, protocol, normalisation: ParameterNormalisation,
+                 noise: str = "gaussian"):
+        super().__init__()
+        self.likelihood = HeteroscedasticLabelLoss(weights, model, protocol, normalisation, noise=noise)
+        self.label_loss = LabelLoss(weights, model, protocol, normalisation)
+        self.weights = self.likelihood.weights
+        self.n_variances = self.likelihood.n_variances
+        # the logged terms: the plain ones (as a plain network logs them) and the head's NLL
+        self.active = tuple(self.label_loss.active) + ("variance_nll",)
+
+    def forward(self, output, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        if not (isinstance(output, tuple) and len(output) == 2):
+            raise ValueError("a variance-head loss needs the network output (mean, log_var)")
+        pred, log_var = output
+        plain, terms = self.label_loss(pred, batch)
+        nll, _ = self.likelihood((pred.detach(), log_var), batch)
+        terms = dict(terms)
+        terms["variance_nll"] = nll.detach()
+        # value: exactly the plain loss (x - x == 0); gradient: plain + likelihood
+        return plain + (nll - nll.detach()), terms
