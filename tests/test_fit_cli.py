@@ -754,26 +754,26 @@ def test_qsm_total_field_with_bfr_is_inverted_after_background_removal(qsm_head,
     assert nrmse(chi, truth, eroded) < 0.5 * nrmse(raw, truth, eroded)
 
 
-def test_qsm_tv_estimator_through_the_command(qsm_head, tmp_path, capsys):
+def test_qsm_tv_estimator_through_the_command(qsm_data, tmp_path, capsys):
     import torch
 
     from qmri_labels.fitting import qsm_inversion
 
-    paths = qsm_head["paths"]
-    code, err = run(["--field", paths["local"], "--mask", paths["mask"], "--estimator", "tv", "--tv-lambda", "5e-4",
+    field, mask = qsm_data["field_path"], qsm_data["mask_path"]
+    code, err = run(["--field", field, "--mask", mask, "--estimator", "tv", "--tv-lambda", "5e-4",
                      "--out", tmp_path / "tv", "--quiet"], capsys)
     assert code == 0, err
     chi = load_map(tmp_path / "tv", chi_map_name("sub-01"))[1]
-    mask = qsm_head["mask"]
-    direct = qsm_inversion.tv(torch.as_tensor(qsm_head["local"] * mask), torch.as_tensor(mask), (1, 1, 1), (0, 0, 1),
+    m = qsm_data["mask"]
+    direct = qsm_inversion.tv(torch.as_tensor(qsm_data["field"] * m), torch.as_tensor(m), QSM_VOXEL, (0, 0, 1),
                               lam=5e-4).numpy()
-    np.testing.assert_allclose(chi, np.where(mask, direct, 0), atol=1e-5)
+    np.testing.assert_allclose(chi, np.where(m, direct, 0), atol=1e-5)
+    assert np.corrcoef(chi[m], qsm_data["chi"][m])[0, 1] > 0.9
     assert json.loads((tmp_path / "tv" / "manifest.json").read_text())["estimator"]["options"] == {"lam": 5e-4}
     for argv, message in ((["--tv-lambda", "1e-3"], "--tv-lambda applies to --estimator tv only"),
                           (["--estimator", "tv", "--tv-lambda", "-1"], "must be a positive number"),
                           (["--allow-input-mismatch"], "applies to QSM networks only")):
-        code, err = run(["--field", paths["local"], "--mask", paths["mask"], *argv, "--out", tmp_path / "bad",
-                         "--quiet"], capsys)
+        code, err = run(["--field", field, "--mask", mask, *argv, "--out", tmp_path / "bad", "--quiet"], capsys)
         assert code == 1 and message in err, (argv, err)
     assert not (tmp_path / "bad").exists()
 
