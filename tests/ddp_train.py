@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +27,18 @@ DATA = {"n": 2001, "seed": 41}
 SETTINGS = {"label": "weighted", "weights": {"gt": 0.7, "self": 0.3}, "batch_size": 64, "batches_per_block": 4,
             "max_epochs": 2, "patience": 0, "lr": 3e-3, "seed": 7, "num_threads": 1, "progress": False}
 N_PREDICT = 300
+
+
+def launch(script: Path, out: Path, processes: int, timeout: float = 300) -> None:
+    """Run a training script (``script OUT N``) that Lightning turns into ``processes`` gloo ranks;
+    the package comes from this checkout and no launcher variable leaks in from the caller."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    for key in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
+        env.pop(key, None)
+    done = subprocess.run([sys.executable, str(script), str(out), str(processes)], env=env, cwd=out,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
 
 
 def state_sha256(state: dict) -> str:

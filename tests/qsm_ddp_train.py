@@ -12,13 +12,15 @@ history, ``<fit>_rank<r>_state.pt``); ``save`` writes the bundle on rank 0 only.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ddp_train import state_sha256  # noqa: E402  (one digest of a state dict for both DDP scripts)
 
 #: tiny phantoms; 3 validation volumes do not split evenly over 2 ranks
 TRAIN = {"shape": (16, 16, 16), "n": 2, "n_orientations": 1, "noise_sigma": 0.002, "seed": 7}
@@ -34,13 +36,6 @@ def phantoms():
 
     return QSMPhantomSpec(**TRAIN).generate(), QSMPhantomSpec(**VALIDATION).generate()
 
-
-def state_sha256(state: dict) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def main(out: str, processes: int) -> None:

@@ -2,8 +2,6 @@
 same result as one process with the same global batch, rank 0 writes the bundle."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,13 +22,7 @@ import ddp_train  # noqa: E402  (the script the two processes run)
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
-    for key in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
-        env.pop(key, None)
-    done = subprocess.run([sys.executable, str(HERE / "ddp_train.py"), str(out), "2"], env=env, cwd=out,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    ddp_train.launch(HERE / "ddp_train.py", out, 2)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     return out, ranks
 

@@ -2,8 +2,6 @@
 as one process with the same global batch, rank 0 writes."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,19 +12,14 @@ from qmri_labels.training.qsm import EpochSampler, QSMEstimator, QSMPatchDataset
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import ddp_train  # noqa: E402  (its launch() runs the script)
 import qsm_ddp_train  # noqa: E402  (the script the two processes run)
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("qsm_ddp")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
-    for key in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
-        env.pop(key, None)
-    done = subprocess.run([sys.executable, str(HERE / "qsm_ddp_train.py"), str(out), "2"], env=env, cwd=out,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    ddp_train.launch(HERE / "qsm_ddp_train.py", out, 2)
     ranks = {name: [json.loads((out / f"{name}_rank{r}.json").read_text()) for r in range(2)]
              for name in qsm_ddp_train.FITS}
     return out, ranks
