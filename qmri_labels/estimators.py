@@ -14,7 +14,6 @@ parameters in the model's parameter order, and expose ``model_name``, ``protocol
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import time
@@ -28,6 +27,7 @@ import torch
 from qmri_labels.bundle import device_info, load_bundle, package_versions, save_bundle
 from qmri_labels.data.datasets import Dataset
 from qmri_labels.data.preprocessing import for_training_signals, from_manifest
+from qmri_labels.params import ParamsMixin
 from qmri_labels.physics import get_model
 
 ESTIMATOR_KIND = "qmri_labels.NetworkEstimator"
@@ -54,39 +54,6 @@ DESIGN_PRESETS: dict[str, dict] = {
 UNCERTAINTY_KINDS = (None, "heteroscedastic", "variance_head")
 
 
-class _ParamsMixin:
-    """``get_params`` / ``set_params`` / ``repr`` from the constructor's signature (sklearn style)."""
-
-    @classmethod
-    def _param_names(cls) -> list[str]:
-        sig = inspect.signature(cls.__init__)
-        return [p for p in sig.parameters if p != "self"]
-
-    def get_params(self, deep: bool = True) -> dict:
-        return {name: getattr(self, name) for name in self._param_names()}
-
-    def set_params(self, **params):
-        valid = set(self._param_names())
-        for key, value in params.items():
-            if key not in valid:
-                raise ValueError(f"invalid parameter {key!r} for {type(self).__name__}; valid: {sorted(valid)}")
-            setattr(self, key, value)
-        return self
-
-    def __repr__(self) -> str:
-        sig = inspect.signature(type(self).__init__)
-        changed = [f"{k}={v!r}" for k, v in self.get_params().items()
-                   if sig.parameters[k].default is inspect.Parameter.empty or not _same(v, sig.parameters[k].default)]
-        return f"{type(self).__name__}({', '.join(changed)})"
-
-
-def _same(a, b) -> bool:
-    try:
-        return bool(a == b)
-    except Exception:
-        return a is b
-
-
 def _as_signals(signals, n_measurements: int) -> tuple[np.ndarray, tuple]:
     signals = np.asarray(signals)
     if signals.dtype.kind not in "fiu":
@@ -97,7 +64,7 @@ def _as_signals(signals, n_measurements: int) -> tuple[np.ndarray, tuple]:
     return signals.reshape(-1, n_measurements), signals.shape[:-1]
 
 
-class MLEEstimator(_ParamsMixin):
+class MLEEstimator(ParamsMixin):
     """Maximum-likelihood fits as an estimator.
 
     Parameters
@@ -189,7 +156,7 @@ class MLEEstimator(_ParamsMixin):
         return params, np.asarray(fit.sd, dtype=np.float32).reshape(*lead, -1)
 
 
-class NetworkEstimator(_ParamsMixin):
+class NetworkEstimator(ParamsMixin):
     """A voxel-wise network trained under a chosen training label.
 
     Parameters

@@ -12,7 +12,6 @@ makes the same one), with whole volumes it is exact.
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 import warnings
@@ -29,6 +28,7 @@ from qmri_labels.bundle import device_info, load_bundle, package_versions, read_
 from qmri_labels.data.phantoms import FIELD_KINDS, QSMPhantomSet
 from qmri_labels.fitting.qsm_inversion import TV_DEFAULT_LAMBDA, cosmos, tkd, tv
 from qmri_labels.nets.unet3d import UNet3D, UNet3DConfig, unet3d_preset
+from qmri_labels.params import ParamsMixin
 from qmri_labels.training.distributed import is_distributed
 from qmri_labels.training.module import KeepBestState
 from qmri_labels.training.qsm.data import EpochSampler, QSMPatchDataset, RankBatches, pad_to_multiple
@@ -45,7 +45,7 @@ INPUT_KINDS = FIELD_KINDS
 RESIDUAL_CHANNELS = ("tv", "tkd")
 
 
-class QSMEstimator:
+class QSMEstimator(ParamsMixin):
     """3-D U-Net estimator of chi from a local field, trained on synthetic phantoms.
 
     Parameters
@@ -140,23 +140,6 @@ class QSMEstimator:
         self.devices = devices
         self.num_nodes = num_nodes
         self.strategy = strategy
-
-    # -- scikit-learn contract -------------------------------------------------------------
-    @classmethod
-    def _param_names(cls) -> list[str]:
-        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-
-    def get_params(self, deep: bool = True) -> dict:
-        """The constructor's arguments, as given (``deep`` is accepted for scikit-learn)."""
-        return {name: getattr(self, name) for name in self._param_names()}
-
-    def set_params(self, **params) -> "QSMEstimator":
-        valid = set(self._param_names())
-        for key, value in params.items():
-            if key not in valid:
-                raise ValueError(f"invalid parameter {key!r} for QSMEstimator; valid: {sorted(valid)}")
-            setattr(self, key, value)
-        return self
 
     @property
     def _inputs(self) -> tuple[str, ...]:
