@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from qmri_labels.fileio import apply_umask_permissions, atomic_dir, atomic_write_bytes, to_jsonable
+from qmri_labels.fileio import atomic_dir, atomic_write_bytes, to_jsonable
 
 BUNDLE_FORMAT = "qmri_labels.bundle"
 BUNDLE_VERSION = 1
@@ -151,9 +151,6 @@ def save_bundle(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],
         atomic_write_bytes(staging / MANIFEST_FILE, text.encode())
     return path
 
-
-#: kept for callers of the earlier name; the helper lives in :mod:`qmri_labels.fileio`
-apply_default_permissions = apply_umask_permissions
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

@@ -460,12 +460,11 @@ def export_networks(run_dir: str | Path, dest: str | Path | None = None, prefix:
         python -m qmri_labels.study --alpha 0.5 --out runs/shipped
         python -c "from qmri_labels.workflows.ivim import export_networks; export_networks('runs/shipped')"
     """
-    import os
     import shutil
-    import tempfile
 
     from qmri_labels import paths
-    from qmri_labels.bundle import apply_default_permissions, verify_bundle
+    from qmri_labels.bundle import verify_bundle
+    from qmri_labels.fileio import atomic_dir
 
     run_dir = Path(run_dir)
     dest = Path(dest) if dest is not None else paths.models_dir()
@@ -479,16 +478,8 @@ def export_networks(run_dir: str | Path, dest: str | Path | None = None, prefix:
     for source in sources:
         verify_bundle(source)  # never ship a bundle that does not verify
         target = dest / shipped_name(source.name, prefix)
-        staging = Path(tempfile.mkdtemp(dir=dest, prefix=f".{target.name}.", suffix=".tmp"))
-        shutil.copytree(source, staging / "b")
-        apply_default_permissions(staging / "b")
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(dir=dest, prefix=f".{target.name}.", suffix=".old"))
-            os.replace(target, retired / "b")
-            os.replace(staging / "b", target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging / "b", target)
-        shutil.rmtree(staging, ignore_errors=True)
+        # the shipped folder is the complete old bundle or the complete new one, never half
+        with atomic_dir(target, overwrite=True) as staging:
+            shutil.copytree(source, staging, dirs_exist_ok=True)
         written.append(target)
     return written
