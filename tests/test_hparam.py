@@ -158,14 +158,16 @@ def test_two_worker_processes_share_one_sqlite_study(tmp_path):
 
 def test_a_killed_worker_s_trial_is_marked_failed_and_run_again(tmp_path):
     storage = f"sqlite:///{tmp_path / 'search.db'}"
-    # long trials, so that the worker is caught inside one
+    # trials long enough (10 epochs) that the poll below catches the worker inside one on an idle
+    # machine too (at 2 epochs both trials could end between two polls); the finishing run uses
+    # the same network settings, as a worker of the same search must
     worker = _worker(tmp_path, "killed", storage, "--set", "n_trials=2", "--set", "heartbeat_seconds=1",
-                     "--set", "network.max_epochs=2")
+                     "--set", "network.max_epochs=10")
     victim = None
     deadline = time.monotonic() + 240
     try:
         while victim is None and time.monotonic() < deadline and worker.poll() is None:
-            time.sleep(0.2)
+            time.sleep(0.05)
             try:
                 running = optuna.load_study(study_name="shared", storage=storage).get_trials(
                     states=(optuna.trial.TrialState.RUNNING,))
@@ -173,8 +175,11 @@ def test_a_killed_worker_s_trial_is_marked_failed_and_run_again(tmp_path):
                 continue
             if running:
                 os.kill(worker.pid, signal.SIGSTOP)  # frozen: the trial cannot finish any more
-                study = optuna.load_study(study_name="shared", storage=storage)
-                still = [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))]
+                try:
+                    study = optuna.load_study(study_name="shared", storage=storage)
+                    still = [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))]
+                except Exception:  # frozen while holding SQLite's write lock: let it go on, catch it later
+                    still = []
                 if still:
                     victim = still[0]
                 else:
@@ -183,8 +188,9 @@ def test_a_killed_worker_s_trial_is_marked_failed_and_run_again(tmp_path):
         worker.kill()
         worker.wait()
     assert victim is not None, "the worker never ran a trial"
-    result = hparam.run(tiny_config(storage=storage, study_name="shared", n_trials=2, heartbeat_seconds=1),
-                        tmp_path / "final", quiet=True)
+    config = tiny_config(storage=storage, study_name="shared", n_trials=2, heartbeat_seconds=1)
+    config["network"]["max_epochs"] = 10
+    result = hparam.run(config, tmp_path / "final", quiet=True)
     trials = optuna.load_study(study_name="shared", storage=storage).get_trials()
     states = {t.number: t.state for t in trials}
     assert states[victim.number] == optuna.trial.TrialState.FAIL
