@@ -250,7 +250,13 @@ def pdf(total_field, mask, voxel_size: Sequence[float] = (1.0, 1.0, 1.0), b0_dir
     field ``M (f - background)``. Needs the B0 direction; no erosion.
     """
     _check_positive(tol=tol)
-    f, m, v, was_tensor = _prepare(total_field, mask, voxel_size)
+    f_in, m, v, was_tensor = _prepare(total_field, mask, voxel_size)
+    # The normal equations square the dipole kernel's ill-conditioning: in float32 the CG
+    # iterates lose orthogonality within ~10 iterations, so that rounding differences (a batched
+    # FFT against a single one, another CPU) changed the local field by ~10 %. Solved in float64
+    # (where the device has it) and returned in the input's precision.
+    work = torch.float32 if f_in.device.type == "mps" else torch.float64
+    f, m = f_in.to(work), m.to(work)
     d = _dipole_kernel_torch(tuple(f.shape[-3:]), v, b0_dir, 0.0, f.device, f.dtype)
     outside = 1.0 - m
 
@@ -259,7 +265,7 @@ def pdf(total_field, mask, voxel_size: Sequence[float] = (1.0, 1.0, 1.0), b0_dir
 
     chi_b = _cg(apply_a, outside * _conv(m * f, d), max_iter, tol)
     local = m * (f - _conv(outside * chi_b, d))
-    return _finish(local, m, was_tensor, f)
+    return _finish(local, m, was_tensor, f_in)
 
 
 def _laplacian(x: torch.Tensor, weights) -> torch.Tensor:
