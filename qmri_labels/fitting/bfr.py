@@ -247,7 +247,8 @@ def pdf(total_field, mask, voxel_size: Sequence[float] = (1.0, 1.0, 1.0), b0_dir
 
     ``chi_b = argmin ||M (f - D (1 - M) chi_b)||^2`` by conjugate gradients (defaults: at most
     200 iterations, relative residual 1e-5); the background is ``D (1 - M) chi_b`` and the local
-    field ``M (f - background)``. Needs the B0 direction; no erosion.
+    field ``M (f - background)``. Needs the B0 direction; no erosion. Solved in float64 whatever
+    the input's precision (float32 on MPS); the result has the input's dtype.
     """
     _check_positive(tol=tol)
     f_in, m, v, was_tensor = _prepare(total_field, mask, voxel_size)
