@@ -335,9 +335,9 @@ class NetworkEstimator(ParamsMixin):
 
     def _members(self) -> list:
         """The fitted network's members (one for a single network)."""
-        from qmri_labels.nets.ensemble import DeepEnsemble
+        from qmri_labels.nets.ensemble import members_of
 
-        return list(self.network_.members) if isinstance(self.network_, DeepEnsemble) else [self.network_]
+        return members_of(self.network_)
 
     def _fitted_members(self) -> int:
         return len(self._members())
@@ -372,6 +372,7 @@ class NetworkEstimator(ParamsMixin):
 
     # -- training -------------------------------------------------------------------------------
     def _validate(self) -> dict:
+        from qmri_labels.nets.ensemble import check_n_members
         from qmri_labels.nets.mlp import widen_bounds
         from qmri_labels.training import resolve_weights
         from qmri_labels.training.schedules import check_schedule
@@ -393,9 +394,7 @@ class NetworkEstimator(ParamsMixin):
         widen_bounds(np.zeros((2, 1)), self.bounds_margin)  # checks the margin
         if self.uncertainty not in UNCERTAINTY_KINDS:
             raise ValueError(f"uncertainty must be one of {UNCERTAINTY_KINDS}, got {self.uncertainty!r}")
-        if not isinstance(self.n_members, (int, np.integer)) or isinstance(self.n_members, (bool, np.bool_)) \
-                or self.n_members < 1:
-            raise ValueError(f"n_members must be an integer >= 1, got {self.n_members!r}")
+        check_n_members(self.n_members)
         if self.uncertainty is not None and "self" in weights and weights["self"] and len(
                 [t for t, w in weights.items() if w]) > 1:
             raise ValueError(f"uncertainty={self.uncertainty!r} cannot mix the self-supervised term (a signal-noise "

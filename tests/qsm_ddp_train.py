@@ -3,9 +3,10 @@
     python tests/qsm_ddp_train.py OUT_DIR N_PROCESSES
 
 Lightning's launcher (``strategy="ddp"``, ``devices=N``) starts the other ranks by running this
-script again. Two fits: ``bn`` (the toy U-Net with batch norm, a validation set of 3 volumes
-that does not split evenly over 2 ranks, a checkpoint path per launching rank) and ``nobn``
-(batch norm off: the run that must equal one process with the same global batch). Every rank
+script again. Three fits: ``bn`` (the toy U-Net with batch norm, a validation set of 3 volumes
+that does not split evenly over 2 ranks, a checkpoint path per launching rank), ``nobn``
+(batch norm off: the run that must equal one process with the same global batch) and ``ens``
+(two ``nobn`` members with seeds 3 and 4, one Trainer each). Every rank
 writes what it holds (``<fit>_rank<r>.json`` with the SHA-256 of its state dict and its
 history, ``<fit>_rank<r>_state.pt``); ``save`` writes the bundle on rank 0 only.
 """
@@ -28,7 +29,8 @@ VALIDATION = {"shape": (16, 16, 16), "n": 3, "n_orientations": 1, "noise_sigma":
 #: global batch 4 of 8^3 patches, 8 patches per epoch (2 steps), 2 epochs; graf's loss (two terms)
 SETTINGS = {"label": "graf", "preset": "toy", "inputs": ("field", "tkd"), "patch_size": 8, "samples_per_epoch": 8,
             "batch_size": 4, "max_epochs": 2, "lr": 3e-3, "seed": 3, "device": "cpu", "progress": False}
-FITS = {"bn": {}, "nobn": {"unet": {"batch_norm": False}}}
+#: ``ens``: a deep ensemble of two ``nobn`` networks (member 0 must be the ``nobn`` fit itself)
+FITS = {"bn": {}, "nobn": {"unet": {"batch_norm": False}}, "ens": {"unet": {"batch_norm": False}, "n_members": 2}}
 
 
 def phantoms():

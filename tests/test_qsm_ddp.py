@@ -67,6 +67,19 @@ def test_two_processes_match_one_process_with_the_same_global_batch(ddp_run):
     assert _max_diff(half.network_.state_dict(), ddp_state) > 100 * max(diff, 1e-8)
 
 
+def test_an_ensemble_trains_each_member_as_a_single_ddp_network(ddp_run):
+    """Under DDP every member is one more Lightning fit: member 0 is the single network of the same
+    seed to the bit, member 1 (seed + 1) differs, and both ranks hold the whole ensemble."""
+    out, ranks = ddp_run
+    single = torch.load(out / "nobn_rank0_state.pt", weights_only=True)
+    ensemble = torch.load(out / "ens_rank0_state.pt", weights_only=True)
+    assert set(ensemble) == {f"members.{k}.{name}" for k in range(2) for name in single}
+    assert all(torch.equal(ensemble[f"members.0.{name}"], single[name]) for name in single)
+    assert any(not torch.equal(ensemble[f"members.1.{name}"], single[name]) for name in single)
+    loaded = QSMEstimator.load(out / "ens_bundle_from_rank0")
+    assert loaded.reports_sd and [m["seed"] for m in loaded.manifest_["ensemble"]["members"]] == [3, 4]
+
+
 def test_only_rank_0_writes(ddp_run, tmp_path):
     out, _ = ddp_run
     for name in qsm_ddp_train.FITS:

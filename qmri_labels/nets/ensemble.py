@@ -19,6 +19,18 @@ import torch
 from torch import nn
 
 
+def check_n_members(n_members) -> int:
+    """``n_members`` of an estimator as an int; ValueError unless it is an integer >= 1."""
+    if not isinstance(n_members, (int, np.integer)) or isinstance(n_members, (bool, np.bool_)) or n_members < 1:
+        raise ValueError(f"n_members must be an integer >= 1, got {n_members!r}")
+    return int(n_members)
+
+
+def members_of(network: nn.Module) -> list[nn.Module]:
+    """The members of a :class:`DeepEnsemble`, or ``[network]`` for a single network."""
+    return list(network.members) if isinstance(network, DeepEnsemble) else [network]
+
+
 def combine_members(means, variances=None, axis: int = 0):
     """Mean and SD of an ensemble (NumPy or torch, the type of ``means``).
 

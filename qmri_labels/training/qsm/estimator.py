@@ -8,6 +8,10 @@ the TV (else TKD) channel. ``inputs=("field",)`` is Graf et al.'s and QSMnet's s
 Training uses random patches (``patch_size``) of larger volumes, or whole volumes
 (``patch_size=None``); for patches the field-consistency term is an approximation (QSMnet+
 makes the same one), with whole volumes it is exact.
+
+``n_members=M`` trains a deep ensemble: M U-Nets, member ``k`` seeded with ``seed + k`` and
+otherwise trained exactly as a single network with that seed (same data, same normalisation),
+saved in one bundle; ``predict(..., return_sd=True)`` adds the SD of the members' chi.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch.utils.data import DataLoader
 from qmri_labels.bundle import device_info, load_bundle, package_versions, read_manifest, save_bundle
 from qmri_labels.data.phantoms import FIELD_KINDS, QSMPhantomSet
 from qmri_labels.fitting.qsm_inversion import TV_DEFAULT_LAMBDA, cosmos, tkd, tv
+from qmri_labels.nets.ensemble import DeepEnsemble, check_n_members, combine_members, members_of
 from qmri_labels.nets.unet3d import UNet3D, UNet3DConfig, unet3d_preset
 from qmri_labels.params import ParamsMixin
 from qmri_labels.training.distributed import is_distributed
@@ -94,13 +99,27 @@ class QSMEstimator(ParamsMixin):
         On GPUs batch norm is synchronised over ranks (``SyncBatchNorm``); on CPU processes,
         where PyTorch has no synchronised batch norm, each rank normalises with its own
         ``batch_size / W`` patches and the running statistics kept are rank 0's.
+    n_members : int
+        Members of a deep ensemble: M U-Nets, member ``k`` initialised and fed patches with
+        ``seed + k`` and otherwise trained exactly as a single network of that seed (the same
+        normalisation, inputs and epochs; the best epoch is kept per member), one after
+        another, each with its own ``Trainer`` (also under DDP). ``predict`` returns the mean
+        chi of the members and, with ``return_sd=True``, their SD (``ddof=0``, the spread of
+        the mixture; :func:`~qmri_labels.nets.ensemble.combine_members`): an epistemic
+        uncertainty, the members' disagreement, not the noise in the field. All members are
+        saved in one bundle. 1 (default): a single network, as before this option existed.
+        ``checkpoint_path`` needs a single network.
 
     Attributes (after fit)
     ----------------------
-    network_ : UNet3D
+    network_ : UNet3D, or DeepEnsemble of UNet3D members (``n_members > 1``)
     normalisation_ : QSMNormalisation
     history_ : list of dict (epoch, train_loss, val_loss, val_nrmse, time_s)
+        Of the (first) member.
     best_epoch_ : int
+        Of the (first) member.
+    members_training_ : list of dict (``n_members > 1`` only)
+        Per member: ``seed``, ``best_epoch``, ``history``.
     voxel_size_ : tuple
     train_fingerprint_ : str
     global_rank_, world_size_ : int
@@ -114,7 +133,7 @@ class QSMEstimator(ParamsMixin):
                  batch_size: int = 2, max_epochs: int = 10, max_time_s: float | None = None, lr: float = 1e-3,
                  weight_decay: float = 0.01, seed: int = 0, device: str | None = None, progress: bool = False,
                  checkpoint_path: str | Path | None = None, warm_start: bool = False, accelerator: str | None = None,
-                 devices: Any = 1, num_nodes: int = 1, strategy: Any = "auto"):
+                 devices: Any = 1, num_nodes: int = 1, strategy: Any = "auto", n_members: int = 1):
         self.label = label
         self.alpha = alpha
         self.field_weight = field_weight
@@ -140,6 +159,7 @@ class QSMEstimator(ParamsMixin):
         self.devices = devices
         self.num_nodes = num_nodes
         self.strategy = strategy
+        self.n_members = n_members
 
     @property
     def _inputs(self) -> tuple[str, ...]:
@@ -161,6 +181,9 @@ class QSMEstimator(ParamsMixin):
             raise ValueError(f"num_nodes must be >= 1, got {self.num_nodes}")
         if not (self.lr > 0 and self.weight_decay >= 0):
             raise ValueError("lr must be > 0 and weight_decay >= 0")
+        if check_n_members(self.n_members) > 1 and self.checkpoint_path is not None:
+            raise ValueError("checkpoint_path writes one network's best epoch during training; with n_members > 1 "
+                             "leave it None and write the whole ensemble with save() after fit")
 
     def _unet_config(self) -> UNet3DConfig:
         return unet3d_preset(self.preset, in_channels=len(self._inputs), out_channels=1, **dict(self.unet or {}))
@@ -217,11 +240,13 @@ class QSMEstimator(ParamsMixin):
     def fit(self, data: QSMPhantomSet, validation: QSMPhantomSet | None = None) -> "QSMEstimator":
         """Train on a :class:`~qmri_labels.data.phantoms.QSMPhantomSet` (optionally validating on another).
 
-        The best epoch by validation loss (training loss without validation data) is kept.
+        The best epoch by validation loss (training loss without validation data) is kept,
+        per member of an ensemble (``n_members``).
         """
         self._validate()
         if not isinstance(data, QSMPhantomSet):
             raise ValueError(f"fit expects a QSMPhantomSet, got {type(data).__name__}")
+        n_members = int(self.n_members)
         weights = qsm_loss_weights(self.label, self.alpha, self.field_weight)
         b0 = data.orientations[0]
         field = data.field
@@ -230,11 +255,50 @@ class QSMEstimator(ParamsMixin):
         field_scale = float(np.sqrt(np.mean(field[m] ** 2)))
         chi_scale = float(np.sqrt(np.mean(tkd_train[m] ** 2)))
         norm = QSMNormalisation(field_scale, chi_scale)
-        previous = getattr(self, "network_", None) if self.warm_start else None
+        previous = self._members() if self.warm_start and hasattr(self, "network_") else None
         if previous is not None:
+            if len(previous) != n_members:
+                raise ValueError(f"warm_start: the fitted estimator has {len(previous)} member(s), this one asks "
+                                 f"for n_members={n_members}")
             norm = self.normalisation_
 
-        torch.manual_seed(int(self.seed))
+        # the inputs (TKD/TV channels, COSMOS labels) do not depend on the seed: computed once
+        # for all members
+        arrays = self._arrays(data, norm, weights)
+        val_arrays = None if validation is None else self._arrays(validation, norm, weights)
+        self.normalisation_ = norm
+        self.voxel_size_ = tuple(float(v) for v in data.voxel_size)
+        self.b0_dir_ = tuple(float(v) for v in b0)
+        self.train_fingerprint_ = data.fingerprint
+        self.train_spec_ = data.spec.to_dict()
+        self.input_kind_ = input_kind_of(self.train_spec_)
+        self.validation_fingerprint_ = None if validation is None else validation.fingerprint
+
+        # a resumed single network keeps its previous best unless an epoch beats it
+        previous_best = float(getattr(self, "previous_best_score_", math.inf)) if n_members == 1 else math.inf
+        runs = [self._fit_member(int(self.seed) + k, arrays, val_arrays, norm, weights, data, b0,
+                                 None if previous is None else previous[k], previous_best)
+                for k in range(n_members)]
+        members = [run["network"] for run in runs]
+        self.global_rank_, self.world_size_ = runs[0]["rank"], runs[0]["world_size"]
+        self.network_ = members[0] if n_members == 1 else DeepEnsemble(members).eval()
+        self.history_ = runs[0]["history"]
+        self.best_epoch_ = runs[0]["best_epoch"]
+        if n_members > 1:
+            self.members_training_ = [{"seed": run["seed"], "best_epoch": run["best_epoch"], "history": run["history"]}
+                                      for run in runs]
+        else:
+            self.__dict__.pop("members_training_", None)  # a refit as a single network
+        self.fit_time_s_ = float(sum(run["time_s"] for run in runs))
+        if self.checkpoint_path is not None:
+            self.save(self.checkpoint_path)
+        return self
+
+    def _fit_member(self, seed: int, arrays: dict, val_arrays: dict | None, norm: QSMNormalisation, weights: dict,
+                    data: QSMPhantomSet, b0, previous: UNet3D | None, previous_best: float) -> dict:
+        """Train one U-Net with ``seed`` (weight initialisation and patch draws) on the prepared
+        arrays; returns its network (CPU, eval mode), history, best epoch, rank and time."""
+        torch.manual_seed(seed)
         network = UNet3D(self._unet_config())
         if previous is not None:
             if previous.config != network.config:
@@ -248,7 +312,6 @@ class QSMEstimator(ParamsMixin):
         module = QSMLitModule(network, loss, lr=self.lr, weight_decay=self.weight_decay,
                               residual_channel=self.residual_channel_)
 
-        arrays = self._arrays(data, norm, weights)
         patch = self.patch_size
         if patch is None:
             mult = network.size_multiple
@@ -256,35 +319,25 @@ class QSMEstimator(ParamsMixin):
                 raise ValueError(f"whole-volume training needs shapes divisible by {mult}, got {data.chi.shape[1:]}")
         elif int(patch) % network.size_multiple:
             raise ValueError(f"patch_size must be a multiple of {network.size_multiple} for this U-Net, got {patch}")
-        train_ds = QSMPatchDataset(arrays, patch, self.samples_per_epoch, seed=self.seed)
+        train_ds = QSMPatchDataset(arrays, patch, self.samples_per_epoch, seed=seed)
         train_sampler = EpochSampler(train_ds)
         samplers = [train_sampler]
         train_dl = DataLoader(train_ds, batch_sampler=RankBatches(train_sampler, int(self.batch_size)))
         val_dl = None
-        if validation is not None:
-            val_arrays = self._arrays(validation, norm, weights)
+        if val_arrays is not None:
             val_padded = {}
-            crop = None
             for k, v in val_arrays.items():
-                val_padded[k], crop = pad_to_multiple(v, network.size_multiple)
+                val_padded[k], _ = pad_to_multiple(v, network.size_multiple)
             val_ds = QSMPatchDataset(val_padded, None, 1, seed=0)
             val_sampler = EpochSampler(val_ds, shuffle=False, pad=True)
             samplers.append(val_sampler)
             val_dl = DataLoader(val_ds, batch_size=1, sampler=val_sampler)
 
-        self.normalisation_ = norm
-        self.voxel_size_ = tuple(float(v) for v in data.voxel_size)
-        self.b0_dir_ = tuple(float(v) for v in b0)
-        self.train_fingerprint_ = data.fingerprint
-        self.train_spec_ = data.spec.to_dict()
-        self.input_kind_ = input_kind_of(self.train_spec_)
-        self.validation_fingerprint_ = None if validation is None else validation.fingerprint
-
         keeper = KeepBestState("val_loss" if val_dl is not None else "train_loss")
         if previous is not None:
             # continuing: only a better score than the previous best replaces it
-            keeper.best_score = float(getattr(self, "previous_best_score_", math.inf))
-        if self.checkpoint_path is not None:
+            keeper.best_score = previous_best
+        if self.checkpoint_path is not None:  # a single network (_validate)
             saved = {"epoch": None}
 
             def checkpoint(module, row):
@@ -317,7 +370,6 @@ class QSMEstimator(ParamsMixin):
             # without a validation set the module's validation_step is simply unused
             warnings.filterwarnings("ignore", message=".*validation_step.*val_dataloader")
             trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl)
-        self.global_rank_, self.world_size_ = int(trainer.global_rank), int(trainer.world_size)
         # KeepBestState restored the best epoch's weights; a fresh UNet3D drops the SyncBatchNorm
         # layers Lightning may have swapped in
         network = UNet3D(self._unet_config())
@@ -326,13 +378,19 @@ class QSMEstimator(ParamsMixin):
         if keeper.best_state is None and previous is not None and math.isfinite(keeper.best_score):
             network.load_state_dict(previous.state_dict())  # no epoch beat the previous best
         _broadcast_buffers(network)
-        self.network_ = network
-        self.history_ = list(module.history)
-        self.best_epoch_ = keeper.best_epoch
-        self.fit_time_s_ = time.perf_counter() - t0
-        if self.checkpoint_path is not None:
-            self.save(self.checkpoint_path)
-        return self
+        return {"network": network, "seed": seed, "history": list(module.history), "best_epoch": keeper.best_epoch,
+                "rank": int(trainer.global_rank), "world_size": int(trainer.world_size),
+                "time_s": time.perf_counter() - t0}
+
+    def _members(self) -> list[UNet3D]:
+        """The fitted U-Nets (one for a single network)."""
+        self._check_fitted()
+        return members_of(self.network_)
+
+    @property
+    def reports_sd(self) -> bool:
+        """Whether ``predict(..., return_sd=True)`` works: a fitted ensemble of >= 2 members."""
+        return len(self._members()) > 1
 
     def _check_fitted(self):
         if not hasattr(self, "network_"):
@@ -341,7 +399,7 @@ class QSMEstimator(ParamsMixin):
     @torch.no_grad()
     def predict(self, field, mask=None, *, voxel_size: Sequence[float] | None = None,
                 b0_dir: Sequence[float] | None = None, patch_size: int | None = None, overlap: int = 16,
-                device: str | None = None) -> np.ndarray:
+                device: str | None = None, return_sd: bool = False):
         """chi (ppm) from a local field (ppm), ``(X, Y, Z)`` or ``(N, X, Y, Z)``.
 
         The whole volume is padded to a multiple of ``2**(levels - 1)`` and passed at once,
@@ -349,8 +407,28 @@ class QSMEstimator(ParamsMixin):
         are predicted and averaged with a weight that tapers towards the cube edges.
         ``voxel_size`` and ``b0_dir`` default to the training ones (the TKD input channel
         needs them). The result is zero outside ``mask``.
+
+        Parameters
+        ----------
+        return_sd : bool
+            Also return the SD of chi over the members of an ensemble (``n_members >= 2``;
+            ``ddof=0``, see :func:`~qmri_labels.nets.ensemble.combine_members`), in ppm, the
+            shape of chi, zero outside ``mask``. A single network reports none (ValueError).
+
+        Returns
+        -------
+        chi : ndarray float32
+            The mean over the members for an ensemble.
+        sd : ndarray float32
+            Only with ``return_sd=True``.
         """
         self._check_fitted()
+        if not isinstance(return_sd, (bool, np.bool_)):
+            raise TypeError(f"return_sd must be True or False, got {return_sd!r}")
+        members = self._members()
+        if return_sd and len(members) < 2:
+            raise ValueError("this QSM network is a single U-Net and reports no standard deviation: train a deep "
+                             "ensemble, QSMEstimator(..., n_members=M) with M >= 2, for return_sd=True")
         field = np.asarray(field, dtype=np.float32)
         single = field.ndim == 3
         if field.ndim not in (3, 4):
@@ -364,21 +442,35 @@ class QSMEstimator(ParamsMixin):
                 raise ValueError(f"mask shape {mask.shape} does not match field shape {field.shape}")
         voxel_size = self.voxel_size_ if voxel_size is None else tuple(voxel_size)
         b0_dir = self.b0_dir_ if b0_dir is None else tuple(b0_dir)
+        # the input channels (TKD, TV) are computed once and shared by all members
         inputs = self._input_stack(batch, mask, self.normalisation_, voxel_size, b0_dir)
         dev = torch.device(device) if device is not None else self._device()
-        net = self.network_.to(dev).eval()
-        outs = []
+        nets = [member.to(dev).eval() for member in members]
+        outs, sds = [], []
         for x in inputs:
-            if patch_size is None:
-                xp, crop = pad_to_multiple(x, net.size_multiple)
-                y = network_chi(net, torch.as_tensor(xp[None], device=dev), self.residual_channel_)[0].cpu().numpy()[crop]
-            else:
-                y = self._predict_patches(net, x, int(patch_size), int(overlap), dev, self.residual_channel_)
-            outs.append(y * self.normalisation_.chi_scale)
+            chis = [self._predict_volume(net, x, patch_size, overlap, dev) * self.normalisation_.chi_scale
+                    for net in nets]
+            if len(chis) == 1:
+                outs.append(chis[0])
+                continue
+            mean, sd = combine_members(np.stack(chis).astype(np.float64), axis=0)
+            outs.append(mean)
+            sds.append(sd)
         chi = np.stack(outs).astype(np.float32)
+        sd = np.stack(sds).astype(np.float32) if return_sd else None
         if mask is not None:
             chi = chi * mask
-        return chi[0] if single else chi
+            sd = None if sd is None else sd * mask
+        if not return_sd:
+            return chi[0] if single else chi
+        return (chi[0], sd[0]) if single else (chi, sd)
+
+    def _predict_volume(self, net: UNet3D, x: np.ndarray, patch_size: int | None, overlap: int, dev) -> np.ndarray:
+        """One network's normalised chi of one input stack ``(C, X, Y, Z)``: whole (padded) or in patches."""
+        if patch_size is None:
+            xp, crop = pad_to_multiple(x, net.size_multiple)
+            return network_chi(net, torch.as_tensor(xp[None], device=dev), self.residual_channel_)[0].cpu().numpy()[crop]
+        return self._predict_patches(net, x, int(patch_size), int(overlap), dev, self.residual_channel_)
 
     @staticmethod
     def _predict_patches(net, x: np.ndarray, patch: int, overlap: int, dev, residual_channel=None) -> np.ndarray:
@@ -419,7 +511,9 @@ class QSMEstimator(ParamsMixin):
             "kind": "qsm_unet",
             "estimator": "QSMEstimator",
             "params": params,
-            "unet": self.network_.config.to_dict(),
+            # the architecture of every member (an ensemble's weights are saved under
+            # ``members.<k>.`` prefixes, DeepEnsemble's state_dict)
+            "unet": self._members()[0].config.to_dict(),
             "normalisation": self.normalisation_.to_dict(),
             "voxel_size": list(self.voxel_size_),
             "b0_dir": list(self.b0_dir_),
@@ -429,11 +523,13 @@ class QSMEstimator(ParamsMixin):
             "validation_fingerprint": getattr(self, "validation_fingerprint_", None),
             "history": getattr(self, "history_", []),
             "best_epoch": getattr(self, "best_epoch_", None),
-            "n_parameters": self.network_.n_parameters(),
+            "n_parameters": sum(member.n_parameters() for member in self._members()),
             "versions": package_versions(),
             "device": device_info(self._device()),
             "world_size": int(getattr(self, "world_size_", 1)),
         }
+        if getattr(self, "members_training_", None):
+            out["ensemble"] = {"n_members": len(self._members()), "members": self.members_training_}
         if extra:
             out.update(extra)
         return out
@@ -461,9 +557,14 @@ class QSMEstimator(ParamsMixin):
         if device is not None:
             params["device"] = device
         est = cls(**params)
-        net = UNet3D(UNet3DConfig.from_dict(manifest["unet"]))
+        # bundles written before ensembles existed hold one network (n_members absent: 1)
+        n_members = check_n_members(params.get("n_members", 1))
+        config = UNet3DConfig.from_dict(manifest["unet"])
+        net = UNet3D(config) if n_members == 1 else DeepEnsemble([UNet3D(config) for _ in range(n_members)])
         net.load_state_dict(state)
         est.network_ = net.eval()
+        if n_members > 1:
+            est.members_training_ = list(manifest.get("ensemble", {}).get("members", []))
         est.normalisation_ = QSMNormalisation.from_dict(manifest["normalisation"])
         est.voxel_size_ = tuple(manifest["voxel_size"])
         est.b0_dir_ = tuple(manifest["b0_dir"])
