@@ -9,7 +9,9 @@ Names follow the BIDS derivatives conventions (and the diffusion-model proposal 
   ``desc-sd`` entity, in the parameter's units (its sidecar says what the SD is);
 * the fit status per voxel: ``<prefix>_model-<model>_desc-status_dseg.nii.gz``;
 * a noise map (when sigma was estimated per voxel): ``<prefix>_desc-sigma_noisemap.nii.gz``;
-* a susceptibility map: ``<prefix>_Chimap.nii.gz`` (BIDS's QSM suffix);
+* a susceptibility map: ``<prefix>_Chimap.nii.gz`` (BIDS's QSM suffix); its standard deviation
+  (``--uncertainty``, a U-Net ensemble): ``<prefix>_desc-sd_Chimap.nii.gz``, the same
+  ``desc-sd`` entity;
 * each NIfTI gets a JSON sidecar with the same stem: model, parameter, units, estimator,
   software name and version, and the SHA-256 of every input;
 * the folder holds ``dataset_description.json`` (``DatasetType: derivative``, ``GeneratedBy``).
@@ -59,6 +61,11 @@ def noise_map_name(prefix: str) -> str:
 
 def chi_map_name(prefix: str) -> str:
     return f"{prefix}_Chimap.nii.gz"
+
+
+def chi_sd_map_name(prefix: str) -> str:
+    """``<prefix>_desc-sd_Chimap.nii.gz``: the standard deviation of a chi map."""
+    return f"{prefix}_desc-sd_Chimap.nii.gz"
 
 
 def sidecar_name(nifti_name: str) -> str:

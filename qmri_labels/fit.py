@@ -14,7 +14,8 @@ A cohort, split into shards for the array jobs of a cluster scheduler (see
 QSM (dipole inversion of a local field map in ppm)::
 
     qmri-fit --model qsm --field sub-01_field.nii.gz --mask brain.nii.gz \\
-        [--estimator tkd|tikhonov|tv|NAME|PATH] [--bfr METHOD] [--b0-dir 0,0,1] [--mat] --out chi/
+        [--estimator tkd|tikhonov|tv|NAME|PATH] [--bfr METHOD] [--b0-dir 0,0,1] [--mat] \\
+        [--uncertainty] --out chi/
 
 The command is a thin layer: diffusion maps come from :func:`qmri_labels.mapping.fit_volume`
 (via :func:`qmri_labels.cli.fit_dwi.map_scan`), QSM from :mod:`qmri_labels.cli.fit_qsm`; the
@@ -32,11 +33,15 @@ What it writes (into ``--out``, a BIDS-derivative folder that appears only when 
 * ``<prefix>_model-<model>_desc-status_dseg.nii.gz``: a uint8 code per voxel
   (:data:`qmri_labels.mapping.STATUS_CODES`); ``<prefix>_desc-sigma_noisemap.nii.gz`` when the
   noise level was estimated per voxel (MP-PCA);
-* with ``--uncertainty`` (diffusion): ``<prefix>_model-<model>_param-<name>_desc-sd_dwimap.nii.gz``
-  beside each map, the standard deviation of the estimate in the parameter's units (MLE: the
-  Wald standard error from the Fisher information at the estimate, NaN for a parameter on a
-  bound or not identifiable; a network: its own SD, refused for a network that reports none),
-  with a sidecar saying what it is and counting the NaN reasons;
+* with ``--uncertainty``, the map's name with the ``desc-sd`` entity beside each map, with a
+  sidecar saying what it is. Diffusion: ``<prefix>_model-<model>_param-<name>_desc-sd_dwimap.nii.gz``,
+  the standard deviation of the estimate in the parameter's units (MLE: the Wald standard
+  error from the Fisher information at the estimate, NaN for a parameter on a bound or not
+  identifiable; a network: its own SD, refused for a network that reports none), the sidecar
+  counting the NaN reasons. QSM: ``<prefix>_desc-sd_Chimap.nii.gz``, the SD of chi (ppm) over
+  the members of a U-Net ensemble (a bundle of ``QSMEstimator(n_members=M)``, M >= 2), 0
+  outside the mask; refused for a single U-Net and for the conventional inversions (tkd,
+  tikhonov, tv), which report none;
 * ``manifest.json``: command, inputs (checksums, shapes, affines), estimator, noise level and
   how it was obtained, versions, device, timings, voxel counts, the SHA-256 of every output
   (``output_sha256``); ``<prefix>_qc.png``.
@@ -83,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--estimator", default=None,
                         help="diffusion: 'mle' (default), the name of a shipped network, or a bundle "
                              "folder; QSM: 'tkd' (default), 'tikhonov', a network name or folder")
+    parser.add_argument("--uncertainty", action="store_true",
+                        help="also write the standard deviation of every map beside it (the map's name with "
+                             "desc-sd): diffusion, the MLE's Fisher standard error at the estimate (NaN at a bound "
+                             "or where not identifiable) or a network's own SD where it reports one; QSM, the SD "
+                             "of chi over the members of a U-Net ensemble (a bundle of QSMEstimator(n_members>=2))")
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--chunk-size", type=int, default=20000,
                         help="voxels estimated at a time (bounds memory; default 20000)")
@@ -112,9 +122,6 @@ def check_mode(args) -> str:
         for flag, value in (("--bval", args.bval), ("--bvec", args.bvec), ("--sigma", args.sigma)):
             if value is not None:
                 raise InputError(f"{flag} is a diffusion option; it does not apply to --model qsm")
-        if args.uncertainty:
-            raise InputError("--uncertainty: SD maps are available for diffusion maps only (the MLE or a network "
-                             "that reports SDs); QSM does not write them yet")
         return "qsm"
     for option, unset in fit_qsm.QSM_ONLY_OPTIONS.items():
         if getattr(args, option) != unset:

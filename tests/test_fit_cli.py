@@ -416,12 +416,14 @@ def test_uncertainty_writes_sd_maps_equal_to_fit_mle(ivim_data, ivim_run, tmp_pa
                                    direct.params[:, ("S0", "f", "D", "Dstar").index(name)], rtol=1e-5)
 
 
-def test_uncertainty_is_refused_for_qsm(tmp_path, capsys):
+def test_uncertainty_is_refused_for_the_default_qsm_inversion(tmp_path, capsys):
+    # (a U-Net ensemble writes a chi SD map: tests/test_qsm_ensemble.py)
     save(tmp_path / "field.nii.gz", np.zeros((4, 4, 4), np.float32))
     save(tmp_path / "mask.nii.gz", np.ones((4, 4, 4), np.uint8))
     code, err = run(["--field", tmp_path / "field.nii.gz", "--mask", tmp_path / "mask.nii.gz", "--uncertainty",
                      "--out", tmp_path / "out"], capsys)
-    assert code == 1 and "--uncertainty" in err and "QSM" in err
+    assert code == 1 and "--uncertainty: the tkd inversion reports no standard deviation" in err
+    assert "QSM U-Net ensemble" in err
     assert not (tmp_path / "out").exists()
 
 

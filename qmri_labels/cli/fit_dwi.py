@@ -37,10 +37,6 @@ def add_arguments(parser) -> None:
                           "Default: auto for the Rician fit; the Gaussian fit does not need it")
     dwi.add_argument("--noise", choices=("rician", "gaussian"), default=None,
                      help="noise model of the MLE fit (default rician: magnitude images)")
-    dwi.add_argument("--uncertainty", action="store_true",
-                     help="also write the standard deviation of every map (<map>_desc-sd_dwimap.nii.gz): the MLE's "
-                          "Fisher standard error at the estimate (NaN at a bound or where not identifiable), or "
-                          "a network's own SD where it reports one")
     dwi.add_argument("--b0-threshold", type=float, default=0.0,
                      help="b-values <= this count as repeated b = 0 volumes for --sigma auto (s/mm^2, default 0)")
 

@@ -6,6 +6,10 @@ with ``predict``, both through their public names only. The input is a *local* f
 (background field removed, zero outside the mask), or a *total* field with ``--bfr METHOD``,
 which removes the background first (:mod:`qmri_labels.fitting.bfr`). A network trained on
 another kind of input than it is given is refused unless ``--allow-input-mismatch``.
+
+With ``--uncertainty`` a U-Net ensemble (``QSMEstimator(n_members=M)``, M >= 2) also gives the
+SD of chi over its members, written beside the chi map as ``<prefix>_desc-sd_Chimap.nii.gz``;
+a single U-Net and the conventional inversions report no SD and are refused.
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ from qmri_labels.cli.common import (
     read_mask,
 )
 from qmri_labels.data.io import load_nifti, sha256_file, write_mat
-from qmri_labels.derivatives import chi_map_name, write_dataset_description, write_map
+from qmri_labels.derivatives import chi_map_name, chi_sd_map_name, write_dataset_description, write_map
 from qmri_labels.qc import write_qc_figure
 
 logger = logging.getLogger("qmri_labels")
 
 QSM_ESTIMATORS = ("tkd", "tikhonov", "tv")
+#: what ``--uncertainty`` needs for QSM (said by every refusal)
+SD_ESTIMATORS = ("a QSM U-Net ensemble: a bundle trained with QSMEstimator(n_members=M), M >= 2 (e.g. "
+                 "python -m qmri_labels.workflows.qsm train-model --members 5)")
 #: background-field-removal methods of ``--bfr`` (qmri_labels.fitting.bfr)
 BFR_CHOICES = ("sharp", "vsharp", "resharp", "pdf", "lbv")
 
@@ -125,11 +132,12 @@ def run_qsm(args, out_dir: Path, device) -> dict:
         raise InputError("--patch-size applies to QSM networks only")
     if name in QSM_ESTIMATORS and args.allow_input_mismatch:
         raise InputError("--allow-input-mismatch applies to QSM networks only")
-    chi, info = invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshold=args.tkd_threshold,
-                             tikhonov_lambda=args.tikhonov_lambda, tv_lambda=args.tv_lambda,
-                             patch_size=args.patch_size, input_kind=field_info["input_kind"],
-                             allow_input_mismatch=args.allow_input_mismatch)
+    chi, sd, info = invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshold=args.tkd_threshold,
+                                 tikhonov_lambda=args.tikhonov_lambda, tv_lambda=args.tv_lambda,
+                                 patch_size=args.patch_size, input_kind=field_info["input_kind"],
+                                 allow_input_mismatch=args.allow_input_mismatch, uncertainty=args.uncertainty)
     chi = np.where(mask, chi, 0).astype(np.float32)
+    sd = None if sd is None else np.where(mask, sd, 0).astype(np.float32)
     timings["inversion"] = round(time.perf_counter() - t1, 3)
 
     t2 = time.perf_counter()
@@ -145,16 +153,38 @@ def run_qsm(args, out_dir: Path, device) -> dict:
                         description=f"qmri_labels chi [ppm] {name}")
     outputs[written[0]] = "susceptibility chi (ppm), float32; 0 outside the mask"
     outputs[written[1]] = f"sidecar of {written[0]}"
+    uncertainty = None
+    if sd is not None:
+        uncertainty = {"method": sd_method(info["n_members"]), "n_members": info["n_members"],
+                       "map": chi_sd_map_name(prefix)}
+        written = write_map(out_dir, chi_sd_map_name(prefix), sd, field_volume.affine, field_volume.header,
+                            {"Model": "qsm", "Parameter": "chi", "Statistic": "standard deviation", "Units": "ppm",
+                             "Method": uncertainty["method"], "Estimator": info, "B0Direction": list(b0_dir),
+                             "InputChecksums": checksums, "InputKind": field_info["input_kind"],
+                             "Description": "standard deviation of the chi estimate over the ensemble's members; "
+                                            "0 outside the mask"},
+                            description=f"qmri_labels sd(chi) [ppm] {name}")
+        outputs[written[0]] = (f"standard deviation of chi (ppm) over the {info['n_members']} members of the "
+                               "U-Net ensemble, float32; 0 outside the mask")
+        outputs[written[1]] = f"sidecar of {written[0]}"
     if args.mat:
         mat_name = f"{prefix}_chi.mat"
-        write_mat(out_dir / mat_name, {"chi": chi, "mask": mask.astype(np.uint8), "voxel_size": np.array(voxel_size),
-                                       "b0_dir": np.array(b0_dir), "affine": field_volume.affine})
-        outputs[mat_name] = "MATLAB file: chi (ppm), mask, voxel_size (mm), b0_dir, affine"
+        mat = {"chi": chi, "mask": mask.astype(np.uint8), "voxel_size": np.array(voxel_size),
+               "b0_dir": np.array(b0_dir), "affine": field_volume.affine}
+        if sd is not None:
+            mat["chi_sd"] = sd
+        write_mat(out_dir / mat_name, mat)
+        outputs[mat_name] = ("MATLAB file: chi (ppm), " + ("chi_sd (ppm), " if sd is not None else "")
+                             + "mask, voxel_size (mm), b0_dir, affine")
     qc_name = f"{prefix}_qc.png"
     field_title = f"local field after {args.bfr} (ppm)" if args.bfr else "field (ppm)"
-    write_qc_figure(out_dir / qc_name, {field_title: field_map, "chi (ppm)": chi},
-                    title=f"{args.field.name}: QSM by {name}", orthogonal=True, voxel_size=voxel_size)
-    outputs[qc_name] = "QC figure: field and chi, three orthogonal middle slices"
+    panels = {field_title: field_map, "chi (ppm)": chi}
+    if sd is not None:
+        panels["sd of chi (ppm)"] = sd
+    write_qc_figure(out_dir / qc_name, panels, title=f"{args.field.name}: QSM by {name}", orthogonal=True,
+                    voxel_size=voxel_size)
+    outputs[qc_name] = "QC figure: field, chi" + (" and its SD" if sd is not None else "") + \
+        ", three orthogonal middle slices"
     write_dataset_description(out_dir, "Quantitative susceptibility maps")
     outputs["dataset_description.json"] = "BIDS derivative dataset description"
     outputs["manifest.json"] = "this file"
@@ -171,6 +201,7 @@ def run_qsm(args, out_dir: Path, device) -> dict:
         "b0_dir_source": b0_source,
         "voxel_size_mm": list(voxel_size),
         "estimator": info,
+        "uncertainty": uncertainty,
         "voxels": {"total": int(np.prod(field_volume.shape[:3])), "in_mask": int(input_mask.sum()) + n_nonfinite,
                    "estimated": int(mask.sum()),
                    "skipped": {"nonfinite_field": n_nonfinite,
@@ -204,14 +235,25 @@ def parse_b0_dir(text: str, affine: np.ndarray) -> tuple[tuple[float, float, flo
     return tuple(float(v) for v in direction / norm), source
 
 
+def sd_method(n_members: int) -> str:
+    """What a QSM SD map is (its sidecar's ``Method``)."""
+    return (f"standard deviation (ddof 0) of chi over the {n_members} members of a deep ensemble of U-Nets, each "
+            "trained from another seed: the members' disagreement (epistemic), not the noise in the field")
+
+
 def invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshold=None, tikhonov_lambda=None,
-                 tv_lambda=None, patch_size=None, input_kind="local", allow_input_mismatch=False):
-    """chi (ppm) inside ``mask`` and a description of the estimator for the manifest.
+                 tv_lambda=None, patch_size=None, input_kind="local", allow_input_mismatch=False, uncertainty=False):
+    """chi (ppm) inside ``mask``, its SD or None, and a description of the estimator for the manifest.
 
     ``input_kind`` says what ``field_map`` is (``"local"`` or ``"bfr:<method>"``); a network
-    trained on another kind is refused unless ``allow_input_mismatch``.
+    trained on another kind is refused unless ``allow_input_mismatch``. With ``uncertainty``
+    the SD of chi over the members of a U-Net ensemble is returned too (anything else, which
+    reports none, is refused); without it the SD is None.
     """
     if name in QSM_ESTIMATORS:
+        if uncertainty:
+            raise InputError(f"--uncertainty: the {name} inversion reports no standard deviation; QSM SD maps come "
+                             f"from {SD_ESTIMATORS}, given as --estimator PATH")
         try:
             from qmri_labels.fitting import qsm_inversion
         except ImportError as exc:
@@ -232,7 +274,7 @@ def invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshol
         mask_t = torch.as_tensor(mask, device=device)
         chi = function(field_t, voxel_size=voxel_size, b0_dir=b0_dir, mask=mask_t, **options)
         chi = chi.detach().cpu().numpy().astype(np.float32)
-        return chi, {"kind": "conventional", "name": name, "options": options,
+        return chi, None, {"kind": "conventional", "name": name, "options": options,
                      "description": f"{name} dipole inversion (qmri_labels.fitting.qsm_inversion.{name})"}
     if name == "mle":
         raise InputError("--estimator mle is for diffusion data; QSM takes tkd, tikhonov or a network")
@@ -260,14 +302,18 @@ def invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshol
         # networks generalise poorly across resolutions (Oh et al. 2021): run, but say so
         notes.append(f"the network was trained at voxel size {trained_voxel} mm; these data have {voxel_size} mm")
         logger.warning("qmri_labels.fit: warning: %s", notes[-1])
+    if uncertainty and not network.reports_sd:
+        raise InputError(f"--uncertainty: the QSM network {bundle} is a single U-Net and reports no standard "
+                         f"deviation; SD maps of chi need {SD_ESTIMATORS}")
     try:
-        chi = network.predict(field_map * mask, mask=mask, voxel_size=voxel_size, b0_dir=b0_dir,
-                              patch_size=patch_size, device=str(device))
+        result = network.predict(field_map * mask, mask=mask, voxel_size=voxel_size, b0_dir=b0_dir,
+                                 patch_size=patch_size, device=str(device), return_sd=bool(uncertainty))
     except ValueError as exc:
         raise InputError(f"--estimator {bundle}: {exc}") from None
-    return np.asarray(chi, dtype=np.float32), {
+    chi, sd = result if uncertainty else (result, None)
+    return np.asarray(chi, dtype=np.float32), None if sd is None else np.asarray(sd, dtype=np.float32), {
         "kind": "network", "name": name, "bundle": str(bundle), "bundle_sha256": sha256_file(bundle / "manifest.json")
-        if (bundle / "manifest.json").exists() else None,
+        if (bundle / "manifest.json").exists() else None, "n_members": network.n_fitted_members,
         "trained_voxel_size_mm": list(trained_voxel), "trained_input_kind": trained_kind, "given_input_kind": input_kind,
         "patch_size": patch_size, "notes": notes}
 

@@ -11,7 +11,8 @@ Kinds handled by :func:`run` (``config["kind"]``):
 
 :func:`train_model` trains and evaluates the shipped network (:data:`SHIPPED_MODEL`, trained on
 masked local fields; ``python -m qmri_labels.workflows.qsm train-model --out
-qmri_labels/models/qsm_unet_field-tv_residual_lrelu16 --minutes 38``).
+qmri_labels/models/qsm_unet_field-tv_residual_lrelu16 --minutes 38``), or with ``--members M``
+a deep ensemble of M such networks (SD maps with the fit command's ``--uncertainty``).
 """
 
 from __future__ import annotations
@@ -388,7 +389,7 @@ MODEL_CONFIG: dict[str, Any] = {
 
 
 def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None, quiet: bool = False,
-                resume: bool = False) -> dict:
+                resume: bool = False, members: int = 1) -> dict:
     """Train the shipped U-Net (:data:`SHIPPED_MODEL`) and write it as a bundle at ``out``.
 
     The phantoms hold masked local fields (``field_kind="local"``); the TV weight of the TV
@@ -398,7 +399,18 @@ def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None,
     phantoms) are added to its manifest, with ``input_kind`` (what the network was trained
     on; see :func:`qmri_labels.training.qsm.check_input_kind`). ``resume`` continues from the
     bundle at ``out`` (same data, same configuration) for another ``minutes``.
+
+    ``members=M > 1`` trains a deep ensemble (``QSMEstimator(n_members=M)``, member ``k``
+    seeded with ``seed + k``), each member for up to ``minutes`` (about M times the time in
+    all), written once at the end (no checkpoint after each epoch, no ``resume``); the fit
+    command's ``--uncertainty`` then writes the SD of chi over the members.
     """
+    from qmri_labels.nets.ensemble import check_n_members
+
+    members = check_n_members(members)
+    if resume and members > 1:
+        raise ValueError("resume continues a single network's checkpoint; an ensemble (members > 1) is written "
+                         "once at the end of its training: train it again instead")
     config = merge_config(MODEL_CONFIG, config, FREE_FORM_KEYS)
     out = Path(out)
     train, val, test = make_phantom_sets(config)
@@ -410,8 +422,8 @@ def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None,
         tv_lambda, tv_scores = tune_lambda("tv", train, config["tv_lambdas"])
         _print(quiet, f"[train-model] TV lambda {tv_lambda:g} (training NRMSE per lambda {tv_scores})")
     est = QSMEstimator(label=label, unet=t.pop("unet"), inputs=inputs, seed=int(config["seed"]),
-                       tv_lambda=tv_lambda, max_time_s=float(minutes) * 60.0, checkpoint_path=out, progress=False,
-                       **t)
+                       tv_lambda=tv_lambda, max_time_s=float(minutes) * 60.0,
+                       checkpoint_path=out if members == 1 else None, progress=False, n_members=members, **t)
     previous_history: list = []
     if resume:
         done = QSMEstimator.load(out)
@@ -431,7 +443,8 @@ def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None,
                                include_cosmos=False)
     extra = {
         "workflow": "qmri_labels.workflows.qsm.train_model",
-        "command": f"python -m qmri_labels.workflows.qsm train-model --out {out} --minutes {minutes:g}",
+        "command": f"python -m qmri_labels.workflows.qsm train-model --out {out} --minutes {minutes:g}"
+                   + (f" --members {members}" if members > 1 else ""),
         "model_config": config,
         "input_kind": train.spec.field_kind,
         "tv_lambda_tuning": {"lambdas": list(config["tv_lambdas"]), "train_nrmse": tv_scores},
@@ -522,6 +535,9 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=30.0)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue training the bundle at --out")
+    p.add_argument("--members", type=int, default=1,
+                   help="train a deep ensemble of this many U-Nets (seeds seed, seed + 1, ...; --minutes each) "
+                        "whose spread the fit command writes as an SD map with --uncertainty (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
     e = sub.add_parser("evaluate-model", help="score a QSM bundle after background-field removal")
     e.add_argument("--model", type=Path, required=True)
@@ -534,7 +550,7 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(int(args.threads))
     if args.command == "train-model":
-        train_model(args.out, args.minutes, quiet=args.quiet, resume=args.resume)
+        train_model(args.out, args.minutes, quiet=args.quiet, resume=args.resume, members=args.members)
     else:
         evaluate_model(args.model, tuple(args.bfr), quiet=args.quiet)
     return 0

@@ -388,9 +388,14 @@ class QSMEstimator(ParamsMixin):
         return members_of(self.network_)
 
     @property
+    def n_fitted_members(self) -> int:
+        """U-Nets of the fitted (or loaded) estimator: 1, or the members of an ensemble."""
+        return len(self._members())
+
+    @property
     def reports_sd(self) -> bool:
         """Whether ``predict(..., return_sd=True)`` works: a fitted ensemble of >= 2 members."""
-        return len(self._members()) > 1
+        return self.n_fitted_members > 1
 
     def _check_fitted(self):
         if not hasattr(self, "network_"):
