@@ -275,7 +275,7 @@ def invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshol
         chi = function(field_t, voxel_size=voxel_size, b0_dir=b0_dir, mask=mask_t, **options)
         chi = chi.detach().cpu().numpy().astype(np.float32)
         return chi, None, {"kind": "conventional", "name": name, "options": options,
-                     "description": f"{name} dipole inversion (qmri_labels.fitting.qsm_inversion.{name})"}
+                           "description": f"{name} dipole inversion (qmri_labels.fitting.qsm_inversion.{name})"}
     if name == "mle":
         raise InputError("--estimator mle is for diffusion data; QSM takes tkd, tikhonov or a network")
     from qmri_labels.mapping import find_bundle

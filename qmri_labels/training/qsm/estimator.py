@@ -474,7 +474,8 @@ class QSMEstimator(ParamsMixin):
         """One network's normalised chi of one input stack ``(C, X, Y, Z)``: whole (padded) or in patches."""
         if patch_size is None:
             xp, crop = pad_to_multiple(x, net.size_multiple)
-            return network_chi(net, torch.as_tensor(xp[None], device=dev), self.residual_channel_)[0].cpu().numpy()[crop]
+            chi = network_chi(net, torch.as_tensor(xp[None], device=dev), self.residual_channel_)
+            return chi[0].cpu().numpy()[crop]
         return self._predict_patches(net, x, int(patch_size), int(overlap), dev, self.residual_channel_)
 
     @staticmethod
