@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -118,3 +120,21 @@ def test_monoexp_claims_diffusion_only():
 
     assert "T2 relaxation" not in monoexp.__doc__ and "t2" in monoexp.__doc__
     assert get_model("monoexp").protocol_unit == "s/mm^2"
+
+
+def test_decay_stops_at_the_smallest_normal_number_instead_of_subnormals():
+    from qmri_labels.physics.base import decay
+
+    for dtype in (torch.float32, torch.float64):
+        tiny = torch.finfo(dtype).tiny
+        exponent = torch.tensor([0.0, -1.0, -50.0, -200.0, -1000.0], dtype=dtype)
+        out = decay(exponent)
+        # exact where exp is a normal number; never a subnormal (0 < x < tiny) or zero
+        normal = exponent > math.log(tiny) + 0.01
+        assert torch.equal(out[normal], torch.exp(exponent[normal]))
+        assert torch.all(out >= tiny) and torch.all(out[~normal] < 1.02 * tiny)
+    # IVIM at b * D* = 96 (b 800, D* 0.12): the signal and derivatives hold no subnormal number
+    model = get_model("ivim")
+    signal, grads = model.forward_and_gradients(torch.tensor([[1.0, 0.3, 1e-3, 0.12]]), torch.tensor([0.0, 800.0]))
+    values = torch.cat([signal.flatten(), grads.flatten()]).abs()
+    assert not torch.any((values > 0) & (values < torch.finfo(torch.float32).tiny))

@@ -7,10 +7,11 @@ set: a parameter that sits on a bound and whose gradient pushes outward is froze
 
 Robust starts: every voxel starts from the model's segmented (linearised) estimate and a few
 variants of it (``SignalModel.starting_points``); all starts race for ``probe_iter`` iterations
-(a start far behind stops early), the best per voxel is iterated to convergence, and voxels
-whose estimate sits on a bound (where wrong basins end) are refitted from all starts, each to
-convergence. Voxels that have converged drop out of the batch, so
-the cost follows the hard voxels, not the batch size.
+(a start far behind stops early, and so does a start that has run into another one of its
+voxel), the best per voxel is iterated to convergence, and voxels whose estimate sits on a
+bound (where wrong basins end) go on with all their starts, each to convergence, from where the
+race left them. Voxels that have converged drop out of the batch, so the cost follows the hard
+voxels, not the batch size.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ from qmri_labels.physics import SignalModel, get_model
 
 #: version of the fitting algorithm: part of every cache key of fitted labels, raised whenever
 #: a change can move the estimates (starts, schedule, tolerances)
-FITTER_VERSION = 3
+FITTER_VERSION = 4
 #: a start whose NLL is this far above its voxel's best during the race of the starts stops there
 _PRUNE_MARGIN = 10.0
 #: starts of the refit of voxels whose estimate sits on a bound
 _RESCUE_STARTS = 5
+#: two starts of a voxel closer than this (a fraction of the box, every parameter) are twins
+_TWIN_DISTANCE = 1e-3
 
 #: peak working memory per (voxel x start x (measurements + parameters) x (parameters + 2)),
 #: in bytes: 24 measured as the peak RSS of a 200k-voxel float32 chunk on CPU, rounded up; used to
@@ -73,6 +76,7 @@ class MLEFit:
     sigma_method : str
         How sigma was obtained.
     n_iter : ndarray of int (...)
+        Iterations along the path of the start that gave the estimate (its race included).
     invalid_reason : ndarray of str (...)
         Empty for valid voxels, otherwise why the voxel was skipped.
     uncertainty : MLEUncertainty or None
@@ -450,38 +454,76 @@ def _fit_chunk(model, y, b, sigma, noise, lower, upper, scale_relative, n_starts
     # iterations (successive halving, FITTER_VERSION 2) picked the wrong basin in ~2.5e-3 of Rician
     # IVIM voxels at SNR 30: a start in the better basin often leads only after several iterations.
     offsets = torch.arange(n, device=device) * s_count
+    span = hi - lo
+    race = batch
     if s_count > 1:
         for _ in range(probe_iter):
-            solver.iterate(batch, 1)
-            obj = batch.obj.reshape(n, s_count)
-            batch.frozen |= (obj > obj.min(-1, keepdim=True).values + _PRUNE_MARGIN).reshape(-1)
-        batch = batch.select(batch.obj.reshape(n, s_count).argmin(-1) + offsets)
+            solver.iterate(race, 1)
+            obj = race.obj.reshape(n, s_count)
+            race.frozen |= (obj > obj.min(-1, keepdim=True).values + _PRUNE_MARGIN).reshape(-1)
+            race.frozen |= _twins(race.theta.reshape(n, s_count, p) / span[:, None]).reshape(-1)
+        batch = race.select(race.obj.reshape(n, s_count).argmin(-1) + offsets)
+        batch.frozen[:] = False  # the best start may be a twin that the race froze
     solver.iterate(batch, max_iter)
     # degenerate estimates (a parameter on a bound: f = 0 or 1, D* collapsed onto its lower bound,
     # ...) are where the remaining wrong basins end; those voxels are refitted from all of the
     # model's starts, each to convergence, and keep the best
-    span = hi - lo
     on_bound = ((batch.theta - lo <= 1e-6 * span) | (hi - batch.theta <= 1e-6 * span))
     if k is not None:
         on_bound[:, k] = False
     redo = torch.nonzero(on_bound.any(-1)).squeeze(-1)
     if redo.numel() and n_starts > 1:
-        extra = model.starting_points(init[redo], lo[redo], hi[redo], max(n_starts, _RESCUE_STARTS))
-        extra = torch.minimum(torch.maximum(extra, lo[redo][:, None]), hi[redo][:, None])
-        e_count = extra.shape[1]
-        e_rows = redo.repeat_interleave(e_count)
-        rescue = solver.start(extra.reshape(-1, p), y_s[e_rows], sigma_s[e_rows], lo[e_rows], hi[e_rows])
+        rescue = _rescue_batch(solver, model, race, batch, redo, s_count, init, lo, hi, y_s, sigma_s)
+        e_count = rescue.theta.shape[0] // redo.numel()
         solver.iterate(rescue, max_iter)
         best = rescue.obj.reshape(-1, e_count).argmin(-1) + torch.arange(redo.numel(), device=device) * e_count
         rescue = rescue.select(best)
         better = rescue.obj < batch.obj[redo]
-        for f in ("theta", "obj", "converged", "stalled"):
+        for f in ("theta", "obj", "converged", "stalled", "iters"):
             getattr(batch, f)[redo[better]] = getattr(rescue, f)[better]
-        batch.iters[redo] += rescue.iters
     theta = batch.theta
     if k is not None:
         theta[:, k] = theta[:, k] * scale
     return theta, batch.converged, batch.stalled, batch.iters
+
+
+def _twins(position: torch.Tensor) -> torch.Tensor:
+    """``(N, S)``: start ``s`` has run into an earlier start of its voxel (closer than
+    ``_TWIN_DISTANCE`` on every parameter; ``position`` in units of the box), so it would only
+    follow it: one of the two is enough."""
+    twin = torch.zeros(position.shape[:2], dtype=torch.bool, device=position.device)
+    for s in range(1, position.shape[1]):
+        twin[:, s] = ((position[:, :s] - position[:, s : s + 1]).abs().amax(-1) < _TWIN_DISTANCE).any(-1)
+    return twin
+
+
+def _rescue_batch(solver, model, race, batch, redo, s_count, init, lo, hi, y_s, sigma_s):
+    """Every start of the voxels ``redo`` (at least ``_RESCUE_STARTS``), ready to iterate to convergence.
+
+    The race's starts are the first ones of the rescue (``starting_points`` is prefix-stable) and
+    their first iterations are the rescue's own (same start, same damping, row by row), so each
+    continues from where the race left it, pruned or not; the start the race chose continues
+    from its converged state. Only starts beyond the race's are new. Rows are voxel-major.
+    """
+    p = model.n_params
+    device = batch.theta.device
+    r = redo.numel()
+    rows = (redo[:, None] * s_count + torch.arange(s_count, device=device)).reshape(-1)
+    rescue = race.select(rows)
+    rescue.frozen[:] = False
+    chosen = rescue.obj.reshape(r, s_count).argmin(-1) + torch.arange(r, device=device) * s_count
+    for f in dataclasses.fields(_Batch):
+        getattr(rescue, f.name)[chosen] = getattr(batch, f.name)[redo]
+    e_count = max(s_count, _RESCUE_STARTS)
+    if e_count == s_count:
+        return rescue
+    extra = model.starting_points(init[redo], lo[redo], hi[redo], e_count)[:, s_count:]
+    extra = torch.minimum(torch.maximum(extra, lo[redo][:, None]), hi[redo][:, None])
+    e_rows = redo.repeat_interleave(e_count - s_count)
+    fresh = solver.start(extra.reshape(-1, p), y_s[e_rows], sigma_s[e_rows], lo[e_rows], hi[e_rows])
+    order = torch.cat([torch.arange(r * s_count, device=device).reshape(r, s_count),
+                       r * s_count + torch.arange(r * (e_count - s_count), device=device).reshape(r, -1)], dim=1)
+    return _Batch.cat(rescue, fresh).select(order.reshape(-1))
 
 
 @dataclass
@@ -505,6 +547,10 @@ class _Batch:
 
     def select(self, index: torch.Tensor) -> "_Batch":
         return _Batch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
+
+    @staticmethod
+    def cat(*batches: "_Batch") -> "_Batch":
+        return _Batch(*(torch.cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(_Batch)))
 
 
 def _cholesky_solve_small(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:

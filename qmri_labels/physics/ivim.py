@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from qmri_labels.physics.base import Parameter, SignalModel, register_model
+from qmri_labels.physics.base import Parameter, SignalModel, decay, register_model
 
 
 def ivim_signal(params: torch.Tensor, bvalues: torch.Tensor) -> torch.Tensor:
@@ -35,13 +35,10 @@ class IVIMModel(SignalModel):
     def forward(self, params, protocol):
         return ivim_signal(params, protocol)
 
-    def jacobian(self, params, protocol):
-        return self.forward_and_gradients(params, protocol)[1].transpose(-1, -2)
-
     def forward_and_gradients(self, params, protocol):
         s0, f, d, dstar = (params[..., i : i + 1] for i in range(4))
-        e_fast = torch.exp(-protocol * dstar)
-        e_slow = torch.exp(-protocol * d)
+        e_fast = decay(-protocol * dstar)
+        e_slow = decay(-protocol * d)
         shape = f * e_fast + (1 - f) * e_slow
         fast = s0 * f * e_fast
         slow = s0 * (1 - f) * e_slow

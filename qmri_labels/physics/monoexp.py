@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from qmri_labels.physics.base import Parameter, SignalModel, register_model
+from qmri_labels.physics.base import Parameter, SignalModel, decay, register_model
 
 
 def monoexp_signal(params: torch.Tensor, protocol: torch.Tensor) -> torch.Tensor:
@@ -31,11 +31,8 @@ class MonoExpModel(SignalModel):
     def forward(self, params, protocol):
         return monoexp_signal(params, protocol)
 
-    def jacobian(self, params, protocol):
-        return self.forward_and_gradients(params, protocol)[1].transpose(-1, -2)
-
     def forward_and_gradients(self, params, protocol):
-        e = torch.exp(-protocol * params[..., 1:2])
+        e = decay(-protocol * params[..., 1:2])
         signal = params[..., 0:1] * e
         return signal, torch.stack([e, -protocol * signal], dim=-2)
 

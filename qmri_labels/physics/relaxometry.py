@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from qmri_labels.physics.base import Parameter, SignalModel, register_model
+from qmri_labels.physics.base import Parameter, SignalModel, decay, register_model
 
 
 def relaxation_signal(params: torch.Tensor, echo_times: torch.Tensor) -> torch.Tensor:
@@ -31,12 +31,9 @@ class _RelaxationModel(SignalModel):
     def forward(self, params, protocol):
         return relaxation_signal(params, protocol)
 
-    def jacobian(self, params, protocol):
-        return self.forward_and_gradients(params, protocol)[1].transpose(-1, -2)
-
     def forward_and_gradients(self, params, protocol):
         t = params[..., 1:2]
-        e = torch.exp(-protocol / t)
+        e = decay(-protocol / t)
         signal = params[..., 0:1] * e
         # dS/dT = S0 exp(-TE/T) * TE / T^2
         return signal, torch.stack([e, signal * protocol / (t * t)], dim=-2)
