@@ -194,3 +194,14 @@ def test_converged_means_tolerance_met_and_stalled_is_separate(data):
     assert not never.converged.any()
     assert never.stalled.mean() > 0.95
     np.testing.assert_array_less(never.nll, fit.nll + 1e-3)  # stalling at the optimum, not before it
+
+
+def test_fast_i0e_matches_the_exact_function_and_leaves_its_input_alone():
+    from qmri_labels.fitting.likelihood import fast_i0e
+
+    z = torch.cat([torch.linspace(0.0, 10.0, 20001), torch.logspace(1, 5, 20001)])
+    kept = z.clone()
+    exact = torch.special.i0e(z.double())
+    rel = ((fast_i0e(z).double() - exact).abs() / exact).max()
+    assert rel < 6e-7, float(rel)
+    assert torch.equal(z, kept)  # it works in place on its temporaries only

@@ -49,21 +49,27 @@ def full_nll(signals: torch.Tensor, model_signals: torch.Tensor, sigma: torch.Te
 
 def fast_i0e(z: torch.Tensor) -> torch.Tensor:
     """``exp(-z) I0(z)`` for ``z >= 0`` from the polynomial approximations of Abramowitz and
-    Stegun (9.8.1, 9.8.2), relative error below 3e-7.
+    Stegun (9.8.1, 9.8.2) in float32: relative error below 6e-7 (5.7e-7 measured on 0-1e5).
 
-    Twice as fast as ``torch.special.i0e`` in float32 on the CPU, where it dominates the fitter's
-    inner loop; the NLL that :func:`fit_mle` reports uses the exact function.
+    Used in the fitter's inner loop in float32 (the NLL that :func:`fit_mle` reports uses the
+    exact function). It works in place on its temporaries, so autograd cannot differentiate it;
+    the fitter needs no autograd (its gradient uses ``i1e / i0e``).
     """
-    t2 = (z / 3.75) ** 2
-    small = 1 + t2 * (3.5156229 + t2 * (3.0899424 + t2 * (1.2067492 + t2 * (0.2659732 + t2 * (0.0360768 + t2 * 0.0045813)))))
+    # Horner's scheme in place: on the CPU these few-flop element-wise passes are bound by memory
+    # traffic, and every temporary of the out-of-place form costs a pass of its own
+    t2 = (z / 3.75).square_()
+    small = torch.full_like(t2, 0.0045813)
+    for c in (0.0360768, 0.2659732, 1.2067492, 3.0899424, 3.5156229, 1.0):
+        small.mul_(t2).add_(c)
     # exp(-z) only where this branch is used: for z > ~87 it underflows to subnormal numbers, on
     # which x86 CPUs compute ~50x slower (the large branch needs no exponential)
-    small = small * torch.exp(-z.clamp_max(3.75))
+    small.mul_(torch.exp(-z.clamp_max(3.75)))
     zl = z.clamp_min(3.75)
     u = 3.75 / zl
-    large = 0.39894228 + u * (0.01328592 + u * (0.00225319 + u * (-0.00157565 + u * (0.00916281 + u * (
-        -0.02057706 + u * (0.02635537 + u * (-0.01647633 + u * 0.00392377)))))))
-    large = large / torch.sqrt(zl)
+    large = torch.full_like(u, 0.00392377)
+    for c in (-0.01647633, 0.02635537, -0.02057706, 0.00916281, -0.00157565, 0.00225319, 0.01328592, 0.39894228):
+        large.mul_(u).add_(c)
+    large.div_(zl.sqrt_())
     return torch.where(z <= 3.75, small, large)
 
 
