@@ -11,7 +11,10 @@ Kinds handled by :func:`run` (``config["kind"]``):
 
 :func:`train_model` trains and evaluates the shipped network (:data:`SHIPPED_MODEL`, trained on
 masked local fields; ``python -m qmri_labels.workflows.qsm train-model --out
-qmri_labels/models/qsm_unet_field-tv_residual_lrelu16 --minutes 38``).
+qsm_unet_field-tv_residual_lrelu16 --minutes 36``), or with ``--bfr METHOD`` the same network on
+the local fields that a background-field removal method leaves; :func:`evaluate_model`
+(``evaluate-model --model BUNDLE [BUNDLE ...] --bfr vsharp lbv pdf resharp``) scores bundles side
+by side with TKD, Tikhonov and tuned TV on masked local fields and after each BFR method.
 """
 
 from __future__ import annotations
