@@ -115,6 +115,11 @@ def test_qsm_bfr_mismatch_by_name_gives_a_4x4_matrix_and_12_tests(tmp_path):
     # Bonferroni over the 12 comparisons
     np.testing.assert_allclose(ttests["p_adjusted"], np.minimum(1.0, ttests["p_value"] * 12))
     assert "XSIM" in (tmp_path / "bfr" / "report.md").read_text()
+    # each network records the BFR method of its training fields as its input kind (the fit command
+    # refuses it on other inputs)
+    for name in names:
+        manifest = json.loads((tmp_path / "bfr" / "networks" / name / "manifest.json").read_text())
+        assert manifest["input_kind"] == f"bfr:{name.rsplit('_', 1)[1]}", name
 
 
 def test_incompatible_protocols_are_skipped_with_a_reason(tmp_path):

@@ -467,6 +467,13 @@ class QSMPhantomSet:
         (local by default; zero outside the mask unless ``"local_unmasked"``).
     orientations : ndarray float64, (K, 3)
         Unit B0 directions; the first is the reference orientation ``(0, 0, 1)``.
+    bfr : dict or None
+        The background-field removal that turned the TOTAL fields of ``spec`` (``field_kind
+        "total"``) into these local fields, ``{"method": NAME, option: value, ...}`` with every
+        option written out (:mod:`qmri_labels.fitting.bfr`); ``mask`` and ``chi`` are then
+        restricted to the method's eroded mask. None (default): the fields are as ``spec``
+        generates them. A network trained on the set records it as its input kind
+        (``"bfr:<method>"``).
     """
 
     spec: QSMPhantomSpec
@@ -475,6 +482,7 @@ class QSMPhantomSet:
     fields: np.ndarray
     orientations: np.ndarray
     fingerprint: str = field(default="")
+    bfr: dict | None = None
 
     def __post_init__(self):
         if self.chi.ndim != 4:
@@ -487,6 +495,12 @@ class QSMPhantomSet:
             raise ValueError("orientations must be (K, 3) with K the number of field orientations")
         for d in self.orientations:
             normalize_direction(d)
+        if self.bfr is not None:
+            if not isinstance(self.bfr, dict) or not isinstance(self.bfr.get("method"), str):
+                raise ValueError(f"bfr must be None or a dict with a 'method' name, got {self.bfr!r}")
+            if self.spec.field_kind != "total":
+                raise ValueError(f"bfr {self.bfr['method']!r} removes the background of a total field, but the "
+                                 f"spec's field_kind is {self.spec.field_kind!r}")
         if not self.fingerprint:
             self.fingerprint = self.compute_fingerprint()
 
@@ -502,9 +516,18 @@ class QSMPhantomSet:
     def __len__(self) -> int:
         return self.chi.shape[0]
 
+    def spec_record(self) -> dict[str, Any]:
+        """The spec as a dict, with ``bfr`` added when set: what a manifest records of the set."""
+        record = self.spec.to_dict()
+        if self.bfr is not None:
+            record["bfr"] = dict(self.bfr)
+        return record
+
     def compute_fingerprint(self) -> str:
         h = hashlib.sha256()
         h.update(self.spec.canonical_json().encode())
+        if self.bfr is not None:  # (sets without it keep the fingerprints they always had)
+            h.update(json.dumps(self.bfr, sort_keys=True, separators=(",", ":")).encode())
         for a in (self.chi, self.mask, self.fields, self.orientations):
             a = np.ascontiguousarray(a)
             h.update(f"{a.dtype.str}{a.shape}".encode())
@@ -522,6 +545,7 @@ class QSMPhantomSet:
             fields=self.fields,
             orientations=self.orientations,
             spec=np.array(self.spec.canonical_json()),
+            bfr=np.array(json.dumps(self.bfr)),
             fingerprint=np.array(self.fingerprint),
         )
         atomic_write_bytes(path, buf.getvalue())
@@ -532,6 +556,8 @@ class QSMPhantomSet:
         """Read a set written by :meth:`save`; ValueError if its fingerprint does not match."""
         def build(z):
             spec = QSMPhantomSpec.from_dict(json.loads(str(z["spec"])))
-            return cls(spec=spec, chi=z["chi"], mask=z["mask"], fields=z["fields"], orientations=z["orientations"])
+            bfr = json.loads(str(z["bfr"])) if "bfr" in z.files else None  # files written before it was recorded
+            return cls(spec=spec, chi=z["chi"], mask=z["mask"], fields=z["fields"], orientations=z["orientations"],
+                       bfr=bfr)
 
         return read_verified_npz(path, build, "QSM phantom set")

@@ -178,17 +178,13 @@ def _resolve_split(kind: str, spec: dict, where: str) -> dict:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: {exc}") from exc
     if bfr is not None:
-        from qmri_labels.fitting.bfr import BFR_METHODS, DEFAULTS as BFR_DEFAULTS
+        from qmri_labels.fitting.bfr import bfr_record
 
         bfr = {"method": bfr} if isinstance(bfr, str) else dict(bfr)
-        method = bfr.get("method")
-        if method not in BFR_METHODS:
-            raise ValueError(f"{where}: unknown bfr method {method!r}; known: {sorted(BFR_METHODS)}")
-        unknown = set(bfr) - {"method"} - set(BFR_DEFAULTS[method])
-        if unknown:
-            raise ValueError(f"{where}: unknown bfr option(s) {sorted(unknown)} for {method!r}; "
-                             f"known: {sorted(BFR_DEFAULTS[method])}")
-        bfr = {"method": method, **{k: bfr.get(k, v) for k, v in BFR_DEFAULTS[method].items()}}
+        try:
+            bfr = bfr_record(bfr.pop("method", None), **bfr)
+        except ValueError as exc:
+            raise ValueError(f"{where}: bfr: {exc}") from None
         if phantom["field_kind"] != "total":
             raise ValueError(f"{where}: bfr {bfr!r} needs field_kind: total (got {phantom['field_kind']!r})")
     phantom["bfr"] = bfr
@@ -442,15 +438,17 @@ class QSMDataset:
     def to_phantom_set(self):
         """This dataset as a :class:`~qmri_labels.data.phantoms.QSMPhantomSet` (for the QSM trainers).
 
-        Its spec describes the phantoms at this dataset's grid and voxel size; the fingerprint
-        is this dataset's (a truncated set cannot be regenerated from that spec alone).
+        Its spec describes the phantoms at this dataset's grid and voxel size, and its ``bfr`` is
+        this dataset's (so that a network trained on it records ``"bfr:<method>"`` as its input);
+        the fingerprint is this dataset's (a truncated set cannot be regenerated from that spec
+        alone).
         """
         from qmri_labels.data.phantoms import QSMPhantomSet, QSMPhantomSpec
 
         fields = {k: v for k, v in self.spec.items() if k not in QSM_EXTRA_FIELDS}
         fields.update(shape=list(self.chi.shape[1:]), voxel_size=list(self.voxel_size))
         return QSMPhantomSet(spec=QSMPhantomSpec.from_dict(fields), chi=self.chi, mask=self.mask, fields=self.fields,
-                             orientations=self.orientations, fingerprint=self.fingerprint)
+                             orientations=self.orientations, fingerprint=self.fingerprint, bfr=self.spec.get("bfr"))
 
     def save(self, path) -> Path:
         """One ``.npz`` file, written atomically, holding the arrays, the spec and the fingerprint."""

@@ -46,7 +46,7 @@ import torch
 
 from qmri_labels.physics.qsm import _check_voxel_size, _dipole_kernel_torch, _to_tensor
 
-__all__ = ["sharp", "vsharp", "resharp", "pdf", "lbv", "BFR_METHODS", "DEFAULTS", "remove_background",
+__all__ = ["sharp", "vsharp", "resharp", "pdf", "lbv", "BFR_METHODS", "DEFAULTS", "bfr_record", "remove_background",
            "remove_background_per_orientation", "sphere_kernel"]
 
 _DIMS = (-3, -2, -1)
@@ -306,15 +306,25 @@ def lbv(total_field, mask, voxel_size: Sequence[float] = (1.0, 1.0, 1.0), b0_dir
 BFR_METHODS: dict[str, Callable] = {"sharp": sharp, "vsharp": vsharp, "resharp": resharp, "pdf": pdf, "lbv": lbv}
 
 
-def remove_background(method: str, total_field, mask, voxel_size=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0),
-                      **options):
-    """``BFR_METHODS[method](total_field, mask, voxel_size, b0_dir, **options)`` with a clear error
-    for an unknown method or option."""
+def bfr_record(method: str, **options) -> dict:
+    """``{"method": method, option: value, ...}`` with every option of ``method`` written out.
+
+    Options not given take their :data:`DEFAULTS`, so that two records of the same processing
+    are equal (datasets and manifests store this). ValueError names an unknown method or option.
+    """
     if method not in BFR_METHODS:
         raise ValueError(f"unknown background-field removal method {method!r}; known: {sorted(BFR_METHODS)}")
     unknown = set(options) - set(DEFAULTS[method])
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)} for BFR method {method!r}; known: {sorted(DEFAULTS[method])}")
+    return {"method": method, **{k: options.get(k, v) for k, v in DEFAULTS[method].items()}}
+
+
+def remove_background(method: str, total_field, mask, voxel_size=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0),
+                      **options):
+    """``BFR_METHODS[method](total_field, mask, voxel_size, b0_dir, **options)`` with a clear error
+    for an unknown method or option."""
+    bfr_record(method, **options)
     return BFR_METHODS[method](total_field, mask, voxel_size, b0_dir, **options)
 
 

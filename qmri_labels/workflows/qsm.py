@@ -11,8 +11,12 @@ Kinds handled by :func:`run` (``config["kind"]``):
 
 :func:`train_model` trains and evaluates the shipped network (:data:`SHIPPED_MODEL`, trained on
 masked local fields; ``python -m qmri_labels.workflows.qsm train-model --out
-qmri_labels/models/qsm_unet_field-tv_residual_lrelu16 --minutes 38``), or with ``--members M``
-a deep ensemble of M such networks (SD maps with the fit command's ``--uncertainty``).
+qsm_unet_field-tv_residual_lrelu16 --minutes 36``), or with ``--bfr METHOD`` the same network on
+the local fields that a background-field removal method leaves, or with ``--members M`` a deep
+ensemble of M such networks (SD maps with the fit command's ``--uncertainty``);
+:func:`evaluate_model` (``evaluate-model --model BUNDLE [BUNDLE ...] --bfr vsharp lbv pdf
+resharp``) scores bundles side by side with TKD, Tikhonov and tuned TV on masked local fields
+and after each BFR method.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import shlex
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,6 +34,7 @@ import numpy as np
 from qmri_labels.analysis.image_metrics import image_metrics
 from qmri_labels.data.phantoms import QSMPhantomSet, QSMPhantomSpec
 from qmri_labels.fileio import atomic_write_bytes, write_json
+from qmri_labels.fitting.bfr import BFR_METHODS
 from qmri_labels.workflows.common import markdown, merge_config
 from qmri_labels.fitting.qsm_inversion import (
     TIKHONOV_DEFAULT_LAMBDA,
@@ -96,23 +102,34 @@ def _save_fig(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def make_phantom_sets(config: Mapping) -> tuple[QSMPhantomSet, QSMPhantomSet, QSMPhantomSet]:
-    """Train / validation / test phantom sets from one config (seeds ``seed``, +1, +2)."""
+def make_phantom_sets(config: Mapping, bfr: str | None = None) -> tuple[QSMPhantomSet, QSMPhantomSet, QSMPhantomSet]:
+    """Train / validation / test phantom sets from one config (seeds ``seed``, +1, +2).
+
+    With ``bfr`` (a method of :mod:`qmri_labels.fitting.bfr`) every set holds the local fields
+    that the method leaves from the phantoms' total fields, on its eroded masks
+    (:func:`bfr_phantom_set`); the heads and the noise are those of the same seeds.
+    """
     spec = QSMPhantomSpec.from_dict({**config["phantom"], "n": int(config["n_train"]), "seed": int(config["seed"])})
-    train = spec.generate()
-    val = spec.replace(n=int(config["n_val"]), seed=int(config["seed"]) + 1).generate()
-    test = spec.replace(n=int(config["n_test"]), seed=int(config["seed"]) + 2).generate()
-    return train, val, test
+    specs = (spec, spec.replace(n=int(config["n_val"]), seed=int(config["seed"]) + 1),
+             spec.replace(n=int(config["n_test"]), seed=int(config["seed"]) + 2))
+    if bfr is None:
+        return tuple(s.generate() for s in specs)
+    return tuple(bfr_phantom_set(s, bfr) for s in specs)
 
 
-def _mean_metrics(estimates: np.ndarray, data: QSMPhantomSet, keys=None) -> dict[str, float]:
+def _phantom_metrics(estimates: np.ndarray, data: QSMPhantomSet, keys=None) -> dict[str, list[float]]:
+    """Each metric's value on each phantom, ``{metric: [value per phantom]}``."""
     if keys == ("nrmse",):
         from qmri_labels.analysis.image_metrics import nrmse
 
         rows = [{"nrmse": nrmse(e, c, m)} for e, c, m in zip(estimates, data.chi, data.mask)]
     else:
         rows = [image_metrics(e, c, m) for e, c, m in zip(estimates, data.chi, data.mask)]
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    return {k: [float(r[k]) for r in rows] for k in rows[0]}
+
+
+def _mean_metrics(estimates: np.ndarray, data: QSMPhantomSet, keys=None) -> dict[str, float]:
+    return {k: float(np.mean(v)) for k, v in _phantom_metrics(estimates, data, keys).items()}
 
 
 def _invert(method: str, data: QSMPhantomSet, lam: float, **options) -> np.ndarray:
@@ -148,18 +165,20 @@ def tune_lambda(method: str, data: QSMPhantomSet, lambdas, n_phantoms: int | Non
 
 def _subset(data: QSMPhantomSet, n: int) -> QSMPhantomSet:
     return QSMPhantomSet(spec=data.spec.replace(n=n), chi=data.chi[:n], mask=data.mask[:n], fields=data.fields[:n],
-                         orientations=data.orientations)
+                         orientations=data.orientations, bfr=data.bfr)
 
 
 def evaluate_methods(networks: Mapping[str, QSMEstimator], test: QSMPhantomSet, tune_on: QSMPhantomSet | None = None,
                      *, tkd_threshold: float = 0.19, tikhonov_lambdas=(TIKHONOV_DEFAULT_LAMBDA,),
                      tv_lambdas=(TV_DEFAULT_LAMBDA,), include_cosmos: bool = True,
-                     include_tv: bool = True) -> tuple[list[dict], dict[str, np.ndarray]]:
+                     include_tv: bool = True, per_phantom: bool = False) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Metrics (mean over test phantoms) of each network and of TKD, Tikhonov, TV and COSMOS.
 
     The lambdas of Tikhonov and TV are tuned on ``tune_on`` (pass TRAINING phantoms; lowest
     mean NRMSE, :func:`tune_lambda`); without it the first of each list is used.
-    Returns a list of rows ``{"method", "nrmse", ...}`` and the estimates per method.
+    Returns a list of rows ``{"method", "nrmse", ...}`` and the estimates per method; with
+    ``per_phantom`` each row also holds ``"per_phantom": {metric: [value per test phantom]}``
+    (to tell a margin from the spread between phantoms).
     """
     b0 = test.orientations[0]
     estimates: dict[str, np.ndarray] = {}
@@ -179,9 +198,12 @@ def evaluate_methods(networks: Mapping[str, QSMEstimator], test: QSMPhantomSet, 
         estimates[name] = net.predict(test.field, test.mask)
     rows = []
     for name, est in estimates.items():
-        row = {"method": name, **_mean_metrics(est, test)}
+        values = _phantom_metrics(est, test)
+        row = {"method": name, **{k: float(np.mean(v)) for k, v in values.items()}}
         if name in lambdas:
             row["lambda"] = lambdas[name]
+        if per_phantom:
+            row["per_phantom"] = values
         rows.append(row)
     return rows, estimates
 
@@ -368,7 +390,7 @@ def run(config: Mapping, out: Path, quiet: bool = True) -> dict:
     raise ValueError(f"qmri_labels.workflows.qsm handles kinds {KINDS}, got {kind!r}")
 
 
-# -- the shipped model ------------------------------------------------------------------------
+# -- the shipped models -----------------------------------------------------------------------
 #: name of the shipped QSM network: inputs (field + TV estimate), residual on the TV channel,
 #: leaky-ReLU activation, 16 initial channels; trained on masked local fields
 SHIPPED_MODEL = "qsm_unet_field-tv_residual_lrelu16"
@@ -388,17 +410,46 @@ MODEL_CONFIG: dict[str, Any] = {
 }
 
 
+def _command_path(path: Path) -> str:
+    """``path`` as a recorded command names it: a relative path as given, an absolute one by its
+    last component (a folder where the command is rerun), so that no manifest names a folder of
+    the machine it was made on (``/tmp/...``)."""
+    path = Path(path)
+    return shlex.quote(str(Path(path.name) if path.is_absolute() else path))
+
+
+def _input_text(kind: str) -> str:
+    if kind.startswith("bfr:"):
+        return f"local field after {kind[4:]} background-field removal (on its eroded mask)"
+    return {"local": "local field", "local_unmasked": "UNMASKED local field", "total": "TOTAL field"}[kind]
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if int(threads) < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
 def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None, quiet: bool = False,
-                resume: bool = False, members: int = 1) -> dict:
+                resume: bool = False, bfr: str | None = None, threads: int | None = None, members: int = 1) -> dict:
     """Train the shipped U-Net (:data:`SHIPPED_MODEL`) and write it as a bundle at ``out``.
 
-    The phantoms hold masked local fields (``field_kind="local"``); the TV weight of the TV
-    input channel is tuned on the training phantoms (:func:`tune_lambda`). The best model
-    (validation loss) is checkpointed into ``out`` after every improvement; at the end the
-    held-out metrics of the network, TKD, Tikhonov and TV (lambdas tuned on the training
-    phantoms) are added to its manifest, with ``input_kind`` (what the network was trained
-    on; see :func:`qmri_labels.training.qsm.check_input_kind`). ``resume`` continues from the
-    bundle at ``out`` (same data, same configuration) for another ``minutes``.
+    The phantoms hold masked local fields (``field_kind="local"``), or with ``bfr`` (a method
+    of :mod:`qmri_labels.fitting.bfr`, default options) the local fields that the method leaves
+    from the phantoms' total fields, with the masks eroded by it and chi restricted to them
+    (:func:`make_phantom_sets`): a network for users who remove the background that way. The
+    TV weight of the TV input channel is tuned on the training phantoms, processed the same way
+    (:func:`tune_lambda`). The best model (validation loss) is checkpointed into ``out`` after
+    every improvement; at the end the held-out metrics of the network, TKD, Tikhonov and TV
+    (lambdas tuned on the training phantoms) on the held-out phantoms, processed the same way,
+    are added to its manifest (with each phantom's values), with ``input_kind`` (what the
+    network was trained on: ``"local"`` or ``"bfr:<method>"``; see
+    :func:`qmri_labels.training.qsm.check_input_kind`) and the command that reruns it.
+    ``resume`` continues from the bundle at ``out`` (same data, same configuration) for
+    another ``minutes``. ``threads``: torch CPU threads (None: torch's default).
 
     ``members=M > 1`` trains a deep ensemble (``QSMEstimator(n_members=M)``, member ``k``
     seeded with ``seed + k``), each member for up to ``minutes`` (about M times the time in
@@ -413,7 +464,8 @@ def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None,
                          "once at the end of its training: train it again instead")
     config = merge_config(MODEL_CONFIG, config, FREE_FORM_KEYS)
     out = Path(out)
-    train, val, test = make_phantom_sets(config)
+    _set_threads(threads)
+    train, val, test = make_phantom_sets(config, bfr)
     t = dict(config["training"])
     label = t.pop("label")
     inputs = tuple(t.pop("inputs"))
@@ -440,25 +492,26 @@ def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None,
         est.warm_start = False
     rows, _ = evaluate_methods({"unet": est}, test, train, tkd_threshold=float(config["tkd_threshold"]),
                                tikhonov_lambdas=config["tikhonov_lambdas"], tv_lambdas=config["tv_lambdas"],
-                               include_cosmos=False)
+                               include_cosmos=False, per_phantom=True)
+    command = f"python -m qmri_labels.workflows.qsm train-model --out {_command_path(out)} --minutes {minutes:g}"
+    command += (f" --bfr {bfr}" if bfr else "") + (f" --threads {int(threads)}" if threads else "")
+    command += f" --members {members}" if members > 1 else ""
     extra = {
         "workflow": "qmri_labels.workflows.qsm.train_model",
-        "command": f"python -m qmri_labels.workflows.qsm train-model --out {out} --minutes {minutes:g}"
-                   + (f" --members {members}" if members > 1 else ""),
+        "command": command,
         "model_config": config,
-        "input_kind": train.spec.field_kind,
+        "input_kind": est.input_kind_,
         "tv_lambda_tuning": {"lambdas": list(config["tv_lambdas"]), "train_nrmse": tv_scores},
         "test_fingerprint": test.fingerprint,
-        "test_spec": test.spec.to_dict(),
+        "test_spec": test.spec_record(),
         "heldout_metrics": rows,
-        "heldout_input": f"{train.spec.field_kind} field of {len(test)} held-out phantoms (seed {test.spec.seed})",
+        "heldout_input": f"{_input_text(est.input_kind_)} of {len(test)} held-out phantoms (seed {test.spec.seed})",
         "fit_time_s": est.fit_time_s_,
         "previous_history": previous_history,
     }
     est.save(out, extra)
     if not quiet:
-        for r in rows:
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+        print(_rows_text(rows), flush=True)
     return {"heldout_metrics": rows, "out": str(out)}
 
 
@@ -467,63 +520,117 @@ def bfr_phantom_set(spec: QSMPhantomSpec, method: str, **options) -> QSMPhantomS
 
     Same seed, same heads, same noise as ``spec``; the fields become the method's local fields,
     and chi and the mask are restricted to its eroded mask (what an evaluation after BFR scores).
+    The set records the processing as its ``bfr`` (method and every option).
     """
-    from qmri_labels.fitting.bfr import remove_background_per_orientation
+    from qmri_labels.fitting.bfr import bfr_record, remove_background_per_orientation
 
+    record = bfr_record(method, **options)
     total = spec.replace(field_kind="total").generate()
     fields, mask = remove_background_per_orientation(method, total.fields, total.mask, total.voxel_size,
                                                      total.orientations, **options)
     return QSMPhantomSet(spec=total.spec, chi=(total.chi * mask).astype(np.float32), mask=mask, fields=fields,
-                         orientations=total.orientations)
+                         orientations=total.orientations, bfr=record)
 
 
-def evaluate_model(path: Path, bfr_methods=("vsharp",), quiet: bool = False, n_tune: int = 2) -> dict:
-    """Score a QSM bundle written by :func:`train_model` after background-field removal.
+def _phantoms_of(record: Mapping, kind: str, n: int | None = None) -> QSMPhantomSet:
+    """The phantoms of a manifest's spec record (``test_spec``, ``train_spec``; its own ``bfr``
+    ignored) holding the input ``kind``: ``"local"`` (masked local fields) or ``"bfr:<method>"``
+    (the method's default options)."""
+    spec = QSMPhantomSpec.from_dict({k: v for k, v in record.items() if k != "bfr"})
+    if n is not None:
+        spec = spec.replace(n=int(n))
+    if kind == "local":
+        return spec.replace(field_kind="local").generate()
+    if kind.startswith("bfr:"):
+        return bfr_phantom_set(spec, kind[4:])
+    raise ValueError(f"cannot evaluate on input kind {kind!r}: 'local' or 'bfr:<method>'")
 
-    For each method, the bundle's held-out phantoms (its ``test_spec``) get their total field,
-    the method removes the background, and the network, TKD, Tikhonov and TV are scored on the
-    eroded masks; the lambdas are tuned on the first ``n_tune`` TRAINING phantoms processed the
-    same way. The rows are added to the manifest as ``heldout_metrics_after_bfr`` (the network
-    is used with ``check_input_kind(..., force=True)``: this evaluation is what tells whether a
-    masked-local-field network holds up on BFR results).
+
+def _same_phantoms(record: Mapping) -> dict:
+    """A spec record without what the input kind changes (to compare two bundles' phantoms)."""
+    return {k: v for k, v in record.items() if k not in ("bfr", "field_kind")}
+
+
+def _rows_text(rows, keys=("nrmse", "xsim", "hfen", "ssim")) -> str:
+    import pandas as pd
+
+    table = pd.DataFrame([{"method": r["method"], **{k: r[k] for k in keys}, "lambda": r.get("lambda")}
+                          for r in rows])
+    return table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def evaluate_model(paths, bfr_methods=("vsharp",), quiet: bool = False, n_tune: int = 2,
+                   threads: int | None = None) -> dict:
+    """Score QSM bundles written by :func:`train_model` on masked local fields and after BFR.
+
+    The bundles' held-out phantoms (their ``test_spec``; several bundles must share them) are
+    scored on their masked local fields and, for each method of ``bfr_methods``, on the local
+    fields that the method leaves from their total fields, on its eroded masks: every network,
+    TKD, Tikhonov and TV side by side on the same phantoms, the lambdas tuned on the first
+    ``n_tune`` TRAINING phantoms processed the same way. Networks are run on every input kind
+    (``check_input_kind(..., force=True)``: this evaluation is what tells how a network holds
+    up on the inputs it was not trained on).
+
+    Each bundle's manifest gets its rows (its network as ``"unet"``, with each phantom's
+    values): ``heldout_metrics`` on its own input kind (masked local fields for a network
+    trained on them, the BFR method's fields for one trained on those),
+    ``heldout_metrics_after_bfr`` (one list per method) and, for a network trained after BFR,
+    ``heldout_metrics_local_fields``. Returns ``{input kind: rows of every method}``.
     """
     from qmri_labels.bundle import read_manifest
     from qmri_labels.training.qsm import check_input_kind
 
-    path = Path(path)
-    est = QSMEstimator.load(path)
-    manifest = dict(est.manifest_)
-    config = manifest["model_config"]
-    test_spec = QSMPhantomSpec.from_dict(manifest["test_spec"])
-    train_spec = QSMPhantomSpec.from_dict(manifest["train_spec"]).replace(n=int(n_tune))
-    results = dict(manifest.get("heldout_metrics_after_bfr", {}))
-    # the masked-local-field held-out metrics again, with every current metric (XSIM included)
-    test = test_spec.generate()
-    local_rows, _ = evaluate_methods({"unet": est}, test, train_spec.generate(), tkd_threshold=float(config["tkd_threshold"]),
-                                     tikhonov_lambdas=config["tikhonov_lambdas"], tv_lambdas=config["tv_lambdas"],
-                                     include_cosmos=False)
-    _print(quiet, "[evaluate-model] masked local fields:")
-    for r in local_rows:
-        _print(quiet, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
-    for method in bfr_methods:
-        check_input_kind(manifest, f"bfr:{method}", force=True)
-        test = bfr_phantom_set(test_spec, method)
-        tune = bfr_phantom_set(train_spec, method)
-        rows, _ = evaluate_methods({"unet": est}, test, tune, tkd_threshold=float(config["tkd_threshold"]),
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("evaluate_model needs at least one bundle")
+    names = [p.name for p in paths]
+    if len(set(names)) != len(names):
+        raise ValueError(f"bundles with the same folder name cannot be told apart in one table: {names}")
+    _set_threads(threads)
+    estimators = {name: QSMEstimator.load(path) for name, path in zip(names, paths)}
+    first = estimators[names[0]].manifest_
+    config = first["model_config"]
+    for name, est in estimators.items():
+        m = est.manifest_
+        for key in ("test_spec", "train_spec"):
+            if _same_phantoms(m[key]) != _same_phantoms(first[key]):
+                raise ValueError(f"{name} and {names[0]} have other {key} phantoms; evaluate them separately")
+        for key in ("tkd_threshold", "tikhonov_lambdas", "tv_lambdas"):
+            if m["model_config"][key] != config[key]:
+                raise ValueError(f"{name} and {names[0]} tune the baselines differently ({key}); evaluate them "
+                                 "separately")
+    kinds = ["local"] + [f"bfr:{m}" for m in bfr_methods]
+    kinds += sorted({est.input_kind_ for est in estimators.values() if est.input_kind_.startswith("bfr:")} - set(kinds))
+    by_kind = {}
+    for kind in kinds:
+        for est in estimators.values():
+            check_input_kind(est.manifest_, kind, force=True)
+        test = _phantoms_of(first["test_spec"], kind)
+        tune = _phantoms_of(first["train_spec"], kind, n=n_tune)
+        rows, _ = evaluate_methods(estimators, test, tune, tkd_threshold=float(config["tkd_threshold"]),
                                    tikhonov_lambdas=config["tikhonov_lambdas"], tv_lambdas=config["tv_lambdas"],
-                                   include_cosmos=False)
-        results[method] = rows
-        _print(quiet, f"[evaluate-model] after {method}:")
-        for r in rows:
-            _print(quiet, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
-    keep = {k: v for k, v in read_manifest(path).items() if k not in ("format", "format_version", "weights", "created")}
-    keep["heldout_metrics"] = local_rows
-    keep["heldout_metrics_tuned_on"] = f"first {int(n_tune)} training phantoms"
-    keep["heldout_metrics_after_bfr"] = results
-    keep["evaluate_command"] = (f"python -m qmri_labels.workflows.qsm evaluate-model --model {path} "
-                                f"--bfr {' '.join(bfr_methods)}")
-    est.save(path, keep)
-    return results
+                                   include_cosmos=False, per_phantom=True)
+        by_kind[kind] = rows
+        _print(quiet, f"[evaluate-model] {_input_text(kind)}, {len(test)} held-out phantoms:\n{_rows_text(rows)}")
+    command = (f"python -m qmri_labels.workflows.qsm evaluate-model --model {' '.join(_command_path(p) for p in paths)} "
+               f"--bfr {' '.join(bfr_methods)}" + (f" --threads {int(threads)}" if threads else ""))
+    for name, path in zip(names, paths):
+        est = estimators[name]
+        own = {kind: [dict(r, method="unet") if r["method"] == name else r for r in rows
+                      if r["method"] == name or r["method"] not in estimators] for kind, rows in by_kind.items()}
+        keep = {k: v for k, v in read_manifest(path).items() if k not in ("format", "format_version", "weights", "created")}
+        kind = est.input_kind_ if est.input_kind_ in own else "local"
+        keep["heldout_metrics"] = own[kind]
+        keep["heldout_input"] = (f"{_input_text(kind)} of {first['test_spec']['n']} held-out phantoms "
+                                 f"(seed {first['test_spec']['seed']})")
+        keep["heldout_metrics_tuned_on"] = f"first {int(n_tune)} training phantoms"
+        keep["heldout_metrics_after_bfr"] = {**keep.get("heldout_metrics_after_bfr", {}),
+                                             **{k[4:]: v for k, v in own.items() if k.startswith("bfr:")}}
+        if kind != "local":
+            keep["heldout_metrics_local_fields"] = own["local"]
+        keep["evaluate_command"] = command
+        est.save(path, keep)
+    return by_kind
 
 
 def main(argv=None) -> int:
@@ -533,26 +640,29 @@ def main(argv=None) -> int:
     p = sub.add_parser("train-model", help="train and evaluate the shipped QSM U-Net")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--minutes", type=float, default=30.0)
+    p.add_argument("--bfr", choices=sorted(BFR_METHODS), default=None,
+                   help="train on the local fields this background-field removal leaves from the phantoms' total "
+                        "fields (eroded masks); default: masked true local fields")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue training the bundle at --out")
     p.add_argument("--members", type=int, default=1,
                    help="train a deep ensemble of this many U-Nets (seeds seed, seed + 1, ...; --minutes each) "
                         "whose spread the fit command writes as an SD map with --uncertainty (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
-    e = sub.add_parser("evaluate-model", help="score a QSM bundle after background-field removal")
-    e.add_argument("--model", type=Path, required=True)
-    e.add_argument("--bfr", nargs="+", default=["vsharp"], help="BFR methods (qmri_labels.fitting.bfr)")
+    e = sub.add_parser("evaluate-model", help="score QSM bundles on masked local fields and after background-field "
+                                              "removal, side by side with TKD, Tikhonov and tuned TV")
+    e.add_argument("--model", type=Path, nargs="+", required=True,
+                   help="one or more bundle folders (sharing their held-out phantoms); their manifests get the rows")
+    e.add_argument("--bfr", nargs="+", default=["vsharp"], choices=sorted(BFR_METHODS),
+                   help="BFR methods (qmri_labels.fitting.bfr)")
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(int(args.threads))
     if args.command == "train-model":
-        train_model(args.out, args.minutes, quiet=args.quiet, resume=args.resume, members=args.members)
+        train_model(args.out, args.minutes, quiet=args.quiet, resume=args.resume, bfr=args.bfr, threads=args.threads,
+                    members=args.members)
     else:
-        evaluate_model(args.model, tuple(args.bfr), quiet=args.quiet)
+        evaluate_model(args.model, tuple(args.bfr), quiet=args.quiet, threads=args.threads)
     return 0
 
 

@@ -270,7 +270,8 @@ class QSMEstimator(ParamsMixin):
         self.voxel_size_ = tuple(float(v) for v in data.voxel_size)
         self.b0_dir_ = tuple(float(v) for v in b0)
         self.train_fingerprint_ = data.fingerprint
-        self.train_spec_ = data.spec.to_dict()
+        # with ``bfr`` when the fields are the local fields a BFR method left: the input kind
+        self.train_spec_ = data.spec_record()
         self.input_kind_ = input_kind_of(self.train_spec_)
         self.validation_fingerprint_ = None if validation is None else validation.fingerprint
 
