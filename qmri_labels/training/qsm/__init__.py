@@ -6,8 +6,9 @@ A small subpackage, one job per module:
                normalisation stored with a network.
 ``data``       reproducible random patches of phantom arrays, padding.
 ``module``     the thin LightningModule.
-``estimator``  :class:`QSMEstimator` (scikit-learn's contract, model bundles) and
+``inputs``     what a network takes (:data:`INPUT_KINDS`, recorded in its bundle) and
                :func:`check_input_kind` (refuse a network trained on other inputs).
+``estimator``  :class:`QSMEstimator` (scikit-learn's contract, model bundles).
 
 The best epoch is kept by the IVIM training's
 :class:`qmri_labels.training.module.KeepBestState`. Everything is importable from here, as
@@ -15,13 +16,8 @@ before the split (``from qmri_labels.training.qsm import QSMEstimator``).
 """
 
 from qmri_labels.training.qsm.data import EpochSampler, QSMPatchDataset, RankBatches, pad_to_multiple
-from qmri_labels.training.qsm.estimator import (
-    INPUT_CHANNELS,
-    INPUT_KINDS,
-    RESIDUAL_CHANNELS,
-    QSMEstimator,
-    check_input_kind,
-)
+from qmri_labels.training.qsm.estimator import INPUT_CHANNELS, RESIDUAL_CHANNELS, QSMEstimator
+from qmri_labels.training.qsm.inputs import INPUT_KINDS, check_input_kind, input_kind_of
 from qmri_labels.training.qsm.loss import QSM_LABELS, QSMLoss, QSMNormalisation, qsm_loss_weights
 from qmri_labels.training.qsm.module import QSMLitModule, network_chi
 
@@ -39,6 +35,7 @@ __all__ = [
     "QSMLitModule",
     "QSMEstimator",
     "check_input_kind",
+    "input_kind_of",
     "network_chi",
     "pad_to_multiple",
 ]

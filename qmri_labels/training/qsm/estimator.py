@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from qmri_labels.bundle import device_info, load_bundle, package_versions, read_manifest, save_bundle
-from qmri_labels.data.phantoms import FIELD_KINDS, QSMPhantomSet
+from qmri_labels.data.phantoms import QSMPhantomSet
 from qmri_labels.fitting.qsm_inversion import TV_DEFAULT_LAMBDA, cosmos, tkd, tv
 from qmri_labels.nets.ensemble import DeepEnsemble, check_n_members, combine_members, members_of
 from qmri_labels.nets.unet3d import UNet3D, UNet3DConfig, unet3d_preset
@@ -37,15 +37,13 @@ from qmri_labels.params import ParamsMixin
 from qmri_labels.training.distributed import is_distributed
 from qmri_labels.training.module import KeepBestState
 from qmri_labels.training.qsm.data import EpochSampler, QSMPatchDataset, RankBatches, pad_to_multiple
+from qmri_labels.training.qsm.inputs import input_kind_of
 from qmri_labels.training.qsm.loss import QSMLoss, QSMNormalisation, qsm_loss_weights
 from qmri_labels.training.qsm.module import QSMLitModule, network_chi
 
-__all__ = ["QSMEstimator", "INPUT_CHANNELS", "RESIDUAL_CHANNELS", "INPUT_KINDS", "check_input_kind"]
+__all__ = ["QSMEstimator", "INPUT_CHANNELS", "RESIDUAL_CHANNELS"]
 
 INPUT_CHANNELS = ("field", "tkd", "tv")
-#: what a network was trained on (recorded in its bundle): the phantom field kinds, or a
-#: local field after a background-field removal method, ``"bfr:<method>"``
-INPUT_KINDS = FIELD_KINDS
 #: input channels that a residual network adds its output to (the first one present wins)
 RESIDUAL_CHANNELS = ("tv", "tkd")
 
@@ -611,48 +609,3 @@ def _broadcast_buffers(network: nn.Module) -> None:
 
     for buffer in network.buffers():
         dist.broadcast(buffer.data, src=0)
-
-
-def input_kind_of(train_spec: Mapping[str, Any] | None) -> str:
-    """What a network trained on data of this spec takes as input: ``"bfr:<method>"`` when the
-    data went through a background-field removal step, else the phantoms' ``field_kind``."""
-    spec = dict(train_spec or {})
-    bfr = spec.get("bfr")
-    if bfr:
-        return f"bfr:{bfr['method'] if isinstance(bfr, Mapping) else bfr}"
-    return str(spec.get("field_kind", "local_unmasked"))
-
-
-def check_input_kind(manifest: Mapping[str, Any], given_kind: str, force: bool = False) -> str:
-    """Refuse a QSM network whose training input differs from the field it is about to get.
-
-    Parameters
-    ----------
-    manifest : mapping
-        A QSM bundle's manifest (``QSMEstimator.load(path).manifest_``); its ``input_kind`` is
-        what the network was trained on: ``"local"`` (masked local field), ``"local_unmasked"``,
-        ``"total"`` or ``"bfr:<method>"`` (local field after that background-field removal).
-        Bundles written before the kind was recorded were trained on unmasked local fields.
-    given_kind : str
-        What the caller has: ``"local"`` for a local field map (zero outside the mask),
-        ``"bfr:<method>"`` after removing the background with ``<method>``, ...
-    force : bool
-        Return instead of raising (the caller takes the responsibility).
-
-    Returns
-    -------
-    The network's training input kind. ValueError (naming both kinds) on a mismatch unless
-    ``force``. A network trained on masked local fields accepts a BFR result (a masked local
-    field as well) and vice versa only with ``force``: their errors differ.
-    """
-    trained = str(manifest.get("input_kind", "local_unmasked"))
-    given = str(given_kind)
-    valid = set(INPUT_KINDS) | {k for k in (trained, given) if k.startswith("bfr:")}
-    for name, kind in (("given_kind", given), ("network input_kind", trained)):
-        if kind not in valid:
-            raise ValueError(f"{name} {kind!r} is not one of {sorted(INPUT_KINDS)} or 'bfr:<method>'")
-    if trained != given and not force:
-        raise ValueError(
-            f"this QSM network was trained on {trained!r} fields but is given {given!r}; its accuracy on other "
-            f"inputs is unknown (pass force=True to use it anyway)")
-    return trained
