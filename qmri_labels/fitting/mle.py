@@ -466,8 +466,8 @@ def _fit_chunk(model, y, b, sigma, noise, lower, upper, scale_relative, n_starts
         batch.frozen[:] = False  # the best start may be a twin that the race froze
     solver.iterate(batch, max_iter)
     # degenerate estimates (a parameter on a bound: f = 0 or 1, D* collapsed onto its lower bound,
-    # ...) are where the remaining wrong basins end; those voxels are refitted from all of the
-    # model's starts, each to convergence, and keep the best
+    # ...) are where the remaining wrong basins end; those voxels go on with all of the model's
+    # starts (at least _RESCUE_STARTS), each to convergence, and keep the best
     on_bound = ((batch.theta - lo <= 1e-6 * span) | (hi - batch.theta <= 1e-6 * span))
     if k is not None:
         on_bound[:, k] = False
