@@ -217,7 +217,7 @@ def test_voxels_on_a_bound_go_on_with_more_starts_than_the_race_had(data, monkey
 
     def spy(*args):
         rescue = original(*args)
-        seen.append((args[4].numel(), rescue.theta.shape[0], rescue.converged.clone()))
+        seen.append((args[3].numel(), rescue.theta.shape[0], rescue.converged.clone()))
         return rescue
 
     monkeypatch.setattr(mle, "_rescue_batch", spy)

@@ -442,8 +442,11 @@ def _fit_chunk(model, y, b, sigma, noise, lower, upper, scale_relative, n_starts
             hi[:, k] = hi[:, k] / scale
 
     init = model.initial_estimate(y_s, b)
-    starts = model.starting_points(init, lo, hi, n_starts)  # (n, S, p)
-    starts = torch.minimum(torch.maximum(starts, lo[:, None]), hi[:, None])
+    # the race's starts, then those that only the rescue of voxels on a bound adds (none at the
+    # default n_starts); (n, S, p)
+    every_start = model.starting_points(init, lo, hi, max(n_starts, _RESCUE_STARTS) if n_starts > 1 else n_starts)
+    every_start = torch.minimum(torch.maximum(every_start, lo[:, None]), hi[:, None])
+    starts = every_start[:, :n_starts]
     s_count = starts.shape[1]
 
     solver = _LevenbergMarquardt(model, b, nll_and_grad_terms(noise), tol)
@@ -473,7 +476,7 @@ def _fit_chunk(model, y, b, sigma, noise, lower, upper, scale_relative, n_starts
         on_bound[:, k] = False
     redo = torch.nonzero(on_bound.any(-1)).squeeze(-1)
     if redo.numel() and n_starts > 1:
-        rescue = _rescue_batch(solver, model, race, batch, redo, s_count, init, lo, hi, y_s, sigma_s)
+        rescue = _rescue_batch(solver, race, batch, redo, every_start[redo, s_count:], y_s, sigma_s, lo, hi)
         e_count = rescue.theta.shape[0] // redo.numel()
         solver.iterate(rescue, max_iter)
         best = rescue.obj.reshape(-1, e_count).argmin(-1) + torch.arange(redo.numel(), device=device) * e_count
@@ -497,32 +500,30 @@ def _twins(position: torch.Tensor) -> torch.Tensor:
     return twin
 
 
-def _rescue_batch(solver, model, race, batch, redo, s_count, init, lo, hi, y_s, sigma_s):
-    """Every start of the voxels ``redo`` (at least ``_RESCUE_STARTS``), ready to iterate to convergence.
+def _rescue_batch(solver, race, batch, redo, new_starts, y_s, sigma_s, lo, hi):
+    """Every start of the voxels ``redo``, ready to iterate to convergence; rows voxel-major.
 
-    The race's starts are the first ones of the rescue (``starting_points`` is prefix-stable) and
-    their first iterations are the rescue's own (same start, same damping, row by row), so each
-    continues from where the race left it, pruned or not; the start the race chose continues
-    from its converged state. Only starts beyond the race's are new. Rows are voxel-major.
+    The race's starts come first, each continuing from where the race left it, pruned or not
+    (its first iterations are the ones a fresh start would run: same start, same damping, row
+    by row), and the start the race chose from its converged state; then ``new_starts``
+    ``(len(redo), E, P)``, the starts the race did not have, from scratch.
     """
-    p = model.n_params
-    device = batch.theta.device
     r = redo.numel()
+    s_count = race.theta.shape[0] // batch.theta.shape[0]
+    device = batch.theta.device
     rows = (redo[:, None] * s_count + torch.arange(s_count, device=device)).reshape(-1)
     rescue = race.select(rows)
     rescue.frozen[:] = False
     chosen = rescue.obj.reshape(r, s_count).argmin(-1) + torch.arange(r, device=device) * s_count
     for f in dataclasses.fields(_Batch):
         getattr(rescue, f.name)[chosen] = getattr(batch, f.name)[redo]
-    e_count = max(s_count, _RESCUE_STARTS)
-    if e_count == s_count:
+    e_count = new_starts.shape[1]
+    if e_count == 0:
         return rescue
-    extra = model.starting_points(init[redo], lo[redo], hi[redo], e_count)[:, s_count:]
-    extra = torch.minimum(torch.maximum(extra, lo[redo][:, None]), hi[redo][:, None])
-    e_rows = redo.repeat_interleave(e_count - s_count)
-    fresh = solver.start(extra.reshape(-1, p), y_s[e_rows], sigma_s[e_rows], lo[e_rows], hi[e_rows])
+    e_rows = redo.repeat_interleave(e_count)
+    fresh = solver.start(new_starts.reshape(r * e_count, -1), y_s[e_rows], sigma_s[e_rows], lo[e_rows], hi[e_rows])
     order = torch.cat([torch.arange(r * s_count, device=device).reshape(r, s_count),
-                       r * s_count + torch.arange(r * (e_count - s_count), device=device).reshape(r, -1)], dim=1)
+                       r * s_count + torch.arange(r * e_count, device=device).reshape(r, e_count)], dim=1)
     return _Batch.cat(rescue, fresh).select(order.reshape(-1))
 
 
