@@ -7,10 +7,12 @@ D* at test SNRs 15, 20, 50 and 100, the measure of Kaandorp et al.'s tables::
     python benchmarks/ivimnet_design.py                        # default self, ivimnet self, default gt
     python benchmarks/ivimnet_design.py --methods ivimnet-self --max-epochs 300
     python benchmarks/ivimnet_design.py --tune 12 --tune-n 20000   # + a tuned self network
+    python benchmarks/ivimnet_design.py --methods tuned-gt tuned-self --tune 12   # tuned networks only
 
 Methods: ``<design>-<label>`` with design ``default`` (Epstein's MLP), ``ivimnet`` (the
-``ivimnet`` preset of :data:`qmri_labels.estimators.DESIGN_PRESETS`); ``tuned-self`` runs
-:func:`qmri_labels.tuning.tune` with ``--tune`` trials. Writes a JSON with every number.
+``ivimnet`` preset of :data:`qmri_labels.estimators.DESIGN_PRESETS`); ``tuned-<label>`` runs
+:func:`qmri_labels.tuning.tune` for that label with ``--tune`` trials, then retrains the best
+design on every training signal. Writes a JSON with every number.
 """
 
 from __future__ import annotations
@@ -82,18 +84,22 @@ def main(argv=None) -> int:
     common = dict(accelerator="cpu", devices=1, num_threads=1, progress=False)
     results = {"train_fingerprint": train.fingerprint, "n_train": args.n_train, "ivimnet_optim_reported": IVIMNET_OPTIM,
                "methods": {}}
-    extra = (["tuned-self"] if args.tune else []) + (["custom-self"] if args.design else [])
+    tuned = [m for m in args.methods if m.startswith("tuned-")]
+    if tuned and not args.tune:
+        parser.error(f"{', '.join(tuned)} need --tune N (trials)")
+    extra = (["tuned-self"] if args.tune and not tuned else []) + (["custom-self"] if args.design else [])
     for method in args.methods + extra:
         t0 = time.perf_counter()
-        if method == "tuned-self":
+        if method.startswith("tuned-"):
             from qmri_labels.tuning import tune
 
+            label = method.split("-", 1)[1]
             small = study_spec(args.tune_n, seed=5).generate()  # tuning signals: a smaller draw, same spec
-            est = tune("self", small, n_trials=args.tune, seed=0, criterion=args.criterion,
+            est = tune(label, small, n_trials=args.tune, seed=0, criterion=args.criterion,
                        base=dict(common, max_epochs=args.tune_epochs))
             best = dict(est.tuning_["best_params"])
             # the best design, retrained on every training signal
-            est = NetworkEstimator(label="self", **{**common, **est.tuning_["base"], **best})
+            est = NetworkEstimator(label=label, **{**common, **est.tuning_["base"], **best})
             if args.max_epochs:
                 est.set_params(max_epochs=args.max_epochs)
             est.fit(train)

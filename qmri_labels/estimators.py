@@ -412,7 +412,7 @@ class NetworkEstimator(ParamsMixin):
         return weights
 
     def fit(self, X, y=None, *, protocol=None, bounds=None, model: str = "ivim", sigma=None,
-            mle_labels=None) -> "NetworkEstimator":
+            mle_labels=None, callbacks=()) -> "NetworkEstimator":
         """Train on a simulated :class:`Dataset` or on arrays of signals (any data).
 
         Parameters
@@ -438,6 +438,10 @@ class NetworkEstimator(ParamsMixin):
         mle_labels : ndarray (N, P), MLEFit, MLELabels or None
             MLE labels of ``dataset.signals``; computed (and cached) when the loss needs them
             and none are given. Rows with non-finite labels are left out of training.
+        callbacks : sequence of lightning callbacks
+            Further callbacks of every training run (e.g. the pruner of
+            :func:`qmri_labels.tuning.tune`); a callback that sets ``trainer.should_stop``
+            ends training early, and the best epoch so far is kept.
 
         Returns
         -------
@@ -492,7 +496,7 @@ class NetworkEstimator(ParamsMixin):
                 raise ValueError("fewer than 2 training rows have finite MLE labels")
             tensors = {k: v[keep] for k, v in tensors.items()}
         normalisation = ParameterNormalisation.from_support(support, signal_model.param_names)
-        self._train(tensors, weights, signal_model, train_protocol, support, normalisation, noise)
+        self._train(tensors, weights, signal_model, train_protocol, support, normalisation, noise, callbacks)
         self.n_excluded_ = int((~keep).sum())
         self.mle_labels_ = mle_info
         for key, value in record.items():
@@ -500,7 +504,7 @@ class NetworkEstimator(ParamsMixin):
         return self
 
     def _train(self, tensors: dict, weights: dict, signal_model, protocol, support, normalisation,
-               noise: str = "rician") -> None:
+               noise: str = "rician", callbacks=()) -> None:
         """Build (or, with ``warm_start``, reuse) the network(s) and train them on ``tensors``;
         an ensemble trains its members one after another, member ``k`` with seeds offset by ``k``."""
         import copy
@@ -527,7 +531,7 @@ class NetworkEstimator(ParamsMixin):
                 network = self._new_network(tensors["signals"], signal_model, support, normalisation, weights,
                                             init_seed + k)
             runs.append(self._train_network(network, tensors, weights, signal_model, protocol, normalisation, noise,
-                                            seed, shuffle_seed + k))
+                                            seed, shuffle_seed + k, callbacks))
             members.append(runs[-1][0].network.to("cpu").eval())
         network = members[0] if n_members == 1 else DeepEnsemble(members).eval()
         module, trainer, keeper, data = runs[0]
@@ -612,7 +616,7 @@ class NetworkEstimator(ParamsMixin):
         return network
 
     def _train_network(self, network, tensors: dict, weights: dict, signal_model, protocol, normalisation,
-                       noise: str, split_seed: int, shuffle_seed: int):
+                       noise: str, split_seed: int, shuffle_seed: int, callbacks=()):
         """Train one network; returns ``(module, trainer, keeper, datamodule)``."""
         from qmri_labels.training import InMemoryDataModule, LabelLoss, LabelRegressor, LRSchedule
         from qmri_labels.training.likelihood_losses import HeteroscedasticLabelLoss, VarianceHeadLoss
@@ -643,7 +647,7 @@ class NetworkEstimator(ParamsMixin):
                 min_delta=float(self.min_delta), accelerator=self.accelerator, devices=self.devices,
                 num_nodes=self.num_nodes, strategy=self.strategy, precision=self.precision,
                 deterministic=self.deterministic, benchmark=self.benchmark, progress=bool(self.progress),
-                callbacks=schedules)
+                callbacks=[*schedules, *callbacks])
             trainer.fit(module, datamodule=data)
         return module, trainer, keeper, data
 

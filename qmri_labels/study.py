@@ -56,7 +56,8 @@ MODEL_KINDS = {"qsm": "qsm_labels"}
 #: flags that override configuration keys (flag destination -> key)
 FLAG_KEYS = {"alpha": "alpha", "snr": "snr", "bvalues": "bvalues", "n_train": "n_train", "max_epochs": "max_epochs",
              "seed": "seed", "device": "device", "storage": "storage", "study_name": "study_name", "worker": "worker",
-             "snr_test": "grid.snr", "tune": "tune.n_trials", "seeds": "seeds"}
+             "snr_test": "grid.snr", "tune": "tune.n_trials", "seeds": "seeds",
+             "workers": "workers"}
 
 
 def workflow_module(kind: str):
@@ -139,6 +140,15 @@ def set_key(config: dict, path: list[str], value) -> None:
     node[path[-1]] = value
 
 
+def _workers(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qmri-study",
                                      description="\n\n".join(__doc__.split("\n\n")[1:3]),
@@ -157,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tune every label's network with N trials (equal budget) and compare tuned vs default")
     parser.add_argument("--seeds", type=int, metavar="K",
                         help="train each method K times with different initialisation and batch order")
+    parser.add_argument("--workers", type=_workers, metavar="N",
+                        help="label studies: train N networks side by side in worker processes, or 'auto' "
+                             "(default: the usable CPU cores / num_threads; 1 on a GPU); results do not "
+                             "depend on it")
     parser.add_argument("--bvalues", type=float, nargs="+", help="b-values in s/mm^2")
     parser.add_argument("--n-train", type=int, help="number of training signals")
     parser.add_argument("--max-epochs", type=int, help="maximum training epochs per network")
@@ -272,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         kind, config, module, name = resolve(args)
+        if hasattr(module, "resolve_config"):
+            module.resolve_config(config)  # a bad value fails here, before anything is written
     except ValueError as exc:
         parser.error(str(exc))
     out = Path(args.out) if args.out else default_out(name)

@@ -19,6 +19,15 @@ Each trial is scored by two criteria, both recorded:
 ``criterion`` picks the one that is minimised. By default the untuned design is the first
 trial, so the tuned network is never worse than it on the criterion, and the report can show
 both.
+
+With ``criterion="val_loss"`` the search also *prunes* (Optuna's median rule): after each epoch
+a trial reports the best label loss so far on its training run's own validation rows, and a
+trial whose value is worse than the median of the earlier trials at the same epoch stops
+there. The first :data:`PRUNE_STARTUP_TRIALS` trials (the default design among them) and the
+first :data:`PRUNE_WARMUP_EPOCHS` epochs of every trial are never pruned. A pruned trial counts
+as one of the ``n_trials`` (every label gets the same trials and the same rule) and cannot be
+the best one. Pruning is off for ``"param_rmse"``: the label's loss does not track the
+parameter error (for ``self`` least of all), so it would cut the trials that criterion wants.
 """
 
 from __future__ import annotations
@@ -34,6 +43,9 @@ from qmri_labels.data.datasets import Dataset
 from qmri_labels.estimators import NetworkEstimator
 
 CRITERIA = ("val_loss", "param_rmse")
+#: trials that are never pruned (they set the median), and epochs of every trial before pruning
+PRUNE_STARTUP_TRIALS = 5
+PRUNE_WARMUP_EPOCHS = 10
 
 #: The search space: ``name -> ("categorical", choices)`` or ``(kind, low, high)`` with kind
 #: ``"int"``, ``"float"`` or ``"logfloat"``. ``width_factor`` multiplies the number of
@@ -126,6 +138,29 @@ def _same_choice(value, choice) -> bool:
         return False
 
 
+def _pruner_callback(trial):
+    """A Lightning callback that reports the best validation loss so far to ``trial`` after
+    each epoch and stops training once Optuna's pruner says so (``pruned`` is then True)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class PruneTrial(Callback):
+        def __init__(self):
+            self.best = math.inf
+            self.pruned = False
+
+        def on_validation_end(self, trainer, pl_module):
+            score = trainer.callback_metrics.get("val_loss")
+            if trainer.sanity_checking or score is None:
+                return
+            self.best = min(self.best, float(score))
+            trial.report(self.best, step=int(trainer.current_epoch))
+            if trial.should_prune():
+                self.pruned = True
+                trainer.should_stop = True
+
+    return PruneTrial()
+
+
 def validation_criteria(estimator: NetworkEstimator, signals, targets: Mapping, theta_true, support,
                         model, protocol) -> dict:
     """Both criteria of a fitted estimator on validation rows.
@@ -157,7 +192,8 @@ def validation_criteria(estimator: NetworkEstimator, signals, targets: Mapping, 
 def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criterion: str = "val_loss",
          alpha: float = 0.5, base: Mapping[str, Any] | None = None, space: Mapping | None = None,
          validation_fraction: float = 0.2, include_default: bool = True, mle_labels=None,
-         mle_options: Mapping | None = None, max_rows: int | None = None) -> NetworkEstimator:
+         mle_options: Mapping | None = None, max_rows: int | None = None,
+         prune: bool | None = None) -> NetworkEstimator:
     """Search the network design for one training label; return the best trial's network.
 
     Parameters
@@ -189,6 +225,9 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
     max_rows : int or None
         Use only this many rows of the training data (a random subset drawn with ``seed``)
         for the search: a cheaper search at equal budget per label.
+    prune : bool or None
+        Stop trials that fall behind (see the module docstring); ``None``: prune with
+        ``criterion="val_loss"``, not with ``"param_rmse"`` (where ``True`` is refused).
 
     Returns
     -------
@@ -209,6 +248,12 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
         raise ValueError(f"n_trials must be a positive integer, got {n_trials!r}")
     if not (0.0 < float(validation_fraction) < 1.0):
         raise ValueError(f"validation_fraction must lie in (0, 1), got {validation_fraction!r}")
+    if prune not in (None, True, False):
+        raise ValueError(f"prune must be True, False or None, got {prune!r}")
+    if prune and criterion != "val_loss":
+        raise ValueError(f"prune=True needs criterion 'val_loss': trials report the label's validation loss, "
+                         f"which does not track {criterion!r}")
+    prune = criterion == "val_loss" if prune is None else bool(prune)
     space = _check_space(DEFAULT_SPACE if space is None else space)
     base = dict(base or {})
     fixed = {"label", "alpha", "seed"} & set(base)
@@ -251,10 +296,11 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
     def objective(trial):
         params = _estimator_params(_suggest(trial, space), m)
         estimator = NetworkEstimator(**{**base_estimator.get_params(), **params})
+        pruner = _pruner_callback(trial) if prune else None
         t0 = time.perf_counter()
         try:
             estimator.fit(dataset.signals[fit_rows], y_fit, protocol=dataset.protocol, bounds=support,
-                          model=model.name)
+                          model=model.name, callbacks=[pruner] if pruner else [])
             scores = validation_criteria(estimator, dataset.signals[val_rows], val_targets,
                                          dataset.theta_true[val_rows], support, model, dataset.protocol)
         except (ValueError, RuntimeError) as exc:  # a diverged or impossible design scores +inf
@@ -263,9 +309,12 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
             trial.set_user_attr(key, value)
         value = scores[criterion]
         value = value if math.isfinite(value) else math.inf
+        pruned = bool(pruner is not None and pruner.pruned)
         records.append({"number": trial.number, "params": params, "val_loss": scores["val_loss"],
                         "param_rmse": scores["param_rmse"], "seconds": time.perf_counter() - t0,
-                        "epochs": getattr(estimator, "n_epochs_", None)})
+                        "epochs": getattr(estimator, "n_epochs_", None), "pruned": pruned})
+        if pruned:
+            raise optuna.TrialPruned()
         if value < best["value"]:
             best.update(value=value, estimator=estimator, params=params)
         return value
@@ -273,7 +322,10 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
     previous = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=int(seed)))
+        pruner = (optuna.pruners.MedianPruner(n_startup_trials=PRUNE_STARTUP_TRIALS, n_warmup_steps=PRUNE_WARMUP_EPOCHS)
+                  if prune else optuna.pruners.NopPruner())
+        study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=int(seed)),
+                                    pruner=pruner)
         default_point = _default_trial(base_estimator, space, m) if include_default else None
         if default_point is not None:
             study.enqueue_trial(default_point)
@@ -287,7 +339,8 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
     default_record = records[0] if default_point is not None else None
     estimator.tuning_ = {
         "label": label, "alpha": alpha if label == "hybrid" else None, "criterion": criterion,
-        "n_trials": int(n_trials), "seed": int(seed), "space": {k: list(v) for k, v in space.items()},
+        "n_trials": int(n_trials), "seed": int(seed), "prune": prune,
+        "n_pruned": int(sum(r["pruned"] for r in records)), "space": {k: list(v) for k, v in space.items()},
         "base": {k: v for k, v in base.items()},
         "split": {"n_fit": int(len(fit_rows)), "n_validation": int(len(val_rows)),
                   "validation_fraction": float(validation_fraction), "dataset_fingerprint": dataset.fingerprint,

@@ -56,3 +56,26 @@ def test_tune_refuses_bad_arguments(data):
     with pytest.raises(ValueError, match="base"):
         tune("gt", data, n_trials=1, base={"seed": 1})
     assert "parallel" in DEFAULT_SPACE and "batch_norm" in DEFAULT_SPACE
+
+
+def test_pruning_stops_trials_that_fall_behind_and_keeps_the_best_design(data):
+    from qmri_labels.tuning import PRUNE_STARTUP_TRIALS, PRUNE_WARMUP_EPOCHS
+
+    base = dict(BASE, max_epochs=PRUNE_WARMUP_EPOCHS + 4)
+    # a learning rate that cannot learn in 14 epochs against one that can
+    space = {"lr": ("categorical", [3e-3, 1e-9]), "hidden_layers": ("int", 1, 2)}
+    pruned = tune("gt", data, n_trials=10, seed=0, base=base, space=space).tuning_
+    full = tune("gt", data, n_trials=10, seed=0, base=base, space=space, prune=False).tuning_
+    assert pruned["prune"] is True and full["prune"] is False and full["n_pruned"] == 0
+    stopped = [t for t in pruned["trials"] if t["pruned"]]
+    assert pruned["n_pruned"] == len(stopped) >= 1
+    for t in stopped:
+        # only after the startup trials and the warm-up epochs, and only the design that cannot learn
+        assert t["number"] >= PRUNE_STARTUP_TRIALS and PRUNE_WARMUP_EPOCHS < t["epochs"] < base["max_epochs"]
+        assert t["params"]["lr"] == 1e-9
+    assert sum(t["epochs"] for t in pruned["trials"]) < sum(t["epochs"] for t in full["trials"])
+    assert pruned["best_params"] == full["best_params"] and pruned["best_value"] == full["best_value"]
+    # pruning follows the label's loss, so it is off for the parameter criterion
+    assert tune("gt", data, n_trials=1, base=BASE, space=space, criterion="param_rmse").tuning_["prune"] is False
+    with pytest.raises(ValueError, match="prune=True needs criterion 'val_loss'"):
+        tune("gt", data, n_trials=1, criterion="param_rmse", prune=True)

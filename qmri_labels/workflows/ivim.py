@@ -76,6 +76,9 @@ DEFAULTS: dict[str, Any] = {
     "seeds": 1,
     "device": "cpu",
     "num_threads": 1,
+    # processes that train networks side by side ("auto": the usable CPU cores / num_threads; 1 on
+    # a GPU); the results do not depend on it
+    "workers": "auto",
     "deterministic": True,
     "save_networks": True,
     "figures": True,
@@ -129,6 +132,9 @@ def resolve_config(config: Mapping | None) -> dict:
     cfg["grid"]["snr"] = grid_snrs(cfg["grid"]["snr"])
     cfg["tune"] = check_tune(cfg)
     cfg["seeds"] = check_seeds(cfg["seeds"])
+    from qmri_labels.workflows.jobs import resolve_workers
+
+    resolve_workers(cfg["workers"], "cpu", cfg["num_threads"])  # the device is checked when the study runs
     resolve_network(cfg, DEFAULTS)  # checks the network options
     cfg["bvalues"] = [float(b) for b in np.atleast_1d(cfg["bvalues"])]
     cfg["seed"] = int(cfg["seed"])
@@ -262,7 +268,9 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
     from qmri_labels.bundle import device_info, package_versions
     from qmri_labels.estimators import MLEEstimator
     from qmri_labels.training import compute_mle_labels
-    from qmri_labels.workflows.label_fairness import seeds_section, tune_designs, tuning_section, with_seeds
+    from qmri_labels.workflows.jobs import JobRunner, resolve_workers
+    from qmri_labels.workflows.label_fairness import (fit_design, seed_name, seeds_section, tune_design,
+                                                      tuning_section, with_seeds)
 
     t_start = time.perf_counter()
     cfg = resolve_config(config)
@@ -273,7 +281,8 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
     defaults = make_estimators(cfg, quiet)
     tuning = cfg["tune"]["n_trials"] > 0
     n_seeds = cfg["seeds"]
-    n_steps = 4 + len(defaults) * (2 if tuning else 1) * n_seeds + int(tuning)
+    # datasets, MLE labels, a search per label, the trainings, evaluation, writing
+    n_steps = 4 + len(defaults) * ((2 if tuning else 1) * n_seeds + int(tuning))
     step = 0
 
     def begin(message):
@@ -299,25 +308,50 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
                     f"{mle_labels.n_invalid} invalid fits left out")
     timings["mle_labels"] = time.perf_counter() - t
 
+    # every tuning search and every training is an independent, self-seeded job: spread over
+    # worker processes they give the same networks as in order (tests/test_study_workers.py)
+    workers = resolve_workers(cfg["workers"], str(torch_device), cfg["num_threads"])
     designs = dict(defaults)
+    tuned_names = {name: f"{name}-tuned" for name in defaults} if tuning else {}
+    designs.update({tuned: None for tuned in tuned_names.values()})  # the report's order
     tuning_records = {}
-    if tuning:
-        t = begin(f"tuning every label with {cfg['tune']['n_trials']} trials ({cfg['tune']['criterion']})")
-        tuned, tuning_records = tune_designs(defaults, train, mle_labels, cfg["tune"], cfg["seed"],
-                                             lambda m: _say(quiet, m))
-        designs.update(tuned)
-        timings["tuning"] = time.perf_counter() - t
-    estimators = with_seeds(designs, n_seeds, cfg["seed"])
-    main_names = list(designs)
-
     fitted = {}
-    for name, est in estimators.items():
-        t = begin(f"training {name}")
-        est.fit(train, mle_labels=mle_labels if _needs_mle(est) else None)
-        fitted[name] = est
-        timings[f"train_{name}"] = time.perf_counter() - t
-        _say(quiet, f"      {est.n_epochs_} epochs, best epoch {est.best_epoch_}, "
-                    f"val loss {est.best_val_loss_:.4g}, {timings[f'train_{name}']:.1f} s")
+    _say(quiet, f"      {workers} worker process{'es' if workers > 1 else ''} "
+                f"({cfg['num_threads']} torch thread{'s' if cfg['num_threads'] != 1 else ''} each)")
+    t_jobs = time.perf_counter()
+
+    def submit_trainings(runner, named):
+        for name, est in with_seeds(named, n_seeds, cfg["seed"]).items():
+            runner.submit(("fit", name), fit_design, est, train, mle_labels if _needs_mle(est) else None)
+
+    with JobRunner(workers) as runner:
+        # the searches first: they take longest, and their designs' trainings wait for them
+        for name, est in defaults.items() if tuning else ():
+            runner.submit(("tune", name), tune_design, est, train, mle_labels, cfg["tune"], cfg["seed"])
+        submit_trainings(runner, defaults)
+        for (job, name), result, seconds in runner.completed():
+            if job == "tune":
+                design, record = result
+                begin(f"tuned {name}: {cfg['tune']['n_trials']} trials ({cfg['tune']['criterion']}), "
+                      f"{seconds:.1f} s")
+                default = record.get("default") or {}
+                _say(quiet, f"      best {record['criterion']} {record['best_value']:.4g} "
+                            f"(default {default.get(record['criterion'], float('nan')):.4g})")
+                tuning_records[name] = record
+                designs[tuned_names[name]] = design
+                timings[f"tune_{name}"] = seconds
+                submit_trainings(runner, {tuned_names[name]: design})
+            else:
+                begin(f"trained {name}: {result.n_epochs_} epochs, best epoch {result.best_epoch_}, "
+                      f"val loss {result.best_val_loss_:.4g}, {seconds:.1f} s")
+                fitted[name] = result
+                timings[f"train_{name}"] = seconds
+    timings["training"] = time.perf_counter() - t_jobs
+    # the order of the report, whatever order the jobs finished in
+    order = [seed_name(name, k) for name in designs for k in range(n_seeds)]
+    fitted = {name: fitted[name] for name in order}
+    tuning_records = {name: tuning_records[name] for name in defaults if name in tuning_records}
+    main_names = list(designs)
 
     t = begin(f"evaluating on the test grid (SNR {', '.join(f'{x:g}' for x in cfg['grid']['snr'])}) "
               "and the held-out set")
@@ -427,7 +461,8 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
         "tuning": {n: {k: v for k, v in r.items() if k != "trials"} for n, r in tuning_records.items()} or None,
         "versions": package_versions(),
         "device": device_info(torch_device),
-        "determinism": {"deterministic": cfg["deterministic"], "num_threads_training": cfg["num_threads"]},
+        "determinism": {"deterministic": cfg["deterministic"], "num_threads_training": cfg["num_threads"],
+                        "workers": workers},
         "timings": timings,
         "heldout": heldout_by_method,
     }

@@ -17,9 +17,10 @@ NETWORK_DEFAULTS: dict[str, Any] = {
     "fit_s0": True, "weight_decay": 0.0, "lr_schedule": None,
 }
 #: ``tune`` entries: trials per label (0: no tuning), the criterion, the validation split of
-#: the training data, the epoch budget of a trial (None: the study's) and the rows searched on.
+#: the training data, the epoch budget of a trial (None: the study's), the rows searched on, and
+#: whether trials that fall behind stop early (None: with criterion val_loss; see qmri_labels.tuning).
 TUNE_DEFAULTS: dict[str, Any] = {"n_trials": 0, "criterion": "val_loss", "validation_fraction": 0.2,
-                                 "max_epochs": None, "max_rows": None}
+                                 "max_epochs": None, "max_rows": None, "prune": None}
 #: study keys that a preset may set (they override the preset only when changed from DEFAULTS)
 TRAINING_KEYS = ("lr", "batch_size", "max_epochs", "patience")
 SEED_STRIDE = 1_000_003
@@ -68,6 +69,11 @@ def check_tune(cfg: Mapping) -> dict:
     for key in ("max_epochs", "max_rows"):
         if tune[key] is not None and (int(tune[key]) != tune[key] or tune[key] < 1):
             raise ValueError(f"tune.{key} must be a positive integer or null, got {tune[key]!r}")
+    if tune["prune"] not in (None, True, False):
+        raise ValueError(f"tune.prune must be true, false or null, got {tune['prune']!r}")
+    if tune["prune"] and tune["criterion"] != "val_loss":
+        raise ValueError(f"tune.prune: true needs tune.criterion val_loss (trials report the label's validation "
+                         f"loss), got criterion {tune['criterion']!r}")
     return tune
 
 
@@ -95,30 +101,31 @@ def with_seeds(estimators: Mapping, n_seeds: int, seed: int) -> dict:
     return out
 
 
-def tune_designs(estimators: Mapping, train, mle_labels, tune_cfg: Mapping, seed: int, say) -> tuple[dict, dict]:
-    """Tune every label with the same trials; return unfitted tuned estimators
-    (``<name>-tuned``) and the tuning records by method."""
+def tune_design(est, train, mle_labels, tune_cfg: Mapping, seed: int):
+    """Tune one label's design (a job of :mod:`qmri_labels.workflows.jobs`).
+
+    Returns the unfitted estimator with the best trial's design (``est`` otherwise unchanged)
+    and the tuning record (:attr:`NetworkEstimator.tuning_`).
+    """
     from qmri_labels.tuning import tune
 
-    tuned, records = {}, {}
-    for name, est in estimators.items():
-        params = est.get_params()
-        base = {k: v for k, v in params.items() if k not in ("label", "alpha", "seed", "weights")}
-        base["progress"] = False  # one bar per trial would drown the study's own progress lines
-        if tune_cfg["max_epochs"] is not None:
-            base["max_epochs"] = int(tune_cfg["max_epochs"])
-        say(f"      tuning {name}: {tune_cfg['n_trials']} trials ({tune_cfg['criterion']})")
-        best = tune(est.label, train, n_trials=tune_cfg["n_trials"], seed=seed, criterion=tune_cfg["criterion"],
-                    alpha=est.alpha, base=base, validation_fraction=tune_cfg["validation_fraction"],
-                    mle_labels=mle_labels if est.label in ("mle", "hybrid") else None, max_rows=tune_cfg["max_rows"])
-        records[name] = best.tuning_
-        default = best.tuning_.get("default") or {}
-        say(f"      best {tune_cfg['criterion']} {best.tuning_['best_value']:.4g} "
-            f"(default {default.get(tune_cfg['criterion'], float('nan')):.4g})")
-        final = copy.deepcopy(est)
-        final.set_params(**best.tuning_["best_params"])
-        tuned[f"{name}-tuned"] = final
-    return tuned, records
+    params = est.get_params()
+    base = {k: v for k, v in params.items() if k not in ("label", "alpha", "seed", "weights")}
+    base["progress"] = False  # one bar per trial would drown the study's own progress lines
+    if tune_cfg["max_epochs"] is not None:
+        base["max_epochs"] = int(tune_cfg["max_epochs"])
+    best = tune(est.label, train, n_trials=tune_cfg["n_trials"], seed=seed, criterion=tune_cfg["criterion"],
+                alpha=est.alpha, base=base, validation_fraction=tune_cfg["validation_fraction"],
+                mle_labels=mle_labels if est.label in ("mle", "hybrid") else None, max_rows=tune_cfg["max_rows"],
+                prune=tune_cfg["prune"])
+    final = copy.deepcopy(est)
+    final.set_params(**best.tuning_["best_params"])
+    return final, best.tuning_
+
+
+def fit_design(est, train, mle_labels):
+    """Train one network of the study (a job of :mod:`qmri_labels.workflows.jobs`); returns it."""
+    return est.fit(train, mle_labels=mle_labels)
 
 
 def tuning_table(records: Mapping) -> pd.DataFrame:

@@ -1,0 +1,115 @@
+"""A study's independent training jobs, run in order or spread over worker processes.
+
+A label study trains many networks that do not depend on each other (every label's tuning
+search, every design at every seed). Each job seeds everything it draws (weights, batch order,
+dropout masks, Optuna's sampler) and runs with the study's torch thread count, so what it
+returns does not depend on which process ran it, on what ran before it, or on the order in
+which jobs finish: a study gives the same bytes with any number of workers
+(``tests/test_study_workers.py``).
+
+``workers="auto"`` uses the CPU cores this process may run on (``os.sched_getaffinity``),
+divided by the torch threads of one job; on a GPU it is 1 (jobs would share one device).
+Worker processes are *spawned*, not forked: a fork of a process whose OpenMP threads have run
+can hang, and spawning behaves the same on Linux, macOS and Windows.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from typing import Any, Callable, Hashable, Iterator
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def resolve_workers(workers, device: str, num_threads: int | None) -> int:
+    """Worker processes for ``workers`` (a positive integer or ``"auto"``).
+
+    Raises ``ValueError`` for anything else, and for several workers on a GPU.
+    """
+    on_cpu = str(device) == "cpu"
+    if workers == "auto":
+        if not on_cpu:
+            return 1
+        return max(1, usable_cores() // max(1, int(num_threads or 1)))
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer or 'auto', got {workers!r}")
+    if workers > 1 and not on_cpu:
+        raise ValueError(f"workers = {workers} runs several trainings at once on the CPU only; with "
+                         f"device {device!r} use workers 1 (or 'auto')")
+    if workers > 1 and num_threads is None:
+        raise ValueError("workers > 1 needs num_threads set (threads per job), or the jobs would "
+                         "oversubscribe the cores")
+    return workers
+
+
+def _timed(fn: Callable, args: tuple) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - t0
+
+
+class JobRunner:
+    """Run submitted jobs ``fn(*args)`` in this process (``workers=1``) or in a pool.
+
+    Jobs may be submitted while others run (a tuning job's result defines the trainings that
+    follow it). :meth:`completed` yields ``(key, result, seconds)`` as jobs finish, until
+    none is left. With one worker, jobs run in submission order in this process, so nothing
+    has to be picklable; with several, ``fn`` must be a module-level function and its
+    arguments and result picklable.
+    """
+
+    def __init__(self, workers: int = 1):
+        if int(workers) != workers or workers < 1:
+            raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        self.workers = int(workers)
+        self._queue: collections.deque = collections.deque()
+        self._running: dict[Future, Hashable] = {}
+        self._pool: ProcessPoolExecutor | None = None
+        if self.workers > 1:
+            self._pool = ProcessPoolExecutor(max_workers=self.workers,
+                                             mp_context=multiprocessing.get_context("spawn"))
+
+    def __enter__(self) -> "JobRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            # a failed job must not leave the others training in the background
+            for future in self._running:
+                future.cancel()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def submit(self, key: Hashable, fn: Callable, *args) -> None:
+        if self._pool is None:
+            self._queue.append((key, fn, args))
+        else:
+            self._running[self._pool.submit(_timed, fn, args)] = key
+
+    def completed(self) -> Iterator[tuple[Hashable, Any, float]]:
+        """Yield ``(key, result, seconds)`` per job as it finishes; a job's exception is raised."""
+        while self._queue or self._running:
+            if self._pool is None:
+                key, fn, args = self._queue.popleft()
+                result, seconds = _timed(fn, args)
+                yield key, result, seconds
+                continue
+            done, _ = wait(list(self._running), return_when=FIRST_COMPLETED)
+            # several may finish together: yield them in submission order, for a stable log
+            for future in sorted(done, key=lambda f: list(self._running).index(f)):
+                key = self._running.pop(future)
+                result, seconds = future.result()
+                yield key, result, seconds
