@@ -28,10 +28,10 @@ loss, early stop after 10 epochs without a lower validation loss, no LR schedule
 ``select_best`` False (the network of the last epoch is kept, as published). The package
 normalises every signal by its b = 0 measurement itself (training and prediction), drops
 training signals it deems not IVIM-like and clips the rest at 1.5, returns zeros for test
-signals it deems not IVIM-like (counted
-in the JSON as ``excluded_by_package``), and returns ``[D, f, D*, S0/S(b=0)]``; D and D* are
-in mm^2/s because the b-values are in s/mm^2. Python's, NumPy's and torch's global generators
-are seeded with :data:`PEER_SEED` before its training. Its epochs are read from its printed log.
+signals it deems not IVIM-like (counted in the JSON as ``excluded_by_package``) and returns
+``[D, f, D*, S0/S(b=0)]``; D and D* are in mm^2/s because the b-values are in s/mm^2.
+Python's, NumPy's and torch's global generators are seeded with :data:`PEER_SEED` before its
+training. Its epochs are read from its printed log.
 """
 
 from __future__ import annotations
