@@ -1,21 +1,13 @@
 """The OSIPI placement benchmark: reference loading, simulation, Pareto counting, a tiny MLE run."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "osipi_reference.py"
-
 
 @pytest.fixture(scope="module")
-def osipi():
-    spec = importlib.util.spec_from_file_location("osipi_reference", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def osipi(load_benchmark):
+    return load_benchmark("osipi_reference")
 
 
 def test_reference_files_load(osipi):

@@ -2,25 +2,14 @@
 (besides the former strict one-start baseline), and the local-minimum check against a multi-start
 reference. Tiny runs: the numbers are the scripts' business, the pairings are the test's."""
 
-import importlib.util
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_throughput_benchmark_reports_matched_and_strict_baselines(capsys):
-    bench = load("mle_throughput")
+def test_throughput_benchmark_reports_matched_and_strict_baselines(load_benchmark, capsys):
+    bench = load_benchmark("mle_throughput")
     assert bench.MATCHED["ftol"] > bench.STRICT["ftol"] and bench.MATCHED["gtol"] > bench.STRICT["gtol"]
     bench.main(["--n", "2000", "--n-baseline", "8"])
     out = capsys.readouterr().out
@@ -34,8 +23,8 @@ def test_throughput_benchmark_reports_matched_and_strict_baselines(capsys):
                                       f"fit_mle {n} starts / scipy strict 1 start (former)"]
 
 
-def test_scipy_starts_are_the_fitters_starts():
-    bench = load("mle_throughput")
+def test_scipy_starts_are_the_fitters_starts(load_benchmark):
+    bench = load_benchmark("mle_throughput")
     from qmri_labels.data import EPSTEIN_BVALUES, DatasetSpec
 
     data = DatasetSpec(protocol=EPSTEIN_BVALUES, snr=30, n=20, seed=1).generate()
@@ -53,8 +42,8 @@ def test_scipy_starts_are_the_fitters_starts():
     assert len({tuple(s) for s in starts[0].round(6)}) == 5
 
 
-def test_local_minima_benchmark_counts_failures_against_the_reference(capsys, tmp_path):
-    bench = load("mle_local_minima")
+def test_local_minima_benchmark_counts_failures_against_the_reference(load_benchmark, capsys, tmp_path):
+    bench = load_benchmark("mle_local_minima")
     bench.main(["--n", "40", "--cache", str(tmp_path / "ref.npz"), "--repeats", "1",
                 "--compare", "n_starts=1,probe_iter=0"])
     out = capsys.readouterr().out
