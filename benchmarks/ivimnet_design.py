@@ -32,8 +32,8 @@ normalises every signal by its b = 0 measurement itself (training and prediction
 training signals it deems not IVIM-like and clips the rest at 1.5, returns zeros for test
 signals it deems not IVIM-like (counted in the JSON as ``excluded_by_package``) and returns
 ``[D, f, D*, S0/S(b=0)]``; D and D* are in mm^2/s because the b-values are in s/mm^2.
-Python's, NumPy's and torch's global generators are seeded with :data:`PEER_SEED` before its
-training. Its epochs are read from its printed log.
+Python's, NumPy's and torch's global generators are seeded with :data:`PEER_SEED` (plus the
+``--seeds`` index) before its training. Its epochs are read from its printed log.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ from qmri_labels.data import DatasetSpec
 from qmri_labels.estimators import NetworkEstimator
 from qmri_labels.fileio import write_json
 from qmri_labels.training.reproducibility import seed_everything
+# seed index k trains with init_seed = shuffle_seed = k * SEED_STRIDE, as the study's --seeds does
+from qmri_labels.workflows.label_fairness import SEED_STRIDE
 
 REPORTED = ("D", "f", "Dstar")
 #: Kaandorp et al. 2021, IVIM-NET optim, as measured in issue 10 (D / f / D* NRMSE)
@@ -65,8 +67,9 @@ IVIMNET_OPTIM = {15: (0.214, 0.263, 0.482), 20: (0.182, 0.233, 0.410), 50: (0.13
 #: every method trains and predicts on one CPU thread (the benchmark compares like with like)
 THREADS = 1
 PEER_METHOD = "peer-ivimnet"
-#: the global torch / NumPy seed set before the ``ivimnet`` package trains
+#: the global torch / NumPy seed set before the ``ivimnet`` package trains (plus the seed index)
 PEER_SEED = 0
+
 #: the network's keywords recorded in the JSON for this benchmark's own methods
 RECORDED_PARAMS = ("parallel", "batch_norm", "dropout", "bounds_margin", "hidden_layers", "width", "activation", "lr",
                    "batch_size", "weight_decay", "lr_schedule", "output_bounds", "max_epochs", "patience")
@@ -142,7 +145,8 @@ class PeerIvimnet:
         The order of the columns :meth:`predict` returns (must hold S0, f, D and Dstar).
     """
 
-    def __init__(self, param_names):
+    def __init__(self, param_names, seed: int = PEER_SEED):
+        self.seed = int(seed)
         self.deep = import_ivimnet()
         self.version = importlib.metadata.version("ivimnet")
         self.param_names = tuple(param_names)
@@ -161,7 +165,7 @@ class PeerIvimnet:
         if not np.any(self.bvalues == 0):
             raise ValueError("the ivimnet package normalises by the b = 0 measurement; this protocol has none")
         torch.set_num_threads(THREADS)
-        seed_everything(PEER_SEED)
+        seed_everything(self.seed)
         log = _PackageLog(sys.stdout)
         with _redirected(log):
             self.net = self.deep.learn_IVIM(np.asarray(data.signals, dtype=np.float64), self.bvalues, self.arg)
@@ -190,7 +194,7 @@ class PeerIvimnet:
         def plain(obj):
             return {k: (str(v) if isinstance(v, torch.device) else v) for k, v in sorted(vars(obj).items())}
 
-        return {"package": f"ivimnet {self.version}", "seed": PEER_SEED, "threads": THREADS,
+        return {"package": f"ivimnet {self.version}", "seed": self.seed, "threads": THREADS,
                 "net_pars": plain(self.arg.net_pars), "train_pars": plain(self.arg.train_pars),
                 "stopped_early": self.stopped_early_}
 
@@ -235,8 +239,13 @@ def main(argv=None) -> int:
     parser.add_argument("--criterion", default="val_loss", choices=["val_loss", "param_rmse"])
     parser.add_argument("--design", default=None,
                         help="JSON of NetworkEstimator keywords: trains method 'custom-self' with them")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train every method this many times (other weights and batch order, same data; "
+                             "a tuned method is tuned once) and report mean and SD over seeds")
     parser.add_argument("--out", default="ivimnet_design.json")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
     if PEER_METHOD in args.methods:
         import_ivimnet()  # before any signal is generated: a missing package fails at once
 
@@ -250,58 +259,84 @@ def main(argv=None) -> int:
     if tuned and not args.tune:
         parser.error(f"{', '.join(tuned)} need --tune N (trials)")
     extra = (["tuned-self"] if args.tune and not tuned else []) + (["custom-self"] if args.design else [])
-    for method in args.methods + extra:
-        t0 = time.perf_counter()
-        if method.startswith("tuned-"):
-            from qmri_labels.tuning import tune
+    designs = {}  # a tuned method's design, found once and retrained at every seed
 
+    def train_once(method: str, k: int):
+        """The method's network trained at seed index ``k`` (weights and batch order; same data)."""
+        seeds = dict(init_seed=k * SEED_STRIDE, shuffle_seed=k * SEED_STRIDE) if k else {}
+        if method.startswith("tuned-"):
             label = method.split("-", 1)[1]
-            small = study_spec(args.tune_n, seed=5).generate()  # tuning signals: a smaller draw, same spec
-            est = tune(label, small, n_trials=args.tune, seed=0, criterion=args.criterion,
-                       base=dict(common, max_epochs=args.tune_epochs))
-            best = dict(est.tuning_["best_params"])
+            if method not in designs:
+                from qmri_labels.tuning import tune
+
+                small = study_spec(args.tune_n, seed=5).generate()  # tuning signals: a smaller draw, same spec
+                found = tune(label, small, n_trials=args.tune, seed=0, criterion=args.criterion,
+                             base=dict(common, max_epochs=args.tune_epochs))
+                designs[method] = {**found.tuning_["base"], **found.tuning_["best_params"]}
             # the best design, retrained on every training signal
-            est = NetworkEstimator(label=label, **{**common, **est.tuning_["base"], **best})
+            est = NetworkEstimator(label=label, **{**common, **designs[method], **seeds})
             if args.max_epochs:
                 est.set_params(max_epochs=args.max_epochs)
-            est.fit(train)
-        elif method == "custom-self":
-            est = NetworkEstimator(label="self", **{**common, **json.loads(args.design)}).fit(train)
-        elif method == PEER_METHOD:
-            est = PeerIvimnet(train.param_names).fit(train)
-        else:
-            design, label = method.split("-", 1)
-            preset = {"default": "epstein"}.get(design, design)
-            est = NetworkEstimator.from_preset(preset, label=label, **common)
-            if args.max_epochs and design != "default":
-                est.set_params(max_epochs=args.max_epochs)
-            est.fit(train)
-        seconds = time.perf_counter() - t0
+            return est.fit(train)
+        if method == "custom-self":
+            return NetworkEstimator(label="self", **{**common, **json.loads(args.design), **seeds}).fit(train)
         if method == PEER_METHOD:
-            params = est.training_config()
-            predicted = {snr: est.predict_with_exclusions(d.signals) for snr, d in tests.items()}
-            excluded = {str(snr): n for snr, (_, n) in predicted.items()}
-            predicted = {snr: estimates for snr, (estimates, _) in predicted.items()}
-        else:
-            params = {k: v for k, v in est.training_config().items() if k in RECORDED_PARAMS}
-            predicted = {snr: est.predict(d.signals) for snr, d in tests.items()}
-        row = {"train_seconds_under_load": seconds, "epochs": est.n_epochs_, "best_epoch": est.best_epoch_,
-               "params": params,
-               "nrmse": {str(snr): nrmse(predicted[snr], d) for snr, d in tests.items()},
-               "sensitivity": {str(snr): slopes(predicted[snr], d) for snr, d in tests.items()}}
-        if method == PEER_METHOD:
-            row["excluded_by_package"] = excluded
+            return PeerIvimnet(train.param_names, seed=PEER_SEED + k).fit(train)
+        design, label = method.split("-", 1)
+        preset = {"default": "epstein"}.get(design, design)
+        est = NetworkEstimator.from_preset(preset, label=label, **common, **seeds)
+        if args.max_epochs and design != "default":
+            est.set_params(max_epochs=args.max_epochs)
+        return est.fit(train)
+
+    for method in args.methods + extra:
+        runs = []
+        for k in range(args.seeds):
+            t0 = time.perf_counter()
+            est = train_once(method, k)
+            seconds = time.perf_counter() - t0
+            if method == PEER_METHOD:
+                params = est.training_config()
+                predicted = {snr: est.predict_with_exclusions(d.signals) for snr, d in tests.items()}
+                excluded = {str(snr): n for snr, (_, n) in predicted.items()}
+                predicted = {snr: estimates for snr, (estimates, _) in predicted.items()}
+            else:
+                params = {k: v for k, v in est.training_config().items() if k in RECORDED_PARAMS}
+                predicted = {snr: est.predict(d.signals) for snr, d in tests.items()}
+            run = {"seed_index": k, "train_seconds_under_load": seconds, "epochs": est.n_epochs_,
+                   "best_epoch": est.best_epoch_, "params": params,
+                   "nrmse": {str(snr): nrmse(predicted[snr], d) for snr, d in tests.items()},
+                   "sensitivity": {str(snr): slopes(predicted[snr], d) for snr, d in tests.items()}}
+            if method == PEER_METHOD:
+                run["excluded_by_package"] = excluded
+            runs.append(run)
+            print(f"{method} (seed {k}): {est.n_epochs_} epochs, {seconds:.0f} s (under load)", flush=True)
+        # the first seed's row as before, and the mean and SD over seeds when there are several
+        row = dict(runs[0])
+        if len(runs) > 1:
+            row["seeds"] = runs
+            for metric in ("nrmse", "sensitivity"):
+                values = {snr: {p: [r[metric][snr][p] for r in runs] for p in REPORTED} for snr in row[metric]}
+                row[f"{metric}_mean"] = {snr: {p: float(np.mean(v)) for p, v in d.items()} for snr, d in values.items()}
+                row[f"{metric}_sd"] = {snr: {p: float(np.std(v, ddof=1)) for p, v in d.items()} for snr, d in values.items()}
         results["methods"][method] = row
-        print(f"{method}: {est.n_epochs_} epochs, {seconds:.0f} s (under load)", flush=True)
         for snr, d in tests.items():
-            r = row["nrmse"][str(snr)]
             ref = IVIMNET_OPTIM[snr]
+            if len(runs) > 1:
+                r, e = row["nrmse_mean"][str(snr)], row["nrmse_sd"][str(snr)]
+                k, ke = row["sensitivity_mean"][str(snr)], row["sensitivity_sd"][str(snr)]
+                print(f"  SNR {snr:>3}, mean (SD) over {len(runs)} seeds: D/f/D* NRMSE "
+                      + " / ".join(f"{r[p]:.3f} ({e[p]:.3f})" for p in REPORTED)
+                      + f"   (IVIM-NET optim {ref[0]:.3f} / {ref[1]:.3f} / {ref[2]:.3f});  sensitivity "
+                      + " / ".join(f"{k[p]:.2f} ({ke[p]:.2f})" for p in REPORTED), flush=True)
+                continue
+            r = row["nrmse"][str(snr)]
             k = row["sensitivity"][str(snr)]
             print(f"  SNR {snr:>3}: D/f/D* NRMSE {r['D']:.3f} / {r['f']:.3f} / {r['Dstar']:.3f}   "
                   f"(IVIM-NET optim {ref[0]:.3f} / {ref[1]:.3f} / {ref[2]:.3f});  "
                   f"sensitivity {k['D']:.2f} / {k['f']:.2f} / {k['Dstar']:.2f}"
-                  + (f";  {excluded[str(snr)]} signals returned as zeros (not IVIM-like to the package)"
-                     if method == PEER_METHOD and excluded[str(snr)] else ""), flush=True)
+                  + (f";  {row['excluded_by_package'][str(snr)]} signals returned as zeros (not IVIM-like to the "
+                     "package)" if method == PEER_METHOD and row["excluded_by_package"][str(snr)] else ""), flush=True)
         write_json(Path(args.out), results, sort_keys=True)
     return 0
 

@@ -79,3 +79,27 @@ def test_pruning_stops_trials_that_fall_behind_and_keeps_the_best_design(data):
     assert tune("gt", data, n_trials=1, base=BASE, space=space, criterion="param_rmse").tuning_["prune"] is False
     with pytest.raises(ValueError, match="prune=True needs criterion 'val_loss'"):
         tune("gt", data, n_trials=1, criterion="param_rmse", prune=True)
+
+
+def test_trials_leave_out_the_variance_head_without_changing_a_score(data):
+    # dropout and batch norm draw on the RNG and on the batch: the head must not change either
+    space = {"lr": ("logfloat", 1e-4, 1e-2), "dropout": ("categorical", [0.0, 0.1]),
+             "batch_norm": ("categorical", [False, True])}
+    with_head = tune("gt", data, n_trials=3, seed=2, base=dict(BASE, uncertainty="variance_head"), space=space)
+    plain = tune("gt", data, n_trials=3, seed=2, base=dict(BASE, uncertainty=None), space=space)
+    assert with_head.tuning_["trials_without_variance_head"] and not plain.tuning_["trials_without_variance_head"]
+    pairs = list(zip(with_head.tuning_["trials"], plain.tuning_["trials"]))
+    assert len(pairs) == 3 and any(a["params"]["dropout"] > 0 for a, _ in pairs)
+    for a, b in pairs:
+        assert (a["params"], a["val_loss"], a["param_rmse"]) == (b["params"], b["val_loss"], b["param_rmse"])
+    # refit (the default): the best design again, with its head; the same point estimates
+    assert with_head.uncertainty == "variance_head"
+    mean, sd = with_head.predict(data.signals[:50], return_sd=True)
+    np.testing.assert_array_equal(mean, plain.predict(data.signals[:50]))
+    assert np.all(sd[:, 1:] > 0)
+    searched = tune("gt", data, n_trials=3, seed=2, base=dict(BASE, uncertainty="variance_head"), space=space,
+                    refit=False)
+    assert searched.uncertainty is None and searched.tuning_["best_params"] == with_head.tuning_["best_params"]
+    np.testing.assert_array_equal(searched.predict(data.signals[:50]), mean)
+    with pytest.raises(ValueError, match="refit must be True or False"):
+        tune("gt", data, n_trials=1, refit="yes")

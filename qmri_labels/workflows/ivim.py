@@ -269,8 +269,8 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
     from qmri_labels.estimators import MLEEstimator
     from qmri_labels.training import compute_mle_labels
     from qmri_labels.workflows.jobs import JobRunner, resolve_workers
-    from qmri_labels.workflows.label_fairness import (fit_design, seed_name, seeds_section, tune_design,
-                                                      tuning_section, with_seeds)
+    from qmri_labels.workflows.label_fairness import (fit_design, seed_name, seeds_section, trials_table,
+                                                      tune_design, tuning_section, with_seeds)
 
     t_start = time.perf_counter()
     cfg = resolve_config(config)
@@ -322,7 +322,8 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
 
     def submit_trainings(runner, named):
         for name, est in with_seeds(named, n_seeds, cfg["seed"]).items():
-            runner.submit(("fit", name), fit_design, est, train, mle_labels if _needs_mle(est) else None)
+            runner.submit(("fit", name), fit_design, est, train, mle_labels if _needs_mle(est) else None,
+                          workers == 1)
 
     with JobRunner(workers) as runner:
         # the searches first: they take longest, and their designs' trainings wait for them
@@ -407,6 +408,7 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
         seed_tables["tuned_vs_default.csv"] = comparison["table"]
         seed_tables["label_ranking.csv"] = comparison["ranking"]
         seed_tables["tuned_vs_default_tests.csv"] = comparison["tests"]
+        seed_tables["tuning_trials.csv"] = trials_table(tuning_records)
     if n_seeds > 1:
         per_seed = summary_all[summary_all["snr"] == primary].copy()
         per_seed = per_seed[per_seed["method"] != "fit-mle"]

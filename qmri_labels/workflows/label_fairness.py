@@ -117,15 +117,40 @@ def tune_design(est, train, mle_labels, tune_cfg: Mapping, seed: int):
     best = tune(est.label, train, n_trials=tune_cfg["n_trials"], seed=seed, criterion=tune_cfg["criterion"],
                 alpha=est.alpha, base=base, validation_fraction=tune_cfg["validation_fraction"],
                 mle_labels=mle_labels if est.label in ("mle", "hybrid") else None, max_rows=tune_cfg["max_rows"],
-                prune=tune_cfg["prune"])
+                prune=tune_cfg["prune"], refit=False)  # the study retrains the design on all rows
     final = copy.deepcopy(est)
     final.set_params(**best.tuning_["best_params"])
     return final, best.tuning_
 
 
-def fit_design(est, train, mle_labels):
-    """Train one network of the study (a job of :mod:`qmri_labels.workflows.jobs`); returns it."""
-    return est.fit(train, mle_labels=mle_labels)
+def fit_design(est, train, mle_labels, show_progress: bool = True):
+    """Train one network of the study (a job of :mod:`qmri_labels.workflows.jobs`); returns it.
+
+    ``show_progress=False`` hides the progress bar of this training only (bars of jobs running
+    side by side would overwrite each other); the estimator keeps its own ``progress`` setting,
+    so what it records does not depend on how the study ran it.
+    """
+    if show_progress or not est.progress:
+        return est.fit(train, mle_labels=mle_labels)
+    est.set_params(progress=False)
+    try:
+        est.fit(train, mle_labels=mle_labels)
+    finally:
+        est.set_params(progress=True)
+    return est
+
+
+def trials_table(records: Mapping) -> pd.DataFrame:
+    """One row per trial of every label's search: its design, both criteria, epochs, seconds
+    and whether it was pruned."""
+    rows = []
+    for name, rec in records.items():
+        for trial in rec["trials"]:
+            rows.append({"method": name, "trial": trial["number"], "pruned": trial.get("pruned", False),
+                         "val_loss": trial["val_loss"], "param_rmse": trial["param_rmse"],
+                         "epochs": trial["epochs"], "seconds": trial["seconds"],
+                         **{k: v for k, v in trial["params"].items()}})
+    return pd.DataFrame(rows)
 
 
 def tuning_table(records: Mapping) -> pd.DataFrame:
