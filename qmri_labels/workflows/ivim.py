@@ -268,9 +268,8 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
     from qmri_labels.bundle import device_info, package_versions
     from qmri_labels.estimators import MLEEstimator
     from qmri_labels.training import compute_mle_labels
-    from qmri_labels.workflows.jobs import JobRunner, resolve_workers
-    from qmri_labels.workflows.label_fairness import (fit_design, seed_name, seeds_section, trials_table,
-                                                      tune_design, tuning_section, with_seeds)
+    from qmri_labels.workflows.jobs import resolve_workers
+    from qmri_labels.workflows.label_fairness import seeds_section, train_designs, trials_table, tuning_section
 
     t_start = time.perf_counter()
     cfg = resolve_config(config)
@@ -308,50 +307,21 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
                     f"{mle_labels.n_invalid} invalid fits left out")
     timings["mle_labels"] = time.perf_counter() - t
 
-    # every tuning search and every training is an independent, self-seeded job: spread over
-    # worker processes they give the same networks as in order (tests/test_study_workers.py)
     workers = resolve_workers(cfg["workers"], str(torch_device), cfg["num_threads"])
-    designs = dict(defaults)
-    tuned_names = {name: f"{name}-tuned" for name in defaults} if tuning else {}
-    designs.update({tuned: None for tuned in tuned_names.values()})  # the report's order
-    tuning_records = {}
-    fitted = {}
     _say(quiet, f"      {workers} worker process{'es' if workers > 1 else ''} "
                 f"({cfg['num_threads']} torch thread{'s' if cfg['num_threads'] != 1 else ''} each)")
-    t_jobs = time.perf_counter()
 
-    def submit_trainings(runner, named):
-        for name, est in with_seeds(named, n_seeds, cfg["seed"]).items():
-            runner.submit(("fit", name), fit_design, est, train, mle_labels if _needs_mle(est) else None,
-                          workers == 1)
+    def report(message, detail=None):
+        begin(message)
+        if detail:
+            _say(quiet, detail)
 
-    with JobRunner(workers) as runner:
-        # the searches first: they take longest, and their designs' trainings wait for them
-        for name, est in defaults.items() if tuning else ():
-            runner.submit(("tune", name), tune_design, est, train, mle_labels, cfg["tune"], cfg["seed"])
-        submit_trainings(runner, defaults)
-        for (job, name), result, seconds in runner.completed():
-            if job == "tune":
-                design, record = result
-                begin(f"tuned {name}: {cfg['tune']['n_trials']} trials ({cfg['tune']['criterion']}), "
-                      f"{seconds:.1f} s")
-                default = record.get("default") or {}
-                _say(quiet, f"      best {record['criterion']} {record['best_value']:.4g} "
-                            f"(default {default.get(record['criterion'], float('nan')):.4g})")
-                tuning_records[name] = record
-                designs[tuned_names[name]] = design
-                timings[f"tune_{name}"] = seconds
-                submit_trainings(runner, {tuned_names[name]: design})
-            else:
-                begin(f"trained {name}: {result.n_epochs_} epochs, best epoch {result.best_epoch_}, "
-                      f"val loss {result.best_val_loss_:.4g}, {seconds:.1f} s")
-                fitted[name] = result
-                timings[f"train_{name}"] = seconds
-    timings["training"] = time.perf_counter() - t_jobs
-    # the order of the report, whatever order the jobs finished in
-    order = [seed_name(name, k) for name in designs for k in range(n_seeds)]
-    fitted = {name: fitted[name] for name in order}
-    tuning_records = {name: tuning_records[name] for name in defaults if name in tuning_records}
+    t = time.perf_counter()
+    designs, fitted, tuning_records, job_seconds = train_designs(
+        defaults, train, mle_labels, cfg["tune"] if tuning else None, n_seeds, cfg["seed"], workers,
+        needs_mle=_needs_mle, report=report)
+    timings.update(job_seconds)
+    timings["training"] = time.perf_counter() - t
     main_names = list(designs)
 
     t = begin(f"evaluating on the test grid (SNR {', '.join(f'{x:g}' for x in cfg['grid']['snr'])}) "

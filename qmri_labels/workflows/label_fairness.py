@@ -140,6 +140,67 @@ def fit_design(est, train, mle_labels, show_progress: bool = True):
     return est
 
 
+def train_designs(defaults: Mapping, train, mle_labels, tune_cfg: Mapping | None, n_seeds: int, seed: int,
+                  workers: int, needs_mle, report) -> tuple[dict, dict, dict, dict]:
+    """Tune (with ``tune_cfg``) and train every design at every seed, over ``workers`` processes.
+
+    Every tuning search and every training is an independent, self-seeded job, so the networks
+    do not depend on the number of workers or on the order in which jobs finish
+    (``tests/test_study_workers.py``). The searches are submitted first (they take longest, and
+    their designs' trainings wait for them).
+
+    Parameters
+    ----------
+    defaults : mapping of method name -> unfitted NetworkEstimator
+    tune_cfg : mapping or None
+        The study's ``tune`` entries; None: no tuning.
+    needs_mle : callable
+        ``needs_mle(estimator)``: whether its loss reads the MLE labels.
+    report : callable
+        ``report(message, detail=None)`` after each finished job.
+
+    Returns
+    -------
+    designs : dict of method name -> estimator (defaults, then ``<name>-tuned``), in report order
+    fitted : dict of ``<name>[@s<k>]`` -> fitted estimator, in report order
+    tuning_records : dict of method name -> the search's record
+    seconds : dict of ``tune_<name>`` / ``train_<name>`` -> seconds of that job
+    """
+    from qmri_labels.workflows.jobs import JobRunner
+
+    tuned_names = {name: f"{name}-tuned" for name in defaults} if tune_cfg else {}
+    designs = {**defaults, **{tuned: None for tuned in tuned_names.values()}}
+    fitted, records, seconds = {}, {}, {}
+
+    def submit_trainings(runner, named):
+        for name, est in with_seeds(named, n_seeds, seed).items():
+            runner.submit(("fit", name), fit_design, est, train, mle_labels if needs_mle(est) else None, workers == 1)
+
+    with JobRunner(workers) as runner:
+        for name, est in defaults.items() if tune_cfg else ():
+            runner.submit(("tune", name), tune_design, est, train, mle_labels, tune_cfg, seed)
+        submit_trainings(runner, defaults)
+        for (job, name), result, took in runner.completed():
+            seconds[f"{job if job == 'tune' else 'train'}_{name}"] = took
+            if job == "tune":
+                design, record = result
+                default = record.get("default") or {}
+                report(f"tuned {name}: {record['n_trials']} trials ({record['criterion']}, {record['n_pruned']} "
+                       f"pruned), {took:.1f} s",
+                       f"      best {record['criterion']} {record['best_value']:.4g} "
+                       f"(default {default.get(record['criterion'], float('nan')):.4g})")
+                records[name] = record
+                designs[tuned_names[name]] = design
+                submit_trainings(runner, {tuned_names[name]: design})
+            else:
+                report(f"trained {name}: {result.n_epochs_} epochs, best epoch {result.best_epoch_}, "
+                       f"val loss {result.best_val_loss_:.4g}, {took:.1f} s")
+                fitted[name] = result
+    order = [seed_name(name, k) for name in designs for k in range(n_seeds)]
+    return (designs, {name: fitted[name] for name in order},
+            {name: records[name] for name in defaults if name in records}, seconds)
+
+
 def trials_table(records: Mapping) -> pd.DataFrame:
     """One row per trial of every label's search: its design, both criteria, epochs, seconds
     and whether it was pruned."""
