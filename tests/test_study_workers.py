@@ -39,6 +39,10 @@ def test_two_workers_give_the_same_networks_and_tables_as_one(tmp_path):
     assert len(weights) == 12 and weights == _weights(two)
     for table in ("summary.csv", "heldout.csv", "tuned_vs_default.csv", "seeds.csv"):
         assert (one / table).read_bytes() == (two / table).read_bytes(), table
+    # every trial of every search, with what it cost
+    trials = [pd.read_csv(f / "tuning_trials.csv") for f in (one, two)]
+    assert len(trials[0]) == 6 and {"pruned", "epochs", "seconds", "lr", "val_loss", "param_rmse"} <= set(trials[0])
+    pd.testing.assert_frame_equal(trials[0].drop(columns="seconds"), trials[1].drop(columns="seconds"))
     manifests = [json.loads((f / "manifest.json").read_text()) for f in (one, two)]
     assert [m["determinism"]["workers"] for m in manifests] == [1, 2]
     assert _without_seconds(manifests[0]["tuning"]) == _without_seconds(manifests[1]["tuning"])
