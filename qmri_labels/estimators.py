@@ -620,6 +620,7 @@ class NetworkEstimator(ParamsMixin):
         """Train one network; returns ``(module, trainer, keeper, datamodule)``."""
         from qmri_labels.training import InMemoryDataModule, LabelLoss, LabelRegressor, LRSchedule
         from qmri_labels.training.likelihood_losses import HeteroscedasticLabelLoss, VarianceHeadLoss
+        from qmri_labels.training.reproducibility import torch_threads
         from qmri_labels.training.trainer import build_trainer
 
         if self.uncertainty == "heteroscedastic":
@@ -640,7 +641,7 @@ class NetworkEstimator(ParamsMixin):
         if self.lr_schedule is not None:
             schedules.append(LRSchedule(self.lr_schedule, int(self.max_epochs), monitor=monitor,
                                         plateau_patience=max(int(self.patience) // 2, 1)))
-        with _quiet_lightning(True), _deterministic_scope(), _torch_threads(self.num_threads), \
+        with _quiet_lightning(True), _deterministic_scope(), torch_threads(self.num_threads), \
                 _training_rng(shuffle_seed):
             trainer, keeper = build_trainer(
                 max_epochs=int(self.max_epochs), has_validation=data.has_validation, patience=int(self.patience),
@@ -891,21 +892,6 @@ def _quiet_lightning(quiet: bool):
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None):
-    if n is None:
-        yield
-        return
-    if int(n) < 1:
-        raise ValueError(f"num_threads must be >= 1, got {n}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

@@ -246,6 +246,7 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
     import optuna
 
     from qmri_labels.training import compute_mle_labels, resolve_weights
+    from qmri_labels.training.reproducibility import torch_threads
 
     if not isinstance(dataset, Dataset):
         raise ValueError(f"tune expects a qmri_labels Dataset, got {type(dataset).__name__}")
@@ -315,8 +316,10 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
         try:
             estimator.fit(dataset.signals[fit_rows], y_fit, protocol=dataset.protocol, bounds=support,
                           model=model.name, callbacks=[pruner] if pruner else [])
-            scores = validation_criteria(estimator, dataset.signals[val_rows], val_targets,
-                                         dataset.theta_true[val_rows], support, model, dataset.protocol)
+            # scored at the training's thread count: the same bytes in any process (study workers)
+            with torch_threads(estimator.num_threads):
+                scores = validation_criteria(estimator, dataset.signals[val_rows], val_targets,
+                                             dataset.theta_true[val_rows], support, model, dataset.protocol)
         except (ValueError, RuntimeError) as exc:  # a diverged or impossible design scores +inf
             scores = {"val_loss": math.inf, "param_rmse": math.inf, "error": str(exc)}
         for key, value in scores.items():
