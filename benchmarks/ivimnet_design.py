@@ -324,11 +324,11 @@ def main(argv=None) -> int:
             ref = IVIMNET_OPTIM[snr]
             if len(runs) > 1:
                 r, e = row["nrmse_mean"][str(snr)], row["nrmse_sd"][str(snr)]
-                k, ke = row["sensitivity_mean"][str(snr)], row["sensitivity_sd"][str(snr)]
+                sens, sens_sd = row["sensitivity_mean"][str(snr)], row["sensitivity_sd"][str(snr)]
                 print(f"  SNR {snr:>3}, mean (SD) over {len(runs)} seeds: D/f/D* NRMSE "
                       + " / ".join(f"{r[p]:.3f} ({e[p]:.3f})" for p in REPORTED)
                       + f"   (IVIM-NET optim {ref[0]:.3f} / {ref[1]:.3f} / {ref[2]:.3f});  sensitivity "
-                      + " / ".join(f"{k[p]:.2f} ({ke[p]:.2f})" for p in REPORTED), flush=True)
+                      + " / ".join(f"{sens[p]:.2f} ({sens_sd[p]:.2f})" for p in REPORTED), flush=True)
                 continue
             r = row["nrmse"][str(snr)]
             k = row["sensitivity"][str(snr)]

@@ -138,6 +138,18 @@ def _same_choice(value, choice) -> bool:
         return False
 
 
+def resolve_prune(prune, criterion: str, name: str = "prune") -> bool:
+    """Whether a search with ``criterion`` prunes: ``prune`` True, False or None (prune with
+    ``"val_loss"`` only); ValueError for anything else and for True with another criterion.
+    ``name`` is the setting's name in the error (e.g. ``"tune.prune"`` of a study)."""
+    if prune not in (None, True, False):
+        raise ValueError(f"{name} must be True, False or None, got {prune!r}")
+    if prune and criterion != "val_loss":
+        raise ValueError(f"{name}=True needs criterion 'val_loss': trials report the label's validation loss, "
+                         f"which does not track {criterion!r}")
+    return criterion == "val_loss" if prune is None else bool(prune)
+
+
 def _pruner_callback(trial):
     """A Lightning callback that reports the best validation loss so far to ``trial`` after
     each epoch and stops training once Optuna's pruner says so (``pruned`` is then True)."""
@@ -258,12 +270,7 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
         raise ValueError(f"validation_fraction must lie in (0, 1), got {validation_fraction!r}")
     if not isinstance(refit, bool):
         raise ValueError(f"refit must be True or False, got {refit!r}")
-    if prune not in (None, True, False):
-        raise ValueError(f"prune must be True, False or None, got {prune!r}")
-    if prune and criterion != "val_loss":
-        raise ValueError(f"prune=True needs criterion 'val_loss': trials report the label's validation loss, "
-                         f"which does not track {criterion!r}")
-    prune = criterion == "val_loss" if prune is None else bool(prune)
+    prune = resolve_prune(prune, criterion)
     space = _check_space(DEFAULT_SPACE if space is None else space)
     base = dict(base or {})
     fixed = {"label", "alpha", "seed"} & set(base)

@@ -109,7 +109,7 @@ class JobRunner:
                 continue
             done, _ = wait(list(self._running), return_when=FIRST_COMPLETED)
             # several may finish together: yield them in submission order, for a stable log
-            for future in sorted(done, key=lambda f: list(self._running).index(f)):
+            for future in [f for f in self._running if f in done]:
                 key = self._running.pop(future)
                 result, seconds = future.result()
                 yield key, result, seconds

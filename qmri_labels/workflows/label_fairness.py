@@ -52,7 +52,7 @@ def resolve_network(cfg: Mapping, defaults: Mapping) -> dict:
 
 
 def check_tune(cfg: Mapping) -> dict:
-    from qmri_labels.tuning import CRITERIA
+    from qmri_labels.tuning import CRITERIA, resolve_prune
 
     tune = dict(cfg["tune"])
     unknown = set(tune) - set(TUNE_DEFAULTS)
@@ -69,11 +69,7 @@ def check_tune(cfg: Mapping) -> dict:
     for key in ("max_epochs", "max_rows"):
         if tune[key] is not None and (int(tune[key]) != tune[key] or tune[key] < 1):
             raise ValueError(f"tune.{key} must be a positive integer or null, got {tune[key]!r}")
-    if tune["prune"] not in (None, True, False):
-        raise ValueError(f"tune.prune must be true, false or null, got {tune['prune']!r}")
-    if tune["prune"] and tune["criterion"] != "val_loss":
-        raise ValueError(f"tune.prune: true needs tune.criterion val_loss (trials report the label's validation "
-                         f"loss), got criterion {tune['criterion']!r}")
+    resolve_prune(tune["prune"], tune["criterion"], name="tune.prune")
     return tune
 
 
@@ -210,7 +206,7 @@ def trials_table(records: Mapping) -> pd.DataFrame:
             rows.append({"method": name, "trial": trial["number"], "pruned": trial.get("pruned", False),
                          "val_loss": trial["val_loss"], "param_rmse": trial["param_rmse"],
                          "epochs": trial["epochs"], "seconds": trial["seconds"],
-                         **{k: v for k, v in trial["params"].items()}})
+                         **trial["params"]})
     return pd.DataFrame(rows)
 
 
