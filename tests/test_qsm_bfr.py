@@ -77,3 +77,37 @@ def test_bfr_bad_input():
         remove_background("sharp", f, m, radius=0.5)
     with pytest.raises(ValueError, match="NaN"):
         remove_background("sharp", np.full_like(f, np.nan), m)
+
+
+def _profile(mask, direction, wavelength=17.0, amplitude=0.1):
+    """chi = a sine along ``direction`` (voxels), inside the mask only."""
+    coords = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) - (n - 1) / 2 for n in mask.shape],
+                                  indexing="ij"), -1)
+    u = coords @ np.asarray(direction, dtype=np.float64)
+    return (amplitude * np.sin(2 * np.pi * u / wavelength) * mask).astype(np.float32)
+
+
+@pytest.mark.parametrize("method", sorted(BFR_METHODS))
+def test_bfr_removes_a_magic_angle_profile_that_the_local_field_holds(head, method):
+    """Why chi after BFR cannot be scored against the whole truth: a chi profile that varies only
+    along a direction at the magic angle to B0 makes a field that is harmonic inside the brain
+    (the dipole kernel's Laplacian, (1/3) lap - d_z^2, is zero on it), so every BFR method removes it
+    like a background field, although the masked true local field holds it in full. Any 1-D
+    profile along any such direction, and sums of them, are invisible after BFR: the part of chi
+    no inversion of a BFR'd field can recover. Profiles along z or x are kept."""
+    from qmri_labels.physics.qsm import forward_field
+
+    _, _, mask = head
+    magic = np.arccos(1 / np.sqrt(3))
+    kept = {}
+    for name, direction in (("magic xz", (np.sin(magic), 0.0, np.cos(magic))),
+                            ("magic yz", (0.0, -np.sin(magic), np.cos(magic))), ("z", (0, 0, 1)), ("x", (1, 0, 0))):
+        chi = _profile(mask, direction)
+        local_field = forward_field(chi, (1.0, 1.0, 1.0), (0.0, 0.0, 1.0)) * mask
+        # the masked local field holds it: a tenth or more of chi's size, as for a profile along x
+        assert np.linalg.norm(local_field[mask]) > 0.1 * np.linalg.norm(chi[mask]), name
+        local, eroded = BFR_METHODS[method](local_field, mask)
+        kept[name] = np.linalg.norm(local[eroded]) / np.linalg.norm(local_field[eroded])
+    # measured on this head: magic-angle profiles keep 0.1-6.5 %, z and x profiles 65-116 %
+    assert kept["magic xz"] < 0.1 and kept["magic yz"] < 0.1, kept
+    assert kept["z"] > 0.5 and kept["x"] > 0.5, kept

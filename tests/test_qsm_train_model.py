@@ -140,3 +140,60 @@ def test_shipped_qsm_manifests_record_rerunnable_commands():
         for key in ("command", "evaluate_command"):
             assert manifest[key].startswith("python -m qmri_labels.workflows.qsm "), (path.name, key)
             assert not _command_paths(manifest[key]) and "/tmp" not in manifest[key], (path.name, manifest[key])
+
+
+def _rows(per_method):
+    return [{"method": m, "per_phantom": {"nrmse": list(v[0]), "xsim": list(v[1])}} for m, v in per_method.items()]
+
+
+def test_compare_with_baselines_tells_a_margin_from_the_spread():
+    from qmri_labels.workflows.qsm import compare_with_baselines
+
+    rng = np.random.default_rng(0)
+    heads = rng.uniform(40, 120, size=16)  # the spread between phantoms is far larger than any margin
+    xs = rng.uniform(0.05, 0.3, size=16)
+    noise = rng.normal(0, 1.0, size=16)
+    noise = (noise - noise.mean()) / noise.std(ddof=1)  # mean 0, SD 1: the margins below are exact
+    by_kind = {"bfr:vsharp": _rows({
+        "tkd": (heads + 10, xs - 0.05),                                   # the network is better in both
+        "tikhonov": (heads - 1.0 + noise, xs + 0.02 + noise / 1000),      # the network is worse in both
+        "tv": (heads + 0.3 + 3 * noise, xs - 0.001 + noise / 100),        # better means, within the noise
+        "net": (heads, xs)})}
+    rows = compare_with_baselines(by_kind, ["net"])
+    assert len(rows) == 6 and all(r["n"] == 16 for r in rows)
+    verdict = {(r["baseline"], r["metric"]): r["verdict"] for r in rows}
+    assert verdict == {("tkd", "nrmse"): "network", ("tkd", "xsim"): "network",
+                       ("tikhonov", "nrmse"): "baseline", ("tikhonov", "xsim"): "baseline",
+                       ("tv", "nrmse"): "tie", ("tv", "xsim"): "tie"}
+    tv = next(r for r in rows if r["baseline"] == "tv" and r["metric"] == "nrmse")
+    assert tv["network_mean"] < tv["baseline_mean"] and tv["mean_diff"] == pytest.approx(-0.3)
+    assert tv["p_adjusted"] == pytest.approx(min(1.0, 6 * tv["p_value"]))
+    assert next(r for r in rows if r["baseline"] == "tkd" and r["metric"] == "xsim")["wins"] == 16
+    with pytest.raises(ValueError, match="no direction for metrics"):
+        compare_with_baselines(by_kind, ["net"], metrics=("psnr_typo",))
+    with pytest.raises(ValueError, match="no rows for 'other'"):
+        compare_with_baselines(by_kind, ["other"])
+
+
+def test_evaluate_model_scores_more_heldout_phantoms_and_tests_the_margins(bundles, tmp_path):
+    import shutil
+
+    from qmri_labels.workflows.qsm import evaluate_model
+
+    local_path = shutil.copytree(bundles[0], tmp_path / "local_net")
+    default = evaluate_model([local_path], ("vsharp",), quiet=True)
+    more = evaluate_model([local_path], ("vsharp",), quiet=True, n_test=3)
+    for kind in ("local", "bfr:vsharp"):
+        for base, extended in zip(default[kind], more[kind]):
+            values = extended["per_phantom"]["nrmse"]
+            # the first phantoms are the same heads with the same noise: the same scores
+            # (to float32 rounding: a batch of another size sums in another order)
+            assert len(values) == 3 and values[:2] == pytest.approx(base["per_phantom"]["nrmse"], rel=1e-4)
+    manifest = json.loads((local_path / "manifest.json").read_text())
+    comparisons = manifest["heldout_comparisons"]
+    assert {(r["input"], r["baseline"], r["metric"]) for r in comparisons} == {
+        (k, b, m) for k in ("local", "bfr:vsharp") for b in ("tkd", "tikhonov", "tv") for m in ("nrmse", "xsim")}
+    assert all(r["n"] == 3 and r["verdict"] in ("network", "baseline", "tie") for r in comparisons)
+    assert "of 3 held-out phantoms" in manifest["heldout_input"] and "--n-test 3" in manifest["evaluate_command"]
+    with pytest.raises(ValueError, match="n_test must be an integer >= 2"):
+        evaluate_model([local_path], ("vsharp",), quiet=True, n_test=1)

@@ -239,8 +239,14 @@ def test_shipped_model_is_named_for_what_it_is_and_beats_the_baselines_on_masked
                            ("tikhonov", tikhonov(field, lam=rows["tikhonov"]["lambda"], mask=mask))):
         assert nrmse(net, chi, mask) < nrmse(baseline, chi, mask), name
         assert xsim(net, chi, mask) > xsim(baseline, chi, mask), name
-    # against tuned TV the margin is small (mean over the 4 held-out phantoms: NRMSE 16.2 vs 16.5 %,
-    # XSIM 0.62 vs 0.56); on this phantom TV wins both (NRMSE 11.3 vs 13.2 %, XSIM 0.568 vs 0.548)
+    # against tuned TV the margin is within the spread between heads (16 held-out phantoms: NRMSE
+    # 18.6 vs 21.9 %, XSIM 0.58 vs 0.53, paired tests not significant): the manifest says "tie";
+    # on this phantom TV wins both (NRMSE 11.3 vs 13.2 %, XSIM 0.568 vs 0.548)
+    verdicts = {(r["input"], r["baseline"], r["metric"]): r["verdict"] for r in manifest["heldout_comparisons"]}
+    assert "of 16 held-out phantoms" in manifest["heldout_input"]
+    for baseline in ("tkd", "tikhonov"):
+        assert verdicts[("local", baseline, "nrmse")] == verdicts[("local", baseline, "xsim")] == "network"
+    assert all(r["n"] == 16 for r in manifest["heldout_comparisons"])
     chi_tv = tv(field, mask, lam=rows["tv"]["lambda"])
     assert xsim(net, chi, mask) > xsim(chi_tv, chi, mask) - 0.05
     assert nrmse(net, chi, mask) < 1.25 * nrmse(chi_tv, chi, mask)

@@ -559,8 +559,70 @@ def _rows_text(rows, keys=("nrmse", "xsim", "hfen", "ssim")) -> str:
     return table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
+#: what "better" means for each metric that :func:`compare_with_baselines` tests
+METRIC_DIRECTIONS = {"nrmse": "lower", "hfen": "lower", "xsim": "higher", "ssim": "higher"}
+
+
+def compare_with_baselines(by_kind: Mapping[str, list], networks, baselines=("tkd", "tikhonov", "tv"),
+                           metrics=("nrmse", "xsim"), alpha: float = 0.05) -> list[dict]:
+    """Paired tests of each network against each baseline, phantom by phantom.
+
+    ``by_kind`` maps an input kind to the rows of :func:`evaluate_methods` (``per_phantom=True``).
+    The phantoms are the pairing unit: a network "beats" a baseline in a metric only when it is
+    better on average AND the paired t-test of the per-phantom differences is significant after
+    Bonferroni over every comparison of the call (networks x baselines x metrics x input kinds).
+    A mean that is better by less than the phantom-to-phantom noise of the difference is a tie.
+
+    Returns one row per comparison: ``input``, ``network``, ``baseline``, ``metric``, ``better``
+    (``"lower"``/``"higher"``), ``n``, ``network_mean``, ``baseline_mean``, ``mean_diff`` (network
+    minus baseline), ``ci_low``/``ci_high`` (uncorrected 95 % t-interval of it), ``wins`` (phantoms
+    where the network is better), ``t``, ``p_value``, ``p_adjusted``, ``verdict`` (``"network"``,
+    ``"baseline"`` or ``"tie"``).
+    """
+    from qmri_labels.analysis.stats import bonferroni
+    from qmri_labels.workflows.common import paired_test
+
+    unknown = sorted(set(metrics) - set(METRIC_DIRECTIONS))
+    if unknown:
+        raise ValueError(f"no direction for metrics {unknown}: choose from {sorted(METRIC_DIRECTIONS)}")
+    rows = []
+    for kind, kind_rows in by_kind.items():
+        table = {r["method"]: r for r in kind_rows}
+        for net in networks:
+            for base in baselines:
+                if net not in table or base not in table:
+                    raise ValueError(f"{kind}: no rows for {net!r} or {base!r} to compare")
+                for metric in metrics:
+                    a = np.asarray(table[net]["per_phantom"][metric], dtype=np.float64)
+                    b = np.asarray(table[base]["per_phantom"][metric], dtype=np.float64)
+                    sign = -1.0 if METRIC_DIRECTIONS[metric] == "lower" else 1.0
+                    test = paired_test(a, b, net, base)
+                    rows.append({"input": kind, "network": net, "baseline": base, "metric": metric,
+                                 "better": METRIC_DIRECTIONS[metric], "n": int(test["n"]),
+                                 "network_mean": float(a.mean()), "baseline_mean": float(b.mean()),
+                                 "mean_diff": float(test["mean_diff"]), "ci_low": float(test["ci_low"]),
+                                 "ci_high": float(test["ci_high"]), "wins": int(np.sum(sign * (a - b) > 0)),
+                                 "t": float(test["t"]), "p_value": float(test["p_value"])})
+    adjusted = bonferroni([r["p_value"] for r in rows]) if rows else []
+    for row, p_adj in zip(rows, adjusted):
+        sign = -1.0 if row["better"] == "lower" else 1.0
+        significant = bool(np.isfinite(p_adj) and p_adj < alpha)
+        row["p_adjusted"] = float(p_adj)
+        row["verdict"] = ("network" if sign * row["mean_diff"] > 0 else "baseline") if significant else "tie"
+    return rows
+
+
+def _comparisons_text(rows) -> str:
+    import pandas as pd
+
+    keys = ("input", "network", "baseline", "metric", "network_mean", "baseline_mean", "wins", "n", "p_adjusted",
+            "verdict")
+    return pd.DataFrame([{k: r[k] for k in keys} for r in rows]).to_string(index=False,
+                                                                          float_format=lambda v: f"{v:.4g}")
+
+
 def evaluate_model(paths, bfr_methods=("vsharp",), quiet: bool = False, n_tune: int = 2,
-                   threads: int | None = None) -> dict:
+                   threads: int | None = None, n_test: int | None = None) -> dict:
     """Score QSM bundles written by :func:`train_model` on masked local fields and after BFR.
 
     The bundles' held-out phantoms (their ``test_spec``; several bundles must share them) are
@@ -575,7 +637,12 @@ def evaluate_model(paths, bfr_methods=("vsharp",), quiet: bool = False, n_tune: 
     values): ``heldout_metrics`` on its own input kind (masked local fields for a network
     trained on them, the BFR method's fields for one trained on those),
     ``heldout_metrics_after_bfr`` (one list per method) and, for a network trained after BFR,
-    ``heldout_metrics_local_fields``. Returns ``{input kind: rows of every method}``.
+    ``heldout_metrics_local_fields``. ``n_test`` scores that many held-out phantoms of the same
+    spec instead of its ``n`` (the first ``n`` are the same heads with the same noise): four
+    phantoms cannot tell a margin from the spread between heads. Every network is compared with
+    TKD, Tikhonov and TV phantom by phantom in NRMSE and XSIM (:func:`compare_with_baselines`:
+    paired t-tests, Bonferroni over all of them); each manifest gets its network's rows as
+    ``heldout_comparisons``. Returns ``{input kind: rows of every method}``.
     """
     from qmri_labels.bundle import read_manifest
     from qmri_labels.training.qsm import check_input_kind
@@ -583,6 +650,8 @@ def evaluate_model(paths, bfr_methods=("vsharp",), quiet: bool = False, n_tune: 
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if not paths:
         raise ValueError("evaluate_model needs at least one bundle")
+    if n_test is not None and (isinstance(n_test, bool) or int(n_test) != n_test or n_test < 2):
+        raise ValueError(f"n_test must be an integer >= 2 (a paired test needs two phantoms), got {n_test!r}")
     names = [p.name for p in paths]
     if len(set(names)) != len(names):
         raise ValueError(f"bundles with the same folder name cannot be told apart in one table: {names}")
@@ -605,15 +674,20 @@ def evaluate_model(paths, bfr_methods=("vsharp",), quiet: bool = False, n_tune: 
     for kind in kinds:
         for est in estimators.values():
             check_input_kind(est.manifest_, kind, force=True)
-        test = _phantoms_of(first["test_spec"], kind)
+        test = _phantoms_of(first["test_spec"], kind, n=n_test)
         tune = _phantoms_of(first["train_spec"], kind, n=n_tune)
         rows, _ = evaluate_methods(estimators, test, tune, tkd_threshold=float(config["tkd_threshold"]),
                                    tikhonov_lambdas=config["tikhonov_lambdas"], tv_lambdas=config["tv_lambdas"],
                                    include_cosmos=False, per_phantom=True)
         by_kind[kind] = rows
         _print(quiet, f"[evaluate-model] {_input_text(kind)}, {len(test)} held-out phantoms:\n{_rows_text(rows)}")
+    comparisons = compare_with_baselines(by_kind, names)
+    _print(quiet, "[evaluate-model] each network against each baseline, phantom by phantom (paired t-tests, "
+                  f"Bonferroni over {len(comparisons)}):\n{_comparisons_text(comparisons)}")
+    n_heldout = len(test)
     command = (f"python -m qmri_labels.workflows.qsm evaluate-model --model {' '.join(_command_path(p) for p in paths)} "
-               f"--bfr {' '.join(bfr_methods)}" + (f" --threads {int(threads)}" if threads else ""))
+               f"--bfr {' '.join(bfr_methods)}" + (f" --n-test {int(n_test)}" if n_test is not None else "")
+               + (f" --threads {int(threads)}" if threads else ""))
     for name, path in zip(names, paths):
         est = estimators[name]
         own = {kind: [dict(r, method="unet") if r["method"] == name else r for r in rows
@@ -621,8 +695,10 @@ def evaluate_model(paths, bfr_methods=("vsharp",), quiet: bool = False, n_tune: 
         keep = {k: v for k, v in read_manifest(path).items() if k not in ("format", "format_version", "weights", "created")}
         kind = est.input_kind_ if est.input_kind_ in own else "local"
         keep["heldout_metrics"] = own[kind]
-        keep["heldout_input"] = (f"{_input_text(kind)} of {first['test_spec']['n']} held-out phantoms "
+        keep["heldout_input"] = (f"{_input_text(kind)} of {n_heldout} held-out phantoms "
                                  f"(seed {first['test_spec']['seed']})")
+        keep["heldout_comparisons"] = [{k: v for k, v in r.items() if k != "network"} for r in comparisons
+                                       if r["network"] == name]
         keep["heldout_metrics_tuned_on"] = f"first {int(n_tune)} training phantoms"
         keep["heldout_metrics_after_bfr"] = {**keep.get("heldout_metrics_after_bfr", {}),
                                              **{k[4:]: v for k, v in own.items() if k.startswith("bfr:")}}
@@ -655,6 +731,9 @@ def main(argv=None) -> int:
                    help="one or more bundle folders (sharing their held-out phantoms); their manifests get the rows")
     e.add_argument("--bfr", nargs="+", default=["vsharp"], choices=sorted(BFR_METHODS),
                    help="BFR methods (qmri_labels.fitting.bfr)")
+    e.add_argument("--n-test", type=int, default=None,
+                   help="score this many held-out phantoms of the bundles' test spec (default: its n; the first n "
+                        "are the same): more phantoms tell a margin from the spread between heads")
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -662,7 +741,7 @@ def main(argv=None) -> int:
         train_model(args.out, args.minutes, quiet=args.quiet, resume=args.resume, bfr=args.bfr, threads=args.threads,
                     members=args.members)
     else:
-        evaluate_model(args.model, tuple(args.bfr), quiet=args.quiet, threads=args.threads)
+        evaluate_model(args.model, tuple(args.bfr), quiet=args.quiet, threads=args.threads, n_test=args.n_test)
     return 0
 
 
