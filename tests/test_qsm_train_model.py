@@ -197,3 +197,17 @@ def test_evaluate_model_scores_more_heldout_phantoms_and_tests_the_margins(bundl
     assert "of 3 held-out phantoms" in manifest["heldout_input"] and "--n-test 3" in manifest["evaluate_command"]
     with pytest.raises(ValueError, match="n_test must be an integer >= 2"):
         evaluate_model([local_path], ("vsharp",), quiet=True, n_test=1)
+
+
+def test_train_model_takes_more_training_heads(tmp_path):
+    from qmri_labels.workflows.qsm import train_model
+
+    train_model(tmp_path / "net", minutes=1, config=TINY, quiet=True, n_train=3)
+    manifest = json.loads((tmp_path / "net" / "manifest.json").read_text())
+    assert manifest["train_spec"]["n"] == manifest["model_config"]["n_train"] == 3
+    # the validation and held-out heads stay those of the default: only the training set grows
+    assert manifest["test_spec"]["n"] == TINY["n_test"] and manifest["test_spec"]["seed"] == manifest["model_config"]["seed"] + 2
+    assert manifest["command"].endswith("--n-train 3")
+    with pytest.raises(ValueError, match="n_train must be an integer >= 1"):
+        train_model(tmp_path / "bad", minutes=1, config=TINY, quiet=True, n_train=0)
+    assert not (tmp_path / "bad").exists()

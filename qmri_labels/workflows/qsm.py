@@ -434,7 +434,8 @@ def _set_threads(threads: int | None) -> None:
 
 
 def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None, quiet: bool = False,
-                resume: bool = False, bfr: str | None = None, threads: int | None = None, members: int = 1) -> dict:
+                resume: bool = False, bfr: str | None = None, threads: int | None = None, members: int = 1,
+                n_train: int | None = None) -> dict:
     """Train the shipped U-Net (:data:`SHIPPED_MODEL`) and write it as a bundle at ``out``.
 
     The phantoms hold masked local fields (``field_kind="local"``), or with ``bfr`` (a method
@@ -451,6 +452,9 @@ def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None,
     ``resume`` continues from the bundle at ``out`` (same data, same configuration) for
     another ``minutes``. ``threads``: torch CPU threads (None: torch's default).
 
+    ``n_train`` overrides the config's number of training heads (more heads, less overfitting;
+    the validation and held-out heads do not change).
+
     ``members=M > 1`` trains a deep ensemble (``QSMEstimator(n_members=M)``, member ``k``
     seeded with ``seed + k``), each member for up to ``minutes`` (about M times the time in
     all), written once at the end (no checkpoint after each epoch, no ``resume``); the fit
@@ -463,6 +467,10 @@ def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None,
         raise ValueError("resume continues a single network's checkpoint; an ensemble (members > 1) is written "
                          "once at the end of its training: train it again instead")
     config = merge_config(MODEL_CONFIG, config, FREE_FORM_KEYS)
+    if n_train is not None:
+        if isinstance(n_train, bool) or int(n_train) != n_train or n_train < 1:
+            raise ValueError(f"n_train must be an integer >= 1 (training heads), got {n_train!r}")
+        config["n_train"] = int(n_train)
     out = Path(out)
     _set_threads(threads)
     train, val, test = make_phantom_sets(config, bfr)
@@ -496,6 +504,7 @@ def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None,
     command = f"python -m qmri_labels.workflows.qsm train-model --out {_command_path(out)} --minutes {minutes:g}"
     command += (f" --bfr {bfr}" if bfr else "") + (f" --threads {int(threads)}" if threads else "")
     command += f" --members {members}" if members > 1 else ""
+    command += f" --n-train {int(n_train)}" if n_train is not None else ""
     extra = {
         "workflow": "qmri_labels.workflows.qsm.train_model",
         "command": command,
@@ -725,6 +734,8 @@ def main(argv=None) -> int:
                    help="train a deep ensemble of this many U-Nets (seeds seed, seed + 1, ...; --minutes each) "
                         "whose spread the fit command writes as an SD map with --uncertainty (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
+    p.add_argument("--n-train", type=int, default=None,
+                   help=f"training heads (default {MODEL_CONFIG['n_train']}); validation and held-out heads unchanged")
     e = sub.add_parser("evaluate-model", help="score QSM bundles on masked local fields and after background-field "
                                               "removal, side by side with TKD, Tikhonov and tuned TV")
     e.add_argument("--model", type=Path, nargs="+", required=True,
@@ -739,7 +750,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "train-model":
         train_model(args.out, args.minutes, quiet=args.quiet, resume=args.resume, bfr=args.bfr, threads=args.threads,
-                    members=args.members)
+                    members=args.members, n_train=args.n_train)
     else:
         evaluate_model(args.model, tuple(args.bfr), quiet=args.quiet, threads=args.threads, n_test=args.n_test)
     return 0
