@@ -245,3 +245,33 @@ def test_a_trial_whose_worker_died_before_its_objective_began_is_failed_and_run_
     assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.COMPLETE
     assert retry[0].params == trials[0].params
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def test_a_trial_whose_worker_died_right_after_its_objective_began_is_failed_by_its_heartbeat(tmp_path):
+    """Killed after the objective marked the trial begun but before Optuna's heartbeat thread wrote its
+    first beat: the finishing run used to wait for that trial forever (CI hung on the killed-worker
+    test under load). mark_trial_begun records a heartbeat before the mark, so the trial goes stale."""
+    import threading
+
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    study = hparam.open_study(storage, "s", 0, 1, 1)  # heartbeat every 1 s, stale after 2 s
+    orphan = study.ask()
+    orphan.suggest_float("x", 0.0, 1.0)
+    hparam.mark_trial_begun(study, orphan)  # ... and the worker dies here
+
+    def objective(trial):
+        hparam.mark_trial_begun(study, trial)
+        return trial.suggest_float("x", 0.0, 1.0)
+
+    result = {}
+    # grace_seconds far beyond the test: only the stale heartbeat can fail the orphan
+    runner = threading.Thread(target=lambda: result.update(ran=hparam.run_trials(
+        study, objective, n_trials=1, finish=True, poll_seconds=0.2, grace_seconds=3600.0)), daemon=True)
+    runner.start()
+    runner.join(timeout=60)
+    assert not runner.is_alive(), "the finishing run still waits for the dead worker's trial"
+    trials = study.get_trials()
+    assert trials[0].state == optuna.trial.TrialState.FAIL and result["ran"] == 2
+    assert trials[0].user_attrs[hparam.STARTED_ATTR] == orphan.number
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.COMPLETE

@@ -208,8 +208,8 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
     worker_id = f"{platform.node()}:{os.getpid()}"
 
     def objective(trial):
-        # first: marks the trial as begun (its heartbeat runs from now on), see run_trials
-        trial.set_user_attr(STARTED_ATTR, trial.number)
+        # first: marks the trial as begun, its first heartbeat recorded (see run_trials)
+        mark_trial_begun(study, trial)
         trial.set_user_attr("worker", worker_id)
         hyper = suggest(trial, space)
         start = time.perf_counter()
@@ -394,6 +394,22 @@ def run_trials(study, objective, n_trials: int, finish: bool, poll_seconds: floa
                 return ran
             if not counts[states.WAITING]:
                 time.sleep(poll_seconds)
+
+
+def mark_trial_begun(study, trial) -> None:
+    """Record a heartbeat of ``trial``, then mark it begun (:data:`STARTED_ATTR`).
+
+    Optuna's heartbeat thread starts with the objective and writes its first beat when the
+    thread gets to run. A worker killed after the objective began but before that first beat
+    left a trial that was neither stale (no heartbeat to age) nor never begun, and the finishing
+    run waited for it forever (CI's killed-worker test hung this way on a loaded machine).
+    Beating first closes the gap: killed before the mark, the trial is failed as never begun;
+    after it, by its stale heartbeat.
+    """
+    storage = study._storage  # the RDBStorage of open_study; Optuna has no public accessor
+    study_id = storage.get_study_id_from_name(study.study_name)
+    storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number))
+    trial.set_user_attr(STARTED_ATTR, trial.number)
 
 
 def _retry_callback(retries: int):
