@@ -199,8 +199,10 @@ def test_evaluate_model_scores_more_heldout_phantoms_and_tests_the_margins(bundl
         evaluate_model([local_path], ("vsharp",), quiet=True, n_test=1)
 
 
-def test_train_model_takes_more_training_heads(tmp_path):
-    from qmri_labels.workflows.qsm import train_model
+def test_train_model_takes_more_training_heads(bundles, tmp_path):
+    import shutil
+
+    from qmri_labels.workflows.qsm import evaluate_model, train_model
 
     train_model(tmp_path / "net", minutes=1, config=TINY, quiet=True, n_train=3)
     manifest = json.loads((tmp_path / "net" / "manifest.json").read_text())
@@ -211,3 +213,12 @@ def test_train_model_takes_more_training_heads(tmp_path):
     with pytest.raises(ValueError, match="n_train must be an integer >= 1"):
         train_model(tmp_path / "bad", minutes=1, config=TINY, quiet=True, n_train=0)
     assert not (tmp_path / "bad").exists()
+    # scored side by side with a network of the default heads: the same seed gives the same first heads,
+    # on which the baselines are tuned; another seed is other phantoms and is refused
+    local_path = shutil.copytree(bundles[0], tmp_path / "local_net")
+    by_kind = evaluate_model([local_path, tmp_path / "net"], ("vsharp",), quiet=True)
+    assert [r["method"] for r in by_kind["local"]] == ["tkd", "tikhonov", "tv", "local_net", "net"]
+    manifest["train_spec"]["seed"] += 1
+    (tmp_path / "net" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="other train_spec phantoms"):
+        evaluate_model([local_path, tmp_path / "net"], ("vsharp",), quiet=True)

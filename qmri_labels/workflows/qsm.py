@@ -556,8 +556,10 @@ def _phantoms_of(record: Mapping, kind: str, n: int | None = None) -> QSMPhantom
 
 
 def _same_phantoms(record: Mapping) -> dict:
-    """A spec record without what the input kind changes (to compare two bundles' phantoms)."""
-    return {k: v for k, v in record.items() if k not in ("bfr", "field_kind")}
+    """A spec record without what the input kind changes, nor the number of heads (to compare two
+    bundles' phantoms: with the same seed, the first heads of a larger set are those of a smaller
+    one, so bundles trained on 16 and on 128 heads are tuned and scored on the same ones)."""
+    return {k: v for k, v in record.items() if k not in ("bfr", "field_kind", "n")}
 
 
 def _rows_text(rows, keys=("nrmse", "xsim", "hfen", "ssim")) -> str:
