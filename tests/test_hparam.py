@@ -223,6 +223,7 @@ def test_worker_flags_set_the_search_config():
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask plays the dead worker
 def test_a_trial_whose_worker_died_before_its_objective_began_is_failed_and_run_again(tmp_path):
     """Killed between taking a trial and its first heartbeat: no heartbeat can go stale, the finishing run
     still fails it after the grace period and runs it again."""
@@ -247,6 +248,7 @@ def test_a_trial_whose_worker_died_before_its_objective_began_is_failed_and_run_
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask plays the dead worker
 def test_a_trial_whose_worker_died_right_after_its_objective_began_is_failed_by_its_heartbeat(tmp_path):
     """Killed after the objective marked the trial begun but before Optuna's heartbeat thread wrote its
     first beat: the finishing run used to wait for that trial forever (CI hung on the killed-worker

@@ -92,7 +92,7 @@ def test_bfr_removes_a_magic_angle_profile_that_the_local_field_holds(head, meth
     """Why chi after BFR cannot be scored against the whole truth: a chi profile that varies only
     along a direction at the magic angle to B0 makes a field that is harmonic inside the brain
     (the dipole kernel's Laplacian, (1/3) lap - d_z^2, is zero on it), so every BFR method removes it
-    like a background field, although the masked true local field holds it in full. Any 1-D
+    like a background field, although the masked true local field holds it. Any 1-D
     profile along any such direction, and sums of them, are invisible after BFR: the part of chi
     no inversion of a BFR'd field can recover. Profiles along z or x are kept."""
     from qmri_labels.physics.qsm import forward_field
