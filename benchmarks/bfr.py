@@ -28,19 +28,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def _demeaned_nrmse(x, ref, mask) -> float:
-    import numpy as np
-
-    a = x[mask] - x[mask].mean()
-    b = ref[mask] - ref[mask].mean()
-    return float(100.0 * np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def run(size: int, noise: float, device: str, seed: int = 0, methods=None, source: str = "total") -> list[dict]:
     import numpy as np
     import torch
 
     from qmri_labels.data.phantoms import QSMPhantomSpec
+    from qmri_labels.analysis.image_metrics import nrmse_demeaned
     from qmri_labels.fitting.bfr import BFR_METHODS
     from qmri_labels.physics.qsm import forward_field
 
@@ -64,7 +57,7 @@ def run(size: int, noise: float, device: str, seed: int = 0, methods=None, sourc
     forward_field(chi)
     sync()
     fft_s = time.perf_counter() - t0
-    rows = [{"method": "nothing", "nrmse": _demeaned_nrmse(total.field[0], true_local, mask), "kept": 1.0,
+    rows = [{"method": "nothing", "nrmse": nrmse_demeaned(total.field[0], true_local, mask), "kept": 1.0,
              "seconds": 0.0, "time_vs_fft_conv": 0.0}]
     for name in methods or BFR_METHODS:
         sync()
@@ -73,7 +66,7 @@ def run(size: int, noise: float, device: str, seed: int = 0, methods=None, sourc
         sync()
         seconds = time.perf_counter() - t0
         local, eroded = local.cpu().numpy(), eroded.cpu().numpy()
-        rows.append({"method": name, "nrmse": _demeaned_nrmse(local, true_local, eroded),
+        rows.append({"method": name, "nrmse": nrmse_demeaned(local, true_local, eroded),
                      "kept": float(eroded.sum() / mask.sum()), "seconds": seconds, "time_vs_fft_conv": seconds / fft_s})
     for r in rows:
         r.update(size=size, device=device, noise_sigma=noise, fft_conv_seconds=fft_s, source=source)

@@ -101,6 +101,7 @@ def phantom_variants(seeds=(0, 1, 2), size: int = 64) -> list[dict]:
     import numpy as np
     from scipy import ndimage
 
+    from qmri_labels.analysis.image_metrics import nrmse_demeaned
     from qmri_labels.data.phantoms import make_phantom
     from qmri_labels.fitting.bfr import vsharp
     from qmri_labels.physics.qsm import forward_field
@@ -108,8 +109,7 @@ def phantom_variants(seeds=(0, 1, 2), size: int = 64) -> list[dict]:
     def loss(chi, mask):
         field = forward_field(chi.astype(np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 1.0)) * mask
         local, eroded = vsharp(field, mask)
-        a, b = local[eroded] - local[eroded].mean(), field[eroded] - field[eroded].mean()
-        return float(100.0 * np.linalg.norm(a - b) / np.linalg.norm(b))
+        return nrmse_demeaned(local, field, eroded)
 
     def rim(width):
         return lambda chi, mask: chi * np.clip((ndimage.distance_transform_edt(mask) - 1) / width, 0, 1)

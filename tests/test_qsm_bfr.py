@@ -4,14 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from qmri_labels.analysis.image_metrics import nrmse_demeaned
 from qmri_labels.data.phantoms import QSMPhantomSpec
 from qmri_labels.fitting.bfr import BFR_METHODS, DEFAULTS, remove_background
-
-
-def _demeaned_nrmse(x, ref, mask):
-    a = x[mask] - x[mask].mean()
-    b = ref[mask] - ref[mask].mean()
-    return 100.0 * np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +30,8 @@ def test_bfr_recovers_the_local_field(head, method):
     assert local.shape == total.shape and local.dtype == np.float32 and eroded.dtype == bool
     assert np.all(eroded <= mask) and eroded.sum() > 0.3 * mask.sum()
     assert np.all(local[~eroded] == 0)
-    nothing = _demeaned_nrmse(total, true_local, eroded)
-    err = _demeaned_nrmse(local, true_local, eroded)
+    nothing = nrmse_demeaned(total, true_local, eroded)
+    err = nrmse_demeaned(local, true_local, eroded)
     assert nothing > 300.0  # the background dominates the total field
     assert err < BOUNDS[method] and err < 0.15 * nothing, (method, err, nothing)
     # a pure background field (total minus the true local field) is removed to a few percent

@@ -27,6 +27,18 @@ def merge_config(defaults: Mapping, config: Mapping | None, free: tuple[str, ...
     return deep_merge(defaults, dict(config or {}), strict=True, free=free, allow=META_KEYS)
 
 
+def check_count(value, name: str, minimum: int = 1, why: str | None = None) -> int:
+    """``value`` as an int; ValueError naming ``name`` unless it is an integer >= ``minimum``
+    (a bool is not a count; 3.0 is 3). ``why`` says what the count is, in the error."""
+    try:
+        whole = not isinstance(value, bool) and int(value) == value
+    except (TypeError, ValueError):
+        whole = False
+    if not whole or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}" + (f" ({why})" if why else "") + f", got {value!r}")
+    return int(value)
+
+
 def parameter_indices(dataset, parameters) -> list[int]:
     names = list(dataset.param_names)
     if parameters is None:

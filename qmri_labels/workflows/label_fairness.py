@@ -10,6 +10,8 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from qmri_labels.workflows.common import check_count
+
 #: ``network`` entries of the study configuration (NetworkEstimator keywords, plus ``preset``).
 NETWORK_DEFAULTS: dict[str, Any] = {
     "preset": None, "hidden_layers": 3, "width": None, "activation": "elu", "output": "sigmoid",
@@ -58,10 +60,7 @@ def check_tune(cfg: Mapping) -> dict:
     unknown = set(tune) - set(TUNE_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown tune options {sorted(unknown)}; known: {sorted(TUNE_DEFAULTS)}")
-    n = tune["n_trials"]
-    if isinstance(n, bool) or int(n) != n or n < 0:
-        raise ValueError(f"tune.n_trials must be an integer >= 0, got {n!r}")
-    tune["n_trials"] = int(n)
+    tune["n_trials"] = check_count(tune["n_trials"], "tune.n_trials", 0)
     if tune["criterion"] not in CRITERIA:
         raise ValueError(f"tune.criterion must be one of {CRITERIA}, got {tune['criterion']!r}")
     if not (0.0 < float(tune["validation_fraction"]) < 1.0):
@@ -74,9 +73,7 @@ def check_tune(cfg: Mapping) -> dict:
 
 
 def check_seeds(value) -> int:
-    if isinstance(value, bool) or int(value) != value or value < 1:
-        raise ValueError(f"seeds must be a positive integer (training runs per method), got {value!r}")
-    return int(value)
+    return check_count(value, "seeds", 1, "training runs per method")
 
 
 def seed_name(name: str, k: int) -> str:

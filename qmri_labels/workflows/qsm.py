@@ -35,7 +35,7 @@ from qmri_labels.analysis.image_metrics import image_metrics
 from qmri_labels.data.phantoms import QSMPhantomSet, QSMPhantomSpec
 from qmri_labels.fileio import atomic_write_bytes, write_json
 from qmri_labels.fitting.bfr import BFR_METHODS
-from qmri_labels.workflows.common import markdown, merge_config
+from qmri_labels.workflows.common import check_count, markdown, merge_config
 from qmri_labels.fitting.qsm_inversion import (
     TIKHONOV_DEFAULT_LAMBDA,
     TV_DEFAULT_LAMBDA,
@@ -468,9 +468,7 @@ def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None,
                          "once at the end of its training: train it again instead")
     config = merge_config(MODEL_CONFIG, config, FREE_FORM_KEYS)
     if n_train is not None:
-        if isinstance(n_train, bool) or int(n_train) != n_train or n_train < 1:
-            raise ValueError(f"n_train must be an integer >= 1 (training heads), got {n_train!r}")
-        config["n_train"] = int(n_train)
+        config["n_train"] = check_count(n_train, "n_train", 1, "training heads")
     out = Path(out)
     _set_threads(threads)
     train, val, test = make_phantom_sets(config, bfr)
@@ -661,8 +659,8 @@ def evaluate_model(paths, bfr_methods=("vsharp",), quiet: bool = False, n_tune: 
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if not paths:
         raise ValueError("evaluate_model needs at least one bundle")
-    if n_test is not None and (isinstance(n_test, bool) or int(n_test) != n_test or n_test < 2):
-        raise ValueError(f"n_test must be an integer >= 2 (a paired test needs two phantoms), got {n_test!r}")
+    if n_test is not None:
+        n_test = check_count(n_test, "n_test", 2, "a paired test needs two phantoms")
     names = [p.name for p in paths]
     if len(set(names)) != len(names):
         raise ValueError(f"bundles with the same folder name cannot be told apart in one table: {names}")
