@@ -97,7 +97,11 @@ def test_settings_validation_and_scope_restores_flags():
 
 
 NO_CUDA = "no CUDA device on this machine: the GPU half (cuDNN benchmark, device effects) did not run"
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+
+
+def needs_cuda(test):
+    """Marked ``gpu`` (run by ``pytest -m gpu`` and benchmarks/gpu_check.py) and skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)(test))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the no-CUDA error path cannot run here")
@@ -148,6 +152,7 @@ def test_train_network_rejects_conflicting_parameters(data):
         train_network(data[0], DeterminismSettings(), seed=4, max_epochs=1)
 
 
+@pytest.mark.gpu  # runs everywhere; with CUDA its device=cuda rows are measured
 def test_reproducibility_study_tiny(tmp_path, data):
     import pandas as pd
     import yaml
