@@ -160,50 +160,31 @@ class LabelRegressor(L.LightningModule):
         return plain_precision and isinstance(self.trainer.strategy, (SingleDeviceStrategy, DDPStrategy))
 
     def training_step(self, batch, batch_idx):
+        """One block of optimiser steps, ``step_batch_size`` rows each, in order (see the class
+        docstring); under DDP each step's gradient is averaged over all ranks.
+
+        Under DDP every rank must take the same number of steps (each is a collective), also
+        when its share of the epoch ends one row earlier: the count comes from the largest
+        block, and a rank without rows for a step contributes zeros.
+        """
         if self._plain_steps is None:
             self._plain_steps = self._plain_steps_allowed()
-        if self._world_size > 1:
-            return self._distributed_training_step(batch)
         optimiser = self.optimizers()
         if self._plain_steps:
             optimiser = optimiser.optimizer
-        n = batch["signals"].shape[0]
-        size = self.step_batch_size or n
-        total = None
-        for start in range(0, n, size):
-            step = {key: value[start : start + size] for key, value in batch.items()}
-            optimiser.zero_grad(set_to_none=True)
-            total, terms = self.loss(self.network(step["signals"]), step)
-            if self._plain_steps:
-                total.backward()
-            else:
-                self.manual_backward(total)
-            optimiser.step()
-            if self.step_losses is not None:
-                self.step_losses.append(total.detach().clone())
-            self._accumulate("train", total, terms, step["signals"].shape[0])
-        return total
-
-    def _distributed_training_step(self, batch):
-        """The block of optimiser steps of one rank under DDP, every step's gradient averaged
-        over all ranks (see the class docstring).
-
-        Every rank must take the same number of steps (each is a collective), also when its
-        share of the epoch ends one row earlier: the count comes from the largest block, and a
-        rank without rows for a step contributes zeros.
-        """
-        optimiser = self.optimizers()
-        if self._plain_steps:
-            optimiser = optimiser.optimizer
+        several_ranks = self._world_size > 1
         n = batch["signals"].shape[0]
         if self.step_batch_size is None:
-            size, n_steps = max(n, 1), 1
-        else:
+            size, n_steps = max(n, 1), int(bool(n) or several_ranks)
+        elif several_ranks:
             size = self.step_batch_size // self._world_size
             n_steps = -(-distributed.max_over_ranks(n, self.device) // size)
-        parameters = [p for p in self.network.parameters() if p.requires_grad]
+        else:
+            size = self.step_batch_size
+            n_steps = -(-n // size)
         names = self._term_names()
-        zero = torch.zeros((), device=self.device)
+        parameters = [p for p in self.network.parameters() if p.requires_grad] if several_ranks else []
+        zero = torch.zeros((), device=self.device) if several_ranks else None
         total = zero
         for index in range(n_steps):
             step = {key: value[index * size : (index + 1) * size] for key, value in batch.items()}
@@ -215,15 +196,15 @@ class LabelRegressor(L.LightningModule):
                     total.backward()
                 else:
                     self.manual_backward(total)
-                values = [total] + [terms[key] for key in names]
-            else:
-                values = [zero] * (1 + len(names))
-            means, all_rows = distributed.average_gradients(parameters, rows, values)
+            else:  # a rank whose share of the epoch ended early
+                total, terms = zero, dict.fromkeys(names, zero)
+            if several_ranks:
+                means, rows = distributed.average_gradients(parameters, rows, [total] + [terms[key] for key in names])
+                total, terms = means[0], dict(zip(names, means[1:]))
             optimiser.step()
-            total = means[0]
             if self.step_losses is not None:
                 self.step_losses.append(total.detach().clone())
-            self._accumulate("train", total, dict(zip(names, means[1:])), all_rows)
+            self._accumulate("train", total, terms, rows)
         return total
 
     def validation_step(self, batch, batch_idx):

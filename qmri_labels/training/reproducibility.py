@@ -190,7 +190,6 @@ def determinism_scope(settings: DeterminismSettings) -> Iterator[DeterminismSett
         "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
         "cudnn_deterministic": torch.backends.cudnn.deterministic,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
-        "threads": torch.get_num_threads(),
         "cublas": os.environ.get(_CUBLAS_ENV),
     }
     try:
@@ -199,15 +198,13 @@ def determinism_scope(settings: DeterminismSettings) -> Iterator[DeterminismSett
         torch.use_deterministic_algorithms(bool(settings.deterministic))
         torch.backends.cudnn.deterministic = bool(settings.deterministic)
         torch.backends.cudnn.benchmark = bool(settings.cudnn_benchmark)
-        if settings.num_threads is not None:
-            torch.set_num_threads(int(settings.num_threads))
-        seed_everything(settings.seed)
-        yield settings
+        with torch_threads(settings.num_threads):
+            seed_everything(settings.seed)
+            yield settings
     finally:
         torch.use_deterministic_algorithms(before["deterministic"], warn_only=before["warn_only"])
         torch.backends.cudnn.deterministic = before["cudnn_deterministic"]
         torch.backends.cudnn.benchmark = before["cudnn_benchmark"]
-        torch.set_num_threads(before["threads"])
         if before["cublas"] is None:
             os.environ.pop(_CUBLAS_ENV, None)
         else:

@@ -45,6 +45,7 @@ from qmri_labels.fitting.qsm_inversion import (
     tv,
 )
 from qmri_labels.training.qsm import QSMEstimator
+from qmri_labels.training.reproducibility import torch_threads
 
 __all__ = ["DEFAULTS", "DEFAULTS_BY_KIND", "ACTIVATION_DEFAULTS", "LABEL_DEFAULTS", "run", "run_labels", "run_activation",
            "train_model", "evaluate_methods", "KINDS"]
@@ -424,15 +425,6 @@ def _input_text(kind: str) -> str:
     return {"local": "local field", "local_unmasked": "UNMASKED local field", "total": "TOTAL field"}[kind]
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        if int(threads) < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        import torch
-
-        torch.set_num_threads(int(threads))
-
-
 def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None, quiet: bool = False,
                 resume: bool = False, bfr: str | None = None, threads: int | None = None, members: int = 1,
                 n_train: int | None = None) -> dict:
@@ -470,56 +462,56 @@ def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None,
     if n_train is not None:
         config["n_train"] = check_count(n_train, "n_train", 1, "training heads")
     out = Path(out)
-    _set_threads(threads)
-    train, val, test = make_phantom_sets(config, bfr)
-    t = dict(config["training"])
-    label = t.pop("label")
-    inputs = tuple(t.pop("inputs"))
-    tv_lambda, tv_scores = TV_DEFAULT_LAMBDA, []
-    if "tv" in inputs:
-        tv_lambda, tv_scores = tune_lambda("tv", train, config["tv_lambdas"])
-        _print(quiet, f"[train-model] TV lambda {tv_lambda:g} (training NRMSE per lambda {tv_scores})")
-    est = QSMEstimator(label=label, unet=t.pop("unet"), inputs=inputs, seed=int(config["seed"]),
-                       tv_lambda=tv_lambda, max_time_s=float(minutes) * 60.0,
-                       checkpoint_path=out if members == 1 else None, progress=False, n_members=members, **t)
-    previous_history: list = []
-    if resume:
-        done = QSMEstimator.load(out)
-        if done.train_fingerprint_ != train.fingerprint:
-            raise ValueError(f"cannot resume {out}: it was trained on other data")
-        est.network_, est.normalisation_ = done.network_, done.normalisation_
-        est.warm_start = True
-        previous_history = list(done.manifest_.get("previous_history", [])) + list(done.history_)
-        # a resumed run must not replace the bundle with a worse model
-        scores = [r["val_loss"] for r in done.history_ if "val_loss" in r]
-        est.previous_best_score_ = min(scores) if scores else float("inf")
-    est.fit(train, val)
-    if resume:
-        est.warm_start = False
-    rows, _ = evaluate_methods({"unet": est}, test, train, tkd_threshold=float(config["tkd_threshold"]),
-                               tikhonov_lambdas=config["tikhonov_lambdas"], tv_lambdas=config["tv_lambdas"],
-                               include_cosmos=False, per_phantom=True)
-    command = f"python -m qmri_labels.workflows.qsm train-model --out {_command_path(out)} --minutes {minutes:g}"
-    command += (f" --bfr {bfr}" if bfr else "") + (f" --threads {int(threads)}" if threads else "")
-    command += f" --members {members}" if members > 1 else ""
-    command += f" --n-train {int(n_train)}" if n_train is not None else ""
-    extra = {
-        "workflow": "qmri_labels.workflows.qsm.train_model",
-        "command": command,
-        "model_config": config,
-        "input_kind": est.input_kind_,
-        "tv_lambda_tuning": {"lambdas": list(config["tv_lambdas"]), "train_nrmse": tv_scores},
-        "test_fingerprint": test.fingerprint,
-        "test_spec": test.spec_record(),
-        "heldout_metrics": rows,
-        "heldout_input": f"{_input_text(est.input_kind_)} of {len(test)} held-out phantoms (seed {test.spec.seed})",
-        "fit_time_s": est.fit_time_s_,
-        "previous_history": previous_history,
-    }
-    est.save(out, extra)
-    if not quiet:
-        print(_rows_text(rows), flush=True)
-    return {"heldout_metrics": rows, "out": str(out)}
+    with torch_threads(threads):
+        train, val, test = make_phantom_sets(config, bfr)
+        t = dict(config["training"])
+        label = t.pop("label")
+        inputs = tuple(t.pop("inputs"))
+        tv_lambda, tv_scores = TV_DEFAULT_LAMBDA, []
+        if "tv" in inputs:
+            tv_lambda, tv_scores = tune_lambda("tv", train, config["tv_lambdas"])
+            _print(quiet, f"[train-model] TV lambda {tv_lambda:g} (training NRMSE per lambda {tv_scores})")
+        est = QSMEstimator(label=label, unet=t.pop("unet"), inputs=inputs, seed=int(config["seed"]),
+                           tv_lambda=tv_lambda, max_time_s=float(minutes) * 60.0,
+                           checkpoint_path=out if members == 1 else None, progress=False, n_members=members, **t)
+        previous_history: list = []
+        if resume:
+            done = QSMEstimator.load(out)
+            if done.train_fingerprint_ != train.fingerprint:
+                raise ValueError(f"cannot resume {out}: it was trained on other data")
+            est.network_, est.normalisation_ = done.network_, done.normalisation_
+            est.warm_start = True
+            previous_history = list(done.manifest_.get("previous_history", [])) + list(done.history_)
+            # a resumed run must not replace the bundle with a worse model
+            scores = [r["val_loss"] for r in done.history_ if "val_loss" in r]
+            est.previous_best_score_ = min(scores) if scores else float("inf")
+        est.fit(train, val)
+        if resume:
+            est.warm_start = False
+        rows, _ = evaluate_methods({"unet": est}, test, train, tkd_threshold=float(config["tkd_threshold"]),
+                                   tikhonov_lambdas=config["tikhonov_lambdas"], tv_lambdas=config["tv_lambdas"],
+                                   include_cosmos=False, per_phantom=True)
+        command = f"python -m qmri_labels.workflows.qsm train-model --out {_command_path(out)} --minutes {minutes:g}"
+        command += (f" --bfr {bfr}" if bfr else "") + (f" --threads {int(threads)}" if threads else "")
+        command += f" --members {members}" if members > 1 else ""
+        command += f" --n-train {int(n_train)}" if n_train is not None else ""
+        extra = {
+            "workflow": "qmri_labels.workflows.qsm.train_model",
+            "command": command,
+            "model_config": config,
+            "input_kind": est.input_kind_,
+            "tv_lambda_tuning": {"lambdas": list(config["tv_lambdas"]), "train_nrmse": tv_scores},
+            "test_fingerprint": test.fingerprint,
+            "test_spec": test.spec_record(),
+            "heldout_metrics": rows,
+            "heldout_input": f"{_input_text(est.input_kind_)} of {len(test)} held-out phantoms (seed {test.spec.seed})",
+            "fit_time_s": est.fit_time_s_,
+            "previous_history": previous_history,
+        }
+        est.save(out, extra)
+        if not quiet:
+            print(_rows_text(rows), flush=True)
+        return {"heldout_metrics": rows, "out": str(out)}
 
 
 def bfr_phantom_set(spec: QSMPhantomSpec, method: str, **options) -> QSMPhantomSet:
@@ -664,58 +656,61 @@ def evaluate_model(paths, bfr_methods=("vsharp",), quiet: bool = False, n_tune: 
     names = [p.name for p in paths]
     if len(set(names)) != len(names):
         raise ValueError(f"bundles with the same folder name cannot be told apart in one table: {names}")
-    _set_threads(threads)
-    estimators = {name: QSMEstimator.load(path) for name, path in zip(names, paths)}
-    first = estimators[names[0]].manifest_
-    config = first["model_config"]
-    for name, est in estimators.items():
-        m = est.manifest_
-        for key in ("test_spec", "train_spec"):
-            if _same_phantoms(m[key]) != _same_phantoms(first[key]):
-                raise ValueError(f"{name} and {names[0]} have other {key} phantoms; evaluate them separately")
-        for key in ("tkd_threshold", "tikhonov_lambdas", "tv_lambdas"):
-            if m["model_config"][key] != config[key]:
-                raise ValueError(f"{name} and {names[0]} tune the baselines differently ({key}); evaluate them "
-                                 "separately")
-    kinds = ["local"] + [f"bfr:{m}" for m in bfr_methods]
-    kinds += sorted({est.input_kind_ for est in estimators.values() if est.input_kind_.startswith("bfr:")} - set(kinds))
-    by_kind = {}
-    for kind in kinds:
-        for est in estimators.values():
-            check_input_kind(est.manifest_, kind, force=True)
-        test = _phantoms_of(first["test_spec"], kind, n=n_test)
-        tune = _phantoms_of(first["train_spec"], kind, n=n_tune)
-        rows, _ = evaluate_methods(estimators, test, tune, tkd_threshold=float(config["tkd_threshold"]),
-                                   tikhonov_lambdas=config["tikhonov_lambdas"], tv_lambdas=config["tv_lambdas"],
-                                   include_cosmos=False, per_phantom=True)
-        by_kind[kind] = rows
-        _print(quiet, f"[evaluate-model] {_input_text(kind)}, {len(test)} held-out phantoms:\n{_rows_text(rows)}")
-    comparisons = compare_with_baselines(by_kind, names)
-    _print(quiet, "[evaluate-model] each network against each baseline, phantom by phantom (paired t-tests, "
-                  f"Bonferroni over {len(comparisons)}):\n{_comparisons_text(comparisons)}")
-    n_heldout = len(test)
-    command = (f"python -m qmri_labels.workflows.qsm evaluate-model --model {' '.join(_command_path(p) for p in paths)} "
-               f"--bfr {' '.join(bfr_methods)}" + (f" --n-test {int(n_test)}" if n_test is not None else "")
-               + (f" --threads {int(threads)}" if threads else ""))
-    for name, path in zip(names, paths):
-        est = estimators[name]
-        own = {kind: [dict(r, method="unet") if r["method"] == name else r for r in rows
-                      if r["method"] == name or r["method"] not in estimators] for kind, rows in by_kind.items()}
-        keep = {k: v for k, v in read_manifest(path).items() if k not in ("format", "format_version", "weights", "created")}
-        kind = est.input_kind_ if est.input_kind_ in own else "local"
-        keep["heldout_metrics"] = own[kind]
-        keep["heldout_input"] = (f"{_input_text(kind)} of {n_heldout} held-out phantoms "
-                                 f"(seed {first['test_spec']['seed']})")
-        keep["heldout_comparisons"] = [{k: v for k, v in r.items() if k != "network"} for r in comparisons
-                                       if r["network"] == name]
-        keep["heldout_metrics_tuned_on"] = f"first {int(n_tune)} training phantoms"
-        keep["heldout_metrics_after_bfr"] = {**keep.get("heldout_metrics_after_bfr", {}),
-                                             **{k[4:]: v for k, v in own.items() if k.startswith("bfr:")}}
-        if kind != "local":
-            keep["heldout_metrics_local_fields"] = own["local"]
-        keep["evaluate_command"] = command
-        est.save(path, keep)
-    return by_kind
+    with torch_threads(threads):
+        estimators = {name: QSMEstimator.load(path) for name, path in zip(names, paths)}
+        first = estimators[names[0]].manifest_
+        config = first["model_config"]
+        for name, est in estimators.items():
+            m = est.manifest_
+            for key in ("test_spec", "train_spec"):
+                if _same_phantoms(m[key]) != _same_phantoms(first[key]):
+                    raise ValueError(f"{name} and {names[0]} have other {key} phantoms; evaluate them separately")
+            for key in ("tkd_threshold", "tikhonov_lambdas", "tv_lambdas"):
+                if m["model_config"][key] != config[key]:
+                    raise ValueError(f"{name} and {names[0]} tune the baselines differently ({key}); evaluate them "
+                                     "separately")
+        kinds = ["local"] + [f"bfr:{m}" for m in bfr_methods]
+        kinds += sorted({est.input_kind_ for est in estimators.values()
+                         if est.input_kind_.startswith("bfr:")} - set(kinds))
+        by_kind = {}
+        for kind in kinds:
+            for est in estimators.values():
+                check_input_kind(est.manifest_, kind, force=True)
+            test = _phantoms_of(first["test_spec"], kind, n=n_test)
+            tune = _phantoms_of(first["train_spec"], kind, n=n_tune)
+            rows, _ = evaluate_methods(estimators, test, tune, tkd_threshold=float(config["tkd_threshold"]),
+                                       tikhonov_lambdas=config["tikhonov_lambdas"], tv_lambdas=config["tv_lambdas"],
+                                       include_cosmos=False, per_phantom=True)
+            by_kind[kind] = rows
+            _print(quiet, f"[evaluate-model] {_input_text(kind)}, {len(test)} held-out phantoms:\n{_rows_text(rows)}")
+        comparisons = compare_with_baselines(by_kind, names)
+        _print(quiet, "[evaluate-model] each network against each baseline, phantom by phantom (paired t-tests, "
+                      f"Bonferroni over {len(comparisons)}):\n{_comparisons_text(comparisons)}")
+        n_heldout = len(test)
+        command = ("python -m qmri_labels.workflows.qsm evaluate-model "
+                   f"--model {' '.join(_command_path(p) for p in paths)} --bfr {' '.join(bfr_methods)}"
+                   + (f" --n-test {int(n_test)}" if n_test is not None else "")
+                   + (f" --threads {int(threads)}" if threads else ""))
+        for name, path in zip(names, paths):
+            est = estimators[name]
+            own = {kind: [dict(r, method="unet") if r["method"] == name else r for r in rows
+                          if r["method"] == name or r["method"] not in estimators] for kind, rows in by_kind.items()}
+            keep = {k: v for k, v in read_manifest(path).items()
+                    if k not in ("format", "format_version", "weights", "created")}
+            kind = est.input_kind_ if est.input_kind_ in own else "local"
+            keep["heldout_metrics"] = own[kind]
+            keep["heldout_input"] = (f"{_input_text(kind)} of {n_heldout} held-out phantoms "
+                                     f"(seed {first['test_spec']['seed']})")
+            keep["heldout_comparisons"] = [{k: v for k, v in r.items() if k != "network"} for r in comparisons
+                                           if r["network"] == name]
+            keep["heldout_metrics_tuned_on"] = f"first {int(n_tune)} training phantoms"
+            keep["heldout_metrics_after_bfr"] = {**keep.get("heldout_metrics_after_bfr", {}),
+                                                 **{k[4:]: v for k, v in own.items() if k.startswith("bfr:")}}
+            if kind != "local":
+                keep["heldout_metrics_local_fields"] = own["local"]
+            keep["evaluate_command"] = command
+            est.save(path, keep)
+        return by_kind
 
 
 def main(argv=None) -> int:
