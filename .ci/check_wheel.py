@@ -114,7 +114,7 @@ def main() -> int:
                     fail(f"the wheel lacks qmri_labels/models/{model}/{file}")
         if not any(n.endswith("LICENSE") for n in names):
             fail("the wheel carries no LICENSE file")
-        for script in ("qmri-study = qmri_labels.study:main", "qmri-fit = qmri_labels.fit:main"):
+        for script in ("qmri-study = qmri_labels.cli.study:main", "qmri-fit = qmri_labels.cli.fit:main"):
             if script not in entry_points:
                 fail(f"the wheel's entry points lack '{script}'")
 

@@ -3,7 +3,7 @@ every workflow; one merge (fileio.deep_merge) combines configurations, recursive
 
 import pytest
 
-from qmri_labels import study
+from qmri_labels.cli import study
 from qmri_labels.fileio import deep_merge
 from qmri_labels.workflows import KINDS
 from qmri_labels.workflows.common import merge_config

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from qmri_labels import fit as fit_cli
+from qmri_labels.cli import fit as fit_cli
 from qmri_labels.cli import fit_dwi, fit_qsm
 from qmri_labels.derivatives import chi_map_name, param_map_name, sd_map_name, status_map_name
 from qmri_labels.physics import get_model

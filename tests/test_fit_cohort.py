@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from qmri_labels import fit as fit_cli
+from qmri_labels.cli import fit as fit_cli
 from qmri_labels.cli.fit_cohort import SUMMARY_COLUMNS, summary_name
 from qmri_labels.physics import get_model
 

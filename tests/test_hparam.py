@@ -210,7 +210,7 @@ def test_a_killed_worker_s_trial_is_marked_failed_and_run_again(tmp_path):
 
 
 def test_worker_flags_set_the_search_config():
-    from qmri_labels import study
+    from qmri_labels.cli import study
 
     parse = study.build_parser().parse_args
     _, config, _, _ = study.resolve(parse(["--config", "tiny_hparam", "--storage", "sqlite:///x.db",

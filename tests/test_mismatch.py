@@ -19,7 +19,7 @@ def private_cache(tmp_path, monkeypatch):
 
 
 def test_tiny_mismatch_by_name_from_the_study_command(tmp_path):
-    from qmri_labels import study
+    from qmri_labels.cli import study
     from qmri_labels.estimators import NetworkEstimator
 
     out = tmp_path / "run"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from qmri_labels import fit as fit_cli
+from qmri_labels.cli import fit as fit_cli
 from qmri_labels.data.phantoms import QSMPhantomSpec
 from qmri_labels.derivatives import chi_map_name, chi_sd_map_name
 from qmri_labels.training.qsm import QSMEstimator

@@ -174,7 +174,7 @@ def test_warm_start_continues_from_fitted_weights(data):
 def test_label_study_runs_by_name(tmp_path):
     import yaml
 
-    from qmri_labels.study import main
+    from qmri_labels.cli.study import main
 
     out = tmp_path / "run"
     assert main(["--config", "tiny_qsm", "--out", str(out), "--quiet"]) == 0
@@ -192,7 +192,7 @@ def test_label_study_runs_by_name(tmp_path):
 
 
 def test_activation_study_tiny(tmp_path):
-    from qmri_labels.study import load_config
+    from qmri_labels.cli.study import load_config
     from qmri_labels.workflows.qsm import run
 
     config, _ = load_config("qsm_activation")

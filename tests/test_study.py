@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from qmri_labels import study
+from qmri_labels.cli import study
 from qmri_labels.estimators import NetworkEstimator
 
 

@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import pytest
 
-from qmri_labels import study
+from qmri_labels.cli import study
 from qmri_labels.workflows.jobs import JobRunner, resolve_workers, usable_cores
 
 
