@@ -48,3 +48,11 @@ def _saved(est):
     path = Path(tempfile.mkdtemp()) / "gpu_bundle"
     est.save(path)
     return path
+
+
+def test_a_gpu_chunk_is_sized_from_the_gpu_s_free_memory():
+    from qmri_labels.fitting.mle import _default_memory_mb
+
+    free, _ = torch.cuda.mem_get_info()
+    assert _default_memory_mb(torch.device("cpu")) == 1024.0
+    assert _default_memory_mb(torch.device("cuda")) == max(1024.0, min(16384.0, free / 4 / 2**20))
