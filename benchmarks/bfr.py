@@ -1,6 +1,6 @@
 """Background-field removal: local-field error and time per volume, for every method.
 
-One head phantom (:class:`qmri_labels.data.phantoms.QSMPhantomSpec`, ``field_kind="total"``:
+One head phantom (:class:`qmri_labels.data.qsm.QSMPhantomSpec`, ``field_kind="total"``:
 brain sources plus skull, air and sinus background) of ``size``^3 voxels; each method of
 :mod:`qmri_labels.fitting.bfr` with its documented defaults removes the background. Printed per
 method: the local-field NRMSE (%) against the true local field (the field of the brain sources),
@@ -32,7 +32,7 @@ def run(size: int, noise: float, device: str, seed: int = 0, methods=None, sourc
     import numpy as np
     import torch
 
-    from qmri_labels.data.phantoms import QSMPhantomSpec
+    from qmri_labels.data.qsm import QSMPhantomSpec
     from qmri_labels.analysis.image_metrics import nrmse_demeaned
     from qmri_labels.fitting.bfr import BFR_METHODS
     from qmri_labels.physics.qsm import forward_field

@@ -30,7 +30,7 @@ def qsm_predict_cost(size: int, members: int, repeats: int) -> dict:
     ``predict``, summed over the repeats after the first; printed with their ratio."""
     import copy
 
-    from qmri_labels.data.phantoms import QSMPhantomSpec
+    from qmri_labels.data.qsm import QSMPhantomSpec
     from qmri_labels.fitting.qsm_inversion import tv
     from qmri_labels.nets.ensemble import DeepEnsemble
     from qmri_labels.paths import models_dir

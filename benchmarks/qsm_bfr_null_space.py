@@ -102,7 +102,7 @@ def phantom_variants(seeds=(0, 1, 2), size: int = 64) -> list[dict]:
     from scipy import ndimage
 
     from qmri_labels.analysis.image_metrics import nrmse_demeaned
-    from qmri_labels.data.phantoms import make_phantom
+    from qmri_labels.data.qsm import make_phantom
     from qmri_labels.fitting.bfr import vsharp
     from qmri_labels.physics.qsm import forward_field
 
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from qmri_labels.data.phantoms import QSMPhantomSpec
+    from qmri_labels.data.qsm import QSMPhantomSpec
 
     mask = QSMPhantomSpec(shape=(64, 64, 64), n=1, seed=5, mask_extent=(0.5, 0.7)).generate().mask[0]
     fmt = dict(index=False, float_format=lambda v: f"{v:.3f}")

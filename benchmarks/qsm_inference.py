@@ -2,7 +2,7 @@
 
 Each case runs in a fresh Python process so that its peak memory is its own:
 
-* ``phantom``  -- :func:`qmri_labels.data.phantoms.make_phantom` of a ``size``^3 volume plus
+* ``phantom``  -- :func:`qmri_labels.data.qsm.make_phantom` of a ``size``^3 volume plus
                   its field (:func:`forward_field`).
 * ``tkd``      -- :func:`qmri_labels.fitting.qsm_inversion.tkd` of a ``size``^3 field.
 * ``tv``       -- :func:`qmri_labels.fitting.qsm_inversion.tv` of a ``size``^3 masked field.
@@ -57,7 +57,7 @@ def run_case(case: str, size: int, device: str, repeats: int, threads: int | Non
 
     if threads:
         torch.set_num_threads(threads)
-    from qmri_labels.data.phantoms import make_phantom
+    from qmri_labels.data.qsm import make_phantom
     from qmri_labels.fitting.qsm_inversion import tkd, tv
     from qmri_labels.physics.qsm import forward_field
 

@@ -34,7 +34,7 @@ FITS = {"bn": {}, "nobn": {"unet": {"batch_norm": False}}, "ens": {"unet": {"bat
 
 
 def phantoms():
-    from qmri_labels.data.phantoms import QSMPhantomSpec
+    from qmri_labels.data.qsm import QSMPhantomSpec
 
     return QSMPhantomSpec(**TRAIN).generate(), QSMPhantomSpec(**VALIDATION).generate()
 

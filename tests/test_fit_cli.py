@@ -661,7 +661,7 @@ def test_qsm_bad_input(qsm_data, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def qsm_network_bundle(tmp_path_factory):
     """A tiny QSM U-Net (toy preset, one epoch on two 16^3 phantoms): plumbing, not accuracy."""
-    from qmri_labels.data.phantoms import QSMPhantomSpec
+    from qmri_labels.data.qsm import QSMPhantomSpec
     from qmri_labels.training.qsm import QSMEstimator
 
     phantoms = QSMPhantomSpec(shape=(16, 16, 16), n=2, n_orientations=1, seed=0).generate()
@@ -709,7 +709,7 @@ def test_overwrite_never_replaces_a_folder_holding_the_inputs(ivim_data, capsys)
 def qsm_head(tmp_path_factory):
     """One 40^3 head phantom given twice: its total field (brain + skull/air background) and its
     masked local field, from the same seed (same sources, same mask)."""
-    from qmri_labels.data.phantoms import QSMPhantomSpec
+    from qmri_labels.data.qsm import QSMPhantomSpec
 
     folder = tmp_path_factory.mktemp("qsm_head")
     spec = QSMPhantomSpec(shape=(40, 40, 40), n=1, seed=5, noise_sigma=0.0)

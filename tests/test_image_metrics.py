@@ -88,7 +88,7 @@ def test_nrmse_hfen_xsim_match_the_qsm_ci_scorer():
     """An independent implementation: the QSM-CI challenge's scorer (qsm-ci, MIT)."""
     qsm_eval = pytest.importorskip("qsm_ci.qsm_eval")
     from qmri_labels.analysis.image_metrics import xsim
-    from qmri_labels.data.phantoms import QSMPhantomSpec
+    from qmri_labels.data.qsm import QSMPhantomSpec
     from qmri_labels.fitting.qsm_inversion import tkd
 
     data = QSMPhantomSpec(shape=(32, 32, 32), n=1, seed=4, noise_sigma=0.005).generate()

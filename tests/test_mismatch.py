@@ -67,7 +67,8 @@ def test_qsm_resolution_mismatch_tiny(tmp_path):
 
 def test_qsm_resolution_datasets_differ_only_in_resolution():
     """Oh et al.'s premise: same phantoms, same masking, same BFR; only the resolution changes."""
-    from qmri_labels.data.registry import generate_qsm, get_definition
+    from qmri_labels.data.definitions import get_definition
+    from qmri_labels.data.qsm import generate_qsm
     from qmri_labels.physics.qsm import change_resolution
 
     fine_def, coarse_def = get_definition("tiny_qsm_1mm"), get_definition("tiny_qsm_1x1x3mm")
@@ -92,7 +93,8 @@ def test_qsm_resolution_datasets_differ_only_in_resolution():
 
 
 def test_qsm_bfr_mismatch_by_name_gives_a_4x4_matrix_and_12_tests(tmp_path):
-    from qmri_labels.data.registry import generate_qsm, get_definition
+    from qmri_labels.data.definitions import get_definition
+    from qmri_labels.data.qsm import generate_qsm
 
     names = ["tiny_qsm_bfr_vsharp", "tiny_qsm_bfr_lbv", "tiny_qsm_bfr_pdf", "tiny_qsm_bfr_resharp"]
     # the four datasets hold the same phantoms; only the BFR method differs

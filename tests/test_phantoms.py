@@ -1,9 +1,9 @@
-"""Synthetic QSM phantoms (qmri_labels.data.phantoms)."""
+"""Synthetic QSM phantoms (qmri_labels.data.qsm)."""
 
 import numpy as np
 import pytest
 
-from qmri_labels.data.phantoms import (
+from qmri_labels.data.qsm import (
     QSMPhantomSet,
     QSMPhantomSpec,
     make_background,

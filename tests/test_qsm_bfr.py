@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qmri_labels.analysis.image_metrics import nrmse_demeaned
-from qmri_labels.data.phantoms import QSMPhantomSpec
+from qmri_labels.data.qsm import QSMPhantomSpec
 from qmri_labels.fitting.bfr import BFR_METHODS, DEFAULTS, remove_background
 
 

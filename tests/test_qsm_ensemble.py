@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qmri_labels.cli import fit as fit_cli
-from qmri_labels.data.phantoms import QSMPhantomSpec
+from qmri_labels.data.qsm import QSMPhantomSpec
 from qmri_labels.derivatives import chi_map_name, chi_sd_map_name
 from qmri_labels.training.qsm import QSMEstimator
 

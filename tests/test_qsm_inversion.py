@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qmri_labels.analysis.image_metrics import nrmse_demeaned
-from qmri_labels.data.phantoms import QSMPhantomSpec, make_phantom, random_orientations
+from qmri_labels.data.qsm import QSMPhantomSpec, make_phantom, random_orientations
 from qmri_labels.fitting.qsm_inversion import cosmos, tikhonov, tkd
 from qmri_labels.physics.qsm import dipole_kernel, forward_field
 

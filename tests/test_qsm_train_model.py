@@ -8,7 +8,7 @@ import shlex
 import numpy as np
 import pytest
 
-from qmri_labels.data.phantoms import QSMPhantomSet, QSMPhantomSpec
+from qmri_labels.data.qsm import QSMPhantomSet, QSMPhantomSpec
 from qmri_labels.paths import models_dir
 
 #: a few seconds: 20^3 heads, a 2-level U-Net with 2 channels, 2 epochs of 2 patches

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from qmri_labels.data.phantoms import QSMPhantomSpec
+from qmri_labels.data.qsm import QSMPhantomSpec
 from qmri_labels.physics.qsm import forward_field
 from qmri_labels.training.qsm import (
     EpochSampler,

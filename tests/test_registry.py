@@ -7,14 +7,9 @@ import numpy as np
 import pytest
 
 from qmri_labels.data import registry
-from qmri_labels.data.registry import (
-    IncomparableResultsError,
-    check_comparable,
-    data_record,
-    get_definition,
-    list_datasets,
-    load_dataset,
-)
+from qmri_labels.data.comparability import IncomparableResultsError, check_comparable, data_record
+from qmri_labels.data.definitions import get_definition, list_datasets
+from qmri_labels.data.registry import load_dataset
 
 
 @pytest.fixture(autouse=True)

@@ -4,8 +4,8 @@ from qmri_labels.data.datasets import (
     EPSTEIN_BVALUES,
     Dataset,
     DatasetSpec,
-    compute_fingerprint,
 )
+from qmri_labels.data.fingerprint import fingerprint
 from qmri_labels.data.priors import (
     EPSTEIN_RANGES,
     TissueMixturePrior,
@@ -20,6 +20,6 @@ __all__ = [
     "DatasetSpec",
     "TissueMixturePrior",
     "UniformPrior",
-    "compute_fingerprint",
+    "fingerprint",
     "prior_from_dict",
 ]

@@ -9,7 +9,6 @@ arrays, which training runs, caches and results record.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qmri_labels.data.fingerprint import canonical_json, fingerprint
 from qmri_labels.data.priors import UniformPrior, prior_from_dict
 from qmri_labels.fileio import atomic_write_bytes, read_verified_npz
 from qmri_labels.physics import get_model
@@ -93,7 +93,7 @@ class DatasetSpec:
         return cls(**d)
 
     def canonical_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return canonical_json(self.to_dict())
 
     def replace(self, **changes) -> "DatasetSpec":
         return dataclasses.replace(self, **changes)
@@ -206,7 +206,7 @@ class Dataset:
     @property
     def fingerprint(self) -> str:
         """SHA-256 (hex) of the canonical spec and the arrays' bytes."""
-        return compute_fingerprint(self.spec, self.theta_true, self.signals, self.sigma)
+        return fingerprint(self.spec.canonical_json(), (self.theta_true, self.signals, self.sigma))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the dataset to one ``.npz`` file (atomically: a crash leaves no partial file)."""
@@ -233,12 +233,3 @@ class Dataset:
 
         return read_verified_npz(path, build, "qmri_labels dataset", FORMAT_VERSION)
 
-
-def compute_fingerprint(spec: DatasetSpec, *arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    h.update(spec.canonical_json().encode())
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
-    return h.hexdigest()

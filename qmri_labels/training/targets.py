@@ -3,10 +3,11 @@ dataset or from arrays of any data (signals and, where the label needs them, lab
 
 from __future__ import annotations
 
-import hashlib
 from typing import Mapping
 
 import numpy as np
+
+from qmri_labels.data.fingerprint import fingerprint
 
 
 def as_labels(values, shape: tuple, what: str, allow_nan: bool = False) -> np.ndarray:
@@ -21,13 +22,8 @@ def as_labels(values, shape: tuple, what: str, allow_nan: bool = False) -> np.nd
 
 
 def arrays_fingerprint(tensors: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 (hex) of training arrays given directly (no dataset spec to record)."""
-    h = hashlib.sha256(b"arrays:")
-    for key in sorted(tensors):
-        a = np.ascontiguousarray(tensors[key], dtype=np.float32)
-        h.update(f"{key}{a.shape}".encode())
-        h.update(a.astype("<f4", copy=False).tobytes())
-    return h.hexdigest()
+    """Fingerprint of training arrays given directly (no dataset spec to record), as float32."""
+    return fingerprint("arrays:", {key: np.asarray(value, dtype=np.float32) for key, value in tensors.items()})
 
 
 def dataset_targets(dataset, weights: Mapping, mle_labels=None, mle_options: Mapping | None = None,

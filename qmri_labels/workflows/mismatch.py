@@ -30,7 +30,9 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from qmri_labels.data.registry import check_comparable, get_definition, load_dataset
+from qmri_labels.data.comparability import check_comparable
+from qmri_labels.data.definitions import get_definition
+from qmri_labels.data.registry import load_dataset
 from qmri_labels.fileio import write_json, write_text
 from qmri_labels.workflows.common import (
     add_correction,
@@ -180,9 +182,9 @@ def _run_qsm(definitions, config, out: Path, quiet: bool):
         start = time.perf_counter()
         validation = None
         if "validation" in definition.splits:
-            validation = load_dataset(definition, "validation").to_phantom_set()
+            validation = load_dataset(definition, "validation")
         estimator = QSMEstimator(seed=int(config["seed"]), progress=not quiet, **settings)
-        estimator.fit(train.to_phantom_set(), validation)
+        estimator.fit(train, validation)
         seconds = time.perf_counter() - start
         trained[definition.name] = {"train_fingerprint": train.fingerprint, "fit_seconds": seconds,
                                     "epochs": len(getattr(estimator, "history_", []) or [])}

@@ -32,7 +32,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from qmri_labels.analysis.image_metrics import image_metrics
-from qmri_labels.data.phantoms import QSMPhantomSet, QSMPhantomSpec
+from qmri_labels.data.qsm import QSMPhantomSet, QSMPhantomSpec
 from qmri_labels.fileio import atomic_write_bytes, write_json
 from qmri_labels.fitting.bfr import BFR_METHODS
 from qmri_labels.workflows.common import check_count, markdown, merge_config

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from qmri_labels.bundle import device_info, load_bundle, package_versions, read_manifest, save_bundle
-from qmri_labels.data.phantoms import QSMPhantomSet
+from qmri_labels.data.qsm import QSMPhantomSet
 from qmri_labels.fitting.qsm_inversion import TV_DEFAULT_LAMBDA, cosmos, tkd, tv
 from qmri_labels.nets.ensemble import DeepEnsemble, check_n_members, combine_members, members_of
 from qmri_labels.nets.unet3d import UNet3D, UNet3DConfig, unet3d_preset
@@ -236,7 +236,7 @@ class QSMEstimator(ParamsMixin):
 
     # -- sklearn contract ------------------------------------------------------------------
     def fit(self, data: QSMPhantomSet, validation: QSMPhantomSet | None = None) -> "QSMEstimator":
-        """Train on a :class:`~qmri_labels.data.phantoms.QSMPhantomSet` (optionally validating on another).
+        """Train on a :class:`~qmri_labels.data.qsm.QSMPhantomSet` (optionally validating on another).
 
         The best epoch by validation loss (training loss without validation data) is kept,
         per member of an ensemble (``n_members``).

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from qmri_labels.data.phantoms import FIELD_KINDS
+from qmri_labels.data.qsm import FIELD_KINDS
 
 __all__ = ["INPUT_KINDS", "input_kind_of", "check_input_kind"]
 
