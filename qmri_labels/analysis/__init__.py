@@ -20,7 +20,7 @@ from qmri_labels.analysis.crlb import (
     fisher_information,
     rician_information_factor,
 )
-from qmri_labels.analysis.grid import GridResult, GridSpec, evaluate_grid
+from qmri_labels.analysis.grid import GridResult, evaluate_grid
 from qmri_labels.analysis.image_metrics import (
     hfen,
     image_metrics,
@@ -40,6 +40,8 @@ from qmri_labels.analysis.stats import (
     paired_comparisons,
     paired_effect_size,
 )
+from qmri_labels.data.grid import GridSpec
+
 
 _LAZY = {
     "write_report": "qmri_labels.analysis.report",

@@ -21,6 +21,7 @@ A repeat without a finite SD (an MLE parameter on a bound) has no interval: it i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -28,7 +29,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from qmri_labels.analysis.grid import GridSpec
+from qmri_labels.data.grid import GridSpec
 from qmri_labels.fitting.uncertainty import check_level
 
 #: nominal levels of the summary columns
@@ -174,8 +175,6 @@ class CalibrationResult:
 
     def select(self, methods) -> "CalibrationResult":
         """The result restricted to those of ``methods`` it holds (in that order)."""
-        import dataclasses
-
         methods = [m for m in methods if m in self.methods]
         pick = lambda d: {m: d[m] for m in methods if m in d}  # noqa: E731
         return dataclasses.replace(self, methods=methods, **{k: pick(getattr(self, k)) for k in (
@@ -204,7 +203,8 @@ def _pct(level: float) -> str:
     return f"{100 * level:g}".replace(".", "_")
 
 
-def _predict_with_sd(estimator, signals: np.ndarray):
+def predict_with_sd(estimator, signals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(params, sd)`` of an estimator that reports SDs, each ``(N, P)`` float64."""
     if hasattr(estimator, "predict"):
         out = estimator.predict(signals, return_sd=True)
     elif callable(estimator):
@@ -242,21 +242,10 @@ def evaluate_calibration(estimators: dict, grid: GridSpec, levels=DEFAULT_LEVELS
         raise ValueError("estimators must name at least one estimator")
     levels, reliability_levels = _check_levels(levels), _check_levels(reliability_levels)
     names = list(estimators)
-    truth = grid.truth
-    G, P = truth.shape
     accumulator = CalibrationAccumulator(names, grid, levels, reliability_levels)
-    points_per_chunk = max(1, grid.chunk_size // grid.repeats)
-    chunks = range(math.ceil(G / points_per_chunk))
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc=f"calibration {G} points x {grid.repeats} repeats", unit="chunk")
-    for c in chunks:
-        lo, hi = c * points_per_chunk, min(G, (c + 1) * points_per_chunk)
-        n = hi - lo
-        flat = grid.signals(slice(lo, hi)).astype(np.float32).reshape(n * grid.repeats, -1)
+    for lo, hi, flat in grid.chunks(progress, "calibration"):
         for m in names:
-            est, sd = _predict_with_sd(estimators[m], flat)
+            est, sd = predict_with_sd(estimators[m], flat)
             accumulator.add(m, lo, hi, est, sd)
     return accumulator.result()
 
@@ -338,7 +327,7 @@ def summarize_calibration(result: CalibrationResult, alpha: float = 0.01) -> pd.
 def plot_reliability(result: CalibrationResult, methods=None, parameters=None, colors: dict | None = None):
     """Reliability diagram: pooled observed coverage against nominal level, one panel per
     parameter, one line per method, the diagonal for perfect calibration. Returns the Figure."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy, and only figures need it
 
     methods = list(result.methods if methods is None else methods)
     parameters = list(result.param_names if parameters is None else parameters)

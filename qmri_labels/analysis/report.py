@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qmri_labels.analysis.grid import GridResult, GridSpec
+from qmri_labels.analysis.grid import GridResult
 from qmri_labels.analysis.metrics import spearman_table, summarize
 from qmri_labels.analysis.stats import compare_on_grid
+from qmri_labels.data.grid import GridSpec
 
 GRID_CSV = "grid.csv"
 GRID_SPEC = "grid_spec.json"

@@ -14,6 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -31,8 +32,79 @@ FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
-class DatasetSpec:
-    """Everything that defines a simulated dataset.
+class SimulationSpec:
+    """What every simulation of noisy signals states: a dataset's (:class:`DatasetSpec`) and an
+    evaluation grid's (:class:`~qmri_labels.data.grid.GridSpec`).
+
+    Parameters
+    ----------
+    model : str
+        Signal model name (``"ivim"``, ``"monoexp"``, ``"t2"``, ...).
+    protocol : tuple of float
+        b-values in s/mm^2 (or echo times for the relaxation models).
+    snr : float, (low, high) or dict
+        ``s0_reference / sigma`` (see :func:`snr_setting`).
+    noise : {"rician", "gaussian"}
+    seed : int
+    s0_reference : float
+        The S0 that the SNR refers to (1 for normalised signals).
+    """
+
+    model: str = "ivim"
+    protocol: tuple = EPSTEIN_BVALUES
+    snr: float | dict = 30.0
+    noise: str = "rician"
+    seed: int = 0
+    s0_reference: float = 1.0
+
+    #: the order of the keys of :meth:`to_dict` (that of the files and manifests written from it)
+    FIELD_ORDER: ClassVar[tuple[str, ...]] = ("model", "protocol", "snr", "noise", "seed", "s0_reference")
+
+    def __post_init__(self):
+        model = get_model(self.model)
+        object.__setattr__(self, "protocol", tuple(float(b) for b in model.validate_protocol(self.protocol)))
+        if self.noise not in NOISE_TYPES:
+            raise ValueError(f"noise must be one of {NOISE_TYPES}, got {self.noise!r}")
+        object.__setattr__(self, "snr", snr_setting(self.snr))
+        object.__setattr__(self, "seed", int(self.seed))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["protocol"] = list(self.protocol)
+        return {name: d[name] for name in self.FIELD_ORDER}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """The spec of a :meth:`to_dict` mapping; unknown keys are refused."""
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+        return cls(**d)
+
+    def canonical_json(self) -> str:
+        return canonical_json(self.to_dict())
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def snr_range(self) -> bool:
+        """Whether the SNR is drawn per voxel (a range) rather than one number."""
+        return isinstance(self.snr, dict)
+
+    @property
+    def sigma(self) -> float:
+        """The noise level of a single-SNR spec (for an SNR range see ``Dataset.sigma``)."""
+        if self.snr_range:
+            raise ValueError(f"this spec draws the SNR per voxel ({self.snr}); its sigma is per voxel: use "
+                             "Dataset.sigma of the generated dataset")
+        return sigma_from_snr(self.snr, self.s0_reference)
+
+
+@dataclass(frozen=True)
+class DatasetSpec(SimulationSpec):
+    """Everything that defines a simulated dataset: the :class:`SimulationSpec` settings plus
+    the prior and the number of voxels.
 
     Parameters
     ----------
@@ -56,60 +128,21 @@ class DatasetSpec:
         The S0 that the SNR refers to (1 for normalised signals).
     """
 
-    model: str = "ivim"
-    protocol: tuple = EPSTEIN_BVALUES
     prior: dict = field(default_factory=lambda: UniformPrior().to_dict())
-    snr: float | dict = 30.0
-    noise: str = "rician"
     n: int = 100_000
-    seed: int = 0
-    s0_reference: float = 1.0
+
+    FIELD_ORDER: ClassVar[tuple[str, ...]] = ("model", "protocol", "prior", "snr", "noise", "n", "seed",
+                                              "s0_reference")
 
     def __post_init__(self):
-        model = get_model(self.model)
+        super().__post_init__()
         prior = self.prior if isinstance(self.prior, dict) else self.prior.to_dict()
         object.__setattr__(self, "prior", prior)
-        object.__setattr__(self, "protocol", tuple(float(b) for b in model.validate_protocol(self.protocol)))
-        if self.noise not in NOISE_TYPES:
-            raise ValueError(f"noise must be one of {NOISE_TYPES}, got {self.noise!r}")
-        snr = snr_setting(self.snr)
         if int(self.n) != self.n or self.n < 1:
             raise ValueError(f"n must be a positive integer, got {self.n}")
         if prior.get("model", self.model) != self.model:
             raise ValueError(f"prior is for model {prior.get('model')!r}, spec for {self.model!r}")
         object.__setattr__(self, "n", int(self.n))
-        object.__setattr__(self, "seed", int(self.seed))
-        object.__setattr__(self, "snr", snr)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["protocol"] = list(self.protocol)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DatasetSpec":
-        d = dict(d)
-        d["protocol"] = tuple(d["protocol"])
-        return cls(**d)
-
-    def canonical_json(self) -> str:
-        return canonical_json(self.to_dict())
-
-    def replace(self, **changes) -> "DatasetSpec":
-        return dataclasses.replace(self, **changes)
-
-    @property
-    def snr_range(self) -> bool:
-        """Whether the SNR is drawn per voxel (a range) rather than one number."""
-        return isinstance(self.snr, dict)
-
-    @property
-    def sigma(self) -> float:
-        """The noise level of a single-SNR spec (for an SNR range see ``Dataset.sigma``)."""
-        if self.snr_range:
-            raise ValueError(f"this spec draws the SNR per voxel ({self.snr}); its sigma is per voxel: use "
-                             "Dataset.sigma of the generated dataset")
-        return sigma_from_snr(self.snr, self.s0_reference)
 
     def sample_sigma(self, rng: np.random.Generator) -> np.ndarray:
         """Per-voxel sigma ``(n,)``; draws from ``rng`` only for an SNR range (so a scalar
