@@ -62,14 +62,14 @@ def torch_reference(data, bounds, chunk: int = 20000):
     import torch
 
     from qmri_labels.fitting.likelihood import full_nll, nll_and_grad_terms
-    from qmri_labels.fitting.mle import _LevenbergMarquardt
+    from qmri_labels.fitting.lm import LevenbergMarquardt
     from qmri_labels.fitting.reference import MULTISTART_GRID
     from qmri_labels.physics import get_model
 
     model = get_model("ivim")
     b = torch.as_tensor(np.asarray(data.protocol, dtype=np.float64))
     lo_all, hi_all = (torch.as_tensor(row, dtype=torch.float64) for row in bounds)
-    solver = _LevenbergMarquardt(model, b, nll_and_grad_terms("rician"), 1e-10)
+    solver = LevenbergMarquardt(model, b, nll_and_grad_terms("rician"), 1e-10)
     nll, theta = np.empty(len(data)), np.empty((len(data), 4))
     for start in range(0, len(data), chunk):
         sl = slice(start, min(start + chunk, len(data)))

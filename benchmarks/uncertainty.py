@@ -38,7 +38,7 @@ import pandas as pd
 from qmri_labels.analysis import GridSpec
 from qmri_labels.data import EPSTEIN_BVALUES, DatasetSpec
 from qmri_labels.fitting import fit_mle
-from qmri_labels.fitting.uncertainty import bootstrap_interval
+from qmri_labels.fitting.bootstrap import bootstrap_interval
 
 
 def cost(n: int, repeats: int) -> None:

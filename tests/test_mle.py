@@ -56,13 +56,13 @@ def test_chunking_does_not_change_results(data, monkeypatch):
     import qmri_labels.fitting.mle as mle
 
     sizes = []
-    real_fit_chunk = mle._fit_chunk
+    real_fit_chunk = mle.fit_chunk
 
     def counting_fit_chunk(model, y, *args):
         sizes.append(y.shape[0])
         return real_fit_chunk(model, y, *args)
 
-    monkeypatch.setattr(mle, "_fit_chunk", counting_fit_chunk)
+    monkeypatch.setattr(mle, "fit_chunk", counting_fit_chunk)
     whole = fit_mle(data.signals[:600], B, sigma=data.sigma[:600])
     assert sizes == [600]
     sizes.clear()
@@ -210,23 +210,23 @@ def test_fast_i0e_matches_the_exact_function_and_leaves_its_input_alone():
 def test_voxels_on_a_bound_go_on_with_more_starts_than_the_race_had(data, monkeypatch):
     """With n_starts=2 the rescue of voxels on a bound continues the race's two starts and adds
     new ones up to _RESCUE_STARTS; no rescued voxel ends worse than the race's choice."""
-    import qmri_labels.fitting.mle as mle
+    import qmri_labels.fitting.lm as lm
 
     seen = []
-    original = mle._rescue_batch
+    original = lm._rescue_batch
 
     def spy(*args):
         rescue = original(*args)
         seen.append((args[3].numel(), rescue.theta.shape[0], rescue.converged.clone()))
         return rescue
 
-    monkeypatch.setattr(mle, "_rescue_batch", spy)
+    monkeypatch.setattr(lm, "_rescue_batch", spy)
     fit = fit_mle(data.signals[:400], B, sigma=data.sigma[:400], n_starts=2)
     (redo, rows, converged), = seen
-    assert redo > 0 and rows == redo * mle._RESCUE_STARTS
+    assert redo > 0 and rows == redo * lm._RESCUE_STARTS
     # the race's choice comes in converged, the new starts do not
     assert converged.reshape(redo, -1)[:, 2:].sum() == 0 and converged.reshape(redo, -1)[:, :2].any(-1).all()
-    monkeypatch.setattr(mle, "_RESCUE_STARTS", 2)  # no new starts: only the race's own
+    monkeypatch.setattr(lm, "_RESCUE_STARTS", 2)  # no new starts: only the race's own
     fewer = fit_mle(data.signals[:400], B, sigma=data.sigma[:400], n_starts=2)
     # never worse than without new starts (float32 iterations: 1e-5), and here better in a voxel
     assert np.all(fit.nll <= fewer.nll + 1e-5) and fit.converged.all()

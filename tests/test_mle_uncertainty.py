@@ -7,7 +7,7 @@ import torch
 from qmri_labels.analysis import crlb
 from qmri_labels.estimators import MLEEstimator
 from qmri_labels.fitting import fit_mle
-from qmri_labels.fitting.uncertainty import bootstrap_interval
+from qmri_labels.fitting.bootstrap import bootstrap_interval
 from qmri_labels.physics import get_model
 
 B_MONO = np.array([0.0, 200.0, 400.0, 600.0, 800.0, 1000.0])

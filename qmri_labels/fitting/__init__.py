@@ -6,7 +6,8 @@ from qmri_labels.fitting.mle import (
     fit_mle,
 )
 from qmri_labels.fitting.noise import NoiseEstimate, estimate_noise, sigma_from_repeats
-from qmri_labels.fitting.uncertainty import MLEUncertainty, bootstrap_interval
+from qmri_labels.fitting.bootstrap import bootstrap_interval
+from qmri_labels.fitting.uncertainty import MLEUncertainty
 
 __all__ = ["FITTER_VERSION", "MLEFit", "MLEUncertainty", "NoiseEstimate", "bootstrap_interval", "estimate_noise",
            "fit_mle", "sigma_from_repeats"]
