@@ -6,6 +6,8 @@ Plotting and reporting (:mod:`~qmri_labels.analysis.plots`, :mod:`~qmri_labels.a
 import matplotlib only when first used.
 """
 
+import importlib
+
 from qmri_labels.analysis.calibration import (
     CalibrationResult,
     calibration_statistics,
@@ -57,8 +59,6 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

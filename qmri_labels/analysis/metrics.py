@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy.stats import spearmanr
 
 from qmri_labels.analysis.grid import GridResult
 
@@ -189,8 +190,6 @@ def spearman_table(result: GridResult, parameters: list | tuple | None = None) -
     DataFrame with columns ``method``, ``param_a``, ``param_b``, ``noise_rho``, ``grid_rho``,
     ``true_rho``.
     """
-    from scipy.stats import spearmanr
-
     names = list(result.param_names)
     wanted = list(result.grid.varied) if parameters is None else list(parameters)
     rows = []

@@ -15,10 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from qmri_labels.analysis.grid import GridResult
 from qmri_labels.analysis.metrics import marginal_curves
+from qmri_labels.fileio import atomic_write_bytes
+from qmri_labels.physics import get_model
 
 FORMATS = ("png", "pdf", "svg")
 
@@ -40,8 +43,6 @@ def method_colors(methods) -> dict:
     ``net-hybrid-<alpha>`` on a purple ramp by alpha; any other name a colour of its own,
     chosen from its position among the other names.
     """
-    from matplotlib import colormaps
-
     colors = {}
     others = []
     for m in methods:
@@ -83,8 +84,6 @@ def save_figure(fig: Figure, path, fmt: str | None = None, dpi: int = 120) -> Pa
 
     Returns the path written (its suffix set to the format).
     """
-    from qmri_labels.fileio import atomic_write_bytes
-
     path = Path(path)
     suffix = path.suffix.lstrip(".").lower()
     if fmt is None:
@@ -303,8 +302,6 @@ def plot_alpha_sweep(sweep: pd.DataFrame, parameters=None, metrics=("mean_abs_bi
     if sweep.empty:
         raise ValueError("alpha sweep table is empty")
     if units is None:
-        from qmri_labels.physics import get_model
-
         units = get_model("ivim").units
     if parameters is None:
         present = list(dict.fromkeys(sweep["parameter"]))

@@ -23,11 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
+from qmri_labels.analysis.calibration import plot_reliability, summarize_calibration
 from qmri_labels.analysis.grid import GridResult
 from qmri_labels.analysis.metrics import spearman_table, summarize
 from qmri_labels.analysis.stats import compare_on_grid
 from qmri_labels.data.grid import GridSpec
+from qmri_labels.fileio import atomic_write_bytes
 
 GRID_CSV = "grid.csv"
 GRID_SPEC = "grid_spec.json"
@@ -40,8 +43,6 @@ CONFIG_NAMES = ("config.json", "config.yaml", "config.yml", "resolved_config.yam
 
 
 def _write_text(path: Path, text: str) -> None:
-    from qmri_labels.fileio import atomic_write_bytes
-
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
@@ -101,7 +102,7 @@ def make_figures(result: GridResult, summary: pd.DataFrame, figures_dir, fmt: st
     ``hist2d_<reference>_vs_<method>`` (per-point RMSE of each method against the reference)
     and ``alpha_sweep`` when the summary holds a hybrid sweep.
     """
-    from qmri_labels.analysis import plots
+    from qmri_labels.analysis import plots  # matplotlib: heavy, loaded only for figures
 
     figures_dir = Path(figures_dir)
     written = {}
@@ -134,7 +135,7 @@ def _reference(result: GridResult, reference) -> str:
 
 
 def _sweep(summary, alpha_sweep):
-    from qmri_labels.analysis.plots import alpha_sweep_table
+    from qmri_labels.analysis.plots import alpha_sweep_table  # plots import matplotlib: heavy, loaded when used
 
     if alpha_sweep is False:
         return None
@@ -216,7 +217,7 @@ def write_report(out_dir, result: GridResult, summary: pd.DataFrame | None = Non
         _write_csv(out_dir / COMPARISONS_CSV, comparisons)
     snr_figures = {}
     if figures and len(by_snr) > 1:
-        from qmri_labels.analysis import plots
+        from qmri_labels.analysis import plots  # matplotlib: heavy, loaded only for figures
 
         for snr, res in sorted(by_snr.items()):
             snr_figures[snr] = plots.save_figure(plots.plot_bias_sd_rmse(res),
@@ -227,8 +228,7 @@ def write_report(out_dir, result: GridResult, summary: pd.DataFrame | None = Non
         if not set(CALIBRATION_COLUMNS) <= set(summary.columns):
             summary = add_calibration(summary, result)
         if draw and result.calibration.methods:
-            from qmri_labels.analysis import plots
-            from qmri_labels.analysis.calibration import plot_reliability
+            from qmri_labels.analysis import plots  # matplotlib: heavy, loaded only for figures
 
             varied = list(result.grid.varied) or None
             figures["reliability"] = plots.save_figure(plot_reliability(result.calibration, parameters=varied),
@@ -297,8 +297,6 @@ def write_report(out_dir, result: GridResult, summary: pd.DataFrame | None = Non
     for section in sections or []:
         lines += [section.rstrip(), ""]
     if config is not None:
-        import yaml
-
         lines += ["## Configuration", "", "```yaml",
                   yaml.safe_dump(_plain(config), sort_keys=False, default_flow_style=None).rstrip(), "```", ""]
     if notes:
@@ -320,8 +318,6 @@ OVERCONFIDENT_Z_RMS = 1.1
 def add_calibration(summary: pd.DataFrame, result: GridResult) -> pd.DataFrame:
     """``summary`` with the :data:`CALIBRATION_COLUMNS` of ``result.calibration`` merged on
     (method, parameter); NaN for methods that reported no SD (and for all when none did)."""
-    from qmri_labels.analysis.calibration import summarize_calibration
-
     summary = summary.drop(columns=[c for c in CALIBRATION_COLUMNS if c in summary.columns])
     if result.calibration is not None and result.calibration.methods:
         table = summarize_calibration(result.calibration).rename(columns={"reported_fraction": "sd_reported_fraction"})
@@ -461,8 +457,6 @@ def _read_mapping(path: Path):
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         return json.loads(text)
-    import yaml
-
     return yaml.safe_load(text)
 
 

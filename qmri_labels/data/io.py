@@ -35,6 +35,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import scipy.io
 
 from qmri_labels.fileio import atomic_write_bytes, write_json
 
@@ -320,8 +321,6 @@ def sha256_file(path: str | os.PathLike, block_size: int = 1 << 20) -> str:
 
 def write_mat(path: str | os.PathLike, variables: dict) -> Path:
     """Write ``variables`` (name -> array or scalar) to a MATLAB ``.mat`` file (v5), atomically."""
-    import scipy.io
-
     path = Path(path)
     buffer = io.BytesIO()
     scipy.io.savemat(buffer, variables, do_compression=True)

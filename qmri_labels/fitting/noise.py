@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.stats import chi2
 
 __all__ = [
     "NoiseEstimate",
@@ -118,8 +119,6 @@ def sigma_from_repeats(signals, bvalues, *, groups=None, snr_gate: float = 3.0, 
     NoiseEstimate, or None when no measurement repeats (or no group has ``min_voxels``
     voxels with finite, non-negative samples).
     """
-    from scipy.stats import chi2
-
     flat = np.asarray(signals, dtype=np.float64)
     bvalues = np.asarray(bvalues, dtype=np.float64).ravel()
     if flat.shape[-1] != bvalues.size:

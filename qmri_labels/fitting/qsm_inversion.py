@@ -31,6 +31,7 @@ import torch
 
 from qmri_labels.physics.qsm import (
     _dipole_kernel_torch,
+    _pad_amounts,
     _to_tensor,
     apply_kspace_filter,
     gradient_kernel_sq,
@@ -194,8 +195,6 @@ def cosmos(
     if conditioning <= 0:
         raise ValueError(f"conditioning must be > 0, got {conditioning}")
     dirs = [normalize_direction(d) for d in orient]
-    from qmri_labels.physics.qsm import _pad_amounts
-
     shape3 = tuple(t.shape[-3:])
     px, py, pz = _pad_amounts(shape3, pad)
     if px or py or pz:

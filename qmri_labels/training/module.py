@@ -8,7 +8,10 @@ import math
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from qmri_labels.training import distributed
 from qmri_labels.training.labels import LabelLoss
@@ -129,9 +132,6 @@ class LabelRegressor(L.LightningModule):
         }
         self._world_size = int(self.trainer.world_size)
         if self._world_size > 1:
-            from lightning.pytorch.strategies import DDPStrategy
-            from torch.nn.parallel import DistributedDataParallel
-
             strategy = self.trainer.strategy
             if not isinstance(strategy, DDPStrategy):
                 raise ValueError(f"{type(self).__name__} trains on several processes only with strategy='ddp' "
@@ -152,9 +152,6 @@ class LabelRegressor(L.LightningModule):
         ``optimizer.step()``; calling those directly saves their per-step cost, which is a
         large share of a step for small voxel-wise MLPs. Other set-ups keep the wrappers.
         """
-        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-
         plugin = self.trainer.precision_plugin
         plain_precision = type(plugin) is Precision or (isinstance(plugin, MixedPrecision) and plugin.scaler is None)
         return plain_precision and isinstance(self.trainer.strategy, (SingleDeviceStrategy, DDPStrategy))
