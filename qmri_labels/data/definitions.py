@@ -178,7 +178,22 @@ def list_datasets(directory: str | os.PathLike | None = None) -> list[str]:
 
 def definition_from_dict(raw: Mapping, *, directory: str | os.PathLike | None = None,
                          source: Path | None = None, _seen: tuple = ()) -> DatasetDefinition:
-    """Build a :class:`DatasetDefinition` from a mapping (inline configs use this too)."""
+    """Build a :class:`DatasetDefinition` from a mapping (inline configs use this too).
+
+    Parameters
+    ----------
+    raw : Mapping
+        The definition (``name``, ``kind``, ``description``, ``spec``, ``splits``, optionally
+        ``base``).
+    directory : path, optional
+        Where ``base`` definitions are looked up (default :func:`datasets_dir`).
+    source : Path, optional
+        The file the mapping came from (recorded, and its stem names an unnamed definition).
+
+    Returns
+    -------
+    DatasetDefinition
+    """
     raw = _raw_with_bases(raw, directory=directory, source=source, seen=_seen)
     name = raw["name"]
     unknown = set(raw) - {"name", "kind", "description", "spec", "splits"}
@@ -229,7 +244,20 @@ def _raw_with_bases(raw: Mapping, *, directory, source: Path | None, seen: tuple
 
 def get_definition(name: str | Mapping | DatasetDefinition, *, directory: str | os.PathLike | None = None,
                    _seen: tuple = ()) -> DatasetDefinition:
-    """The definition of a named dataset (or of an inline mapping, or a path to a YAML file)."""
+    """The definition of a named dataset (or of an inline mapping, or a path to a YAML file).
+
+    Parameters
+    ----------
+    name : str, Mapping or DatasetDefinition
+        A name defined in ``directory``, a path to a definition file, an inline definition, or
+        a definition (returned as it is).
+    directory : path, optional
+        Folder of the definitions (default :func:`datasets_dir`).
+
+    Returns
+    -------
+    DatasetDefinition
+    """
     if isinstance(name, DatasetDefinition):
         return name
     if isinstance(name, Mapping):

@@ -231,7 +231,22 @@ class LevenbergMarquardt:
         self.model, self.b, self.nll_and_grad, self.tol = model, b, nll_and_grad, tol
 
     def evaluate(self, theta, y, sigma):
-        """Objective, gradient and Gauss-Newton curvature ``J^T J / sigma^2`` at ``theta``."""
+        """Objective, gradient and Gauss-Newton curvature ``J^T J / sigma^2`` at ``theta``.
+
+        Parameters
+        ----------
+        theta : Tensor (N, P)
+        y : Tensor (N, M)
+            Signals.
+        sigma : Tensor (N, 1)
+            Noise level of each row.
+
+        Returns
+        -------
+        obj : Tensor (N,)
+        grad : Tensor (N, P)
+        hess : Tensor (N, P, P)
+        """
         pred, grads = self.model.forward_and_gradients(theta, self.b)  # grads: (a, P, M)
         terms, d_obj = self.nll_and_grad(y, pred, sigma)
         grad = torch.bmm(grads, d_obj.unsqueeze(-1)).squeeze(-1)
@@ -239,6 +254,23 @@ class LevenbergMarquardt:
         return terms.sum(-1), grad, hess
 
     def start(self, theta, y, sigma, lo, hi) -> _Batch:
+        """The state of rows starting at ``theta`` (damping 1e-3, nothing converged).
+
+        Parameters
+        ----------
+        theta : Tensor (N, P)
+            Starting points inside ``[lo, hi]``.
+        y : Tensor (N, M)
+            Signals.
+        sigma : Tensor (N, 1)
+            Noise level of each row.
+        lo, hi : Tensor (N, P)
+            Bounds of each row.
+
+        Returns
+        -------
+        _Batch
+        """
         obj, grad, hess = self.evaluate(theta, y, sigma)
         n = theta.shape[0]
         return _Batch(theta.clone(), y, sigma, lo, hi, obj, grad, hess,

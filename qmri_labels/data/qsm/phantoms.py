@@ -196,6 +196,21 @@ def random_orientations(n: int, max_angle_deg: float = 30.0, seed=0, *, min_angl
     uniform on ``[cos(max), cos(min)]``. The azimuths are spread evenly around z (plus a
     jitter of +-0.3 rad) so that the directions are diverse, as in head rotations of a
     multi-orientation (COSMOS) acquisition.
+
+    Parameters
+    ----------
+    n : int
+        Number of directions.
+    max_angle_deg : float
+        Largest tilt from z, in degrees (at most 90).
+    seed : int or numpy Generator
+    min_angle_deg : float, optional
+        Smallest tilt of the extra directions (default ``max_angle_deg / 2``).
+
+    Returns
+    -------
+    ndarray float64, (n, 3)
+        Unit vectors.
     """
     if n < 1:
         raise ValueError(f"number of orientations must be >= 1, got {n}")
@@ -231,9 +246,20 @@ def make_background(
     (0 ppm); ``1 < d <= 1 + skull_thickness``: skull (``skull_chi``); up to ``+
     scalp_thickness``: scalp (0 ppm); beyond: air (``air_chi``). ``n_sinuses`` air-filled
     ellipsoids (``air_chi``) sit below and in front of the brain centre, reaching into the head
-    up to two voxels from the brain (a bony wall between them, as in a real head), like the frontal and sphenoid sinuses that make the strongest
-    background fields of a real head. Thicknesses default to 5 % and 3 % of the smallest grid
-    side (at least one voxel).
+    up to two voxels from the brain (a bony wall between them, as in a real head), like the
+    frontal and sphenoid sinuses that make the strongest background fields of a real head.
+
+    Parameters
+    ----------
+    mask : ndarray bool, (X, Y, Z)
+        The brain mask (non-empty).
+    skull_chi, air_chi : float
+        Susceptibility of skull and air (ppm, relative to brain tissue).
+    skull_thickness, scalp_thickness : float, optional
+        In voxels; default 5 % and 3 % of the smallest grid side (at least one voxel).
+    n_sinuses : int
+        Air-filled pockets next to the brain.
+    seed : int or numpy Generator
 
     Returns
     -------
