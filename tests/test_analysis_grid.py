@@ -254,3 +254,16 @@ def test_evaluate_snrs_scales_the_sd_and_stacks_an_snr_column(tmp_path):
     np.testing.assert_allclose(back.extra["results_by_snr"][15.0].sd["oracle"], results[15.0].sd["oracle"])
     with pytest.raises(ValueError, match="SNRs"):
         grid_snrs([20, 0])
+
+
+def test_chunks_cover_the_grid_in_order_with_the_signals_of_each_point():
+    grid = GridSpec(model="monoexp", protocol=(0, 500, 1000), axes={"D": np.linspace(5e-4, 3e-3, 7)}, repeats=4,
+                    chunk_size=9)
+    chunks = list(grid.chunks())
+    assert [(lo, hi) for lo, hi, _ in chunks] == [(0, 2), (2, 4), (4, 6), (6, 7)]  # 2 points = 8 signals <= 9
+    assert all(signals.shape == ((hi - lo) * 4, 3) and signals.dtype == np.float32 for lo, hi, signals in chunks)
+    whole = np.concatenate([signals for _, _, signals in chunks])
+    np.testing.assert_array_equal(whole, grid.signals().astype(np.float32).reshape(-1, 3))
+    assert grid.replace(chunk_size=1).fingerprint == grid.replace(chunk_size=1).fingerprint != grid.fingerprint
+    with pytest.raises(ValueError, match="one SNR"):
+        GridSpec(snr=(10, 20))

@@ -107,3 +107,28 @@ def test_snr_range_is_checked_and_has_no_single_sigma():
                        ({"low": 5, "high": 50, "distribution": "normal"}, "distribution"), ("high", "snr")]:
         with pytest.raises(ValueError, match=match):
             DatasetSpec(snr=bad)
+
+
+def test_fingerprint_is_that_of_the_values_whatever_their_byte_order():
+    from qmri_labels.data.fingerprint import fingerprint
+
+    data = DatasetSpec(n=50, seed=7).generate()
+    arrays = (data.theta_true, data.signals, data.sigma)
+    swapped = tuple(a.astype(a.dtype.newbyteorder(">")) for a in arrays)
+    assert swapped[1].dtype.str == ">f4" and swapped[1].tobytes() != data.signals.tobytes()
+    assert fingerprint(data.spec.canonical_json(), swapped) == data.fingerprint
+    swapped_set = Dataset(data.spec, *swapped)
+    assert swapped_set.fingerprint == data.fingerprint
+    assert fingerprint("x", {"b": data.sigma, "a": data.signals}) == fingerprint("x", {"a": data.signals, "b": data.sigma})
+    assert fingerprint("x", ()) != fingerprint("y", ())
+
+
+def test_shipped_bundles_record_the_fingerprint_of_their_heldout_data():
+    """The recorded fingerprints stay verifiable: the held-out spec regenerates them."""
+    import json
+
+    from qmri_labels.paths import models_dir
+
+    manifest = json.loads((models_dir() / "ivim_epstein_snr30_gt" / "manifest.json").read_text())
+    heldout = manifest["metrics"]["heldout"]
+    assert DatasetSpec.from_dict(heldout["spec"]).generate().fingerprint == heldout["fingerprint"]

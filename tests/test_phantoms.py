@@ -153,3 +153,18 @@ def test_total_field_adds_a_dominant_background_of_the_head():
 
     dist = ndimage.distance_transform_edt(~m)
     assert np.any((bg_chi == 9.4) & (dist <= 3)) and not np.any((bg_chi == 9.4) & (dist <= 2))
+
+
+def test_shipped_qsm_bundle_records_the_fingerprint_of_its_heldout_phantoms():
+    """The set class once hashed the arrays' native bytes, the shipped manifest records such a
+    fingerprint; the one fingerprint function (little-endian) gives the same value."""
+    import json
+
+    from qmri_labels.paths import models_dir
+
+    manifest = json.loads((models_dir() / "qsm_unet_field-tv_residual_lrelu16" / "manifest.json").read_text())
+    heldout = QSMPhantomSpec.from_dict(manifest["test_spec"]).generate()
+    assert heldout.fingerprint == manifest["test_fingerprint"]
+    swapped = QSMPhantomSet(spec=heldout.spec, chi=heldout.chi.astype(">f4"), mask=heldout.mask,
+                            fields=heldout.fields.astype(">f4"), orientations=heldout.orientations.astype(">f8"))
+    assert swapped.fingerprint == heldout.fingerprint
