@@ -7,7 +7,7 @@ signals).
 
 Data: each network's own training distribution (its manifest's ``train_spec``: model, protocol,
 prior with S0 ~ U(0.8, 1.2), Rician SNR) with a new seed, multiplied by ``--scale`` (intensity
-units of a scanner), mapped with :func:`qmri_labels.mapping.fit_volume`. Prints the RMSE of each
+units of a scanner), mapped with :func:`qmri_labels.maps.fit_volume`. Prints the RMSE of each
 parameter (S0 relative to the scale) for both preprocessings and the network's own prediction on
 the unscaled signals (what it was validated on).
 """
@@ -21,7 +21,7 @@ import numpy as np
 
 from qmri_labels.data import DatasetSpec
 from qmri_labels.estimators import NetworkEstimator
-from qmri_labels.mapping import fit_volume
+from qmri_labels.maps import fit_volume
 from qmri_labels.paths import models_dir
 
 

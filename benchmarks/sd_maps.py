@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from qmri_labels.mapping import fit_volume
+from qmri_labels.maps import fit_volume
 from qmri_labels.physics import get_model
 
 B = np.array([0, 10, 20, 30, 50, 80, 100, 200, 400, 800.0])

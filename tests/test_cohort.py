@@ -2,7 +2,7 @@
 
 import pytest
 
-from qmri_labels.cohort import discover_scans, output_checksums, outputs_verified, parse_shard, select_shard
+from qmri_labels.maps.cohort import discover_scans, output_checksums, outputs_verified, parse_shard, select_shard
 from qmri_labels.fileio import write_json
 
 

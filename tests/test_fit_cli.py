@@ -14,7 +14,7 @@ import torch
 
 from qmri_labels.cli import fit as fit_cli
 from qmri_labels.cli import fit_dwi, fit_qsm
-from qmri_labels.derivatives import chi_map_name, param_map_name, sd_map_name, status_map_name
+from qmri_labels.maps.derivatives import chi_map_name, param_map_name, sd_map_name, status_map_name
 from qmri_labels.physics import get_model
 
 OBLIQUE = np.array([[-1.9, 0.3, 0.0, 91.0],
@@ -135,7 +135,7 @@ def test_manifest_records_inputs_counts_and_sigma(ivim_data, ivim_run):
     assert abs(manifest["noise"]["value"] - ivim_data["sigma"]) / ivim_data["sigma"] < 0.15
     assert set(manifest["outputs"]) == {p.name for p in ivim_run.iterdir()}
     # every output's checksum, so that a cohort rerun can verify the folder before skipping it
-    from qmri_labels.cohort import outputs_verified
+    from qmri_labels.maps.cohort import outputs_verified
 
     assert set(manifest["output_sha256"]) == set(manifest["outputs"]) - {"manifest.json"}
     assert manifest["output_sha256"]["sub-01_qc.png"] == sha256_file(ivim_run / "sub-01_qc.png")
@@ -240,7 +240,7 @@ def test_no_b0_volume_one_low_b_and_no_background_is_mapped_with_mppca(tmp_path,
     truth = data["theta"]
     # the maps equal (to fitting noise) those of a fit given the true sigma, which are as good as
     # this protocol allows (measured: median relative error S0 0.06, f 0.22, D 0.05 either way)
-    from qmri_labels.mapping import fit_volume
+    from qmri_labels.maps import fit_volume
 
     oracle = fit_volume(data["noisy"], protocol=bvals, sigma=data["sigma"])
     for name in ("S0", "f", "D"):

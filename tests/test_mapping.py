@@ -1,4 +1,4 @@
-"""The public mapping API (qmri_labels.mapping.fit_volume) and the network preprocessing record."""
+"""The public mapping API (qmri_labels.maps.fit_volume) and the network preprocessing record."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from qmri_labels.data import DatasetSpec
 from qmri_labels.data.preprocessing import LEGACY_NOTE, SignalPreprocessing, for_training_signals, from_manifest
-from qmri_labels.mapping import fit_volume
+from qmri_labels.maps import fit_volume
 from qmri_labels.physics import get_model
 
 B = np.array([0, 10, 20, 30, 50, 80, 100, 200, 400, 800.0])
@@ -113,7 +113,7 @@ def test_network_sees_the_data_scaled_as_in_training_not_divided_by_b0():
 
 def test_sd_maps_equal_fit_mle_standard_errors_with_reasons():
     from qmri_labels.fitting import fit_mle
-    from qmri_labels.mapping import SD_REASON_CODES
+    from qmri_labels.maps import SD_REASON_CODES
 
     data, theta = volume((5, 4, 3), sigma=10.0, seed=3)
     # a slab of mono-exponential voxels (f = 0): f lands on its lower bound, D* is not identifiable
@@ -147,7 +147,7 @@ def test_sd_maps_equal_fit_mle_standard_errors_with_reasons():
 
 def test_a_network_without_sd_is_refused_and_one_with_sd_is_scaled_back():
     from qmri_labels.estimators import NetworkEstimator
-    from qmri_labels.mapping import UncertaintyNotSupported
+    from qmri_labels.maps import UncertaintyNotSupported
     from qmri_labels.paths import models_dir
 
     network = NetworkEstimator.load(models_dir() / SHIPPED)

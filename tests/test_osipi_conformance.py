@@ -125,7 +125,7 @@ def test_bounds_forms_and_bad_options():
 
 def test_a_shipped_network_through_the_adapter_equals_the_mapping_api():
     from qmri_labels.data import DatasetSpec
-    from qmri_labels.mapping import fit_volume
+    from qmri_labels.maps import fit_volume
 
     name = "ivim_epstein_snr30_mle"
     data = DatasetSpec(model="ivim", snr=30, n=200, seed=11).generate()

@@ -12,7 +12,7 @@ import torch
 
 from qmri_labels.cli import fit as fit_cli
 from qmri_labels.data.qsm import QSMPhantomSpec
-from qmri_labels.derivatives import chi_map_name, chi_sd_map_name
+from qmri_labels.maps.derivatives import chi_map_name, chi_sd_map_name
 from qmri_labels.training.qsm import QSMEstimator
 
 #: a toy U-Net, two epochs of four 8^3 patches: the tests check the ensemble's plumbing

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from qmri_labels.data.io import NiftiVolume, check_same_grid, load_nifti, nifti_stem, sha256_file
+from qmri_labels.maps.cohort import CHECKSUM_KEY, output_checksums
 
 
 class InputError(ValueError):
@@ -96,8 +97,7 @@ def positive_voxel_size(volume: NiftiVolume, what: Path) -> tuple[float, float, 
 
 def write_manifest(folder: Path, manifest: dict) -> Path:
     """``manifest.json`` with the SHA-256 of every other output listed in ``manifest["outputs"]``
-    (``output_sha256``: what :func:`qmri_labels.cohort.outputs_verified` checks before a rerun skips it)."""
-    from qmri_labels.cohort import CHECKSUM_KEY, output_checksums
+    (``output_sha256``: what :func:`qmri_labels.maps.cohort.outputs_verified` checks before a rerun skips it)."""
     from qmri_labels.fileio import write_json
 
     manifest[CHECKSUM_KEY] = output_checksums(folder, [n for n in manifest["outputs"] if n != "manifest.json"])

@@ -17,10 +17,10 @@ QSM (dipole inversion of a local field map in ppm)::
         [--estimator tkd|tikhonov|tv|NAME|PATH] [--bfr METHOD] [--b0-dir 0,0,1] [--mat] \\
         [--uncertainty] --out chi/
 
-The command is a thin layer: diffusion maps come from :func:`qmri_labels.mapping.fit_volume`
+The command is a thin layer: diffusion maps come from :func:`qmri_labels.maps.fit_volume`
 (via :func:`qmri_labels.cli.fit_dwi.map_scan`), QSM from :mod:`qmri_labels.cli.fit_qsm`; the
 noise level from :mod:`qmri_labels.fitting.noise`; file names and sidecars from
-:mod:`qmri_labels.derivatives`; the quick-look figure from :mod:`qmri_labels.qc`.
+:mod:`qmri_labels.maps.derivatives`; the quick-look figure from :mod:`qmri_labels.maps.qc`.
 
 What it writes (into ``--out``, a BIDS-derivative folder that appears only when complete):
 
@@ -31,7 +31,7 @@ What it writes (into ``--out``, a BIDS-derivative folder that appears only when 
 * a JSON sidecar beside every map (model, parameter, units, estimator, noise, software
   version, SHA-256 of every input) and ``dataset_description.json``;
 * ``<prefix>_model-<model>_desc-status_dseg.nii.gz``: a uint8 code per voxel
-  (:data:`qmri_labels.mapping.STATUS_CODES`); ``<prefix>_desc-sigma_noisemap.nii.gz`` when the
+  (:data:`qmri_labels.maps.STATUS_CODES`); ``<prefix>_desc-sigma_noisemap.nii.gz`` when the
   noise level was estimated per voxel (MP-PCA);
 * with ``--uncertainty``, the map's name with the ``desc-sd`` entity beside each map, with a
   sidecar saying what it is. Diffusion: ``<prefix>_model-<model>_param-<name>_desc-sd_dwimap.nii.gz``,

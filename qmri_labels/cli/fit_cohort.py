@@ -1,14 +1,14 @@
 """The fit command's cohort mode: many DWI series, split into shards, resumable.
 
 ``qmri-fit --cohort FOLDER_OR_LIST --shard I/N --out derivatives/qmri_labels [fit options]``
-maps every scan of shard ``I`` of ``N`` (0-based; :func:`qmri_labels.cohort.select_shard`), one
+maps every scan of shard ``I`` of ``N`` (0-based; :func:`qmri_labels.maps.cohort.select_shard`), one
 after the other, each with :func:`.fit_dwi.map_scan` into its own folder
 ``<out>/<scan name>/`` (the scan name is its DWI path below the cohort folder or list file
 without ``_dwi.nii.gz``, e.g. ``sub-01/ses-1/dwi/sub-01_ses-1``). ``N`` array jobs of a cluster
 scheduler, each given its own ``I``, split the cohort without talking to each other.
 
 * A scan whose folder holds a manifest whose output checksums verify, whose inputs are
-  unchanged and whose fit settings are the same (:func:`qmri_labels.cohort.outputs_verified`,
+  unchanged and whose fit settings are the same (:func:`qmri_labels.maps.cohort.outputs_verified`,
   :func:`settings`) is skipped, so a rerun resumes where a job stopped; ``--overwrite`` maps
   every scan of the shard again. A folder that is missing, incomplete, damaged, made from other
   inputs or with other settings is (re)mapped; it is replaced only when complete.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from qmri_labels.cli import fit_dwi
 from qmri_labels.cli.common import InputError, check_out_holds_no_input, write_manifest
-from qmri_labels.cohort import Scan, discover_scans, outputs_verified, parse_shard, select_shard
+from qmri_labels.maps.cohort import Scan, discover_scans, outputs_verified, parse_shard, select_shard
 from qmri_labels.fileio import atomic_dir, write_text
 
 logger = logging.getLogger("qmri_labels")

@@ -1,6 +1,6 @@
 """The fit command's diffusion part: one DWI series in, one BIDS-derivative folder of maps out.
 
-:func:`map_scan` does one scan (read, :func:`qmri_labels.mapping.fit_volume`, write); the
+:func:`map_scan` does one scan (read, :func:`qmri_labels.maps.fit_volume`, write); the
 command calls it once, its cohort mode (:mod:`.fit_cohort`, ``--cohort ... --shard I/N``) once
 per scan of the shard, each scan into its own output folder.
 """
@@ -16,9 +16,9 @@ import numpy as np
 
 from qmri_labels.cli.common import InputError, describe_file, environment, output_prefix, read_mask
 from qmri_labels.data.io import sha256_file
-from qmri_labels.derivatives import write_dataset_description, write_parameter_maps
-from qmri_labels.mapping import SD_REASON_CODES, STATUS_CODES, UncertaintyNotSupported, fit_volume, load_dwi
-from qmri_labels.qc import write_qc_figure
+from qmri_labels.maps import SD_REASON_CODES, STATUS_CODES, UncertaintyNotSupported, fit_volume, load_dwi
+from qmri_labels.maps.derivatives import write_dataset_description, write_parameter_maps
+from qmri_labels.maps.qc import write_qc_figure
 
 logger = logging.getLogger("qmri_labels")
 
@@ -60,7 +60,7 @@ def map_scan(dwi_path: Path, bval_path: Path, out_dir: Path, *, bvec_path: Path 
     """Map one DWI series into ``out_dir`` (which must exist); returns the manifest.
 
     With ``uncertainty`` a standard-deviation map is written beside each parameter map
-    (:func:`qmri_labels.mapping.fit_volume` ``uncertainty=True``).
+    (:func:`qmri_labels.maps.fit_volume` ``uncertainty=True``).
     """
     timings = {}
     t0 = time.perf_counter()

@@ -29,8 +29,9 @@ from qmri_labels.cli.common import (
     read_mask,
 )
 from qmri_labels.data.io import load_nifti, sha256_file, write_mat
-from qmri_labels.derivatives import chi_map_name, chi_sd_map_name, write_dataset_description, write_map
-from qmri_labels.qc import write_qc_figure
+from qmri_labels.maps import find_bundle
+from qmri_labels.maps.derivatives import chi_map_name, chi_sd_map_name, write_dataset_description, write_map
+from qmri_labels.maps.qc import write_qc_figure
 
 logger = logging.getLogger("qmri_labels")
 
@@ -278,7 +279,6 @@ def invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshol
                            "description": f"{name} dipole inversion (qmri_labels.fitting.qsm_inversion.{name})"}
     if name == "mle":
         raise InputError("--estimator mle is for diffusion data; QSM takes tkd, tikhonov or a network")
-    from qmri_labels.mapping import find_bundle
 
     try:
         bundle = find_bundle(name)

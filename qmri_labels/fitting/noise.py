@@ -1,6 +1,6 @@
 """The noise level of magnitude MRI data, from the data themselves.
 
-One estimator serves the fit command (:mod:`qmri_labels.mapping`) and :func:`~qmri_labels.
+One estimator serves the fit command (:mod:`qmri_labels.maps`) and :func:`~qmri_labels.
 fitting.fit_mle`. Three sources, tried in this order by :func:`estimate_noise`:
 
 1. **Repeated measurements** (:func:`sigma_from_repeats`): for every b-value acquired

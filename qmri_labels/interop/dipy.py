@@ -8,7 +8,7 @@
 The fit object has dipy's names: ``model_params`` ``(..., 4)`` in dipy's order
 ``[S0, f, D*, D]``, ``S0_predicted``, ``perfusion_fraction``, ``D_star``, ``D``, ``shape``,
 indexing, and ``predict(gtab, S0=None)``. Underneath it is
-:func:`qmri_labels.mapping.fit_volume`: the batched MLE (least squares by default, as dipy's
+:func:`qmri_labels.maps.fit_volume`: the batched MLE (least squares by default, as dipy's
 fit; ``noise="rician"`` with ``sigma`` or ``"auto"`` for magnitude data at low SNR) or a trained
 network (``estimator=`` a bundle name/folder or a NetworkEstimator). Units as dipy's: b in
 s/mm^2, D and D* in mm^2/s.
@@ -53,9 +53,9 @@ class IvimModel:
     noise : {"gaussian", "rician"}
         MLE likelihood (default ``gaussian``, i.e. least squares as dipy's own fit).
     sigma : float, array, "auto" or None
-        Noise SD for the Rician likelihood (see :func:`qmri_labels.mapping.fit_volume`).
+        Noise SD for the Rician likelihood (see :func:`qmri_labels.maps.fit_volume`).
     device, chunk_size, progress
-        Passed to :func:`~qmri_labels.mapping.fit_volume`.
+        Passed to :func:`~qmri_labels.maps.fit_volume`.
     """
 
     def __init__(self, gtab, estimator="mle", **options):
@@ -88,7 +88,7 @@ class IvimModel:
 
     def fit(self, data, mask=None) -> "IvimFit":
         """Fit every voxel of ``data (..., M)`` (inside ``mask``); returns an :class:`IvimFit`."""
-        from qmri_labels.mapping import fit_volume
+        from qmri_labels.maps import fit_volume
 
         data = np.asarray(data)
         if data.shape[-1] != self.bvals.size:

@@ -115,7 +115,7 @@ class QmriLabelsIVIM:
         if isinstance(self.estimator, str) and self.estimator == "mle":
             return MLEEstimator(model="ivim", noise=self.noise, bounds=self._bounds_in_our_order())
         if self._network is None:
-            from qmri_labels.mapping import find_bundle, load_network
+            from qmri_labels.maps import find_bundle, load_network
 
             if isinstance(self.estimator, str):
                 self._network = load_network(find_bundle(self.estimator))
@@ -135,7 +135,7 @@ class QmriLabelsIVIM:
     # -- OSIPI's algorithm methods ------------------------------------------------------------
     def ivim_fit_full_volume(self, signals, bvalues=None, **kwargs) -> dict:
         """Fit every voxel of ``signals (..., M)``; returns ``{"f", "Dp", "D", "S0"}`` maps."""
-        from qmri_labels.mapping import fit_volume
+        from qmri_labels.maps import fit_volume
 
         if kwargs:
             raise TypeError(f"unexpected options {sorted(kwargs)}")

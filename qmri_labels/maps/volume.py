@@ -1,12 +1,12 @@
 """Parameter maps from arrays: the public mapping API that the fit command wraps.
 
->>> from qmri_labels.mapping import fit_volume
+>>> from qmri_labels.maps import fit_volume
 >>> maps = fit_volume(dwi, mask, protocol=bvals, estimator="mle", sigma="auto")   # doctest: +SKIP
 >>> maps["f"].shape == dwi.shape[:-1]                                              # doctest: +SKIP
 
 ``data`` may have any leading shape ``(..., M)``: a 4-D image ``(x, y, z, M)``, a slice, or a
 plain list of voxels ``(n, M)``; every output has the leading shape. Reading NIfTI files and
-writing maps: :func:`load_dwi` and :mod:`qmri_labels.derivatives`.
+writing maps: :func:`load_dwi` and :mod:`qmri_labels.maps.derivatives`.
 
 How a voxel is estimated
 ------------------------
@@ -32,284 +32,19 @@ How a voxel is estimated
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
-from qmri_labels.data.io import NiftiVolume
+from qmri_labels.maps.estimator import _Resolved, resolve_estimator
+from qmri_labels.maps.loading import NiftiSource, voxel_source
+from qmri_labels.maps.result import SKIP_KEYS, Maps
 
 logger = logging.getLogger("qmri_labels")
 
-__all__ = ["Maps", "SD_REASON_CODES", "STATUS_CODES", "UncertaintyNotSupported", "fit_volume", "find_bundle", "load_dwi", "match_protocol", "resolve_estimator"]
-
-#: status code per voxel
-STATUS_CODES = {
-    0: "outside the mask",
-    1: "fitted with every measurement",
-    2: "fitted without its NaN/Inf or negative samples",
-    3: "skipped: no positive sample",
-    5: "skipped: too few usable measurements for the model",
-    6: "skipped: a network needs every measurement",
-    7: "skipped: the estimate is invalid (fit failed or NaN)",
-}
-#: why a standard deviation is or is not reported, per voxel and parameter (``Maps.sd_reason``)
-SD_REASON_CODES = {
-    0: "outside the mask",
-    1: "reported",
-    2: "at lower bound",
-    3: "at upper bound",
-    4: "singular information",
-    5: "no residual degrees of freedom",
-    6: "voxel not estimated",
-    7: "not reported by the estimator",
-}
 #: the reasons of :class:`qmri_labels.fitting.uncertainty.MLEUncertainty` as codes
 _MLE_REASONS = {"": 1, "at lower bound": 2, "at upper bound": 3, "singular information": 4,
                 "no residual degrees of freedom": 5, "invalid voxel": 6}
-SKIP_KEYS = {3: "no_positive_sample", 5: "too_few_usable_measurements", 6: "missing_measurements_for_network",
-             7: "invalid_estimate"}
-
-
-@dataclass
-class Maps:
-    """Parameter maps of one volume.
-
-    Attributes
-    ----------
-    params : ndarray (..., P) float32
-        0 outside the mask, NaN where not estimated.
-    param_names : tuple of str
-    units : dict
-        Unit of each parameter (S0: the input's intensity units).
-    status : ndarray (...) uint8
-        :data:`STATUS_CODES` per voxel.
-    model : str
-    estimator : dict
-        What estimated the maps (kind, name, bundle, preprocessing, ...).
-    noise : dict or None
-        The noise level used and how it was obtained (MLE), else None.
-    sigma_map : ndarray (...) or None
-        The per-voxel noise level the fit used, where it was a map.
-    counts : dict
-        Voxels in the mask, estimated and skipped (by reason), NaN/Inf and negative samples.
-    sd : ndarray (..., P) float32 or None
-        Standard deviation of each estimate (``fit_volume(..., uncertainty=True)``), in the
-        parameter's units: 0 outside the mask, NaN where there is no number (see ``sd_reason``).
-    sd_reason : ndarray (..., P) uint8 or None
-        :data:`SD_REASON_CODES` per voxel and parameter.
-    sd_method : str or None
-        What the SD is (e.g. the Fisher standard error at the estimate).
-    """
-
-    params: np.ndarray
-    param_names: tuple
-    units: dict
-    status: np.ndarray
-    model: str
-    estimator: dict
-    noise: dict | None = None
-    sigma_map: np.ndarray | None = None
-    counts: dict = field(default_factory=dict)
-    sd: np.ndarray | None = None
-    sd_reason: np.ndarray | None = None
-    sd_method: str | None = None
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self.param_names:
-            raise KeyError(f"no map {name!r}; maps: {list(self.param_names)}")
-        return self.params[..., list(self.param_names).index(name)]
-
-    def as_dict(self) -> dict[str, np.ndarray]:
-        """``{name: map}`` for every parameter."""
-        return {name: self[name] for name in self.param_names}
-
-    def sd_map(self, name: str) -> np.ndarray:
-        """The standard-deviation map of parameter ``name`` (needs ``uncertainty=True``)."""
-        if self.sd is None:
-            raise ValueError("these maps have no standard deviations: call fit_volume(..., uncertainty=True)")
-        self[name]  # an unknown name is a KeyError naming the maps
-        return self.sd[..., list(self.param_names).index(name)]
-
-    def sd_reason_counts(self, name: str) -> dict[str, int]:
-        """``{reason: voxels}`` inside the mask for parameter ``name``'s SD (non-zero counts only)."""
-        if self.sd_reason is None:
-            raise ValueError("these maps have no standard deviations: call fit_volume(..., uncertainty=True)")
-        codes = self.sd_reason[..., list(self.param_names).index(name)]
-        return {SD_REASON_CODES[c]: int(n) for c, n in zip(*np.unique(codes, return_counts=True)) if c != 0}
-
-
-# ----------------------------------------------------------------------------- estimators
-
-
-@dataclass
-class _Resolved:
-    kind: str  # "mle" or "network"
-    model_name: str
-    description: str
-    noise: str = "rician"
-    bounds: Any = None
-    network: Any = None
-    order: np.ndarray | None = None
-    preprocessing: Any = None
-    info: dict = field(default_factory=dict)
-
-
-def find_bundle(name: str | os.PathLike) -> Path:
-    """A bundle folder from a path, or from the name of a shipped network (``models_dir()``)."""
-    from qmri_labels.paths import models_dir
-
-    candidate = Path(name)
-    if candidate.exists():
-        if not candidate.is_dir():
-            raise ValueError(f"estimator {name}: a network bundle is a folder (weights + manifest.json)")
-        return candidate
-    text = str(name)
-    if "/" not in text and os.sep not in text:
-        shipped = models_dir() / text
-        if shipped.is_dir():
-            return shipped
-        available = sorted(p.name for p in models_dir().glob("*") if (p / "manifest.json").exists()) \
-            if models_dir().is_dir() else []
-        raise ValueError(f"estimator {text}: not 'mle', not a folder, and not a network in {models_dir()} "
-                         f"(available: {', '.join(available) or 'none'})")
-    raise ValueError(f"estimator {text}: folder not found")
-
-
-def load_network(bundle: Path):
-    """A voxel-wise network from a bundle; a bundle of another kind or a damaged one is refused."""
-    from qmri_labels.bundle import read_manifest
-    from qmri_labels.estimators import ESTIMATOR_KIND, NetworkEstimator
-
-    try:
-        kind = read_manifest(bundle).get("kind")
-    except ValueError:
-        kind = None  # the loader reports the damage
-    if kind is not None and kind != ESTIMATOR_KIND:
-        raise ValueError(f"estimator {bundle}: is a model bundle of kind {kind!r}, not a voxel-wise (diffusion) "
-                         "network")
-    try:
-        return NetworkEstimator.load(bundle)
-    except (ValueError, KeyError, TypeError, OSError, RuntimeError) as exc:
-        raise ValueError(f"estimator {bundle}: corrupt or tampered model bundle ({exc})") from None
-
-
-def match_protocol(network_protocol, bvalues, name: str = "network") -> np.ndarray:
-    """Column order that puts the data's volumes into the network's protocol order."""
-    protocol = np.asarray(network_protocol, dtype=np.float64).ravel()
-    bvals = np.asarray(bvalues, dtype=np.float64).ravel()
-
-    def fmt(b):
-        return "[" + ", ".join(f"{v:g}" for v in b) + "]"
-
-    mismatch = ValueError(
-        f"{name} was trained for the protocol b = {fmt(protocol)} s/mm^2 ({protocol.size} values); the data have "
-        f"b = {fmt(bvals)} ({bvals.size} values). Use the MLE, or train a network for this protocol "
-        "(see docs/guide.md)")
-    if protocol.size != bvals.size:
-        raise mismatch
-    tol = 1e-3 * max(1.0, float(np.abs(protocol).max()))
-    if np.all(np.abs(protocol - bvals) <= tol):
-        return np.arange(bvals.size)
-    order_data = np.argsort(bvals, kind="stable")
-    order_net = np.argsort(protocol, kind="stable")
-    if np.all(np.abs(np.sort(protocol) - bvals[order_data]) <= tol):
-        order = np.empty_like(order_net)
-        order[order_net] = order_data
-        return order
-    raise mismatch
-
-
-def resolve_estimator(estimator, bvalues, model: str | None = None, noise: str = "rician") -> _Resolved:
-    """What :func:`fit_volume` needs to know about ``estimator`` (see there)."""
-    from qmri_labels.data.preprocessing import SignalPreprocessing, from_manifest
-    from qmri_labels.estimators import MLEEstimator, NetworkEstimator
-
-    if isinstance(estimator, str) and estimator == "mle":
-        return _Resolved("mle", model or "ivim", f"MLE ({noise} likelihood)", noise=noise,
-                         info={"kind": "mle", "name": "mle", "noise": noise})
-    if isinstance(estimator, MLEEstimator):
-        if model is not None and model != estimator.model_name:
-            raise ValueError(f"the MLEEstimator fits {estimator.model_name}, but model={model!r}")
-        return _Resolved("mle", estimator.model_name, f"MLE ({estimator.noise} likelihood)", noise=estimator.noise,
-                         bounds=estimator.bounds, info={"kind": "mle", "name": "mle", "noise": estimator.noise,
-                                                        "bounds": estimator.bounds})
-    bundle = None
-    if isinstance(estimator, (str, os.PathLike)):
-        if str(estimator) in ("tkd", "tikhonov"):
-            raise ValueError(f"estimator {estimator} is a QSM inversion; diffusion data take 'mle' or a network")
-        bundle = find_bundle(estimator)
-        estimator = load_network(bundle)
-    if not isinstance(estimator, NetworkEstimator):
-        raise TypeError(f"estimator must be 'mle', an MLEEstimator, a NetworkEstimator or a bundle name/folder, "
-                        f"got {type(estimator).__name__}")
-    net_model = estimator.model_name
-    if model is not None and net_model != model:
-        raise ValueError(f"the network fits the {net_model} model, but model={model!r}")
-    name = bundle.name if bundle is not None else "network"
-    order = match_protocol(estimator.protocol, bvalues, name=f"network {name}")
-    manifest = getattr(estimator, "manifest_", None)
-    entry = getattr(estimator, "preprocessing_", None)
-    if manifest is None and entry is not None:
-        preprocessing, source = SignalPreprocessing.from_dict(entry), "estimator"
-    else:
-        preprocessing, source = from_manifest(manifest)
-    info = {"kind": "network", "name": name, "method": getattr(estimator, "method_name", None),
-            "protocol": [float(b) for b in estimator.protocol],
-            "preprocessing": {**preprocessing.to_dict(), "source": source}}
-    if bundle is not None:
-        from qmri_labels.data.io import sha256_file
-
-        info["bundle"] = str(bundle)
-        info["bundle_sha256"] = sha256_file(bundle / "manifest.json")
-    return _Resolved("network", net_model, f"network {name}", network=estimator, order=order,
-                     preprocessing=preprocessing, info=info)
-
-
-# ----------------------------------------------------------------------------- the volume
-
-
-class _ArraySource:
-    """Voxel rows of an in-memory array (..., M)."""
-
-    def __init__(self, array: np.ndarray):
-        self.array = array
-        self.lead = array.shape[:-1]
-
-    def rows(self, coords) -> np.ndarray:
-        return np.asarray(self.array[coords], dtype=np.float32)
-
-    def full(self) -> np.ndarray:
-        return self.array
-
-
-class _NiftiSource:
-    """Voxel rows of a 4-D NIfTI, read chunk by chunk (never the whole image as floats)."""
-
-    def __init__(self, volume: NiftiVolume):
-        if volume.ndim != 4:
-            raise ValueError(f"{volume.path}: needs a 4-D image (x, y, z, volumes), got shape {volume.shape}")
-        self.volume = volume
-        self.lead = tuple(volume.shape[:3])
-
-    def rows(self, coords) -> np.ndarray:
-        return self.volume.voxels(coords)
-
-    def full(self) -> np.ndarray:
-        return self.volume.read()
-
-
-def _source(data):
-    if isinstance(data, NiftiVolume):
-        return _NiftiSource(data)
-    array = np.asarray(data)
-    if array.ndim < 1 or array.shape[-1] < 1:
-        raise ValueError(f"data must have shape (..., n_measurements), got {array.shape}")
-    if not np.issubdtype(array.dtype, np.number):
-        raise TypeError(f"data must be numeric, got dtype {array.dtype}")
-    return _ArraySource(array)
 
 
 def _resolve_noise(sigma, resolved: _Resolved, source, bvalues, mask, b0_threshold):
@@ -344,7 +79,6 @@ def _resolve_noise(sigma, resolved: _Resolved, source, bvalues, mask, b0_thresho
     estimate = NoiseEstimate(float(np.median(inside)), "given", "per-voxel map given by the user", int(inside.size),
                              sigma_map=values.astype(np.float32))
     return estimate, {**estimate.manifest(), "source": "given"}
-
 
 def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | None = None, noise: str = "rician",
                sigma=None, b0_threshold: float = 0.0, chunk_size: int = 20000, device=None,
@@ -403,8 +137,8 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
         raise ValueError(f"noise must be 'rician' or 'gaussian', got {noise!r}")
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    source = _source(data)
-    n_meas = (source.volume.shape[3] if isinstance(source, _NiftiSource) else source.array.shape[-1])
+    source = voxel_source(data)
+    n_meas = (source.volume.shape[3] if isinstance(source, NiftiSource) else source.array.shape[-1])
     if bvalues.size != n_meas:
         raise ValueError(f"protocol has {bvalues.size} b-values, but the data have {n_meas} measurements")
     if not np.all(np.isfinite(bvalues)) or np.any(bvalues < 0):
@@ -491,6 +225,7 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
     return Maps(params=params, param_names=tuple(signal_model.param_names), units=units, status=status,
                 model=signal_model.name, estimator=resolved.info, noise=noise_info, sigma_map=sigma_map,
                 counts=counts, sd=sd, sd_reason=sd_reason, sd_method=_sd_method(resolved) if uncertainty else None)
+
 
 
 class UncertaintyNotSupported(ValueError):
@@ -614,25 +349,3 @@ def _estimate(resolved: _Resolved, signals, bvals, sigma, scale, device, uncerta
     sd = preprocessing.restore(predicted_sd, resolved.network.param_names, voxel_scale)
     codes = np.where(np.isfinite(sd), 1, 7).astype(np.uint8)
     return params, valid, (sd, codes)
-
-
-def load_dwi(dwi, bval, bvec=None) -> tuple[NiftiVolume, np.ndarray, np.ndarray | None]:
-    """Open a 4-D diffusion NIfTI with its b-values (and b-vectors, checked).
-
-    Returns ``(volume, bvalues (M,), bvecs (3, M) or None)``; the image's voxels are read
-    lazily (see :class:`~qmri_labels.data.io.NiftiVolume`), which :func:`fit_volume` accepts.
-    """
-    from qmri_labels.data.io import load_nifti, read_bvals, read_bvecs
-
-    volume = load_nifti(dwi)
-    if volume.ndim == 3:
-        raise ValueError(f"{dwi}: is a 3-D image (shape {volume.shape}); diffusion data need a 4-D image "
-                         "(x, y, z, one volume per b-value)")
-    if volume.ndim != 4:
-        raise ValueError(f"{dwi}: has {volume.ndim} dimensions (shape {volume.shape}); diffusion data need a 4-D "
-                         "image")
-    bvals = read_bvals(bval)
-    if bvals.size != volume.shape[3]:
-        raise ValueError(f"{bval}: {bvals.size} b-values, but {Path(dwi).name} has {volume.shape[3]} volumes")
-    bvecs = read_bvecs(bvec, volume.shape[3]) if bvec is not None else None
-    return volume, bvals, bvecs

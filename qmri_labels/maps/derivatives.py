@@ -30,6 +30,7 @@ import numpy as np
 
 from qmri_labels.data.io import save_nifti
 from qmri_labels.fileio import write_json
+from qmri_labels.maps.result import STATUS_CODES
 
 BIDS_VERSION = "1.9.0"
 _ENTITY = re.compile(r"^[A-Za-z0-9]+$")
@@ -77,7 +78,7 @@ def sidecar_name(nifti_name: str) -> str:
 
 
 def software() -> dict:
-    import qmri_labels
+    import qmri_labels  # here, not at the top: the package's __init__ imports this wing
 
     return {"Name": "qmri_labels", "Version": qmri_labels.__version__}
 
@@ -103,7 +104,7 @@ def write_map(folder: Path, name: str, data: np.ndarray, affine, header, sidecar
 
 def write_parameter_maps(folder: Path, maps, prefix: str, affine, header, *, inputs: Mapping[str, str],
                          extra: Mapping | None = None) -> dict[str, str]:
-    """Every parameter map of a :class:`qmri_labels.mapping.Maps`, its status map and noise map.
+    """Every parameter map of a :class:`qmri_labels.maps.Maps`, its status map and noise map.
 
     ``inputs`` maps an input's role to its SHA-256 (recorded in each sidecar). Returns
     ``{file name: what it holds}``.
@@ -125,8 +126,6 @@ def write_parameter_maps(folder: Path, maps, prefix: str, affine, header, *, inp
         outputs[written[1]] = f"sidecar of {written[0]}"
         if maps.sd is not None:
             outputs.update(_write_sd_map(folder, maps, name, prefix, affine, header, common))
-    from qmri_labels.mapping import STATUS_CODES
-
     status_name = status_map_name(prefix, maps.model)
     written = write_map(folder, status_name, maps.status, affine, header,
                         {**common, "Parameter": "status", "Units": "code",
