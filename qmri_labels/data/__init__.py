@@ -1,11 +1,15 @@
-"""Priors, simulated datasets with fingerprints, and (elsewhere in this package) I/O."""
+"""Priors, the simulation specs (a dataset's and an evaluation grid's) with their simulated
+data and the one fingerprint, and (elsewhere in this package) named datasets, QSM phantoms and
+I/O."""
 
 from qmri_labels.data.datasets import (
     EPSTEIN_BVALUES,
     Dataset,
     DatasetSpec,
+    SimulationSpec,
 )
 from qmri_labels.data.fingerprint import fingerprint
+from qmri_labels.data.grid import GridSpec
 from qmri_labels.data.priors import (
     EPSTEIN_RANGES,
     TissueMixturePrior,
@@ -18,6 +22,8 @@ __all__ = [
     "EPSTEIN_RANGES",
     "Dataset",
     "DatasetSpec",
+    "GridSpec",
+    "SimulationSpec",
     "TissueMixturePrior",
     "UniformPrior",
     "fingerprint",

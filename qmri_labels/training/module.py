@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from qmri_labels.training import distributed
+from qmri_labels.training.distributed import average_gradients, broadcast_float, max_over_ranks, reduce_weighted_means
 from qmri_labels.training.labels import LabelLoss
 
 OPTIMISERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -113,7 +113,7 @@ class LabelRegressor(L.LightningModule):
         else:
             return {}
         if reduce:
-            means = distributed.reduce_weighted_means(sums, count)
+            means = reduce_weighted_means(sums, count)
         else:
             means = sums / count
         out = dict(zip(names, means))
@@ -175,7 +175,7 @@ class LabelRegressor(L.LightningModule):
             size, n_steps = max(n, 1), int(bool(n) or several_ranks)
         elif several_ranks:
             size = self.step_batch_size // self._world_size
-            n_steps = -(-distributed.max_over_ranks(n, self.device) // size)
+            n_steps = -(-max_over_ranks(n, self.device) // size)
         else:
             size = self.step_batch_size
             n_steps = -(-n // size)
@@ -196,7 +196,7 @@ class LabelRegressor(L.LightningModule):
             else:  # a rank whose share of the epoch ended early
                 total, terms = zero, dict.fromkeys(names, zero)
             if several_ranks:
-                means, rows = distributed.average_gradients(parameters, rows, [total] + [terms[key] for key in names])
+                means, rows = average_gradients(parameters, rows, [total] + [terms[key] for key in names])
                 total, terms = means[0], dict(zip(names, means[1:]))
             optimiser.step()
             if self.step_losses is not None:
@@ -281,7 +281,7 @@ class KeepBestState(Callback):
         if trainer.world_size > 1:
             value = torch.as_tensor(score, dtype=torch.float64).detach().to(pl_module.device)
             score = trainer.strategy.reduce(value, reduce_op="mean")
-            score = distributed.broadcast_float(float(score), pl_module.device)
+            score = broadcast_float(float(score), pl_module.device)
         score = float(score)
         if score < self.best_score:
             self.best_score = score
