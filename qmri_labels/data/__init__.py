@@ -11,13 +11,16 @@ from qmri_labels.data.datasets import (
 from qmri_labels.data.fingerprint import fingerprint
 from qmri_labels.data.grid import GridSpec
 from qmri_labels.data.priors import (
+    DEFAULT_PRIORS,
     EPSTEIN_RANGES,
     TissueMixturePrior,
     UniformPrior,
+    default_prior_ranges,
     prior_from_dict,
 )
 
 __all__ = [
+    "DEFAULT_PRIORS",
     "EPSTEIN_BVALUES",
     "EPSTEIN_RANGES",
     "Dataset",
@@ -26,6 +29,7 @@ __all__ = [
     "SimulationSpec",
     "TissueMixturePrior",
     "UniformPrior",
+    "default_prior_ranges",
     "fingerprint",
     "prior_from_dict",
 ]

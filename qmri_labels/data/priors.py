@@ -22,6 +22,33 @@ EPSTEIN_RANGES = {
 }
 EPSTEIN_OFFSETS = {"Dstar": "D"}
 
+#: MAGORINO's simulation grid (Bray et al., MRM 2023): PDFF 0-1, R2* 0-1 ms^-1
+MAGORINO_RANGES = {"S0": (0.8, 1.2), "PDFF": (0.0, 1.0), "R2star": (0.0, 1000.0)}
+
+#: default uniform priors per model: ``(ranges, offsets)``. IVIM and the mono-exponential ADC
+#: keep Epstein et al.'s ranges; T2 spans myelin water (~20 ms) to grey matter and beyond in
+#: the 32-echo CPMG's range; T2* spans iron-loaded (~5 ms) to normal myocardium (~40 ms) for
+#: the 8-echo GRE of Westwood et al.; fat-water uses MAGORINO's grid.
+DEFAULT_PRIORS = {
+    "ivim": (EPSTEIN_RANGES, EPSTEIN_OFFSETS),
+    "monoexp": ({k: EPSTEIN_RANGES[k] for k in ("S0", "D")}, {}),
+    "t2": ({"S0": (0.8, 1.2), "T2": (20.0, 200.0)}, {}),
+    "t2star": ({"S0": (0.8, 1.2), "T2star": (5.0, 60.0)}, {}),
+    "fatwater": (MAGORINO_RANGES, {}),
+    "fatwater_1.5t": (MAGORINO_RANGES, {}),
+}
+
+
+def default_prior_ranges(model: str) -> tuple[dict, dict]:
+    """``(ranges, offsets)`` of the default uniform prior of ``model`` (copies).
+
+    A model without an entry in :data:`DEFAULT_PRIORS` (one registered outside the package)
+    gets Epstein et al.'s ranges for the parameters it shares with IVIM, which
+    :class:`UniformPrior` then finds incomplete unless the caller gives ``ranges``.
+    """
+    ranges, offsets = DEFAULT_PRIORS.get(model, (EPSTEIN_RANGES, EPSTEIN_OFFSETS))
+    return dict(ranges), dict(offsets)
+
 
 @dataclass
 class UniformPrior:
@@ -31,19 +58,25 @@ class UniformPrior:
     ----------
     model : str
         Signal model name; fixes the parameter order.
-    ranges : dict
-        ``name -> (low, high)`` for every model parameter.
-    offsets : dict
+    ranges : dict or None
+        ``name -> (low, high)`` for every model parameter; ``None``: the model's default
+        (:data:`DEFAULT_PRIORS`).
+    offsets : dict or None
         ``name -> other``: the parameter is drawn as ``other + U(low, high)`` (Epstein's
-        ``D* = D + U(10e-3, 150e-3)`` keeps D* above D).
+        ``D* = D + U(10e-3, 150e-3)`` keeps D* above D); ``None``: the model's default.
     """
 
     model: str = "ivim"
-    ranges: dict = field(default_factory=lambda: dict(EPSTEIN_RANGES))
-    offsets: dict = field(default_factory=lambda: dict(EPSTEIN_OFFSETS))
+    ranges: dict | None = None
+    offsets: dict | None = None
     kind: str = "uniform"
 
     def __post_init__(self):
+        default_ranges, default_offsets = default_prior_ranges(self.model)
+        if self.ranges is None:
+            self.ranges = default_ranges
+        if self.offsets is None:
+            self.offsets = default_offsets
         names = get_model(self.model).param_names
         missing = set(names) - set(self.ranges)
         if missing:

@@ -10,7 +10,9 @@ estimate and a few variants of it (``SignalModel.starting_points``); all starts 
 ``probe_iter`` iterations (a start far behind stops early, and so does a start that has run
 into another one of its voxel), the best per voxel is iterated to convergence, and voxels whose
 estimate sits on a bound (where wrong basins end) go on with all their starts, each to
-convergence, from where the race left them.
+convergence, from where the race left them. A model whose likelihood has separate optima
+(``SignalModel.converge_every_start``) skips the race: every start runs to convergence and the
+lowest NLL is kept.
 """
 
 from __future__ import annotations
@@ -96,7 +98,13 @@ def fit_chunk(model, y, b, sigma, noise, lower, upper, scale_relative, n_starts,
     offsets = torch.arange(n, device=device) * s_count
     span = hi - lo
     race = batch
-    if s_count > 1:
+    if s_count > 1 and model.converge_every_start:
+        # separate optima (fat-water's water- and fat-dominant solutions): a start may trail
+        # during the first iterations and still end in the better optimum, so every start runs
+        # to convergence and the lowest NLL is kept
+        solver.iterate(race, max_iter)
+        batch = race.select(race.obj.reshape(n, s_count).argmin(-1) + offsets)
+    elif s_count > 1:
         for _ in range(probe_iter):
             solver.iterate(race, 1)
             obj = race.obj.reshape(n, s_count)

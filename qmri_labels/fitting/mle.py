@@ -166,7 +166,8 @@ def fit_mle(
         Protocol: b-values in s/mm^2, or echo times in ms for the relaxation models.
     model : str or SignalModel
         ``"ivim"`` (S0, f, D, Dstar), ``"monoexp"`` (S0, D), ``"t2"`` (S0, T2 in ms; echo
-        times in ms), ``"t2star"`` (S0, T2star in ms), or a model instance.
+        times in ms), ``"t2star"`` (S0, T2star in ms), ``"fatwater"`` (S0, PDFF, R2star in
+        1/s; echo times in ms, 3 T; ``"fatwater_1.5t"`` at 1.5 T), or a model instance.
     noise : {"rician", "gaussian"}
     sigma : float, array_like (...) or None
         Noise standard deviation per channel, scalar or one per voxel. ``None``: for Gaussian
@@ -185,7 +186,9 @@ def fit_mle(
     device : str or torch.device, optional
         ``"cpu"`` (default) or a CUDA device.
     n_starts : int
-        Starting points per voxel (the first is the segmented estimate).
+        Starting points per voxel (the first is the segmented estimate). For fat-water the
+        first two are a water- and a fat-dominant start, each run to convergence, and the lower
+        NLL wins (``SignalModel.converge_every_start``).
     probe_iter : int
         Iterations run from every start before the best start per voxel is kept (a start
         whose NLL falls 10 behind its voxel's best stops earlier).

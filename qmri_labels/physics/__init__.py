@@ -7,6 +7,7 @@ from qmri_labels.physics.base import (
     get_model,
     register_model,
 )
+from qmri_labels.physics.fatwater import FatWater1p5TModel, FatWaterModel, fat_phasor
 from qmri_labels.physics.ivim import IVIMModel, ivim_signal
 from qmri_labels.physics.monoexp import MonoExpModel, monoexp_signal
 from qmri_labels.physics.relaxometry import T2Model, T2StarModel, relaxation_signal
@@ -18,6 +19,9 @@ __all__ = [
     "available_models",
     "get_model",
     "register_model",
+    "FatWaterModel",
+    "FatWater1p5TModel",
+    "fat_phasor",
     "IVIMModel",
     "ivim_signal",
     "MonoExpModel",

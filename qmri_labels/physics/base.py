@@ -110,6 +110,22 @@ class SignalModel:
     protocol_unit: str = "s/mm^2"
     #: index of the parameter that scales the signal linearly (S0); None if there is none
     scale_index: int | None = None
+    #: a protocol of the literature (in ``protocol_unit``), the one a study uses by default
+    default_protocol: tuple[float, ...] = ()
+    #: where :attr:`default_protocol` (and :attr:`default_snr`) come from
+    protocol_reference: str = ""
+    #: SNR (S0 / sigma) of the reference's simulations; None: the study's default
+    default_snr: float | None = None
+    #: the MLE fitter runs every starting point to convergence and keeps the lowest NLL, instead
+    #: of racing the starts and converging the leader: for likelihoods with separate optima,
+    #: where a start that trails early may still end in the better one
+    converge_every_start: bool = False
+
+    @property
+    def config(self) -> dict:
+        """What defines the model instance: its registered name and any constructor settings
+        (a model with settings, such as a field strength, extends it)."""
+        return {"name": self.name}
 
     @property
     def param_names(self) -> tuple[str, ...]:

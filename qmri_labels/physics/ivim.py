@@ -31,6 +31,9 @@ class IVIMModel(SignalModel):
         Parameter("Dstar", "mm^2/s", 0.003, 0.3, "pseudo-diffusion coefficient"),
     )
     scale_index = 0
+    default_protocol = (0.0, 10.0, 20.0, 30.0, 50.0, 80.0, 100.0, 200.0, 400.0, 800.0)
+    default_snr = 30.0
+    protocol_reference = "Epstein et al., MELBA 2024: b = 0-800 s/mm^2 (10 values), SNR 15 and 30"
 
     def forward(self, params, protocol):
         return ivim_signal(params, protocol)

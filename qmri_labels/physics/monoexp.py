@@ -27,6 +27,9 @@ class MonoExpModel(SignalModel):
         Parameter("D", "mm^2/s", 0.0, 0.005, "apparent diffusion coefficient"),
     )
     scale_index = 0
+    default_protocol = (0.0, 10.0, 20.0, 30.0, 50.0, 80.0, 100.0, 200.0, 400.0, 800.0)
+    default_snr = 30.0
+    protocol_reference = "the b-values of Epstein et al., MELBA 2024 (their IVIM protocol), SNR 30"
 
     def forward(self, params, protocol):
         return monoexp_signal(params, protocol)

@@ -80,6 +80,9 @@ class T2Model(_RelaxationModel):
         Parameter("S0", "a.u.", 0.0, 2.0, "signal at TE = 0"),
         Parameter("T2", "ms", 1.0, 3000.0, "transverse relaxation time"),
     )
+    default_protocol = tuple(10.0 * k for k in range(1, 33))
+    protocol_reference = ("32-echo CPMG, first echo and spacing 10 ms (TE 10-320 ms): Whittall et al., MRM 1997;"
+                          "37:34-43, the multi-echo T2 protocol of brain relaxometry")
 
 
 @register_model
@@ -91,6 +94,9 @@ class T2StarModel(_RelaxationModel):
         Parameter("S0", "a.u.", 0.0, 2.0, "signal at TE = 0"),
         Parameter("T2star", "ms", 0.5, 3000.0, "effective transverse relaxation time"),
     )
+    default_protocol = tuple(round(2.6 + 2.02 * k, 2) for k in range(8))
+    protocol_reference = ("8-echo gradient echo, TE 2.6-16.74 ms in steps of 2.02 ms: the breath-hold myocardial "
+                          "T2* protocol of Westwood et al., JMRI 2003;18:33-39")
 
 
 __all__ = ["T2Model", "T2StarModel", "relaxation_signal"]
