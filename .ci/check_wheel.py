@@ -51,10 +51,9 @@ np.save("truth.npy", theta)
 LOAD_BUNDLES = r"""
 import json, sys
 import qmri_labels
-from qmri_labels.bundle import read_manifest
+from qmri_labels.estimators import ESTIMATOR_KIND, NetworkEstimator, QSMEstimator
+from qmri_labels.estimators.bundle import read_manifest
 from qmri_labels.paths import models_dir
-from qmri_labels.estimators import ESTIMATOR_KIND, NetworkEstimator
-from qmri_labels.training.qsm import QSMEstimator
 
 loaded = {}
 for folder in sorted(p for p in models_dir().iterdir() if p.is_dir()):

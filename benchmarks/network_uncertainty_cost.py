@@ -34,7 +34,7 @@ def qsm_predict_cost(size: int, members: int, repeats: int) -> dict:
     from qmri_labels.fitting.qsm_inversion import tv
     from qmri_labels.nets.ensemble import DeepEnsemble
     from qmri_labels.paths import models_dir
-    from qmri_labels.training.qsm import QSMEstimator
+    from qmri_labels.estimators import QSMEstimator
 
     bundle = models_dir() / "qsm_unet_field-tv_residual_lrelu16"
     single = QSMEstimator.load(bundle, device="cpu")

@@ -75,7 +75,7 @@ def errors(bfr: str, n_test: int | None, tv_lambda: float) -> list[dict]:
     from qmri_labels.fitting.qsm_inversion import tv
     from qmri_labels.paths import models_dir
     from qmri_labels.physics.qsm import forward_field
-    from qmri_labels.training.qsm import QSMEstimator
+    from qmri_labels.estimators import QSMEstimator
     from qmri_labels.workflows.qsm import SHIPPED_MODEL, _phantoms_of
 
     net = QSMEstimator.load(models_dir() / SHIPPED_MODEL)

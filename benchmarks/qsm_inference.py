@@ -66,7 +66,7 @@ def run_case(case: str, size: int, device: str, repeats: int, threads: int | Non
     field = forward_field(chi) * mask if case != "phantom" else None  # a masked local field
     est = None
     if case == "unet":
-        from qmri_labels.training.qsm import QSMEstimator
+        from qmri_labels.estimators import QSMEstimator
 
         bundle = REPO / "qmri_labels" / "models" / "qsm_unet_field-tv_residual_lrelu16"
         if (bundle / "manifest.json").is_file():

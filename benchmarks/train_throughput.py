@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from qmri_labels.data import DatasetSpec
-from qmri_labels.estimators import _quiet_lightning
+from qmri_labels.estimators.network_training import quiet_lightning
 from qmri_labels.nets import MLP
 from qmri_labels.training import (InMemoryDataModule, LabelLoss, LabelRegressor, ParameterNormalisation,
                                   resolve_weights)
@@ -91,7 +91,7 @@ def lightning_path(dataset, label, batch_size, epochs, seed, accelerator, batche
     data = InMemoryDataModule({"signals": dataset.signals, "theta": dataset.theta_true}, batch_size=batch_size,
                               val_fraction=0.0, shuffle_seed=seed, batches_per_block=batches_per_block)
     timer = _Timer()
-    with _quiet_lightning(True):
+    with quiet_lightning(True):
         trainer = L.Trainer(accelerator=accelerator, devices=1, max_epochs=epochs + 1, callbacks=[timer],
                             logger=False, enable_checkpointing=False, enable_model_summary=False,
                             enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0,

@@ -41,7 +41,7 @@ def phantoms():
 
 
 def main(out: str, processes: int) -> None:
-    from qmri_labels.training.qsm import QSMEstimator
+    from qmri_labels.estimators import QSMEstimator
 
     torch.set_num_threads(1)
     out = Path(out)
@@ -52,7 +52,7 @@ def main(out: str, processes: int) -> None:
         checkpoint = out / f"{name}_ckpt_from_rank{launcher}" if name == "bn" else None
         est = QSMEstimator(**SETTINGS, **extra, checkpoint_path=checkpoint, accelerator="cpu", devices=processes,
                            strategy="ddp")
-        est.fit(train, validation)
+        est.fit(train, validation=validation)
         rank = est.global_rank_
         state = est.network_.state_dict()
         torch.save(state, out / f"{name}_rank{rank}_state.pt")

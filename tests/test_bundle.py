@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from qmri_labels.bundle import (
+from qmri_labels.estimators.bundle import (
     MANIFEST_FILE,
     SAFETENSORS_FILE,
     load_bundle,

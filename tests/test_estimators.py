@@ -2,10 +2,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
-from qmri_labels.bundle import MANIFEST_FILE, SAFETENSORS_FILE, load_bundle
 from qmri_labels.data import DatasetSpec
-from qmri_labels.estimators import MLEEstimator, NetworkEstimator
+from qmri_labels.estimators import MLEEstimator, NetworkEstimator, QSMEstimator, clone
+from qmri_labels.estimators.bundle import MANIFEST_FILE, SAFETENSORS_FILE, load_bundle
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_load_refuses_tampered_or_foreign_bundles(tmp_path, tiny):
     (path / SAFETENSORS_FILE).write_bytes(bytes(data))
     with pytest.raises(ValueError, match="SHA-256"):
         NetworkEstimator.load(path)
-    from qmri_labels.bundle import save_bundle
+    from qmri_labels.estimators.bundle import save_bundle
 
     other = save_bundle(tmp_path / "other", {"w": est.network_.body[0].weight}, {"kind": "unet"})
     with pytest.raises(ValueError, match="not a qmri_labels.NetworkEstimator"):
@@ -237,3 +238,56 @@ def test_dropout_networks_are_reproducible_whatever_ran_before(tiny):
     np.testing.assert_array_equal(a, b)
     c = net(shuffle_seed=5, **kw).fit(tiny).predict(tiny.signals[:100])
     assert not np.array_equal(a, c)
+
+
+# -- scikit-learn's contract: get_params / set_params / clone ----------------------------------
+
+def test_get_params_set_params_round_trip():
+    est = NetworkEstimator(label="hybrid", alpha=0.3, width=7)
+    params = est.get_params()
+    assert params == est.get_params(deep=False) and params["alpha"] == 0.3 and params["width"] == 7
+    assert set(params) == set(NetworkEstimator._param_names())
+    assert est.set_params(alpha=0.8, max_epochs=3) is est
+    assert est.alpha == 0.8 and est.max_epochs == 3
+    with pytest.raises(ValueError, match="invalid parameter 'alphaa'"):
+        est.set_params(alphaa=0.1)
+
+
+def test_clone_is_unfitted_with_equal_params_and_independent(tiny):
+    options = {"noise": "rician"}
+    original = net(label="mle", mle_options=options).fit(tiny)
+    weights = {k: v.clone() for k, v in original.network_.state_dict().items()}
+    copy_ = clone(original)
+    assert type(copy_) is NetworkEstimator and not hasattr(copy_, "network_")
+    assert not any(k.endswith("_") for k in vars(copy_))
+    assert copy_.get_params() == original.get_params()
+    # no mutable parameter is shared
+    assert copy_.mle_options == options and copy_.mle_options is not original.mle_options
+    copy_.set_params(seed=5, max_epochs=1).fit(tiny)
+    assert original.seed == 0 and original.max_epochs == 2 and original.mle_options is options
+    for key, value in original.network_.state_dict().items():
+        assert torch.equal(value, weights[key])
+    assert copy_.network_ is not original.network_
+
+
+def test_clone_of_every_estimator_kind():
+    for est in (MLEEstimator(model="monoexp", sigma=0.1), NetworkEstimator(width=5), QSMEstimator(n_members=2)):
+        copy_ = clone(est)
+        assert type(copy_) is type(est) and copy_.get_params() == est.get_params() and copy_ is not est
+    with pytest.raises(TypeError, match="estimator"):
+        clone({"label": "gt"})
+
+
+def test_mle_fit_leaves_its_parameters_unchanged(tiny):
+    est = MLEEstimator(sigma=tiny.spec.sigma, n_starts=1)
+    before = est.get_params()
+    est.fit(tiny)
+    # the protocol learned from the dataset is a fitted attribute, not the parameter
+    assert est.protocol is None and est.get_params() == before
+    np.testing.assert_array_equal(est.protocol_, tiny.protocol)
+    assert clone(est).get_params() == before
+    # a given protocol wins over the dataset's and is stored as given
+    given = list(tiny.protocol)
+    fixed = MLEEstimator(protocol=given, sigma=tiny.spec.sigma, n_starts=1).fit(tiny)
+    assert fixed.protocol is given
+    np.testing.assert_array_equal(fixed.predict(tiny.signals[:5]), est.predict(tiny.signals[:5]))

@@ -662,7 +662,7 @@ def test_qsm_bad_input(qsm_data, tmp_path, capsys):
 def qsm_network_bundle(tmp_path_factory):
     """A tiny QSM U-Net (toy preset, one epoch on two 16^3 phantoms): plumbing, not accuracy."""
     from qmri_labels.data.qsm import QSMPhantomSpec
-    from qmri_labels.training.qsm import QSMEstimator
+    from qmri_labels.estimators import QSMEstimator
 
     phantoms = QSMPhantomSpec(shape=(16, 16, 16), n=2, n_orientations=1, seed=0).generate()
     network = QSMEstimator(label="gt", preset="toy", patch_size=None, samples_per_epoch=2, batch_size=2,
@@ -671,7 +671,7 @@ def qsm_network_bundle(tmp_path_factory):
 
 
 def test_qsm_network_estimator(qsm_network_bundle, qsm_data, tmp_path, capsys):
-    from qmri_labels.training.qsm import QSMEstimator
+    from qmri_labels.estimators import QSMEstimator
 
     out = tmp_path / "out"
     code, err = run(["--field", qsm_data["field_path"], "--mask", qsm_data["mask_path"], "--estimator",
@@ -781,7 +781,7 @@ def test_qsm_tv_estimator_through_the_command(qsm_data, tmp_path, capsys):
 
 
 def test_qsm_network_refuses_fields_unlike_its_training_inputs(qsm_network_bundle, qsm_head, tmp_path, capsys):
-    from qmri_labels.training.qsm import QSMEstimator
+    from qmri_labels.estimators import QSMEstimator
 
     assert QSMEstimator.load(qsm_network_bundle).manifest_["input_kind"] == "local"
     paths = qsm_head["paths"]

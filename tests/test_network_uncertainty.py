@@ -16,7 +16,7 @@ from qmri_labels.analysis.report import (
     overconfidence_sentences,
     write_report,
 )
-from qmri_labels.bundle import SAFETENSORS_FILE, load_bundle
+from qmri_labels.estimators.bundle import SAFETENSORS_FILE, load_bundle
 from qmri_labels.data import DatasetSpec, UniformPrior
 from qmri_labels.estimators import MLEEstimator, NetworkEstimator
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qmri_labels.training.qsm import EpochSampler, QSMEstimator, QSMPatchDataset, RankBatches
+from qmri_labels.estimators import QSMEstimator
+from qmri_labels.training.qsm import EpochSampler, QSMPatchDataset, RankBatches
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -53,7 +54,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(ddp_run):
     train, validation = qsm_ddp_train.phantoms()
     settings = {**qsm_ddp_train.SETTINGS, **qsm_ddp_train.FITS["nobn"]}
     torch.set_num_threads(1)
-    single = QSMEstimator(**settings, accelerator="cpu", devices=1).fit(train, validation)
+    single = QSMEstimator(**settings, accelerator="cpu", devices=1).fit(train, validation=validation)
     ddp_state = torch.load(out / "nobn_rank0_state.pt", weights_only=True)
     diff = _max_diff(single.network_.state_dict(), ddp_state)
     # float rounding of the voxel-weighted two-part gradient mean only (measured 4e-8); one process
@@ -63,7 +64,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(ddp_run):
     for a, b in zip(single.history_, ranks["nobn"][0]["history"]):
         for key in b:
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
-    half = QSMEstimator(**{**settings, "batch_size": 2}, accelerator="cpu").fit(train, validation)
+    half = QSMEstimator(**{**settings, "batch_size": 2}, accelerator="cpu").fit(train, validation=validation)
     assert _max_diff(half.network_.state_dict(), ddp_state) > 100 * max(diff, 1e-8)
 
 

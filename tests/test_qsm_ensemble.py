@@ -12,8 +12,8 @@ import torch
 
 from qmri_labels.cli import fit as fit_cli
 from qmri_labels.data.qsm import QSMPhantomSpec
+from qmri_labels.estimators import QSMEstimator
 from qmri_labels.maps.derivatives import chi_map_name, chi_sd_map_name
-from qmri_labels.training.qsm import QSMEstimator
 
 #: a toy U-Net, two epochs of four 8^3 patches: the tests check the ensemble's plumbing
 SETTINGS = dict(preset="toy", patch_size=8, samples_per_epoch=4, batch_size=2, max_epochs=2, seed=3, device="cpu")
@@ -30,9 +30,9 @@ def fits(phantoms):
     """An ensemble of two members (seeds 3, 4) and the single networks of seeds 3 and 4."""
     train, val = phantoms
     torch.set_num_threads(1)
-    return {"ensemble": QSMEstimator(**SETTINGS, n_members=2).fit(train, val),
-            "seed3": QSMEstimator(**SETTINGS).fit(train, val),
-            "seed4": QSMEstimator(**{**SETTINGS, "seed": 4}).fit(train, val)}
+    return {"ensemble": QSMEstimator(**SETTINGS, n_members=2).fit(train, validation=val),
+            "seed3": QSMEstimator(**SETTINGS).fit(train, validation=val),
+            "seed4": QSMEstimator(**{**SETTINGS, "seed": 4}).fit(train, validation=val)}
 
 
 def _states_equal(a: dict, b: dict) -> bool:

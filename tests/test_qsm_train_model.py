@@ -34,7 +34,7 @@ def _command_paths(command: str) -> list[str]:
 
 
 def test_train_model_with_bfr_trains_on_the_methods_local_fields(bundles):
-    from qmri_labels.training.qsm import QSMEstimator
+    from qmri_labels.estimators import QSMEstimator
     from qmri_labels.workflows.qsm import MODEL_CONFIG, make_phantom_sets
     from qmri_labels.workflows.common import merge_config
 

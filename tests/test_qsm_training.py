@@ -1,4 +1,4 @@
-"""QSM label choices, training and the estimator (qmri_labels.training.qsm)."""
+"""QSM label choices, training (qmri_labels.training.qsm) and the estimator (qmri_labels.estimators.qsm)."""
 
 import json
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from qmri_labels.data.qsm import QSMPhantomSpec
+from qmri_labels.estimators import QSMEstimator
 from qmri_labels.physics.qsm import forward_field
 from qmri_labels.training.qsm import (
     EpochSampler,
-    QSMEstimator,
     QSMLoss,
     QSMNormalisation,
     QSMPatchDataset,
@@ -90,7 +90,7 @@ def test_pad_to_multiple():
 @pytest.mark.parametrize("label", ["gt", "mle", "self", "hybrid", "graf"])
 def test_every_label_trains(data, label):
     train, val = data
-    est = _tiny(label=label, alpha=0.5).fit(train, val)
+    est = _tiny(label=label, alpha=0.5).fit(train, validation=val)
     assert len(est.history_) == 2 and est.best_epoch_ in (0, 1)
     assert all(np.isfinite(r["val_loss"]) and np.isfinite(r["train_loss"]) for r in est.history_)
     assert "val_nrmse" in est.history_[0]
@@ -106,8 +106,8 @@ def test_mle_label_needs_orientations():
 
 def test_fit_is_seeded_and_learns(data):
     train, val = data
-    a = _tiny(label="gt", max_epochs=1).fit(train, val)
-    b = _tiny(label="gt", max_epochs=1).fit(train, val)
+    a = _tiny(label="gt", max_epochs=1).fit(train, validation=val)
+    b = _tiny(label="gt", max_epochs=1).fit(train, validation=val)
     np.testing.assert_array_equal(a.predict(val.field[0]), b.predict(val.field[0]))
     # a few more steps on whole volumes lower the training loss
     c = _tiny(label="gt", patch_size=None, max_epochs=6, lr=3e-3, residual=False, inputs=("field",)).fit(train)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qmri_labels.data.registry import load_dataset
+from qmri_labels.estimators import train_network
 from qmri_labels.training.reproducibility import (
     DeterminismSettings,
     bitwise_equal,
@@ -13,7 +14,6 @@ from qmri_labels.training.reproducibility import (
     device_available,
     record_determinism,
     run_inference,
-    train_network,
     weights_equal,
 )
 
@@ -197,7 +197,7 @@ def test_flags_in_force_during_training_are_recorded(data):
 
 
 def test_determinism_record_uses_the_bundle_description_of_versions_and_device():
-    from qmri_labels.bundle import device_info, package_versions
+    from qmri_labels.provenance import device_info, package_versions
 
     record = record_determinism(DeterminismSettings(num_threads=1))
     assert record["versions"] == package_versions()

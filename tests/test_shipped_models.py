@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from qmri_labels import paths
-from qmri_labels.bundle import verify_bundle
+from qmri_labels.estimators.bundle import verify_bundle
 from qmri_labels.data import EPSTEIN_BVALUES, DatasetSpec
 from qmri_labels.estimators import NetworkEstimator
 from qmri_labels.workflows.ivim import heldout_metrics

@@ -71,8 +71,8 @@ def describe_file(volume: NiftiVolume) -> dict:
 
 
 def environment(device) -> dict:
-    """Device, determinism flags and package versions for a manifest (one definition: bundle.py)."""
-    from qmri_labels.bundle import device_info, package_versions
+    """Device, determinism flags and package versions for a manifest (one definition: qmri_labels.provenance)."""
+    from qmri_labels.provenance import device_info, package_versions
 
     return {"device": device_info(device), "versions": package_versions(extra=("scipy", "nibabel"))}
 

@@ -285,7 +285,8 @@ def invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshol
     except ValueError as exc:
         raise InputError(f"--{exc}") from None
     try:
-        from qmri_labels.training.qsm import QSMEstimator, check_input_kind
+        from qmri_labels.estimators import QSMEstimator
+        from qmri_labels.training.qsm import check_input_kind
     except ImportError as exc:
         raise InputError(f"QSM networks are not available in this installation ({exc})") from None
     network = _load_qsm_network(bundle, QSMEstimator, device)
@@ -321,7 +322,7 @@ def invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshol
 def _load_qsm_network(bundle: Path, estimator_class, device):
     import json
 
-    from qmri_labels.bundle import read_manifest
+    from qmri_labels.estimators.bundle import read_manifest
 
     try:
         kind = read_manifest(bundle).get("kind")

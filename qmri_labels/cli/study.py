@@ -317,11 +317,11 @@ def main(argv: list[str] | None = None) -> int:
         manifest = deep_merge(result["manifest"], manifest)
     manifest.setdefault("kind", kind)
     if "versions" not in manifest:
-        from qmri_labels.bundle import package_versions
+        from qmri_labels.provenance import package_versions
 
         manifest["versions"] = package_versions()
     if "device" not in manifest:
-        from qmri_labels.bundle import device_info
+        from qmri_labels.provenance import device_info
 
         manifest["device"] = device_info()
     manifest["command"] = {"argv": ["python", "-m", "qmri_labels.study", *(argv if argv is not None else sys.argv[1:])],

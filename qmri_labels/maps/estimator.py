@@ -47,7 +47,7 @@ def find_bundle(name: str | os.PathLike) -> Path:
 
 def load_network(bundle: Path):
     """A voxel-wise network from a bundle; a bundle of another kind or a damaged one is refused."""
-    from qmri_labels.bundle import read_manifest
+    from qmri_labels.estimators.bundle import read_manifest
     from qmri_labels.estimators import ESTIMATOR_KIND, NetworkEstimator
 
     try:

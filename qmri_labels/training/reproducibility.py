@@ -14,10 +14,9 @@ Sources and the control for each:
 
 :class:`DeterminismSettings` holds one choice of all of them,
 :func:`determinism_scope` applies it (and restores the previous global state afterwards),
-:func:`record_determinism` writes what was in force into a manifest, :func:`train_network`
-trains the library's :class:`~qmri_labels.estimators.NetworkEstimator` under the settings and
-returns the loss of every training step, and :func:`run_inference` runs a trained network
-under (possibly other) settings.
+:func:`record_determinism` writes what was in force into a manifest, and :func:`run_inference`
+runs a trained network under (possibly other) settings.
+:func:`qmri_labels.estimators.train_network` trains an estimator under the settings.
 """
 
 from __future__ import annotations
@@ -28,11 +27,13 @@ import dataclasses
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
+
+from qmri_labels.provenance import device_info, package_versions
 
 #: dtype choice -> Lightning precision flag
 PRECISIONS = {"float32": "32-true", "float64": "64-true", "bf16-mixed": "bf16-mixed"}
@@ -167,9 +168,7 @@ def device_available(device: str) -> tuple[bool, str]:
 
 def device_name(device: str) -> str:
     """Human-readable name: the GPU model for CUDA devices, the processor for the CPU
-    (from :func:`qmri_labels.bundle.device_info`, the one place that describes devices)."""
-    from qmri_labels.bundle import device_info
-
+    (from :func:`qmri_labels.provenance.device_info`, the one place that describes devices)."""
     info = device_info(device if device_available(device)[0] else "cpu")
     return info.get("gpu_name") or info["processor"] or "cpu"
 
@@ -216,8 +215,6 @@ def record_determinism(settings: DeterminismSettings | None = None) -> dict:
 
     Call it inside :func:`determinism_scope` to record what a run actually used.
     """
-    from qmri_labels.bundle import device_info, package_versions
-
     device = settings.device if settings is not None else "cpu"
     info = device_info(device if device_available(device)[0] else "cpu")
     record = {
@@ -240,53 +237,8 @@ def record_determinism(settings: DeterminismSettings | None = None) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# training and inference under settings
+# inference under settings
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainingRun:
-    """A network trained under one :class:`DeterminismSettings`."""
-
-    estimator: Any
-    settings: DeterminismSettings
-    step_losses: np.ndarray
-    record: dict
-
-    @property
-    def network(self) -> nn.Module:
-        return self.estimator.network_
-
-
-def train_network(dataset, settings: DeterminismSettings, *, quiet: bool = True, **estimator_params) -> TrainingRun:
-    """Train a :class:`~qmri_labels.estimators.NetworkEstimator` on ``dataset`` under ``settings``.
-
-    Parameters
-    ----------
-    dataset : Dataset
-    settings : DeterminismSettings
-    quiet : bool
-        Hide Lightning's progress bar.
-    **estimator_params
-        Hyperparameters of the estimator (``label``, ``batch_size``, ``max_epochs``,
-        ``patience``, ...); the seeds, precision, determinism and device come from ``settings``.
-
-    Returns
-    -------
-    TrainingRun with the fitted estimator, the loss of every training step and the
-    determinism record.
-    """
-    from qmri_labels.estimators import NetworkEstimator
-
-    clash = set(estimator_params) & set(settings.estimator_kwargs())
-    if clash:
-        raise ValueError(f"{sorted(clash)} are set by the DeterminismSettings, not by estimator parameters")
-    params = {"progress": not quiet, **estimator_params, **settings.estimator_kwargs()}
-    with determinism_scope(settings):
-        record = record_determinism(settings)
-        estimator = NetworkEstimator(**params).fit(dataset)
-    record["flags_in_fit"] = estimator.flags_in_fit_
-    return TrainingRun(estimator, settings, estimator.step_losses_, record)
 
 
 def run_inference(network: nn.Module, signals: np.ndarray, settings: DeterminismSettings | None = None,

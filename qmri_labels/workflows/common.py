@@ -89,7 +89,7 @@ def run_manifest(kind: str, config: Mapping, started: float, t0: float, **more) 
 
     ``started`` is the wall-clock start (``time.time()``), ``t0`` the ``time.perf_counter()`` one.
     """
-    from qmri_labels.bundle import device_info, package_versions
+    from qmri_labels.provenance import device_info, package_versions
     from qmri_labels.training.reproducibility import record_determinism
 
     return {"kind": kind, "config": dict(config), "versions": package_versions(), "device": device_info("cpu"),

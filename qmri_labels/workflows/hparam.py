@@ -59,8 +59,9 @@ import pandas as pd
 
 from qmri_labels.data.definitions import get_definition
 from qmri_labels.data.registry import load_dataset
+from qmri_labels.estimators import train_network
 from qmri_labels.fileio import write_json, write_text
-from qmri_labels.training.reproducibility import DeterminismSettings, train_network
+from qmri_labels.training.reproducibility import DeterminismSettings
 from qmri_labels.workflows.common import (
     markdown,
     merge_config,

@@ -258,7 +258,7 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
     from qmri_labels.analysis.fairness import seed_findings, seed_summary, tuned_vs_default
     from qmri_labels.analysis.grid import evaluate_snrs
     from qmri_labels.analysis.report import add_calibration
-    from qmri_labels.bundle import device_info, package_versions
+    from qmri_labels.provenance import device_info, package_versions
     from qmri_labels.estimators import MLEEstimator
     from qmri_labels.training import compute_mle_labels
     from qmri_labels.workflows.jobs import resolve_workers
@@ -463,7 +463,7 @@ def export_networks(run_dir: str | Path, dest: str | Path | None = None, prefix:
     import shutil
 
     from qmri_labels import paths
-    from qmri_labels.bundle import verify_bundle
+    from qmri_labels.estimators.bundle import verify_bundle
     from qmri_labels.fileio import atomic_dir
 
     run_dir = Path(run_dir)

@@ -4,12 +4,12 @@ the report sections that go with them. :mod:`qmri_labels.workflows.ivim` wires t
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
 
+from qmri_labels.estimators import DESIGN_PRESETS, clone
 from qmri_labels.workflows.common import check_count
 
 #: ``network`` entries of the study configuration (NetworkEstimator keywords, plus ``preset``).
@@ -34,8 +34,6 @@ def resolve_network(cfg: Mapping, defaults: Mapping) -> dict:
     A ``preset`` (see :data:`qmri_labels.estimators.DESIGN_PRESETS`) gives the base; network
     and training entries that differ from the workflow's defaults override it.
     """
-    from qmri_labels.estimators import DESIGN_PRESETS
-
     network = dict(cfg["network"])
     unknown = set(network) - set(NETWORK_DEFAULTS)
     if unknown:
@@ -87,7 +85,7 @@ def with_seeds(estimators: Mapping, n_seeds: int, seed: int) -> dict:
     out = {}
     for name, est in estimators.items():
         for k in range(n_seeds):
-            copy_ = copy.deepcopy(est)
+            copy_ = clone(est)
             if k:
                 copy_.set_params(init_seed=seed + k * SEED_STRIDE, shuffle_seed=seed + k * SEED_STRIDE)
             out[seed_name(name, k)] = copy_
@@ -111,7 +109,7 @@ def tune_design(est, train, mle_labels, tune_cfg: Mapping, seed: int):
                 alpha=est.alpha, base=base, validation_fraction=tune_cfg["validation_fraction"],
                 mle_labels=mle_labels if est.label in ("mle", "hybrid") else None, max_rows=tune_cfg["max_rows"],
                 prune=tune_cfg["prune"], refit=False)  # the study retrains the design on all rows
-    final = copy.deepcopy(est)
+    final = clone(est)
     final.set_params(**best.tuning_["best_params"])
     return final, best.tuning_
 

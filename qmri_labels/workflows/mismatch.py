@@ -120,7 +120,8 @@ def _training_overrides(config, split: str) -> dict:
 
 
 def _run_voxel(definitions, config, out: Path, quiet: bool):
-    from qmri_labels.training.reproducibility import DeterminismSettings, train_network
+    from qmri_labels.estimators import train_network
+    from qmri_labels.training.reproducibility import DeterminismSettings
 
     settings = DeterminismSettings(seed=int(config["seed"]), num_threads=config["num_threads"])
     tests = {d.name: load_dataset(d, "test", **_training_overrides(config, "test")) for d in definitions}
@@ -169,7 +170,7 @@ def _run_qsm(definitions, config, out: Path, quiet: bool):
     """QSM mismatch (resolution or BFR method): one U-Net per dataset, NRMSE per test volume
     (XSIM, HFEN and SSIM reported beside it in cells.csv)."""
     from qmri_labels.analysis.image_metrics import image_metrics
-    from qmri_labels.training.qsm import QSMEstimator
+    from qmri_labels.estimators import QSMEstimator
 
     settings = dict(QSM_TRAINING)
     settings.update(config["qsm"] or {})
@@ -184,7 +185,7 @@ def _run_qsm(definitions, config, out: Path, quiet: bool):
         if "validation" in definition.splits:
             validation = load_dataset(definition, "validation")
         estimator = QSMEstimator(seed=int(config["seed"]), progress=not quiet, **settings)
-        estimator.fit(train, validation)
+        estimator.fit(train, validation=validation)
         seconds = time.perf_counter() - start
         trained[definition.name] = {"train_fingerprint": train.fingerprint, "fit_seconds": seconds,
                                     "epochs": len(getattr(estimator, "history_", []) or [])}

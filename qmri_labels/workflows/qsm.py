@@ -44,7 +44,7 @@ from qmri_labels.fitting.qsm_inversion import (
     tkd,
     tv,
 )
-from qmri_labels.training.qsm import QSMEstimator
+from qmri_labels.estimators import QSMEstimator
 from qmri_labels.training.reproducibility import torch_threads
 
 __all__ = ["DEFAULTS", "DEFAULTS_BY_KIND", "ACTIVATION_DEFAULTS", "LABEL_DEFAULTS", "run", "run_labels", "run_activation",
@@ -253,7 +253,7 @@ def _print(quiet: bool, *args):
 
 
 def _manifest(config, out, data, timings, extra=None) -> dict:
-    from qmri_labels.bundle import device_info, package_versions
+    from qmri_labels.provenance import device_info, package_versions
 
     man = {
         "config": config,
@@ -288,7 +288,7 @@ def run_labels(config: Mapping, out: Path, quiet: bool = True) -> dict:
             _print(quiet, f"[qsm_labels] training {name}")
             t1 = time.perf_counter()
             est = _estimator(config, int(config["seed"]), label=label, alpha=alpha,
-                             field_weight=float(config["field_weight"])).fit(train, val)
+                             field_weight=float(config["field_weight"])).fit(train, validation=val)
             timings[name] = time.perf_counter() - t1
             networks[name] = est
             histories[name] = est.history_
@@ -344,7 +344,7 @@ def run_activation(config: Mapping, out: Path, quiet: bool = True) -> dict:
             est = _estimator(config, int(config["seed"]), label=config["label"],
                              field_weight=float(config["field_weight"]),
                              unet={"activation": act, "negative_slope": float(slope) if act == "leaky_relu" else 0.2,
-                                   "init_channels": int(ch)}).fit(train, val)
+                                   "init_channels": int(ch)}).fit(train, validation=val)
             timings[name] = time.perf_counter() - t1
             networks[name] = est
             histories[name] = est.history_
@@ -485,7 +485,7 @@ def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None,
             # a resumed run must not replace the bundle with a worse model
             scores = [r["val_loss"] for r in done.history_ if "val_loss" in r]
             est.previous_best_score_ = min(scores) if scores else float("inf")
-        est.fit(train, val)
+        est.fit(train, validation=val)
         if resume:
             est.warm_start = False
         rows, _ = evaluate_methods({"unet": est}, test, train, tkd_threshold=float(config["tkd_threshold"]),
@@ -645,7 +645,7 @@ def evaluate_model(paths, bfr_methods=("vsharp",), quiet: bool = False, n_tune: 
     paired t-tests, Bonferroni over all of them); each manifest gets its network's rows as
     ``heldout_comparisons``. Returns ``{input kind: rows of every method}``.
     """
-    from qmri_labels.bundle import read_manifest
+    from qmri_labels.estimators.bundle import read_manifest
     from qmri_labels.training.qsm import check_input_kind
 
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]

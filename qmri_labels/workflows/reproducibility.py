@@ -35,6 +35,7 @@ import pandas as pd
 import yaml
 
 from qmri_labels.data.registry import load_dataset
+from qmri_labels.estimators import train_network
 from qmri_labels.fileio import write_json, write_text
 from qmri_labels.training.reproducibility import (
     SOURCES,
@@ -42,7 +43,6 @@ from qmri_labels.training.reproducibility import (
     bitwise_equal,
     device_name,
     run_inference,
-    train_network,
     weights_equal,
 )
 from qmri_labels.workflows.common import (

@@ -8,24 +8,20 @@ A small subpackage, one job per module:
 ``module``     the thin LightningModule.
 ``inputs``     what a network takes (:data:`INPUT_KINDS`, recorded in its bundle) and
                :func:`check_input_kind` (refuse a network trained on other inputs).
-``estimator``  :class:`QSMEstimator` (scikit-learn's contract, model bundles).
 
 The best epoch is kept by the IVIM training's
-:class:`qmri_labels.training.module.KeepBestState`. Everything is importable from here, as
-before the split (``from qmri_labels.training.qsm import QSMEstimator``).
+:class:`qmri_labels.training.module.KeepBestState`. The estimator that trains with these
+pieces is :class:`qmri_labels.estimators.QSMEstimator`.
 """
 
 from qmri_labels.training.qsm.data import EpochSampler, QSMPatchDataset, RankBatches, pad_to_multiple
-from qmri_labels.training.qsm.estimator import INPUT_CHANNELS, RESIDUAL_CHANNELS, QSMEstimator
 from qmri_labels.training.qsm.inputs import INPUT_KINDS, check_input_kind, input_kind_of
 from qmri_labels.training.qsm.loss import QSM_LABELS, QSMLoss, QSMNormalisation, qsm_loss_weights
 from qmri_labels.training.qsm.module import QSMLitModule, network_chi
 
 __all__ = [
     "QSM_LABELS",
-    "INPUT_CHANNELS",
     "INPUT_KINDS",
-    "RESIDUAL_CHANNELS",
     "qsm_loss_weights",
     "QSMNormalisation",
     "QSMLoss",
@@ -33,7 +29,6 @@ __all__ = [
     "EpochSampler",
     "RankBatches",
     "QSMLitModule",
-    "QSMEstimator",
     "check_input_kind",
     "input_kind_of",
     "network_chi",

@@ -17,29 +17,24 @@ saved in one bundle; ``predict(..., return_sd=True)`` adds the SD of the members
 from __future__ import annotations
 
 import math
-import time
-import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import lightning as L
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
 
-from qmri_labels.bundle import device_info, load_bundle, package_versions, read_manifest, save_bundle
 from qmri_labels.data.qsm import QSMPhantomSet
+from qmri_labels.estimators.base import BaseEstimator
+from qmri_labels.estimators.bundle import load_bundle, read_manifest, save_bundle
+from qmri_labels.estimators.qsm_training import train_member
 from qmri_labels.fitting.qsm_inversion import TV_DEFAULT_LAMBDA, cosmos, tkd, tv
 from qmri_labels.nets.ensemble import DeepEnsemble, check_n_members, combine_members, members_of
 from qmri_labels.nets.unet3d import UNet3D, UNet3DConfig, unet3d_preset
-from qmri_labels.params import ParamsMixin
-from qmri_labels.training.distributed import is_distributed
-from qmri_labels.training.module import KeepBestState
-from qmri_labels.training.qsm.data import EpochSampler, QSMPatchDataset, RankBatches, pad_to_multiple
+from qmri_labels.provenance import device_info, package_versions
+from qmri_labels.training.qsm.data import pad_to_multiple
 from qmri_labels.training.qsm.inputs import input_kind_of
-from qmri_labels.training.qsm.loss import QSMLoss, QSMNormalisation, qsm_loss_weights
-from qmri_labels.training.qsm.module import QSMLitModule, network_chi
+from qmri_labels.training.qsm.loss import QSMNormalisation, qsm_loss_weights
+from qmri_labels.training.qsm.module import network_chi
 
 __all__ = ["QSMEstimator", "INPUT_CHANNELS", "RESIDUAL_CHANNELS"]
 
@@ -48,7 +43,7 @@ INPUT_CHANNELS = ("field", "tkd", "tv")
 RESIDUAL_CHANNELS = ("tv", "tkd")
 
 
-class QSMEstimator(ParamsMixin):
+class QSMEstimator(BaseEstimator):
     """3-D U-Net estimator of chi from a local field, trained on synthetic phantoms.
 
     Parameters
@@ -126,8 +121,8 @@ class QSMEstimator(ParamsMixin):
 
     def __init__(self, label: str = "gt", alpha: float | None = None, field_weight: float = 1.0,
                  preset: str = "graf", unet: Mapping[str, Any] | None = None, inputs: Sequence[str] = ("field", "tkd"),
-                 residual: bool = True,
-                 tkd_threshold: float = 0.19, tv_lambda: float = TV_DEFAULT_LAMBDA, patch_size: int | None = 32, samples_per_epoch: int = 64,
+                 residual: bool = True, tkd_threshold: float = 0.19, tv_lambda: float = TV_DEFAULT_LAMBDA,
+                 patch_size: int | None = 32, samples_per_epoch: int = 64,
                  batch_size: int = 2, max_epochs: int = 10, max_time_s: float | None = None, lr: float = 1e-3,
                  weight_decay: float = 0.01, seed: int = 0, device: str | None = None, progress: bool = False,
                  checkpoint_path: str | Path | None = None, warm_start: bool = False, accelerator: str | None = None,
@@ -167,7 +162,8 @@ class QSMEstimator(ParamsMixin):
         qsm_loss_weights(self.label, self.alpha, self.field_weight)
         if isinstance(self.inputs, str) or not self._inputs or any(c not in INPUT_CHANNELS for c in self._inputs) \
                 or len(set(self._inputs)) != len(self._inputs):
-            raise ValueError(f"inputs must be a non-empty tuple of distinct names from {INPUT_CHANNELS}, got {self.inputs!r}")
+            raise ValueError(f"inputs must be a non-empty tuple of distinct names from {INPUT_CHANNELS}, "
+                             f"got {self.inputs!r}")
         if self.patch_size is not None and int(self.patch_size) < 1:
             raise ValueError(f"patch_size must be None or >= 1, got {self.patch_size}")
         for name in ("samples_per_epoch", "batch_size", "max_epochs"):
@@ -235,15 +231,33 @@ class QSMEstimator(ParamsMixin):
         return out
 
     # -- sklearn contract ------------------------------------------------------------------
-    def fit(self, data: QSMPhantomSet, validation: QSMPhantomSet | None = None) -> "QSMEstimator":
-        """Train on a :class:`~qmri_labels.data.qsm.QSMPhantomSet` (optionally validating on another).
+    def fit(self, X: QSMPhantomSet, y=None, *, validation: QSMPhantomSet | None = None) -> "QSMEstimator":
+        """Train on phantoms, optionally validating on others.
 
         The best epoch by validation loss (training loss without validation data) is kept,
         per member of an ensemble (``n_members``).
+
+        Parameters
+        ----------
+        X : QSMPhantomSet
+            Training phantoms: the fields the network reads and the chi (and, for COSMOS
+            labels, the orientations) it learns, together.
+        y : None
+            The labels travel in ``X``; accepted for scikit-learn's ``fit(X, y)`` order.
+        validation : QSMPhantomSet or None
+            Phantoms that choose the best epoch.
+
+        Returns
+        -------
+        self
         """
         self._validate()
-        if not isinstance(data, QSMPhantomSet):
-            raise ValueError(f"fit expects a QSMPhantomSet, got {type(data).__name__}")
+        if not isinstance(X, QSMPhantomSet):
+            raise ValueError(f"fit expects a QSMPhantomSet, got {type(X).__name__}")
+        if y is not None:
+            hint = " (give validation phantoms as validation=...)" if isinstance(y, QSMPhantomSet) else ""
+            raise ValueError(f"QSMEstimator.fit takes its labels from the phantom set, not from y{hint}")
+        data = X
         n_members = int(self.n_members)
         weights = qsm_loss_weights(self.label, self.alpha, self.field_weight)
         b0 = data.orientations[0]
@@ -275,8 +289,8 @@ class QSMEstimator(ParamsMixin):
 
         # a resumed single network keeps its previous best unless an epoch beats it
         previous_best = float(getattr(self, "previous_best_score_", math.inf)) if n_members == 1 else math.inf
-        runs = [self._fit_member(int(self.seed) + k, arrays, val_arrays, norm, weights, data, b0,
-                                 None if previous is None else previous[k], previous_best)
+        runs = [train_member(self, int(self.seed) + k, arrays, val_arrays, norm, weights, data, b0,
+                             None if previous is None else previous[k], previous_best)
                 for k in range(n_members)]
         members = [run["network"] for run in runs]
         self.global_rank_, self.world_size_ = runs[0]["rank"], runs[0]["world_size"]
@@ -292,94 +306,6 @@ class QSMEstimator(ParamsMixin):
         if self.checkpoint_path is not None:
             self.save(self.checkpoint_path)
         return self
-
-    def _fit_member(self, seed: int, arrays: dict, val_arrays: dict | None, norm: QSMNormalisation, weights: dict,
-                    data: QSMPhantomSet, b0, previous: UNet3D | None, previous_best: float) -> dict:
-        """Train one U-Net with ``seed`` (weight initialisation and patch draws) on the prepared
-        arrays; returns its network (CPU, eval mode), history, best epoch, rank and time."""
-        torch.manual_seed(seed)
-        network = UNet3D(self._unet_config())
-        if previous is not None:
-            if previous.config != network.config:
-                raise ValueError("warm_start: the fitted network's architecture differs from the current settings")
-            network.load_state_dict(previous.state_dict())
-        elif self.residual_channel_ is not None:
-            # start exactly at the TKD estimate: every step can only learn a correction
-            nn.init.zeros_(network.head.weight)
-            nn.init.zeros_(network.head.bias)
-        loss = QSMLoss(weights, norm, data.voxel_size, b0)
-        module = QSMLitModule(network, loss, lr=self.lr, weight_decay=self.weight_decay,
-                              residual_channel=self.residual_channel_)
-
-        patch = self.patch_size
-        if patch is None:
-            mult = network.size_multiple
-            if any(s % mult for s in data.chi.shape[1:]):
-                raise ValueError(f"whole-volume training needs shapes divisible by {mult}, got {data.chi.shape[1:]}")
-        elif int(patch) % network.size_multiple:
-            raise ValueError(f"patch_size must be a multiple of {network.size_multiple} for this U-Net, got {patch}")
-        train_ds = QSMPatchDataset(arrays, patch, self.samples_per_epoch, seed=seed)
-        train_sampler = EpochSampler(train_ds)
-        samplers = [train_sampler]
-        train_dl = DataLoader(train_ds, batch_sampler=RankBatches(train_sampler, int(self.batch_size)))
-        val_dl = None
-        if val_arrays is not None:
-            val_padded = {}
-            for k, v in val_arrays.items():
-                val_padded[k], _ = pad_to_multiple(v, network.size_multiple)
-            val_ds = QSMPatchDataset(val_padded, None, 1, seed=0)
-            val_sampler = EpochSampler(val_ds, shuffle=False, pad=True)
-            samplers.append(val_sampler)
-            val_dl = DataLoader(val_ds, batch_size=1, sampler=val_sampler)
-
-        keeper = KeepBestState("val_loss" if val_dl is not None else "train_loss")
-        if previous is not None:
-            # continuing: only a better score than the previous best replaces it
-            keeper.best_score = previous_best
-        if self.checkpoint_path is not None:  # a single network (_validate)
-            saved = {"epoch": None}
-
-            def checkpoint(module, row):
-                # after each epoch: write the bundle (rank 0) when KeepBestState found a better epoch
-                if module.trainer.global_rank == 0 and keeper.best_state is not None \
-                        and keeper.best_epoch != saved["epoch"]:
-                    saved["epoch"] = keeper.best_epoch
-                    self.network_ = UNet3D(self._unet_config())
-                    self.network_.load_state_dict({k: v.detach().cpu() for k, v in keeper.best_state.items()})
-                    self.history_ = list(module.history)
-                    self.best_epoch_ = keeper.best_epoch
-                    self.save(self.checkpoint_path)
-
-            module.epoch_listeners.append(checkpoint)
-        accelerator = self._accelerator()
-        max_time = None if self.max_time_s is None else {"seconds": float(self.max_time_s)}
-        t0 = time.perf_counter()
-        trainer = L.Trainer(
-            accelerator=accelerator, devices=self.devices, num_nodes=int(self.num_nodes), strategy=self.strategy,
-            # PyTorch's SyncBatchNorm runs on GPUs only; on CPU processes batch norm stays per rank
-            sync_batchnorm=accelerator != "cpu" and network.config.batch_norm,
-            # the samplers split each epoch's draw over the ranks themselves (Lightning's
-            # DistributedSampler would wrap them and never advance their epoch)
-            use_distributed_sampler=False,
-            max_epochs=int(self.max_epochs), max_time=max_time, logger=False, enable_checkpointing=False,
-            enable_model_summary=False, enable_progress_bar=bool(self.progress), num_sanity_val_steps=0,
-            callbacks=[_ShareSamplers(samplers, train_dl.batch_sampler), keeper],
-        )
-        with warnings.catch_warnings():
-            # without a validation set the module's validation_step is simply unused
-            warnings.filterwarnings("ignore", message=".*validation_step.*val_dataloader")
-            trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl)
-        # KeepBestState restored the best epoch's weights; a fresh UNet3D drops the SyncBatchNorm
-        # layers Lightning may have swapped in
-        network = UNet3D(self._unet_config())
-        network.load_state_dict({k: v.detach().cpu() for k, v in module.network.state_dict().items()})
-        network.eval()
-        if keeper.best_state is None and previous is not None and math.isfinite(keeper.best_score):
-            network.load_state_dict(previous.state_dict())  # no epoch beat the previous best
-        _broadcast_buffers(network)
-        return {"network": network, "seed": seed, "history": list(module.history), "best_epoch": keeper.best_epoch,
-                "rank": int(trainer.global_rank), "world_size": int(trainer.world_size),
-                "time_s": time.perf_counter() - t0}
 
     def _members(self) -> list[UNet3D]:
         """The fitted U-Nets (one for a single network)."""
@@ -582,30 +508,3 @@ class QSMEstimator(ParamsMixin):
         est.best_epoch_ = manifest.get("best_epoch")
         est.manifest_ = manifest
         return est
-
-
-class _ShareSamplers(L.Callback):
-    """Give every :class:`EpochSampler` its rank's share once Lightning knows the ranks."""
-
-    def __init__(self, samplers, batches: RankBatches):
-        self.samplers = list(samplers)
-        self.batches = batches
-
-    def setup(self, trainer, pl_module, stage):
-        for sampler in self.samplers:
-            sampler.set_world(int(trainer.global_rank), int(trainer.world_size))
-        self.batches.batch_size  # noqa: B018  (ValueError now if the global batch does not split)
-
-
-def _broadcast_buffers(network: nn.Module) -> None:
-    """Rank 0's buffers (batch-norm running statistics) on every rank; nothing in one process.
-
-    The parameters are already equal (synchronised gradients); only per-rank batch-norm
-    statistics can differ, and DDP itself uses rank 0's at every forward.
-    """
-    if not is_distributed():
-        return
-    import torch.distributed as dist
-
-    for buffer in network.buffers():
-        dist.broadcast(buffer.data, src=0)

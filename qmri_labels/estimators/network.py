@@ -1,162 +1,46 @@
-"""One interface for every way of estimating parameters: ``predict(signals) -> params``.
+"""A voxel-wise network trained under a chosen training label: :class:`NetworkEstimator`.
 
-* :class:`MLEEstimator` wraps the batched maximum-likelihood fitter;
-* :class:`NetworkEstimator` trains a voxel-wise network under a chosen training label
-  (``gt``, ``mle``, ``self``, ``hybrid`` or a weighted sum) with Lightning, and saves to /
-  loads from a model bundle that carries everything needed to predict.
-
-Both accept NumPy signals of any leading shape ``(..., M)`` and return ``(..., P)`` float32
-parameters in the model's parameter order, and expose ``model_name``, ``protocol`` and
-``param_names``. Hyperparameters are plain keyword arguments (scikit-learn's contract);
-``fit`` returns ``self`` and learned attributes end in ``_``.
+It trains with Lightning under a label (``gt``, ``mle``, ``self``, ``hybrid`` or a weighted
+sum), predicts ``(..., P)`` float32 parameters for NumPy signals ``(..., M)``, and saves to /
+loads from a model bundle that carries everything needed to predict. Its designs and settings
+check live in :mod:`~qmri_labels.estimators.network_design`, its training rows and Lightning
+run in :mod:`~qmri_labels.estimators.network_training`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
+import copy
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from qmri_labels.bundle import device_info, load_bundle, package_versions, save_bundle
-from qmri_labels.data.datasets import Dataset
+from qmri_labels.estimators.base import BaseEstimator, as_signals
+from qmri_labels.estimators.bundle import load_bundle, save_bundle
+from qmri_labels.estimators.network_design import (
+    DESIGN_PRESETS,
+    check_settings,
+    network_config,
+    network_from_config,
+    new_network,
+)
+from qmri_labels.estimators.network_training import train_one, training_data
 from qmri_labels.data.preprocessing import for_training_signals, from_manifest
-from qmri_labels.params import ParamsMixin
+from qmri_labels.fileio import to_jsonable
+from qmri_labels.nets.ensemble import DeepEnsemble, combine_members, members_of
+from qmri_labels.nets.heteroscedastic import HeteroscedasticNet
 from qmri_labels.physics import get_model
+from qmri_labels.provenance import device_info, package_versions
+from qmri_labels.training import ParameterNormalisation, method_name
+from qmri_labels.training.likelihood_losses import signal_space_sd
 
 ESTIMATOR_KIND = "qmri_labels.NetworkEstimator"
 
-#: Named network designs (keyword arguments of :class:`NetworkEstimator`).
-#: ``epstein``: the default, Epstein et al. (MELBA 2024). ``ivimnet``: the published
-#: configuration of IVIM-NET "optim" (Kaandorp et al., MRM 2021): one sub-network of two
-#: hidden layers per parameter, batch norm, dropout 0.1, sigmoid bounds (the constraints
-#: D 0-0.005, f 0-0.7, D* 0.005-0.2 mm^2/s, S0 0-2) widened by 30 %, Adam at 3e-5 on batches of 128,
-#: patience 10.
-DESIGN_PRESETS: dict[str, dict] = {
-    "epstein": {},
-    "ivimnet": {
-        "parallel": True, "hidden_layers": 2, "width": None, "activation": "elu", "batch_norm": True,
-        "dropout": 0.1, "output": "sigmoid", "bounds_margin": 0.3,
-        # S0, f, D, Dstar (the IVIM model's parameter order)
-        "output_bounds": [[0.0, 0.0, 0.0, 0.005], [2.0, 0.7, 0.005, 0.2]],
-        "lr": 3e-5, "batch_size": 128, "patience": 10, "max_epochs": 1000,
-    },
-}
 
-
-#: Kinds of network uncertainty (``NetworkEstimator(uncertainty=...)``).
-UNCERTAINTY_KINDS = (None, "heteroscedastic", "variance_head")
-
-
-def _as_signals(signals, n_measurements: int) -> tuple[np.ndarray, tuple]:
-    signals = np.asarray(signals)
-    if signals.dtype.kind not in "fiu":
-        raise ValueError(f"signals must be numeric, got dtype {signals.dtype}")
-    if signals.ndim == 0 or signals.shape[-1] != n_measurements:
-        raise ValueError(f"signals must have shape (..., {n_measurements}) (one value per measurement of the "
-                         f"protocol), got {signals.shape}")
-    return signals.reshape(-1, n_measurements), signals.shape[:-1]
-
-
-class MLEEstimator(ParamsMixin):
-    """Maximum-likelihood fits as an estimator.
-
-    Parameters
-    ----------
-    model : str
-    protocol : array-like (M,) or None
-        b-values (s/mm^2); taken from the dataset in :meth:`fit` when ``None``.
-    noise : {"rician", "gaussian"}
-    sigma : float, array-like or None
-        Noise level handed to the fitter (``None``: estimated by the fitter where it can).
-    bounds : array-like (2, P), dict or None
-    n_starts : int or None
-        Starting points per voxel; ``None``: the fitter's default.
-    device : str or None
-    chunk_size : int or None
-    progress : bool
-    """
-
-    def __init__(self, model: str = "ivim", protocol=None, noise: str = "rician", sigma=None, bounds=None,
-                 n_starts: int | None = None, device=None, chunk_size: int | None = None, progress: bool = False):
-        self.model = model
-        self.protocol = protocol
-        self.noise = noise
-        self.sigma = sigma
-        self.bounds = bounds
-        self.n_starts = n_starts
-        self.device = device
-        self.chunk_size = chunk_size
-        self.progress = progress
-
-    @property
-    def model_name(self) -> str:
-        return get_model(self.model).name
-
-    @property
-    def param_names(self) -> tuple[str, ...]:
-        return get_model(self.model).param_names
-
-    def fit(self, dataset: Dataset | None = None, y=None) -> "MLEEstimator":
-        """Take the protocol from a dataset when none was given; returns ``self``.
-
-        A fitter learns nothing from training data; this exists so that MLE can sit next to
-        networks in one loop.
-        """
-        if dataset is not None:
-            if dataset.spec.model != self.model_name:
-                raise ValueError(f"dataset is for model {dataset.spec.model!r}, estimator for {self.model_name!r}")
-            if self.protocol is None:
-                self.protocol = np.asarray(dataset.protocol, dtype=np.float64)
-        self.fitted_ = True
-        return self
-
-    def predict(self, signals, return_sd: bool = False):
-        """Parameters ``(..., P)`` float32 for signals ``(..., M)``; NaN where a fit is invalid.
-
-        Parameters
-        ----------
-        signals : array-like (..., M)
-        return_sd : bool
-            Also return the Wald standard errors ``(..., P)`` float32 from the Fisher
-            information at the estimate (NaN for a parameter on a bound or not identifiable;
-            see :mod:`qmri_labels.fitting.uncertainty`).
-
-        Returns
-        -------
-        params : ndarray (..., P)
-        sd : ndarray (..., P)
-            Only with ``return_sd=True``.
-        """
-        from qmri_labels.fitting import fit_mle
-
-        if self.protocol is None:
-            raise ValueError("MLEEstimator needs a protocol: pass protocol=... or call fit(dataset) first")
-        protocol = np.asarray(self.protocol, dtype=np.float64)
-        flat, lead = _as_signals(signals, protocol.size)
-        sigma = self.sigma
-        if sigma is not None and np.ndim(sigma) > 0:
-            sigma = np.broadcast_to(np.asarray(sigma, dtype=np.float64), lead).reshape(-1)
-        kwargs = {"model": self.model, "noise": self.noise, "sigma": sigma, "bounds": self.bounds,
-                  "device": self.device, "progress": self.progress, "uncertainty": bool(return_sd)}
-        if self.n_starts is not None:
-            kwargs["n_starts"] = self.n_starts
-        if self.chunk_size is not None:
-            kwargs["chunk_size"] = self.chunk_size
-        fit = fit_mle(flat, protocol, **kwargs)
-        params = np.asarray(fit.params, dtype=np.float32).reshape(*lead, -1)
-        if not return_sd:
-            return params
-        return params, np.asarray(fit.sd, dtype=np.float32).reshape(*lead, -1)
-
-
-class NetworkEstimator(ParamsMixin):
+class NetworkEstimator(BaseEstimator):
     """A voxel-wise network trained under a chosen training label.
 
     Parameters
@@ -325,8 +209,6 @@ class NetworkEstimator(ParamsMixin):
     # -- identity -----------------------------------------------------------------------------
     @property
     def method_name(self) -> str:
-        from qmri_labels.training import method_name
-
         return method_name(self.label, self.alpha)
 
     def _check_fitted(self):
@@ -335,16 +217,12 @@ class NetworkEstimator(ParamsMixin):
 
     def _members(self) -> list:
         """The fitted network's members (one for a single network)."""
-        from qmri_labels.nets.ensemble import members_of
-
         return members_of(self.network_)
 
     def _fitted_members(self) -> int:
         return len(self._members())
 
     def _fitted_uncertainty(self) -> str | None:
-        from qmri_labels.nets.heteroscedastic import HeteroscedasticNet
-
         member = self._members()[0]
         return member.config["kind"] if isinstance(member, HeteroscedasticNet) else None
 
@@ -372,43 +250,12 @@ class NetworkEstimator(ParamsMixin):
 
     # -- training -------------------------------------------------------------------------------
     def _validate(self) -> dict:
-        from qmri_labels.nets.ensemble import check_n_members
-        from qmri_labels.nets.mlp import widen_bounds
-        from qmri_labels.training import resolve_weights
-        from qmri_labels.training.schedules import check_schedule
-
-        weights = resolve_weights(self.label, self.alpha, self.weights)
-        for name in ("batch_size", "max_epochs", "batches_per_block"):
-            value = getattr(self, name)
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if int(self.patience) != self.patience or self.patience < 0:
-            raise ValueError(f"patience must be an integer >= 0, got {self.patience!r}")
-        if not (0.0 <= float(self.val_fraction) < 1.0):
-            raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction!r}")
-        for name in ("parallel", "batch_norm", "fit_s0", "warm_start", "standardise_inputs"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if not (0.0 <= float(self.dropout) < 1.0):
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
-        widen_bounds(np.zeros((2, 1)), self.bounds_margin)  # checks the margin
-        if self.uncertainty not in UNCERTAINTY_KINDS:
-            raise ValueError(f"uncertainty must be one of {UNCERTAINTY_KINDS}, got {self.uncertainty!r}")
-        check_n_members(self.n_members)
-        if self.uncertainty is not None and "self" in weights and weights["self"] and len(
-                [t for t, w in weights.items() if w]) > 1:
-            raise ValueError(f"uncertainty={self.uncertainty!r} cannot mix the self-supervised term (a signal-noise "
-                             f"variance) with parameter terms; got weights {weights}")
+        weights = check_settings(self.get_params())
         if self.warm_start and hasattr(self, "network_") and (
                 self.uncertainty != self._fitted_uncertainty() or int(self.n_members) != self._fitted_members()):
             raise ValueError(f"warm_start: the fitted network has uncertainty={self._fitted_uncertainty()!r}, "
                              f"n_members={self._fitted_members()}; this estimator asks for "
                              f"uncertainty={self.uncertainty!r}, n_members={self.n_members!r}")
-        check_schedule(self.lr_schedule)
-        if not (math.isfinite(float(self.lr)) and float(self.lr) > 0):
-            raise ValueError(f"lr must be finite and > 0, got {self.lr!r}")
-        if not (math.isfinite(float(self.weight_decay)) and float(self.weight_decay) >= 0):
-            raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay!r}")
         return weights
 
     def fit(self, X, y=None, *, protocol=None, bounds=None, model: str = "ivim", sigma=None,
@@ -447,59 +294,15 @@ class NetworkEstimator(ParamsMixin):
         -------
         self
         """
-        from qmri_labels.training import ParameterNormalisation
-        from qmri_labels.training.targets import array_targets, arrays_fingerprint, dataset_targets
-
         weights = self._validate()
-        if isinstance(X, Dataset):
-            if protocol is not None or bounds is not None or sigma is not None:
-                raise ValueError("protocol, bounds and sigma are taken from the dataset; pass them only with arrays")
-            if y is not None and mle_labels is not None:
-                raise ValueError("give the dataset's MLE labels once (y or mle_labels)")
-            signal_model = X.model
-            tensors, mle_info = dataset_targets(X, weights, y if mle_labels is None else mle_labels,
-                                                mle_options=self.mle_options, progress=bool(self.progress))
-            support = X.prior_support
-            record = {"train_fingerprint_": X.fingerprint, "train_spec_": X.spec.to_dict()}
-            train_protocol = X.protocol
-            noise = X.spec.noise
-        else:
-            if mle_labels is not None:
-                raise ValueError("with array input, give MLE labels as y")
-            signal_model = get_model(model)
-            # the noise model of the self label's signal-space likelihood: the MLE labels' one
-            noise = dict(self.mle_options or {}).get("noise", "rician")
-            if protocol is None:
-                raise ValueError("fit(X) with X an array, not a Dataset, needs protocol=... (b-values in s/mm^2, one "
-                                 "per column of X)")
-            train_protocol = np.asarray(signal_model.validate_protocol(protocol), dtype=np.float64)
-            signals, _ = _as_signals(X, train_protocol.size)
-            tensors, mle_info = array_targets(self.label, weights, signals, y, signal_model, train_protocol, sigma,
-                                              mle_options=self.mle_options, progress=bool(self.progress))
-            support = signal_model.default_bounds if bounds is None else np.asarray(bounds, dtype=np.float64)
-            if support.shape != (2, signal_model.n_params) or not np.all(np.isfinite(support)) or np.any(
-                    support[1] < support[0]):
-                raise ValueError(f"bounds must be finite with shape (2, {signal_model.n_params}) and lower <= upper, "
-                                 f"got {np.asarray(support).tolist()}")
-            record = {"train_fingerprint_": arrays_fingerprint(tensors),
-                      "train_spec_": {"source": "arrays", "model": signal_model.name, "n": int(signals.shape[0]),
-                                      "protocol": [float(b) for b in train_protocol],
-                                      "bounds": np.asarray(support, float).tolist()}}
-
-        n = tensors["signals"].shape[0]
-        keep = np.ones(n, dtype=bool)
-        if "mle" in tensors:
-            keep &= np.all(np.isfinite(tensors["mle"]), axis=1)
-            mle_info["n_excluded"] = int((~keep).sum())
-        if not keep.all():
-            if keep.sum() < 2:
-                raise ValueError("fewer than 2 training rows have finite MLE labels")
-            tensors = {k: v[keep] for k, v in tensors.items()}
-        normalisation = ParameterNormalisation.from_support(support, signal_model.param_names)
-        self._train(tensors, weights, signal_model, train_protocol, support, normalisation, noise, callbacks)
-        self.n_excluded_ = int((~keep).sum())
-        self.mle_labels_ = mle_info
-        for key, value in record.items():
+        data = training_data(self.get_params(), weights, X, y, protocol=protocol, bounds=bounds, model=model,
+                             sigma=sigma, mle_labels=mle_labels)
+        normalisation = ParameterNormalisation.from_support(data.support, data.signal_model.param_names)
+        self._train(data.tensors, weights, data.signal_model, data.protocol, data.support, normalisation, data.noise,
+                    callbacks)
+        self.n_excluded_ = data.n_excluded
+        self.mle_labels_ = data.mle_info
+        for key, value in data.record.items():
             setattr(self, key, value)
         return self
 
@@ -507,10 +310,6 @@ class NetworkEstimator(ParamsMixin):
                noise: str = "rician", callbacks=()) -> None:
         """Build (or, with ``warm_start``, reuse) the network(s) and train them on ``tensors``;
         an ensemble trains its members one after another, member ``k`` with seeds offset by ``k``."""
-        import copy
-
-        from qmri_labels.nets.ensemble import DeepEnsemble
-
         start = time.perf_counter()
         seed = int(self.seed)
         init_seed = seed if self.init_seed is None else int(self.init_seed)
@@ -523,15 +322,16 @@ class NetworkEstimator(ParamsMixin):
                 raise ValueError(f"warm_start: the fitted network is for model {self.model_name_!r} with protocol "
                                  f"{self.protocol_}, the data for {signal_model.name!r} with {list(protocol)}")
             previous = self._members()
+        params = self.get_params()
         members, runs = [], []
         for k in range(n_members):
             if warm:
-                network = copy.deepcopy(previous[k])
+                network = copy.deepcopy(previous[k])  # the fitted network stays as it was
             else:
-                network = self._new_network(tensors["signals"], signal_model, support, normalisation, weights,
-                                            init_seed + k)
-            runs.append(self._train_network(network, tensors, weights, signal_model, protocol, normalisation, noise,
-                                            seed, shuffle_seed + k, callbacks))
+                network = new_network(params, tensors["signals"], signal_model, support, normalisation, weights,
+                                      init_seed + k)
+            runs.append(train_one(params, network, tensors, weights, signal_model, protocol, normalisation, noise,
+                                  seed, shuffle_seed + k, callbacks))
             members.append(runs[-1][0].network.to("cpu").eval())
         network = members[0] if n_members == 1 else DeepEnsemble(members).eval()
         module, trainer, keeper, data = runs[0]
@@ -566,92 +366,6 @@ class NetworkEstimator(ParamsMixin):
                 {"best_epoch": kp.best_epoch, "best_val_loss": kp.best_score if math.isfinite(kp.best_score) else None,
                  "n_epochs": int(tr.current_epoch), "history": list(mod.history)} for mod, tr, kp, _ in runs]
 
-    def _new_network(self, signals, signal_model, support, normalisation, weights, init_seed: int):
-        """A freshly initialised network (with a log-variance branch for ``uncertainty``); its
-        weights are drawn from a private RNG stream seeded with ``init_seed``, so the caller's
-        global RNG state is untouched."""
-        from qmri_labels.nets import MLP
-        from qmri_labels.nets.heteroscedastic import HeteroscedasticNet
-
-        m = signals.shape[1]
-        if self.standardise_inputs:
-            shift = signals.mean(0, dtype=np.float64)
-            scale = signals.std(0, dtype=np.float64)
-            scale = np.where(scale > 0, scale, 1.0)
-        else:
-            shift, scale = np.zeros(m), np.ones(m)
-        if isinstance(self.output_bounds, str):
-            if self.output_bounds != "prior":
-                raise ValueError(f"output_bounds must be None, 'prior' or an array (2, P), "
-                                 f"got {self.output_bounds!r}")
-            bounds = np.asarray(support, dtype=np.float64)
-        elif self.output_bounds is None:
-            bounds = signal_model.default_bounds
-        else:
-            bounds = np.asarray(self.output_bounds, float)
-        fixed = None
-        if not self.fit_s0:
-            if signal_model.scale_index is None:
-                raise ValueError(f"fit_s0=False: model {signal_model.name!r} has no signal scale parameter")
-            fixed = {signal_model.scale_index: 1.0}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
-            network = MLP(m, signal_model.n_params, hidden_layers=self.hidden_layers, width=self.width,
-                          activation=self.activation, bounds=bounds, output=self.output,
-                          input_shift=shift, input_scale=scale, parallel=bool(self.parallel),
-                          batch_norm=bool(self.batch_norm), dropout=float(self.dropout),
-                          bounds_margin=float(self.bounds_margin), fixed_outputs=fixed)
-            if self.uncertainty is not None:
-                # (created after the mean network from the same RNG stream, so the mean network's
-                # initial weights are those of a plain network with this seed)
-                # the self label learns one signal-noise variance (signal units), the parameter
-                # labels one variance per parameter on the loss's normalised scale
-                if weights.get("self"):
-                    network = HeteroscedasticNet(network, m, 1, scale=None, hidden_layers=self.hidden_layers,
-                                                 width=self.width, activation=self.activation, kind=self.uncertainty)
-                else:
-                    network = HeteroscedasticNet(network, m, signal_model.n_params, scale=normalisation.scale,
-                                                 hidden_layers=self.hidden_layers, width=self.width,
-                                                 activation=self.activation, kind=self.uncertainty)
-        return network
-
-    def _train_network(self, network, tensors: dict, weights: dict, signal_model, protocol, normalisation,
-                       noise: str, split_seed: int, shuffle_seed: int, callbacks=()):
-        """Train one network; returns ``(module, trainer, keeper, datamodule)``."""
-        from qmri_labels.training import InMemoryDataModule, LabelLoss, LabelRegressor, LRSchedule
-        from qmri_labels.training.likelihood_losses import HeteroscedasticLabelLoss, VarianceHeadLoss
-        from qmri_labels.training.reproducibility import torch_threads
-        from qmri_labels.training.trainer import build_trainer
-
-        if self.uncertainty == "heteroscedastic":
-            loss = HeteroscedasticLabelLoss(weights, signal_model.name, protocol, normalisation, noise=noise)
-        elif self.uncertainty == "variance_head":
-            # the mean by the plain label loss, the log-variance by the likelihood at the detached
-            # mean; the logged (monitored) loss is the plain one, so the same epoch is kept
-            loss = VarianceHeadLoss(weights, signal_model.name, protocol, normalisation, noise=noise)
-        else:
-            loss = LabelLoss(weights, signal_model.name, protocol, normalisation)
-        module = LabelRegressor(network, loss, lr=self.lr, weight_decay=self.weight_decay, optimiser=self.optimiser,
-                                step_batch_size=int(self.batch_size), record_step_losses=bool(self.record_step_losses))
-        data = InMemoryDataModule(tensors, batch_size=int(self.batch_size), val_fraction=float(self.val_fraction),
-                                  split_seed=split_seed, shuffle_seed=shuffle_seed,
-                                  batches_per_block=int(self.batches_per_block))
-        monitor = "val_loss" if data.has_validation else "train_loss"
-        schedules = []
-        if self.lr_schedule is not None:
-            schedules.append(LRSchedule(self.lr_schedule, int(self.max_epochs), monitor=monitor,
-                                        plateau_patience=max(int(self.patience) // 2, 1)))
-        with _quiet_lightning(True), _deterministic_scope(), torch_threads(self.num_threads), \
-                _training_rng(shuffle_seed):
-            trainer, keeper = build_trainer(
-                max_epochs=int(self.max_epochs), has_validation=data.has_validation, patience=int(self.patience),
-                min_delta=float(self.min_delta), accelerator=self.accelerator, devices=self.devices,
-                num_nodes=self.num_nodes, strategy=self.strategy, precision=self.precision,
-                deterministic=self.deterministic, benchmark=self.benchmark, progress=bool(self.progress),
-                callbacks=[*schedules, *callbacks])
-            trainer.fit(module, datamodule=data)
-        return module, trainer, keeper, data
-
     # -- inference ---------------------------------------------------------------------------
     def predict(self, signals, batch_size: int = 65536, device=None, return_sd: bool = False):
         """Parameters ``(..., P)`` float32 for signals ``(..., M)``.
@@ -681,7 +395,7 @@ class NetworkEstimator(ParamsMixin):
         if return_sd and not self.reports_sd:
             raise ValueError("this network reports no standard deviations: train it with "
                              "uncertainty='heteroscedastic' or 'variance_head', or n_members > 1")
-        flat, lead = _as_signals(signals, len(self.protocol_))
+        flat, lead = as_signals(signals, len(self.protocol_))
         device = torch.device(device) if device is not None else torch.device("cpu")
         network = self.network_.to(device).eval()
         members = self._members()
@@ -704,9 +418,6 @@ class NetworkEstimator(ParamsMixin):
 
     def _member_predictions(self, members, block: torch.Tensor, return_sd: bool):
         """Mean and (with ``return_sd``) SD of the members' predictions of one block."""
-        from qmri_labels.nets.ensemble import combine_members
-        from qmri_labels.training.likelihood_losses import signal_space_sd
-
         means, variances = [], []
         for member in members:
             output = member(block)
@@ -752,7 +463,7 @@ class NetworkEstimator(ParamsMixin):
             "model": self.model_name_,
             "protocol": self.protocol_,
             "param_names": self.param_names_,
-            "network": _network_config(self.network_),
+            "network": network_config(self.network_),
             "normalisation": self.normalisation_,
             "preprocessing": getattr(self, "preprocessing_", None) or from_manifest(None)[0].to_dict(),
             "loss_weights": self.loss_weights_,
@@ -774,15 +485,13 @@ class NetworkEstimator(ParamsMixin):
         if getattr(self, "members_training_", None):
             manifest["training"]["members"] = self.members_training_
         if getattr(self, "tuning_", None) is not None:
-            from qmri_labels.fileio import to_jsonable
-
             manifest["tuning"] = to_jsonable(self.tuning_)
         if extra:
             manifest.update(extra)
         return manifest
 
     def save(self, path, metrics: Mapping | None = None, extra: Mapping | None = None, overwrite: bool = True) -> Path:
-        """Write a model bundle folder (weights + manifest with SHA-256); see :mod:`qmri_labels.bundle`.
+        """Write a model bundle folder (weights + manifest with SHA-256); see :mod:`qmri_labels.estimators.bundle`.
 
         After a distributed fit only rank 0 writes (every rank holds the same weights); the
         other ranks return the path without touching it.
@@ -802,7 +511,7 @@ class NetworkEstimator(ParamsMixin):
             net_cfg = dict(manifest["network"])
             names = cls._param_names()
             estimator = cls(**{k: v for k, v in config.items() if k in names})
-            network = _network_from_config(net_cfg)
+            network = network_from_config(net_cfg)
             network.load_state_dict(state, strict=True)
         except (KeyError, TypeError, RuntimeError) as exc:
             raise ValueError(f"{path}: bundle manifest/weights do not describe a network ({exc})") from exc
@@ -839,78 +548,3 @@ class NetworkEstimator(ParamsMixin):
             raise ValueError(f"{path}: parameter names {estimator.param_names_} do not match model "
                              f"{estimator.model_name_!r}")
         return estimator
-
-
-def _network_config(network) -> dict:
-    """The bundle's description of a network: its config, or ``{"kind": "ensemble", "members":
-    [config, ...]}`` for a :class:`~qmri_labels.nets.ensemble.DeepEnsemble` (whose weights are
-    saved in the same file under ``members.<k>.`` prefixes)."""
-    from qmri_labels.nets.ensemble import DeepEnsemble
-
-    if isinstance(network, DeepEnsemble):
-        return {"kind": "ensemble", "members": [dict(m.config) for m in network.members]}
-    return dict(network.config)
-
-
-def _network_from_config(config: Mapping):
-    """An untrained network from :func:`_network_config`'s description (load the weights after)."""
-    from qmri_labels.nets import MLP
-    from qmri_labels.nets.ensemble import DeepEnsemble
-    from qmri_labels.nets.heteroscedastic import VARIANCE_KINDS, HeteroscedasticNet
-
-    config = dict(config)
-    kind = config.get("kind")
-    if kind == "ensemble":
-        members = config["members"]
-        if not isinstance(members, list) or not members:
-            raise ValueError(f"an ensemble config needs a non-empty list of members, got {members!r}")
-        return DeepEnsemble([_network_from_config(m) for m in members])
-    if kind in VARIANCE_KINDS:
-        return HeteroscedasticNet.from_config(config)
-    if kind is not None:
-        raise ValueError(f"unknown network kind {kind!r}")
-    return MLP(**config)
-
-
-@contextlib.contextmanager
-def _quiet_lightning(quiet: bool):
-    """Silence Lightning's info logs and advice (device summary, tips, worker counts); the
-    progress bar is separate and stays."""
-    if not quiet:
-        yield
-        return
-    loggers = [logging.getLogger(name) for name in ("lightning", "lightning.pytorch", "lightning.fabric",
-                                                     "lightning_fabric", "pytorch_lightning")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", module="lightning")
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-@contextlib.contextmanager
-def _training_rng(seed: int):
-    """Seed the global torch RNG for the fit (dropout masks draw from it) and restore the
-    caller's state afterwards: the same seeds give the same network whatever ran before."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() \
-        else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(seed))
-        yield
-
-
-@contextlib.contextmanager
-def _deterministic_scope():
-    """Restore the global deterministic-algorithms flag that Lightning sets for the fit."""
-    before = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=warn_only)

@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from qmri_labels.fileio import atomic_dir, atomic_write_bytes, to_jsonable
+from qmri_labels.provenance import device_info, package_versions
 
 BUNDLE_FORMAT = "qmri_labels.bundle"
 BUNDLE_VERSION = 1
@@ -41,54 +41,6 @@ try:  # safetensors is preferred; torch.load(weights_only=True) is the fallback
     import safetensors.torch as _safetensors
 except ImportError:  # pragma: no cover - exercised only without safetensors
     _safetensors = None
-
-
-def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
-    """Versions of Python and the packages a trained network depends on.
-
-    ``extra`` names more importable packages to report (e.g. ``("scipy", "nibabel")`` for the
-    fit command); a package that is not installed is reported as ``"not installed"``.
-    """
-    import lightning
-
-    import qmri_labels
-
-    versions = {
-        "python": platform.python_version(),
-        "qmri_labels": qmri_labels.__version__,
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "numpy": np.__version__,
-    }
-    if _safetensors is not None:
-        import safetensors
-
-        versions["safetensors"] = safetensors.__version__
-    for name in extra:
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            versions[name] = "not installed"
-    return versions
-
-
-def device_info(device: str | torch.device | None = None) -> dict[str, Any]:
-    """The compute device and the determinism flags in force, for manifests."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    info: dict[str, Any] = {
-        "device": str(device),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
-        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
-        "cuda_available": torch.cuda.is_available(),
-    }
-    if device.type == "cuda" and torch.cuda.is_available():
-        info["gpu_name"] = torch.cuda.get_device_name(device)
-        info["cuda_version"] = torch.version.cuda
-    return info
 
 
 def sha256_bytes(data: bytes) -> str:
