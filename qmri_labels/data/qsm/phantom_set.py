@@ -24,12 +24,23 @@ from typing import Any
 import numpy as np
 
 from qmri_labels.data.fingerprint import canonical_json, fingerprint
-from qmri_labels.data.qsm.phantoms import make_background, make_phantom, random_orientations
+from qmri_labels.data.qsm.anatomical import make_anatomical_head
+from qmri_labels.data.qsm.phantoms import make_background, make_ellipsoid_phantom, make_phantom, random_orientations
 from qmri_labels.fileio import atomic_write_bytes, read_verified_npz
 from qmri_labels.fitting.bfr import remove_background_per_orientation
 from qmri_labels.physics.qsm import change_resolution, forward_field, normalize_direction
 
-__all__ = ["FIELD_KINDS", "RECIPE_FIELDS", "QSMPhantomSpec", "QSMPhantomSet", "generate_qsm"]
+__all__ = ["FAMILIES", "FIELD_KINDS", "RECIPE_FIELDS", "QSMPhantomSpec", "QSMPhantomSet", "generate_qsm"]
+
+#: the kinds of heads a spec can draw (:attr:`QSMPhantomSpec.family`): ``"random_shapes"`` (the
+#: default: random spheres and boxes after Graf et al., :func:`make_phantom`), ``"anatomical"``
+#: (:func:`~qmri_labels.data.qsm.anatomical.make_anatomical_head`: brain, nuclei, veins, skull,
+#: sinuses, with region labels and a magnitude image) and ``"ellipsoids"`` (smooth zero-mean
+#: ellipsoid sources, :func:`make_ellipsoid_phantom`)
+FAMILIES = ("random_shapes", "anatomical", "ellipsoids")
+#: spec fields that only the other families read; a random-shape spec at their defaults leaves
+#: them out of its description, so that its fingerprint is the one recorded before they existed
+_FAMILY_FIELDS = {"family": "random_shapes", "calcification": 0.5, "haemorrhage": 0.1}
 
 #: what a phantom set's ``fields`` hold (:attr:`QSMPhantomSpec.field_kind`)
 FIELD_KINDS = ("local", "total", "local_unmasked")
@@ -95,7 +106,17 @@ class QSMPhantomSpec:
     skull_chi, air_chi : float
         Background susceptibilities (ppm relative to brain tissue) of :func:`make_background`.
     n_sinuses : int
-        Sinus-like air pockets per head.
+        Sinus-like air pockets per head (random shapes and ellipsoids; an anatomical head has
+        its own frontal and sphenoid sinuses and mastoid cells).
+    family : {"random_shapes", "anatomical", "ellipsoids"}
+        Which heads (:data:`FAMILIES`). Anatomical heads are built in mm, so ``shape`` times
+        ``voxel_size`` must hold a head (about 192 mm each way: 96^3 at 2 mm, 192^3 at 1 mm);
+        they read ``seed``, the field options, ``skull_chi``, ``air_chi``, ``calcification`` and
+        ``haemorrhage``, not the shape options. Ellipsoids read ``sigma_chi`` (0.1 gives the
+        usual ~0.1 ppm sources), ``size_range``, ``mask_extent`` and ``smoothing`` (their blur
+        is twice it).
+    calcification, haemorrhage : float
+        Anatomical heads: probability that a head has a calcification / a haemorrhage.
     """
 
     shape: tuple[int, int, int] = (64, 64, 64)
@@ -116,8 +137,13 @@ class QSMPhantomSpec:
     skull_chi: float = -2.0
     air_chi: float = 9.4
     n_sinuses: int = 2
+    family: str = "random_shapes"
+    calcification: float = 0.5
+    haemorrhage: float = 0.1
 
     def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         object.__setattr__(self, "voxel_size", tuple(float(v) for v in self.voxel_size))
         object.__setattr__(self, "size_range", tuple(float(v) for v in self.size_range))
@@ -143,6 +169,9 @@ class QSMPhantomSpec:
         d["voxel_size"] = list(self.voxel_size)
         d["size_range"] = list(self.size_range)
         d["mask_extent"] = list(self.mask_extent)
+        if all(d[k] == v for k, v in _FAMILY_FIELDS.items()):
+            for k in _FAMILY_FIELDS:
+                del d[k]
         return d
 
     @classmethod
@@ -165,23 +194,37 @@ class QSMPhantomSpec:
         phantom_seq, orient_seq, noise_seq = root.spawn(3)
         orientations = random_orientations(int(self.n_orientations), self.max_angle_deg, seed=_generator(orient_seq))
         noise_rng = _generator(noise_seq)
-        chis, masks, fields = [], [], []
+        chis, masks, fields, labels, magnitudes = [], [], [], [], []
         for child in phantom_seq.spawn(int(self.n)):
             rng = _generator(child)
-            chi, mask = make_phantom(
-                self.shape,
-                n_spheres=self.n_spheres,
-                n_boxes=self.n_boxes,
-                sigma=self.sigma_chi,
-                size_range=self.size_range,
-                smoothing=self.smoothing,
-                mask_extent=self.mask_extent,
-                seed=rng,
-            )
-            source = chi
-            if self.field_kind == "total":
-                source = chi + make_background(mask, skull_chi=self.skull_chi, air_chi=self.air_chi,
-                                               n_sinuses=int(self.n_sinuses), seed=rng)
+            if self.family == "anatomical":
+                head = make_anatomical_head(self.shape, self.voxel_size, seed=rng, calcification=self.calcification,
+                                            haemorrhage=self.haemorrhage, skull_chi=self.skull_chi,
+                                            air_chi=self.air_chi)
+                chi, mask = head.chi, head.mask
+                labels.append(head.labels)
+                magnitudes.append(head.magnitude)
+                source = chi + head.background if self.field_kind == "total" else chi
+            else:
+                if self.family == "ellipsoids":
+                    chi, mask = make_ellipsoid_phantom(self.shape, sigma=self.sigma_chi, size_range=self.size_range,
+                                                       smoothing=2.0 * self.smoothing, mask_extent=self.mask_extent,
+                                                       seed=rng)
+                else:
+                    chi, mask = make_phantom(
+                        self.shape,
+                        n_spheres=self.n_spheres,
+                        n_boxes=self.n_boxes,
+                        sigma=self.sigma_chi,
+                        size_range=self.size_range,
+                        smoothing=self.smoothing,
+                        mask_extent=self.mask_extent,
+                        seed=rng,
+                    )
+                source = chi
+                if self.field_kind == "total":
+                    source = chi + make_background(mask, skull_chi=self.skull_chi, air_chi=self.air_chi,
+                                                   n_sinuses=int(self.n_sinuses), seed=rng)
             per_orient = np.stack(
                 [forward_field(source, self.voxel_size, d, pad=self.pad) for d in orientations]
             ).astype(np.float32)
@@ -199,6 +242,8 @@ class QSMPhantomSpec:
             mask=np.stack(masks),
             fields=np.stack(fields),
             orientations=orientations,
+            labels=np.stack(labels) if labels else None,
+            magnitude=np.stack(magnitudes) if magnitudes else None,
         )
 
 
@@ -231,6 +276,11 @@ class QSMPhantomSet:
         For a named dataset's split (:func:`generate_qsm`): the recipe it was made from, the
         :class:`QSMPhantomSpec` fields at the phantom resolution plus :data:`RECIPE_FIELDS`.
         None for a set drawn by :meth:`QSMPhantomSpec.generate`.
+    labels : ndarray uint8 (N, X, Y, Z) or None
+        Region labels of anatomical heads (:data:`~qmri_labels.data.qsm.anatomical.LABELS`),
+        for region-wise scoring; None for the other families.
+    magnitude : ndarray float32 (N, X, Y, Z) or None
+        Magnitude images of anatomical heads; None for the other families.
     """
 
     spec: QSMPhantomSpec
@@ -241,8 +291,14 @@ class QSMPhantomSet:
     fingerprint: str = field(default="")
     bfr: dict | None = None
     recipe: dict | None = None
+    labels: np.ndarray | None = None
+    magnitude: np.ndarray | None = None
 
     def __post_init__(self):
+        for name in ("labels", "magnitude"):
+            extra = getattr(self, name)
+            if extra is not None and extra.shape != self.chi.shape:
+                raise ValueError(f"{name} shape {extra.shape} differs from chi shape {self.chi.shape}")
         if self.chi.ndim != 4:
             raise ValueError(f"chi must be (N, X, Y, Z), got shape {self.chi.shape}")
         if self.mask.shape != self.chi.shape:
@@ -294,7 +350,9 @@ class QSMPhantomSet:
             header = canonical_json(self.recipe)
         else:
             header = self.spec.canonical_json() + ("" if self.bfr is None else canonical_json(self.bfr))
-        return fingerprint(header, (self.chi, self.mask, self.fields, self.orientations))
+        arrays = [self.chi, self.mask, self.fields, self.orientations]
+        arrays += [a for a in (self.labels, self.magnitude) if a is not None]
+        return fingerprint(header, arrays)
 
     def save(self, path: str | Path) -> Path:
         """Write one ``.npz`` (atomically) holding the arrays, the spec and the fingerprint."""
@@ -310,6 +368,7 @@ class QSMPhantomSet:
             bfr=np.array(json.dumps(self.bfr)),
             recipe=np.array(json.dumps(self.recipe, sort_keys=True)),
             fingerprint=np.array(self.fingerprint),
+            **{k: v for k, v in (("labels", self.labels), ("magnitude", self.magnitude)) if v is not None},
         )
         atomic_write_bytes(path, buf.getvalue())
         return path
@@ -322,8 +381,9 @@ class QSMPhantomSet:
             # files written before bfr or recipe were recorded lack them
             bfr = json.loads(str(z["bfr"])) if "bfr" in z.files else None
             recipe = json.loads(str(z["recipe"])) if "recipe" in z.files else None
+            extras = {k: z[k] for k in ("labels", "magnitude") if k in z.files}
             return cls(spec=spec, chi=z["chi"], mask=z["mask"], fields=z["fields"], orientations=z["orientations"],
-                       bfr=bfr, recipe=recipe)
+                       bfr=bfr, recipe=recipe, **extras)
 
         return read_verified_npz(path, build, "QSM phantom set")
 
@@ -358,7 +418,7 @@ def generate_qsm(recipe: dict) -> QSMPhantomSet:
     truncate_to = spec.pop("truncate_to", None)
     bfr = spec.pop("bfr", None)
     base = QSMPhantomSpec.from_dict(spec).generate()
-    chi, mask, fields = base.chi, base.mask, base.fields
+    chi, mask, fields, labels, magnitude = base.chi, base.mask, base.fields, base.labels, base.magnitude
     voxel_size = spec.get("voxel_size", [1.0, 1.0, 1.0])
     if truncate_to is not None:
         mask = change_resolution(mask.astype(np.float64), voxel_size, truncate_to) > 0.5
@@ -366,6 +426,9 @@ def generate_qsm(recipe: dict) -> QSMPhantomSet:
         fields = change_resolution(fields.astype(np.float64), voxel_size, truncate_to)
         if base.spec.field_kind != "local_unmasked":
             fields = fields * mask[:, None]
+        if magnitude is not None:
+            magnitude = change_resolution(magnitude.astype(np.float64), voxel_size, truncate_to).astype(np.float32)
+        labels = None  # a label map has no k-space truncation
         voxel_size = truncate_to
     if bfr is not None:
         # the one place where data generation calls a fitting step (architecture.md says so)
@@ -378,4 +441,4 @@ def generate_qsm(recipe: dict) -> QSMPhantomSet:
     return QSMPhantomSet(spec=final, chi=chi, mask=np.ascontiguousarray(mask, dtype=bool),
                          fields=np.ascontiguousarray(fields, dtype=np.float32),
                          orientations=np.asarray(base.orientations, dtype=np.float64), bfr=bfr,
-                         recipe={**spec, "truncate_to": truncate_to, "bfr": bfr})
+                         recipe={**spec, "truncate_to": truncate_to, "bfr": bfr}, labels=labels, magnitude=magnitude)
