@@ -14,7 +14,6 @@ from qmri_labels.analysis.calibration import (
     empirical_crps,
     evaluate_calibration,
     gaussian_crps,
-    plot_reliability,
     summarize_calibration,
 )
 from qmri_labels.analysis.crlb import (
@@ -53,6 +52,7 @@ _LAZY = {
     "plot_bias_quiver": "qmri_labels.analysis.plots",
     "plot_error_hist2d": "qmri_labels.analysis.plots",
     "plot_alpha_sweep": "qmri_labels.analysis.plots",
+    "plot_reliability": "qmri_labels.analysis.plots",
     "method_colors": "qmri_labels.analysis.plots",
 }
 

@@ -13,7 +13,8 @@ An estimator that reports an SD with each estimate (``predict(signals, return_sd
   the absolute error for a point estimate;
 * **z_rms**, the root mean square of ``(truth - estimate) / sd``: 1 when calibrated, 2 when
   the SDs are half what the errors need (over-confident by a factor 2);
-* a **reliability diagram**: observed against nominal coverage over levels 5-95 %.
+* a **reliability diagram**: observed against nominal coverage over levels 5-95 % (drawn by
+  :func:`qmri_labels.analysis.plots.plot_reliability`).
 
 A repeat without a finite SD (an MLE parameter on a bound) has no interval: it is counted in
 ``reported_fraction``, not in the coverage.
@@ -322,30 +323,3 @@ def summarize_calibration(result: CalibrationResult, alpha: float = 0.01) -> pd.
             row["reported_fraction"] = float(result.reported[method][:, i].mean())
             rows.append(row)
     return pd.DataFrame(rows)
-
-
-def plot_reliability(result: CalibrationResult, methods=None, parameters=None, colors: dict | None = None):
-    """Reliability diagram: pooled observed coverage against nominal level, one panel per
-    parameter, one line per method, the diagonal for perfect calibration. Returns the Figure."""
-    import matplotlib.pyplot as plt  # heavy, and only figures need it
-
-    methods = list(result.methods if methods is None else methods)
-    parameters = list(result.param_names if parameters is None else parameters)
-    unknown = (set(methods) - set(result.methods)) | (set(parameters) - set(result.param_names))
-    if unknown:
-        raise ValueError(f"unknown methods or parameters {sorted(unknown)}")
-    nominal = np.asarray(result.reliability_levels)
-    fig, axes = plt.subplots(1, len(parameters), figsize=(3.2 * len(parameters), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], parameters):
-        i = result.param_names.index(name)
-        ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="calibrated")
-        for method in methods:
-            observed = result.overall_coverage(method, reliability=True)[i]
-            kwargs = {"color": colors[method]} if colors and method in colors else {}
-            ax.plot(nominal, observed, marker="o", ms=3, lw=1.4, label=method, **kwargs)
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="nominal coverage", title=name)
-        ax.set_aspect("equal")
-    axes[0][0].set_ylabel("observed coverage")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    return fig

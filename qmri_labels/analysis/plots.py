@@ -3,7 +3,8 @@
 Every function builds a :class:`matplotlib.figure.Figure` directly (no pyplot state, so it
 works without a display and leaks nothing in long runs), returns it, and, when ``path`` is
 given, also writes it atomically (PNG by default, PDF when ``fmt="pdf"`` or the path ends in
-``.pdf``). Colours are fixed per method name across all figures (:func:`method_colors`).
+``.pdf``). Colours are fixed per method name across all figures (:func:`method_colors`): a
+report draws every figure from one such map, passed as ``colors``.
 Diffusivities are drawn in units of 1e-3 mm^2/s.
 """
 
@@ -18,6 +19,7 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from qmri_labels.analysis.calibration import CalibrationResult
 from qmri_labels.analysis.grid import GridResult
 from qmri_labels.analysis.metrics import marginal_curves
 from qmri_labels.fileio import atomic_write_bytes
@@ -57,6 +59,14 @@ def method_colors(methods) -> dict:
     for k, m in enumerate(others):
         colors[m] = _OTHERS[k % len(_OTHERS)]
     return colors
+
+
+def _colors(colors: dict | None, methods) -> dict:
+    """``colors`` (a report's one map) where given, completed for methods it lacks."""
+    if colors is None:
+        return method_colors(methods)
+    missing = [m for m in methods if m not in colors]
+    return {**method_colors(missing), **colors} if missing else colors
 
 
 def _hybrid_alpha(method: str) -> float | None:
@@ -123,7 +133,7 @@ def _check_params(result: GridResult, parameters) -> list:
 
 
 def plot_bias_sd_rmse(result: GridResult, parameters=None, methods=None, path=None, fmt: str | None = None,
-                      crlb: bool = True) -> Figure:
+                      crlb: bool = True, colors: dict | None = None) -> Figure:
     """The 3 x 3 panel: bias, SD and RMSE (rows) against the true value of each parameter
     (columns), averaged over the other parameters, one line per method.
 
@@ -141,10 +151,16 @@ def plot_bias_sd_rmse(result: GridResult, parameters=None, methods=None, path=No
     fmt : {"png", "pdf", "svg"}, optional
     crlb : bool
         Draw the CRLB floor in the SD panels.
+    colors : dict, optional
+        Method -> colour (default :func:`method_colors` of the result's methods).
+
+    Returns
+    -------
+    Figure
     """
     parameters = _check_params(result, parameters)
     methods = _check_methods(result, methods)
-    colors = method_colors(result.methods)
+    colors = _colors(colors, result.methods)
     units = result.units
     rows = ("bias", "sd", "rmse")
     row_label = {"bias": "bias", "sd": "SD", "rmse": "RMSE"}
@@ -182,7 +198,7 @@ def plot_bias_sd_rmse(result: GridResult, parameters=None, methods=None, path=No
 
 
 def plot_bias_quiver(result: GridResult, x: str = "f", y: str = "Dstar", methods=None, path=None,
-                     fmt: str | None = None) -> Figure:
+                     fmt: str | None = None, colors: dict | None = None) -> Figure:
     """Bias vectors in a 2-D parameter plane, one panel per method.
 
     Each arrow starts at a true ``(x, y)`` and ends at the mean estimate there, averaged over
@@ -193,7 +209,7 @@ def plot_bias_quiver(result: GridResult, x: str = "f", y: str = "Dstar", methods
     if x == y:
         raise ValueError("x and y must be different parameters")
     methods = _check_methods(result, methods)
-    colors = method_colors(result.methods)
+    colors = _colors(colors, result.methods)
     units = result.units
     names = list(result.param_names)
     ix, iy = names.index(x), names.index(y)
@@ -282,18 +298,46 @@ def alpha_sweep_table(summary: pd.DataFrame, gt: str = "net-gt", mle: str = "net
     return out[out["alpha"].notna()].sort_values(["parameter", "alpha"]).reset_index(drop=True)
 
 
+#: the line joining the alphas of a sweep (its markers take the methods' colours)
+SWEEP_COLOR = "0.45"
+
+
+def _from_zero(ax, key: str) -> None:
+    """An error axis starts at 0; a signed one is centred on 0; a sensitivity axis shows 0 and 1."""
+    lo, hi = ax.get_ylim()
+    if key == "sensitivity":
+        ax.set_ylim(min(0.0, lo), max(1.05, hi))
+        ax.axhline(1.0, color="0.6", lw=0.8, ls="--")
+    elif key == "mean_bias":
+        lim = max(abs(lo), abs(hi))
+        ax.set_ylim(-lim, lim)
+        ax.axhline(0.0, color="0.6", lw=0.8)
+    else:
+        ax.set_ylim(0.0, max(hi, 0.0) * 1.05 or 1.0)
+
+
 def plot_alpha_sweep(sweep: pd.DataFrame, parameters=None, metrics=("mean_abs_bias", "mean_sd", "rmse"),
-                     units: dict | None = None, path=None, fmt: str | None = None) -> Figure:
+                     units: dict | None = None, path=None, fmt: str | None = None,
+                     colors: dict | None = None) -> Figure:
     """Bias and SD (and RMSE) against the hybrid weight alpha, one column per parameter.
 
     Parameters
     ----------
     sweep : DataFrame
         Columns ``alpha``, ``parameter`` and the ``metrics`` (e.g. from
-        :func:`alpha_sweep_table` of a summary); an optional ``method`` column is ignored, and
-        repeated alphas (several seeds) are drawn as mean +- SD.
+        :func:`alpha_sweep_table` of a summary); repeated alphas (several seeds) are drawn as
+        mean +- SD. With a ``method`` column each alpha's marker takes its method's colour.
     units : dict, optional
         Parameter units (default IVIM's).
+    colors : dict, optional
+        Method -> colour (default :func:`method_colors` of the sweep's methods).
+
+    Returns
+    -------
+    Figure
+
+    Every axis starts at zero (alpha runs from 0 to 1; the sensitivity axis shows 0 and 1), so
+    that small differences look small.
     """
     required = {"alpha", "parameter", *metrics}
     missing = required - set(sweep.columns)
@@ -308,6 +352,13 @@ def plot_alpha_sweep(sweep: pd.DataFrame, parameters=None, metrics=("mean_abs_bi
         parameters = [n for n in units if n in present] + [n for n in present if n not in units]
     label = {"mean_abs_bias": "mean |bias|", "mean_bias": "mean bias", "mean_sd": "mean SD", "rmse": "RMSE",
              "sensitivity": "sensitivity"}
+    method_at = {}
+    if "method" in sweep:
+        for alpha, group in sweep.groupby("alpha"):
+            names = list(dict.fromkeys(group["method"].map(lambda m: str(m).split("@s")[0])))
+            if len(names) == 1:
+                method_at[alpha] = names[0]
+    palette = _colors(colors, list(dict.fromkeys(method_at.values())))
     fig = Figure(figsize=(4.2 * len(parameters), 3.0 * len(metrics)), layout="constrained")
     axes = fig.subplots(len(metrics), len(parameters), squeeze=False)
     for j, name in enumerate(parameters):
@@ -319,14 +370,66 @@ def plot_alpha_sweep(sweep: pd.DataFrame, parameters=None, metrics=("mean_abs_bi
             ax = axes[i, j]
             g = sub.groupby("alpha")[key].agg(["mean", "std", "count"]).reset_index()
             scale = 1.0 if key == "sensitivity" else factor
-            ax.plot(g["alpha"], g["mean"] * scale, marker="o", color="#7b3294")
+            ax.plot(g["alpha"], g["mean"] * scale, color=SWEEP_COLOR, lw=1.5, zorder=1)
             if (g["count"] > 1).any():
                 ax.fill_between(g["alpha"], (g["mean"] - g["std"].fillna(0)) * scale,
-                                (g["mean"] + g["std"].fillna(0)) * scale, color="#7b3294", alpha=0.2)
+                                (g["mean"] + g["std"].fillna(0)) * scale, color=SWEEP_COLOR, alpha=0.2)
+            for alpha, mean in zip(g["alpha"], g["mean"]):
+                method = method_at.get(alpha)
+                ax.plot([alpha], [mean * scale], marker="o", ms=6, ls="none", zorder=2,
+                        color=palette[method] if method is not None else SWEEP_COLOR,
+                        label=method if method is not None else None)
+            _from_zero(ax, key)
+            ax.set_xlim(-0.03, 1.03)
             ax.set_xlabel(r"$\alpha$ (0 = GT labels, 1 = MLE labels)")
             ylabel = label.get(key, key)
             ax.set_ylabel(f"{ylabel} of {_PARAM_LABEL.get(name, name)}" if key == "sensitivity"
                           else _label(name, units.get(name, ""), f"{ylabel} of "))
             ax.grid(alpha=0.3)
+    if method_at:
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), frameon=False)
     fig.suptitle("hybrid loss: bias and SD against alpha")
+    return _finish(fig, path, fmt)
+
+
+def plot_reliability(result: CalibrationResult, methods=None, parameters=None, colors: dict | None = None,
+                     path=None, fmt: str | None = None) -> Figure:
+    """Reliability diagram: pooled observed coverage against nominal level, one panel per
+    parameter, one line per method, the diagonal for perfect calibration.
+
+    Parameters
+    ----------
+    result : CalibrationResult
+    methods, parameters : sequence of str, optional
+        Default: all of the result's.
+    colors : dict, optional
+        Method -> colour (default :func:`method_colors` of the result's methods); a report
+        passes the map of all its methods, so a method keeps its colour in every figure.
+    path : str or Path, optional
+    fmt : {"png", "pdf", "svg"}, optional
+
+    Returns
+    -------
+    Figure
+    """
+    methods = list(result.methods if methods is None else methods)
+    parameters = list(result.param_names if parameters is None else parameters)
+    unknown = (set(methods) - set(result.methods)) | (set(parameters) - set(result.param_names))
+    if unknown:
+        raise ValueError(f"unknown methods or parameters {sorted(unknown)}")
+    colors = _colors(colors, result.methods)
+    nominal = np.asarray(result.reliability_levels)
+    fig = Figure(figsize=(3.2 * len(parameters), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(parameters), squeeze=False)
+    for ax, name in zip(axes[0], parameters):
+        i = result.param_names.index(name)
+        ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="calibrated")
+        for method in methods:
+            observed = result.overall_coverage(method, reliability=True)[i]
+            ax.plot(nominal, observed, marker="o", ms=3, lw=1.4, label=method, color=colors[method])
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="nominal coverage", title=name)
+        ax.set_aspect("equal")
+    axes[0][0].set_ylabel("observed coverage")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
     return _finish(fig, path, fmt)

@@ -3,8 +3,9 @@ and :func:`load_results` to read a results folder back into Python.
 
 Files of a results folder written here (every one atomically):
 
-- ``report.md``: setup, the beyond-RMSE table, the best method per metric and parameter,
-  Spearman correlations, paired comparisons and the figures;
+- ``report.md``: setup, the findings in sentences (:mod:`qmri_labels.analysis.findings`), the
+  beyond-RMSE table, the best method per metric and parameter, Spearman correlations, paired
+  comparisons and the figures (one colour per method in all of them);
 - ``grid.csv``: one row per grid point, method and parameter (:meth:`GridResult.to_frame`);
 - ``grid_spec.json``: the :class:`GridSpec`, so that ``grid.csv`` can be read back;
 - ``spearman.csv``, ``comparisons.csv``: the correlation and paired-test tables;
@@ -25,12 +26,14 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from qmri_labels.analysis.calibration import plot_reliability, summarize_calibration
+from qmri_labels.analysis.calibration import summarize_calibration
+from qmri_labels.analysis.findings import study_findings
 from qmri_labels.analysis.grid import GridResult
 from qmri_labels.analysis.metrics import spearman_table, summarize
 from qmri_labels.analysis.stats import compare_on_grid
 from qmri_labels.data.grid import GridSpec
 from qmri_labels.fileio import atomic_write_bytes
+from qmri_labels.physics import display_unit
 
 GRID_CSV = "grid.csv"
 GRID_SPEC = "grid_spec.json"
@@ -94,35 +97,56 @@ def best_methods(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def make_figures(result: GridResult, summary: pd.DataFrame, figures_dir, fmt: str = "png", alpha_sweep=None,
-                 reference: str | None = None) -> dict:
+                 reference: str | None = None, colors: dict | None = None) -> dict:
     """Write the standard figures of a study and return ``name -> path``.
 
     Figures: ``bias_sd_rmse`` (3 x 3 panel), ``quiver_<x>_<y>`` (bias vectors in the planes
     (f, D*) and (f, D) for IVIM; the first two varied parameters otherwise),
-    ``hist2d_<reference>_vs_<method>`` (per-point RMSE of each method against the reference)
-    and ``alpha_sweep`` when the summary holds a hybrid sweep.
+    ``hist2d_<reference>_vs_<method>`` (per-point RMSE of each method against the reference),
+    ``alpha_sweep`` when the summary holds a hybrid sweep and ``reliability`` when the result
+    holds a calibration. Every figure draws a method in the colour ``colors`` gives it
+    (default: :func:`~qmri_labels.analysis.plots.method_colors` of the result's methods).
+
+    Parameters
+    ----------
+    result : GridResult
+    summary : DataFrame
+    figures_dir : str or Path
+    fmt : {"png", "pdf", "svg"}
+    alpha_sweep : DataFrame, False or None
+        As in :func:`write_report`.
+    reference : str, optional
+    colors : dict, optional
+        Method -> colour, the one map every figure uses.
+
+    Returns
+    -------
+    dict of figure name -> Path
     """
     from qmri_labels.analysis import plots  # matplotlib: heavy, loaded only for figures
 
     figures_dir = Path(figures_dir)
     written = {}
+    colors = colors if colors is not None else plots.method_colors(result.methods)
 
     def save(name, fig):
         written[name] = plots.save_figure(fig, figures_dir / name, fmt)
 
-    save("bias_sd_rmse", plots.plot_bias_sd_rmse(result))
+    save("bias_sd_rmse", plots.plot_bias_sd_rmse(result, colors=colors))
     varied = list(result.grid.varied)
     if len(varied) >= 2:
         planes = [("f", "Dstar"), ("f", "D")] if {"f", "D", "Dstar"} <= set(varied) else [tuple(varied[:2])]
         for x, y in planes:
-            save(f"quiver_{x}_{y}", plots.plot_bias_quiver(result, x, y))
+            save(f"quiver_{x}_{y}", plots.plot_bias_quiver(result, x, y, colors=colors))
     reference = _reference(result, reference)
     for m in result.methods:
         if m != reference:
             save(f"hist2d_{reference}_vs_{m}", plots.plot_error_hist2d(result, reference, m))
     sweep = _sweep(summary, alpha_sweep)
     if sweep is not None and sweep["alpha"].nunique() >= 2:
-        save("alpha_sweep", plots.plot_alpha_sweep(sweep, units=result.units))
+        save("alpha_sweep", plots.plot_alpha_sweep(sweep, units=result.units, colors=colors))
+    if result.calibration is not None and result.calibration.methods:
+        save("reliability", plots.plot_reliability(result.calibration, parameters=varied or None, colors=colors))
     return written
 
 
@@ -152,7 +176,8 @@ def _sweep(summary, alpha_sweep):
 def write_report(out_dir, result: GridResult, summary: pd.DataFrame | None = None, config: dict | None = None,
                  alpha_sweep=None, fmt: str = "png", reference: str | None = None, title: str = "Study report",
                  notes: str | None = None, figures: bool = True, results_by_snr: dict | None = None,
-                 sections: list | None = None) -> Path:
+                 sections: list | None = None, seed_table: pd.DataFrame | None = None,
+                 seed_findings: pd.DataFrame | None = None) -> Path:
     """Write ``report.md``, ``grid.csv``, ``grid_spec.json``, the tables and the figures.
 
     Parameters
@@ -184,6 +209,10 @@ def write_report(out_dir, result: GridResult, summary: pd.DataFrame | None = Non
     sections : list of str, optional
         Further markdown sections (e.g. tuned vs default, seeds), placed before the
         configuration.
+    seed_table, seed_findings : DataFrame, optional
+        With several training seeds: :func:`~qmri_labels.analysis.fairness.seed_summary` and
+        :func:`~qmri_labels.analysis.fairness.seed_findings`, so that the findings say which
+        differences exceed the seed-to-seed spread.
 
     Returns
     -------
@@ -215,24 +244,19 @@ def write_report(out_dir, result: GridResult, summary: pd.DataFrame | None = Non
     if len(result.methods) >= 2:
         comparisons = compare_on_grid(result, metric="abs_error", reference=reference)
         _write_csv(out_dir / COMPARISONS_CSV, comparisons)
-    snr_figures = {}
-    if figures and len(by_snr) > 1:
+    snr_figures, colors = {}, None
+    if figures:
         from qmri_labels.analysis import plots  # matplotlib: heavy, loaded only for figures
 
-        for snr, res in sorted(by_snr.items()):
-            snr_figures[snr] = plots.save_figure(plots.plot_bias_sd_rmse(res),
-                                                 out_dir / FIGURES / f"snr-{snr:g}" / "bias_sd_rmse", fmt)
-    draw = figures
-    figures = make_figures(result, summary, out_dir / FIGURES, fmt, alpha_sweep, reference) if figures else {}
-    if result.calibration is not None:
-        if not set(CALIBRATION_COLUMNS) <= set(summary.columns):
-            summary = add_calibration(summary, result)
-        if draw and result.calibration.methods:
-            from qmri_labels.analysis import plots  # matplotlib: heavy, loaded only for figures
-
-            varied = list(result.grid.varied) or None
-            figures["reliability"] = plots.save_figure(plot_reliability(result.calibration, parameters=varied),
-                                                       out_dir / FIGURES / "reliability", fmt)
+        colors = plots.method_colors(list(dict.fromkeys([*result.methods,
+                                                         *(m for r in by_snr.values() for m in r.methods)])))
+        if len(by_snr) > 1:
+            for snr, res in sorted(by_snr.items()):
+                snr_figures[snr] = plots.save_figure(plots.plot_bias_sd_rmse(res, colors=colors),
+                                                     out_dir / FIGURES / f"snr-{snr:g}" / "bias_sd_rmse", fmt)
+    figures = make_figures(result, summary, out_dir / FIGURES, fmt, alpha_sweep, reference, colors) if figures else {}
+    if result.calibration is not None and not set(CALIBRATION_COLUMNS) <= set(summary.columns):
+        summary = add_calibration(summary, result)
 
     grid = result.grid
     lines = [f"# {title}", ""]
@@ -244,8 +268,14 @@ def write_report(out_dir, result: GridResult, summary: pd.DataFrame | None = Non
               f"({' x '.join(f'{len(grid.axes[n])} {n}' for n in grid.varied)}), "
               f"{grid.repeats} noise repeats each; fixed: "
               + ", ".join(f"{k} = {v:g}" for k, v in grid.fixed.items()),
-              "- axes: " + "; ".join(f"{n} in [{min(grid.axes[n]):.4g}, {max(grid.axes[n]):.4g}] {result.units[n]}"
-                                     for n in grid.varied), ""]
+              "- axes: " + "; ".join(f"{n} in [{min(grid.axes[n]):.4g}, {max(grid.axes[n]):.4g}] "
+                                     f"{display_unit(result.units[n])}" for n in grid.varied), ""]
+    findings = study_findings(summary, comparisons, seed_table, seed_findings, parameters=list(grid.varied) or None)
+    if findings:
+        lines += ["## Findings", "",
+                  "Read off the tables below (mean over the grid; paired tests on the per-point RMSE"
+                  + (", seed spread over the training seeds" if seed_table is not None else "") + ").", "",
+                  *findings, ""]
     lines += ["## Beyond RMSE", "",
               "Per method and parameter over the grid: mean |bias|, mean SD over the noise repeats, RMSE, "
               "*sensitivity* (slope of the mean estimate against the truth: 1 ideal, 0 = ignores the truth) "

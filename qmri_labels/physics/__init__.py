@@ -4,6 +4,7 @@ from qmri_labels.physics.base import (
     Parameter,
     SignalModel,
     available_models,
+    display_unit,
     get_model,
     register_model,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "Parameter",
     "SignalModel",
     "available_models",
+    "display_unit",
     "get_model",
     "register_model",
     "FatWaterModel",

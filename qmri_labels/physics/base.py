@@ -83,6 +83,16 @@ class Parameter:
     description: str = ""
 
 
+#: how a unit is printed for a reader where its symbol says little ("1": a dimensionless fraction)
+DISPLAY_UNITS = {"1": "fraction"}
+
+
+def display_unit(unit: str) -> str:
+    """The unit as a reader sees it in tables and messages: ``"1"`` (f, PDFF) prints as
+    ``"fraction"``; every other unit as it is. Files keep the unit itself."""
+    return DISPLAY_UNITS.get(unit, unit)
+
+
 def decay(exponent: torch.Tensor) -> torch.Tensor:
     """``exp(exponent)`` for the (non-positive) exponent of a signal decay, without subnormals.
 

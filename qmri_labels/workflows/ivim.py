@@ -28,6 +28,7 @@ import pandas as pd
 from qmri_labels.data.datasets import EPSTEIN_BVALUES, DatasetSpec, snr_setting
 from qmri_labels.data.priors import UniformPrior
 from qmri_labels.fileio import atomic_write_bytes, write_json
+from qmri_labels.physics import display_unit
 from qmri_labels.workflows.common import merge_config
 from qmri_labels.workflows.label_fairness import NETWORK_DEFAULTS, TUNE_DEFAULTS
 
@@ -206,7 +207,7 @@ def summary_text(summary: pd.DataFrame, parameters=None) -> str:
     for p in parameters:
         sub = frame[frame["parameter"] == p].set_index("method")
         unit = sub["unit"].iloc[0] if "unit" in sub and len(sub) else ""
-        lines.append(f"{p} [{unit}]".ljust(width) + "".join(f"{headers[m]:>13s}" for m in metrics))
+        lines.append(f"{p} [{display_unit(unit)}]".ljust(width) + "".join(f"{headers[m]:>13s}" for m in metrics))
         for method in methods:
             if method in sub.index:
                 lines.append(method.ljust(width) + "".join(f"{sub.loc[method, m]:13.4g}" for m in metrics))
@@ -410,7 +411,8 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
              f"held-out RMSE per parameter in `heldout.csv` (`nrmse_mean`: RMSE / mean truth); "
              f"trained networks in `networks/`.")
     write_report(out, result, summary, config=cfg, title=cfg["title"], figures=bool(cfg["figures"]), notes=notes,
-                 fmt=cfg["figure_format"], results_by_snr=results, sections=sections)
+                 fmt=cfg["figure_format"], results_by_snr=results, sections=sections,
+                 seed_table=seed_tables.get("seeds.csv"), seed_findings=seed_tables.get("seed_findings.csv"))
     timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
 
