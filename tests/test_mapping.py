@@ -194,3 +194,124 @@ def test_mle_sd_map_matches_the_spread_over_noise_repeats():
             assert np.isfinite(reported).mean() > 0.99
             ratio = np.sqrt(np.nanmean(reported ** 2)) / np.std(estimates)
             assert 0.8 < ratio < 1.25, (truths[i], name, ratio)
+
+
+# ----------------------------------------------------------------------------- the estimator contract
+
+
+def test_the_mle_path_gives_exactly_fit_mles_numbers():
+    """fit_volume's MLE goes through MLEEstimator.predict; its maps are fit_mle's own numbers,
+    bit for bit, with a per-voxel sigma map, SD reasons, and a voxel fitted without its NaN
+    sample on the remaining b-values."""
+    from qmri_labels.fitting import fit_mle
+    from qmri_labels.maps import SD_REASON_CODES
+
+    data, _ = volume((4, 5, 3), sigma=10.0, seed=8)
+    # float32 like the noise maps fit_volume keeps (MP-PCA's, or a given one)
+    sigma_map = np.random.default_rng(9).uniform(8.0, 12.0, (4, 5, 3)).astype(np.float32)
+    data[0, 0, 0, 4] = np.nan
+    mask = np.ones((4, 5, 3), bool)
+    mask[3, 4] = False
+    maps = fit_volume(data, mask, protocol=B, sigma=sigma_map, uncertainty=True)
+
+    complete = mask.copy()
+    complete[0, 0, 0] = False
+    direct = fit_mle(data[complete], B, sigma=sigma_map[complete], uncertainty=True)
+    np.testing.assert_array_equal(maps.params[complete], direct.params.astype(np.float32))
+    np.testing.assert_array_equal(maps.sd[complete], direct.sd.astype(np.float32))
+    reasons = np.vectorize(lambda c: "" if c == 1 else SD_REASON_CODES[c])(maps.sd_reason[complete])
+    np.testing.assert_array_equal(reasons, direct.sd_reason)
+
+    keep = np.arange(B.size) != 4
+    gap = fit_mle(data[0, 0, 0][None, keep], B[keep], sigma=sigma_map[0, 0, 0][None], uncertainty=True)
+    np.testing.assert_array_equal(maps.params[0, 0, 0], gap.params[0].astype(np.float32))
+    assert maps.status[0, 0, 0] == 2 and np.all(maps.status[complete] == 1) and np.all(maps.status[~mask] == 0)
+    assert maps.estimator == {"kind": "mle", "name": "mle", "noise": "rician"}
+
+
+class SegmentedIVIM:
+    """A user's own estimator that is no class of the toolkit: the contract is all fit_volume
+    reads (predict, reports_sd, model_name, param_names, protocol). It was "trained" for B in
+    its own order and reports an SD of 5 % of each estimate."""
+
+    model_name = "ivim"
+    param_names = ("S0", "f", "D", "Dstar")
+    reports_sd = True
+
+    def __init__(self):
+        self.protocol = B[::-1].copy()
+        self.calls = []
+
+    def predict(self, signals, device=None, return_sd=False):
+        self.calls.append((np.array(signals), device, return_sd))
+        signals = np.asarray(signals, dtype=np.float64)
+        b = self.protocol
+        high = b >= 200
+        slope, intercept = np.polyfit(b[high], np.log(signals[:, high]).T, 1)
+        s0 = signals[:, b == 0][:, 0]
+        f = np.clip(1 - np.exp(intercept) / s0, 0, 1)
+        params = np.stack([s0, f, -slope, np.full_like(s0, 0.05)], -1).astype(np.float32)
+        return (params, 0.05 * np.abs(params)) if return_sd else params
+
+
+def test_fit_volume_takes_any_object_with_the_estimator_contract():
+    data, _ = volume((3, 4, 2), seed=5)
+    data[0, 0, 0, 3] = np.nan  # an estimator trained for a protocol needs all of it: skipped
+    estimator = SegmentedIVIM()
+    maps = fit_volume(data, protocol=B, estimator=estimator, device="cpu", uncertainty=True)
+
+    rows = data.reshape(-1, B.size)[1:].astype(np.float32)  # fit_volume reads voxels as float32
+    expected = SegmentedIVIM().predict(rows[:, ::-1])  # the scan's volumes in the estimator's order
+    np.testing.assert_array_equal(maps.params.reshape(-1, 4)[1:], expected)
+    np.testing.assert_allclose(maps.sd.reshape(-1, 4)[1:], 0.05 * np.abs(expected))
+    assert maps.status[0, 0, 0] == 6 and np.all(maps.status.reshape(-1)[1:] == 1)
+    assert np.all(np.isnan(maps.params[0, 0, 0])) and np.all(maps.sd_reason.reshape(-1, 4)[1:] == 1)
+    # no preprocessing declared: the estimator sees the scan's units; no noise level is needed
+    seen, device, return_sd = estimator.calls[0]
+    assert seen.max() > 100 and device == "cpu" and return_sd is True
+    assert maps.noise is None and maps.estimator == {"kind": "estimator", "name": "SegmentedIVIM"}
+    assert "reported by the estimator" in maps.sd_method
+
+    class NoSD(SegmentedIVIM):
+        reports_sd = False
+
+    from qmri_labels.maps import UncertaintyNotSupported
+
+    with pytest.raises(UncertaintyNotSupported, match="reports_sd is false"):
+        fit_volume(data, protocol=B, estimator=NoSD(), uncertainty=True)
+    with pytest.raises(ValueError, match="fits the ivim model"):
+        fit_volume(data, protocol=B, estimator=SegmentedIVIM(), model="monoexp")
+    with pytest.raises(TypeError, match="no reports_sd"):
+        fit_volume(data, protocol=B, estimator=type("Partial", (), {"predict": None, "model_name": "ivim",
+                                                                   "param_names": (), "protocol": B})())
+
+
+def test_an_estimator_without_a_protocol_gets_the_scans_through_set_params():
+    """An estimator of the toolkit's contract with ``protocol=None`` (like the MLE) fits the
+    scan's own b-values and noise level, given to a clone; the caller's object is unchanged."""
+    from qmri_labels.estimators import BaseEstimator
+
+    class LogLinear(BaseEstimator):
+        model_name = "monoexp"
+        param_names = ("S0", "D")
+        reports_sd = False
+
+        def __init__(self, protocol=None, sigma=None):
+            self.protocol = protocol
+            self.sigma = sigma
+
+        def predict(self, signals, device=None, return_sd=False):
+            b = np.asarray(self.protocol, dtype=np.float64)
+            slope, intercept = np.polyfit(b, np.log(np.asarray(signals, dtype=np.float64)).T, 1)
+            return np.stack([np.exp(intercept), -slope], -1).astype(np.float32)
+
+    b = np.array([0, 200, 400, 600, 800, 1000.0])
+    s0 = np.array([[1000.0], [1500.0]])
+    data = s0 * np.exp(-b * np.array([[1e-3], [2e-3]]))
+    data[1, 2] = np.nan  # fitted on the other five b-values
+    template = LogLinear()
+    maps = fit_volume(data, protocol=b, estimator=template, sigma=10.0)
+    np.testing.assert_allclose(maps["S0"], [1000.0, 1500.0], rtol=1e-4)
+    np.testing.assert_allclose(maps["D"], [1e-3, 2e-3], rtol=1e-4)
+    assert list(maps.status) == [1, 2] and maps.noise["method"] == "given"
+    assert template.protocol is None and template.sigma is None

@@ -6,9 +6,12 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from qmri_labels.data.io import NiftiVolume, check_same_grid, load_nifti, nifti_stem, sha256_file
+from qmri_labels.fileio import write_json
 from qmri_labels.maps.cohort import CHECKSUM_KEY, output_checksums
+from qmri_labels.provenance import device_info, package_versions
 
 
 class InputError(ValueError):
@@ -16,8 +19,6 @@ class InputError(ValueError):
 
 
 def check_device(name: str):
-    import torch
-
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as exc:
@@ -72,8 +73,6 @@ def describe_file(volume: NiftiVolume) -> dict:
 
 def environment(device) -> dict:
     """Device, determinism flags and package versions for a manifest (one definition: qmri_labels.provenance)."""
-    from qmri_labels.provenance import device_info, package_versions
-
     return {"device": device_info(device), "versions": package_versions(extra=("scipy", "nibabel"))}
 
 
@@ -98,7 +97,5 @@ def positive_voxel_size(volume: NiftiVolume, what: Path) -> tuple[float, float, 
 def write_manifest(folder: Path, manifest: dict) -> Path:
     """``manifest.json`` with the SHA-256 of every other output listed in ``manifest["outputs"]``
     (``output_sha256``: what :func:`qmri_labels.maps.cohort.outputs_verified` checks before a rerun skips it)."""
-    from qmri_labels.fileio import write_json
-
     manifest[CHECKSUM_KEY] = output_checksums(folder, [n for n in manifest["outputs"] if n != "manifest.json"])
     return write_json(Path(folder) / "manifest.json", manifest)

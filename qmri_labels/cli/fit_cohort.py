@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shutil
 import time
 from pathlib import Path
 
 from qmri_labels.cli import fit_dwi
 from qmri_labels.cli.common import InputError, check_out_holds_no_input, write_manifest
-from qmri_labels.maps.cohort import Scan, discover_scans, outputs_verified, parse_shard, select_shard
 from qmri_labels.fileio import atomic_dir, write_text
+from qmri_labels.maps.cohort import Scan, discover_scans, outputs_verified, parse_shard, select_shard
 
 logger = logging.getLogger("qmri_labels")
 
@@ -121,9 +123,6 @@ def _remove_stale_staging(folder: Path) -> None:
 
     Only this scan's job writes them, so any that exist before it starts are stale.
     """
-    import re
-    import shutil
-
     pattern = re.compile(rf"^\.{re.escape(folder.name)}\.[a-z0-9_]{{8}}\.(tmp|old)$")
     if folder.parent.is_dir():
         for path in folder.parent.iterdir():

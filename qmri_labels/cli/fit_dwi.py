@@ -19,6 +19,7 @@ from qmri_labels.data.io import sha256_file
 from qmri_labels.maps import SD_REASON_CODES, STATUS_CODES, UncertaintyNotSupported, fit_volume, load_dwi
 from qmri_labels.maps.derivatives import write_dataset_description, write_parameter_maps
 from qmri_labels.maps.qc import write_qc_figure
+from qmri_labels.physics import get_model
 
 logger = logging.getLogger("qmri_labels")
 
@@ -101,8 +102,6 @@ def map_scan(dwi_path: Path, bval_path: Path, out_dir: Path, *, bvec_path: Path 
     outputs["dataset_description.json"] = "BIDS derivative dataset description"
     outputs["manifest.json"] = "this file"
     timings["write"] = round(time.perf_counter() - t2, 3)
-
-    from qmri_labels.physics import get_model
 
     signal_model = get_model(maps.model)
     return {

@@ -14,11 +14,13 @@ a single U-Net and the conventional inversions report no SD and are refused.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from qmri_labels.cli.common import (
     InputError,
@@ -29,9 +31,12 @@ from qmri_labels.cli.common import (
     read_mask,
 )
 from qmri_labels.data.io import load_nifti, sha256_file, write_mat
+from qmri_labels.estimators import QSMEstimator, read_manifest
+from qmri_labels.fitting import bfr, qsm_inversion
 from qmri_labels.maps import find_bundle
 from qmri_labels.maps.derivatives import chi_map_name, chi_sd_map_name, write_dataset_description, write_map
 from qmri_labels.maps.qc import write_qc_figure
+from qmri_labels.training.qsm import check_input_kind
 
 logger = logging.getLogger("qmri_labels")
 
@@ -83,10 +88,6 @@ def prepare_local_field(args, field_map: np.ndarray, mask: np.ndarray, voxel_siz
     """
     if args.bfr is None:
         return field_map, mask, {"input_kind": "local", "background_field_removal": "none (the input is a local field)"}
-    import torch
-
-    from qmri_labels.fitting import bfr
-
     total = torch.as_tensor(field_map, dtype=torch.float32, device=device)
     local, eroded = bfr.remove_background(args.bfr, total, torch.as_tensor(mask, device=device), voxel_size, b0_dir)
     eroded = eroded.cpu().numpy().astype(bool)
@@ -255,12 +256,6 @@ def invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshol
         if uncertainty:
             raise InputError(f"--uncertainty: the {name} inversion reports no standard deviation; QSM SD maps come "
                              f"from {SD_ESTIMATORS}, given as --estimator PATH")
-        try:
-            from qmri_labels.fitting import qsm_inversion
-        except ImportError as exc:
-            raise InputError(f"QSM inversions are not available in this installation ({exc})") from None
-        import torch
-
         if name == "tkd":
             options = {"threshold": 0.19 if tkd_threshold is None else tkd_threshold}
         elif name == "tikhonov":
@@ -284,11 +279,6 @@ def invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshol
         bundle = find_bundle(name)
     except ValueError as exc:
         raise InputError(f"--{exc}") from None
-    try:
-        from qmri_labels.estimators import QSMEstimator
-        from qmri_labels.training.qsm import check_input_kind
-    except ImportError as exc:
-        raise InputError(f"QSM networks are not available in this installation ({exc})") from None
     network = _load_qsm_network(bundle, QSMEstimator, device)
     notes = []
     try:
@@ -320,10 +310,6 @@ def invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshol
 
 
 def _load_qsm_network(bundle: Path, estimator_class, device):
-    import json
-
-    from qmri_labels.estimators.bundle import read_manifest
-
     try:
         kind = read_manifest(bundle).get("kind")
     except ValueError:

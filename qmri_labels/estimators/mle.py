@@ -59,6 +59,23 @@ class MLEEstimator(BaseEstimator):
         """Always: ``predict(..., return_sd=True)`` gives the Wald standard errors."""
         return True
 
+    #: ``predict(..., return_sd=True, return_sd_reason=True)`` also says why an SD is NaN
+    reports_sd_reason = True
+
+    @property
+    def sd_method(self) -> str:
+        """What the SD of ``predict(..., return_sd=True)`` is, in words (for a map's sidecar)."""
+        return ("Wald standard error: square root of the diagonal of the inverse expected Fisher information at "
+                f"the estimate, {self.noise} likelihood, the noise level the fit used")
+
+    def describe(self) -> dict:
+        """What a map's provenance records about the fitter: kind, likelihood and (where given)
+        bounds."""
+        record = {"kind": "mle", "name": "mle", "noise": self.noise}
+        if self.bounds is not None:
+            record["bounds"] = self.bounds
+        return record
+
     def fit(self, X: Dataset | None = None, y=None) -> "MLEEstimator":
         """Take the protocol from a dataset when none was given; returns ``self``.
 
@@ -92,7 +109,7 @@ class MLEEstimator(BaseEstimator):
             raise ValueError("MLEEstimator needs a protocol: pass protocol=... or call fit(dataset) first")
         return np.asarray(protocol, dtype=np.float64)
 
-    def predict(self, signals, return_sd: bool = False):
+    def predict(self, signals, return_sd: bool = False, device=None, return_sd_reason: bool = False):
         """Parameters ``(..., P)`` float32 for signals ``(..., M)``; NaN where a fit is invalid.
 
         Parameters
@@ -102,20 +119,30 @@ class MLEEstimator(BaseEstimator):
             Also return the Wald standard errors ``(..., P)`` float32 from the Fisher
             information at the estimate (NaN for a parameter on a bound or not identifiable;
             see :mod:`qmri_labels.fitting.uncertainty`).
+        device : str or None
+            Where to fit (``None``: the constructor's ``device``).
+        return_sd_reason : bool
+            With ``return_sd``, also return why each SD is NaN (``(..., P)`` str: ``""`` where
+            reported, else e.g. ``"at lower bound"``).
 
         Returns
         -------
         params : ndarray (..., P)
         sd : ndarray (..., P)
             Only with ``return_sd=True``.
+        sd_reason : ndarray (..., P) of str
+            Only with ``return_sd_reason=True``.
         """
+        if return_sd_reason and not return_sd:
+            raise ValueError("return_sd_reason=True needs return_sd=True")
         protocol = self._protocol()
         flat, lead = as_signals(signals, protocol.size)
         sigma = self.sigma
         if sigma is not None and np.ndim(sigma) > 0:
             sigma = np.broadcast_to(np.asarray(sigma, dtype=np.float64), lead).reshape(-1)
         kwargs = {"model": self.model, "noise": self.noise, "sigma": sigma, "bounds": self.bounds,
-                  "device": self.device, "progress": self.progress, "uncertainty": bool(return_sd)}
+                  "device": self.device if device is None else device, "progress": self.progress,
+                  "uncertainty": bool(return_sd)}
         if self.n_starts is not None:
             kwargs["n_starts"] = self.n_starts
         if self.chunk_size is not None:
@@ -124,4 +151,7 @@ class MLEEstimator(BaseEstimator):
         params = np.asarray(fit.params, dtype=np.float32).reshape(*lead, -1)
         if not return_sd:
             return params
-        return params, np.asarray(fit.sd, dtype=np.float32).reshape(*lead, -1)
+        sd = np.asarray(fit.sd, dtype=np.float32).reshape(*lead, -1)
+        if not return_sd_reason:
+            return params, sd
+        return params, sd, np.asarray(fit.sd_reason).reshape(*lead, -1)

@@ -211,6 +211,13 @@ class NetworkEstimator(BaseEstimator):
     def method_name(self) -> str:
         return method_name(self.label, self.alpha)
 
+    def describe(self) -> dict:
+        """What a map's provenance records about the network: kind, method (its training
+        label) and protocol."""
+        self._check_fitted()
+        return {"kind": "network", "name": "network", "method": self.method_name,
+                "protocol": [float(b) for b in self.protocol_]}
+
     def _check_fitted(self):
         if not hasattr(self, "network_"):
             raise ValueError(f"this {type(self).__name__} is not fitted yet: call fit(dataset) or load(path)")

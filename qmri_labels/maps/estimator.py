@@ -1,33 +1,85 @@
-"""Which estimator maps a scan: ``"mle"``, an estimator object, or a network bundle by name or
-folder; a network's protocol matched to the scan's."""
+"""Which estimator maps a scan, and how the scan's voxels reach it.
+
+:func:`resolve_estimator` turns what the user named (``"mle"``, a shipped network's name, a
+bundle folder, or any estimator object) into an :class:`EstimatorPlan`. The plan reads only
+the estimator contract, never the estimator's type:
+
+* ``protocol``: the b-values the estimator expects. An estimator trained for one (a network)
+  gets the scan's volumes put into that order (:func:`match_protocol`) and needs every one of
+  them; one without a protocol of its own (``None``: the MLE) fits the scan's, and a voxel
+  with unusable samples is fitted on the rest. Such an estimator gets the b-values and the
+  noise level through ``set_params(protocol=..., sigma=...)`` on a :func:`clone`, so the
+  caller's object is never changed.
+* ``manifest_`` / ``preprocessing_``: an estimator trained on signals of some scale declares
+  how data are brought to it (:mod:`qmri_labels.data.preprocessing`); one that declares none
+  sees the signals in the scan's own units.
+* ``describe()``: what the maps' sidecars and manifest record about the estimator.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from qmri_labels.data.io import sha256_file
+from qmri_labels.data.preprocessing import SignalPreprocessing, from_manifest
+from qmri_labels.estimators import ESTIMATOR_KIND, MLEEstimator, NetworkEstimator, clone, read_manifest
+from qmri_labels.paths import models_dir
+
+#: what an object needs to map a scan (``predict(signals, device=..., return_sd=...)`` among them)
+CONTRACT = ("predict", "model_name", "param_names", "protocol", "reports_sd")
+
 
 @dataclass
-class _Resolved:
-    kind: str  # "mle" or "network"
-    model_name: str
-    description: str
-    noise: str = "rician"
-    bounds: Any = None
-    network: Any = None
+class EstimatorPlan:
+    """How the voxels of one scan reach one estimator.
+
+    Attributes
+    ----------
+    estimator : object
+        The estimator (its contract: :data:`CONTRACT`).
+    record : dict
+        What the maps record about it (``Maps.estimator``).
+    order : ndarray (M,) of int or None
+        Columns of the scan in the estimator's protocol order; ``None`` for an estimator that
+        fits the scan's own protocol.
+    preprocessing : SignalPreprocessing or None
+        How signals are scaled for the estimator (and its S0 scaled back); ``None``: not at all.
+    magnitude : bool
+        The estimator reads magnitude signals, so a negative sample is unusable.
+    """
+
+    estimator: Any
+    record: dict
     order: np.ndarray | None = None
-    preprocessing: Any = None
-    info: dict = field(default_factory=dict)
+    preprocessing: SignalPreprocessing | None = None
+    magnitude: bool = True
+
+    @property
+    def fits_scan_protocol(self) -> bool:
+        """The estimator fits the scan's own b-values (and takes its noise level)."""
+        return self.order is None
+
+    @property
+    def label(self) -> str:
+        """The estimator in a message: ``"network ivim_epstein_snr30_mle"``, ``"mle"``."""
+        kind, name = self.record.get("kind"), self.record.get("name")
+        return str(name) if kind == name or kind is None else f"{kind} {name}"
+
+    def for_measurements(self, bvalues, sigma):
+        """The estimator for voxels measured at ``bvalues`` with noise level ``sigma`` (a number
+        or one per voxel): a configured copy where it fits the scan's protocol, else itself."""
+        if not self.fits_scan_protocol:
+            return self.estimator
+        return clone(self.estimator).set_params(protocol=bvalues, sigma=sigma)
 
 
 def find_bundle(name: str | os.PathLike) -> Path:
     """A bundle folder from a path, or from the name of a shipped network (``models_dir()``)."""
-    from qmri_labels.paths import models_dir
-
     candidate = Path(name)
     if candidate.exists():
         if not candidate.is_dir():
@@ -47,9 +99,6 @@ def find_bundle(name: str | os.PathLike) -> Path:
 
 def load_network(bundle: Path):
     """A voxel-wise network from a bundle; a bundle of another kind or a damaged one is refused."""
-    from qmri_labels.estimators.bundle import read_manifest
-    from qmri_labels.estimators import ESTIMATOR_KIND, NetworkEstimator
-
     try:
         kind = read_manifest(bundle).get("kind")
     except ValueError:
@@ -89,47 +138,65 @@ def match_protocol(network_protocol, bvalues, name: str = "network") -> np.ndarr
     raise mismatch
 
 
-def resolve_estimator(estimator, bvalues, model: str | None = None, noise: str = "rician") -> _Resolved:
-    """What :func:`fit_volume` needs to know about ``estimator`` (see there)."""
-    from qmri_labels.data.preprocessing import SignalPreprocessing, from_manifest
-    from qmri_labels.estimators import MLEEstimator, NetworkEstimator
+def resolve_estimator(estimator, bvalues, model: str | None = None, noise: str = "rician") -> EstimatorPlan:
+    """The plan by which :func:`~qmri_labels.maps.fit_volume` maps a scan with ``estimator``.
 
-    if isinstance(estimator, str) and estimator == "mle":
-        return _Resolved("mle", model or "ivim", f"MLE ({noise} likelihood)", noise=noise,
-                         info={"kind": "mle", "name": "mle", "noise": noise})
-    if isinstance(estimator, MLEEstimator):
-        if model is not None and model != estimator.model_name:
-            raise ValueError(f"the MLEEstimator fits {estimator.model_name}, but model={model!r}")
-        return _Resolved("mle", estimator.model_name, f"MLE ({estimator.noise} likelihood)", noise=estimator.noise,
-                         bounds=estimator.bounds, info={"kind": "mle", "name": "mle", "noise": estimator.noise,
-                                                        "bounds": estimator.bounds})
+    Parameters
+    ----------
+    estimator : "mle", str or path-like, or an estimator object
+        ``"mle"`` (an :class:`~qmri_labels.estimators.MLEEstimator` of ``model`` and
+        ``noise``), a shipped network's name or a bundle folder, or any object with
+        :data:`CONTRACT`.
+    bvalues : array_like (M,)
+        The scan's b-values (s/mm^2).
+    model : str, optional
+        The model the maps must be of; checked against the estimator's.
+    noise : {"rician", "gaussian"}
+        The likelihood of ``"mle"``.
+
+    Returns
+    -------
+    EstimatorPlan
+    """
     bundle = None
-    if isinstance(estimator, (str, os.PathLike)):
+    if isinstance(estimator, str) and estimator == "mle":
+        estimator = MLEEstimator(model=model or "ivim", noise=noise)
+    elif isinstance(estimator, (str, os.PathLike)):
         if str(estimator) in ("tkd", "tikhonov"):
             raise ValueError(f"estimator {estimator} is a QSM inversion; diffusion data take 'mle' or a network")
         bundle = find_bundle(estimator)
         estimator = load_network(bundle)
-    if not isinstance(estimator, NetworkEstimator):
-        raise TypeError(f"estimator must be 'mle', an MLEEstimator, a NetworkEstimator or a bundle name/folder, "
-                        f"got {type(estimator).__name__}")
-    net_model = estimator.model_name
-    if model is not None and net_model != model:
-        raise ValueError(f"the network fits the {net_model} model, but model={model!r}")
-    name = bundle.name if bundle is not None else "network"
-    order = match_protocol(estimator.protocol, bvalues, name=f"network {name}")
+    missing = [name for name in CONTRACT if not hasattr(estimator, name)]
+    if missing:
+        raise TypeError(f"estimator must be 'mle', a network's name or bundle folder, or an estimator with "
+                        f"{', '.join(CONTRACT)}; got {type(estimator).__name__} (no {', '.join(missing)})")
+    describe = getattr(estimator, "describe", None)
+    record = dict(describe()) if callable(describe) else {"kind": "estimator", "name": type(estimator).__name__}
+    if bundle is not None:
+        record["name"] = bundle.name
+    plan = EstimatorPlan(estimator, record, magnitude=getattr(estimator, "noise", "rician") != "gaussian")
+    if model is not None and estimator.model_name != model:
+        raise ValueError(f"the {plan.label} fits the {estimator.model_name} model, but model={model!r}")
+    if estimator.protocol is not None:
+        plan.order = match_protocol(estimator.protocol, bvalues, name=plan.label)
+    plan.preprocessing, source = declared_preprocessing(estimator)
+    if plan.preprocessing is not None:
+        record["preprocessing"] = {**plan.preprocessing.to_dict(), "source": source}
+    if bundle is not None:
+        record["bundle"] = str(bundle)
+        record["bundle_sha256"] = sha256_file(bundle / "manifest.json")
+    return plan
+
+
+def declared_preprocessing(estimator) -> tuple[SignalPreprocessing | None, str | None]:
+    """How signals are brought to the scale ``estimator`` was trained on, and where that is
+    recorded: its bundle manifest (``manifest_``, with the legacy rule for bundles that predate
+    the entry) or its own ``preprocessing_``; ``(None, None)`` for an estimator that declares
+    neither (it reads signals in the scan's units)."""
     manifest = getattr(estimator, "manifest_", None)
     entry = getattr(estimator, "preprocessing_", None)
-    if manifest is None and entry is not None:
-        preprocessing, source = SignalPreprocessing.from_dict(entry), "estimator"
-    else:
-        preprocessing, source = from_manifest(manifest)
-    info = {"kind": "network", "name": name, "method": getattr(estimator, "method_name", None),
-            "protocol": [float(b) for b in estimator.protocol],
-            "preprocessing": {**preprocessing.to_dict(), "source": source}}
-    if bundle is not None:
-        from qmri_labels.data.io import sha256_file
-
-        info["bundle"] = str(bundle)
-        info["bundle_sha256"] = sha256_file(bundle / "manifest.json")
-    return _Resolved("network", net_model, f"network {name}", network=estimator, order=order,
-                     preprocessing=preprocessing, info=info)
+    if manifest is None and entry is None:
+        return None, None
+    if manifest is None:
+        return SignalPreprocessing.from_dict(entry), "estimator"
+    return from_manifest(manifest)

@@ -16,6 +16,7 @@ class ArraySource:
     def __init__(self, array: np.ndarray):
         self.array = array
         self.lead = array.shape[:-1]
+        self.n_measurements = array.shape[-1]
 
     def rows(self, coords) -> np.ndarray:
         return np.asarray(self.array[coords], dtype=np.float32)
@@ -32,6 +33,7 @@ class NiftiSource:
             raise ValueError(f"{volume.path}: needs a 4-D image (x, y, z, volumes), got shape {volume.shape}")
         self.volume = volume
         self.lead = tuple(volume.shape[:3])
+        self.n_measurements = volume.shape[3]
 
     def rows(self, coords) -> np.ndarray:
         return self.volume.voxels(coords)
@@ -41,6 +43,7 @@ class NiftiSource:
 
 
 def voxel_source(data):
+    """The voxel rows of ``data``: a 4-D NIfTI read lazily, or a numeric array ``(..., M)``."""
     if isinstance(data, NiftiVolume):
         return NiftiSource(data)
     array = np.asarray(data)

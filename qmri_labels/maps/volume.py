@@ -10,12 +10,18 @@ writing maps: :func:`load_dwi` and :mod:`qmri_labels.maps.derivatives`.
 
 How a voxel is estimated
 ------------------------
+Every estimator is used through one contract (:mod:`qmri_labels.maps.estimator`):
+``predict(signals, device=..., return_sd=...)``, ``reports_sd``, ``model_name``,
+``param_names`` and ``protocol``; what differs is declared by the estimator, not looked up
+from its type.
+
 * **MLE** (``estimator="mle"`` or an :class:`~qmri_labels.estimators.MLEEstimator`): the raw
   signals, in the image's units, are fitted with S0 a free parameter (bounded by twice the
   voxel's mean signal at its lowest b-value), so no b = 0 volume is needed and no signal is
   divided by anything. Rician fits need sigma: a number, a per-voxel map, or ``"auto"``
   (:func:`qmri_labels.fitting.noise.estimate_noise`: repeated measurements, then the
-  background, then MP-PCA, which gives a noise map); the map is used voxel by voxel.
+  background, then MP-PCA, which gives a noise map); the map is used voxel by voxel. It has
+  no protocol of its own, so it fits the scan's.
 * **Networks** (a :class:`~qmri_labels.estimators.NetworkEstimator`, a bundle name or folder):
   the data's volumes are put into the network's protocol order, scaled the way the network was
   trained (:mod:`qmri_labels.data.preprocessing`, recorded in the bundle) and the predicted S0
@@ -26,34 +32,39 @@ How a voxel is estimated
 * ``uncertainty=True`` adds the standard deviation of every estimate (``Maps.sd``) with a
   reason code per voxel and parameter (:data:`SD_REASON_CODES`): the MLE's Wald standard error
   from the Fisher information at the estimate, or a network's ``predict(..., return_sd=True)``;
-  a network without ``return_sd`` raises :class:`UncertaintyNotSupported`.
+  an estimator whose ``reports_sd`` is false raises :class:`UncertaintyNotSupported`.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Callable
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from qmri_labels.maps.estimator import _Resolved, resolve_estimator
-from qmri_labels.maps.loading import NiftiSource, voxel_source
+from qmri_labels.data.preprocessing import lowest_b_mean
+from qmri_labels.fitting.noise import NoiseEstimate, estimate_noise
+from qmri_labels.maps.estimator import EstimatorPlan, resolve_estimator
+from qmri_labels.maps.loading import voxel_source
 from qmri_labels.maps.result import SKIP_KEYS, Maps
+from qmri_labels.physics import get_model
 
 logger = logging.getLogger("qmri_labels")
 
-#: the reasons of :class:`qmri_labels.fitting.uncertainty.MLEUncertainty` as codes
-_MLE_REASONS = {"": 1, "at lower bound": 2, "at upper bound": 3, "singular information": 4,
+#: why an SD is missing, as an estimator that says so gives it (``return_sd_reason``:
+#: :class:`qmri_labels.fitting.uncertainty.MLEUncertainty`'s reasons), as codes
+_SD_REASONS = {"": 1, "at lower bound": 2, "at upper bound": 3, "singular information": 4,
                 "no residual degrees of freedom": 5, "invalid voxel": 6}
 
 
-def _resolve_noise(sigma, resolved: _Resolved, source, bvalues, mask, b0_threshold):
-    """(sigma argument for the fitter per voxel: None, float or map, manifest entry)."""
-    from qmri_labels.fitting.noise import NoiseEstimate, estimate_noise
-
-    if resolved.kind == "network":
+def _resolve_noise(sigma, plan: EstimatorPlan, source, bvalues, mask, b0_threshold):
+    """(noise estimate for the fitter: None or a NoiseEstimate, manifest entry); only an
+    estimator that fits the scan's protocol takes the scan's noise level."""
+    if not plan.fits_scan_protocol:
         return None, None
-    if sigma is None and resolved.noise == "gaussian":
+    if sigma is None and getattr(plan.estimator, "noise", "rician") == "gaussian":
         return None, {"method": "residual", "description": "not needed by the Gaussian (least-squares) fit; "
                                                            "estimated per voxel from the residual"}
     if sigma is None or (isinstance(sigma, str) and sigma == "auto"):
@@ -80,6 +91,7 @@ def _resolve_noise(sigma, resolved: _Resolved, source, bvalues, mask, b0_thresho
                              sigma_map=values.astype(np.float32))
     return estimate, {**estimate.manifest(), "source": "given"}
 
+
 def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | None = None, noise: str = "rician",
                sigma=None, b0_threshold: float = 0.0, chunk_size: int = 20000, device=None,
                progress: bool | Callable[[int], None] = False, uncertainty: bool = False) -> Maps:
@@ -94,9 +106,15 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
         Voxels to estimate (default: every voxel).
     protocol : array_like (M,)
         b-values in s/mm^2, one per measurement.
-    estimator : "mle", MLEEstimator, NetworkEstimator, or a bundle name / folder
+    estimator : "mle", a bundle name / folder, or an estimator
+        An estimator is any object with ``predict(signals, device=None, return_sd=False)``,
+        ``reports_sd``, ``model_name``, ``param_names`` and ``protocol`` (an
+        :class:`~qmri_labels.estimators.MLEEstimator`, a
+        :class:`~qmri_labels.estimators.NetworkEstimator`, or one of your own); see
+        :mod:`qmri_labels.maps.estimator` for what ``protocol=None`` and a declared
+        preprocessing mean.
     model : {"ivim", "monoexp"}, optional
-        The MLE's model (default ``ivim``); checked against a network's.
+        The MLE's model (default ``ivim``); checked against an estimator's.
     noise : {"rician", "gaussian"}
         The MLE's likelihood (ignored by networks).
     sigma : None, "auto", float, array_like (...) or NoiseEstimate
@@ -115,8 +133,8 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
         error from the expected Fisher information at the estimate with the noise level it
         used (:mod:`qmri_labels.fitting.uncertainty`; NaN for a parameter on a bound of the
         box or in a singular direction); a network gives what its
-        ``predict(signals, return_sd=True)`` reports (S0's scaled back like S0). A network
-        whose ``predict`` has no ``return_sd`` is refused.
+        ``predict(signals, return_sd=True)`` reports (S0's scaled back like S0). An
+        estimator whose ``reports_sd`` is false is refused.
 
     Returns
     -------
@@ -128,8 +146,6 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
         On inconsistent shapes, a protocol too short for the model, a network trained for
         another protocol, a bad sigma, or when the noise level cannot be estimated.
     """
-    from qmri_labels.physics import get_model
-
     if protocol is None:
         raise ValueError("fit_volume needs protocol=... (the b-values, one per measurement)")
     bvalues = np.asarray(protocol, dtype=np.float64).ravel()
@@ -138,7 +154,7 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     source = voxel_source(data)
-    n_meas = (source.volume.shape[3] if isinstance(source, NiftiSource) else source.array.shape[-1])
+    n_meas = source.n_measurements
     if bvalues.size != n_meas:
         raise ValueError(f"protocol has {bvalues.size} b-values, but the data have {n_meas} measurements")
     if not np.all(np.isfinite(bvalues)) or np.any(bvalues < 0):
@@ -150,26 +166,26 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
         if mask_array.shape != tuple(source.lead):
             raise ValueError(f"mask shape {mask_array.shape} differs from the data's leading shape {source.lead}")
         mask_array = np.isfinite(mask_array) & (mask_array != 0) if mask_array.dtype != bool else mask_array
-    resolved = resolve_estimator(estimator, bvalues, model=model, noise=noise)
-    uncertainty = _check_uncertainty(uncertainty, resolved)
-    signal_model = get_model(resolved.model_name)
+    plan = resolve_estimator(estimator, bvalues, model=model, noise=noise)
+    uncertainty = _check_uncertainty(uncertainty, plan)
+    signal_model = get_model(plan.estimator.model_name)
+    if tuple(plan.estimator.param_names) != tuple(signal_model.param_names):
+        raise ValueError(f"the {plan.label} estimates {tuple(plan.estimator.param_names)}; the {signal_model.name} "
+                         f"model's parameters are {signal_model.param_names}, in that order")
     n_distinct = np.unique(bvalues).size
     if n_distinct < signal_model.n_params:
         raise ValueError(f"{n_distinct} distinct b-values; the {signal_model.name} model has {signal_model.n_params} "
                          f"parameters {signal_model.param_names} and needs at least that many")
-    noise_estimate, noise_info = _resolve_noise(sigma, resolved, source, bvalues, mask_array, b0_threshold)
+    noise_estimate, noise_info = _resolve_noise(sigma, plan, source, bvalues, mask_array, b0_threshold)
 
     coords = np.nonzero(mask_array)
     n_voxels = coords[0].size
     scale = None
-    if resolved.kind == "network":
-        from qmri_labels.data.preprocessing import lowest_b_mean
-
-        if resolved.preprocessing.kind == "global_scale":
-            lowest = np.concatenate([lowest_b_mean(source.rows(tuple(c[s:s + chunk_size] for c in coords)), bvalues)
-                                     for s in range(0, n_voxels, chunk_size)]) if n_voxels else np.zeros(0)
-            scale = resolved.preprocessing.scale(lowest)
-            resolved.info["preprocessing"]["scale"] = scale
+    if plan.preprocessing is not None and plan.preprocessing.kind == "global_scale":
+        lowest = np.concatenate([lowest_b_mean(source.rows(tuple(c[s:s + chunk_size] for c in coords)), bvalues)
+                                 for s in range(0, n_voxels, chunk_size)]) if n_voxels else np.zeros(0)
+        scale = plan.preprocessing.scale(lowest)
+        plan.record["preprocessing"]["scale"] = scale
 
     params = np.zeros(source.lead + (signal_model.n_params,), dtype=np.float32)
     status = np.zeros(source.lead, dtype=np.uint8)
@@ -179,11 +195,7 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
     sigma_full = None if noise_estimate is None else noise_estimate.per_voxel()
     bar = None
     if progress is True:
-        import sys
-
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_voxels, unit="voxel", desc=f"{signal_model.name} {resolved.kind}", file=sys.stderr,
+        bar = tqdm(total=n_voxels, unit="voxel", desc=f"{signal_model.name} {plan.record.get('kind')}", file=sys.stderr,
                    dynamic_ncols=True)
     done = 0
     for start in range(0, n_voxels, int(chunk_size)):
@@ -195,7 +207,7 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
             chunk_sigma = np.asarray(sigma_full[chunk], dtype=np.float64)
             fallback = noise_estimate.sigma
             chunk_sigma = np.where(np.isfinite(chunk_sigma) & (chunk_sigma > 0), chunk_sigma, fallback)
-        estimate, codes, errors = _fit_rows(rows, bvalues, resolved, signal_model, chunk_sigma, scale, device, counts,
+        estimate, codes, errors = _fit_rows(rows, bvalues, plan, signal_model, chunk_sigma, scale, device, counts,
                                             uncertainty)
         params[chunk] = estimate
         status[chunk] = codes
@@ -223,43 +235,33 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
     if noise_estimate is not None and noise_estimate.sigma_map is not None:
         sigma_map = np.where(mask_array, noise_estimate.sigma_map, 0).astype(np.float32)
     return Maps(params=params, param_names=tuple(signal_model.param_names), units=units, status=status,
-                model=signal_model.name, estimator=resolved.info, noise=noise_info, sigma_map=sigma_map,
-                counts=counts, sd=sd, sd_reason=sd_reason, sd_method=_sd_method(resolved) if uncertainty else None)
-
+                model=signal_model.name, estimator=plan.record, noise=noise_info, sigma_map=sigma_map,
+                counts=counts, sd=sd, sd_reason=sd_reason, sd_method=_sd_method(plan) if uncertainty else None)
 
 
 class UncertaintyNotSupported(ValueError):
     """``uncertainty=True`` with an estimator that reports no standard deviations."""
 
 
-def _check_uncertainty(uncertainty, resolved: _Resolved) -> bool:
-    """``uncertainty`` as a bool; a network that cannot report SDs is refused."""
-    import inspect
-
+def _check_uncertainty(uncertainty, plan: EstimatorPlan) -> bool:
+    """``uncertainty`` as a bool; an estimator that reports no SDs is refused."""
     if not isinstance(uncertainty, (bool, np.bool_)):
         raise TypeError(f"uncertainty must be True or False, got {uncertainty!r}")
-    if uncertainty and resolved.kind == "network":
-        try:
-            accepts = "return_sd" in inspect.signature(resolved.network.predict).parameters
-            # a NetworkEstimator always takes return_sd; only one with a head or ensemble reports SDs
-            accepts = accepts and bool(getattr(resolved.network, "reports_sd", True))
-        except (TypeError, ValueError):
-            accepts = False
-        if not accepts:
-            raise UncertaintyNotSupported(f"uncertainty: {resolved.description} ({type(resolved.network).__name__}) does not "
-                             "report standard deviations (its predict has no return_sd); use the MLE or a network "
-                             "trained with an uncertainty head or as an ensemble")
+    if uncertainty and not plan.estimator.reports_sd:
+        raise UncertaintyNotSupported(
+            f"uncertainty: {plan.label} ({type(plan.estimator).__name__}) does not report standard deviations "
+            "(its reports_sd is false: predict(..., return_sd=True) has none to give); use the MLE or a network "
+            "trained with an uncertainty head or as an ensemble")
     return bool(uncertainty)
 
 
-def _sd_method(resolved: _Resolved) -> str:
-    if resolved.kind == "mle":
-        return ("Wald standard error: square root of the diagonal of the inverse expected Fisher information at "
-                f"the estimate, {resolved.noise} likelihood, the noise level the fit used")
-    return "standard deviation reported by the network (predict(signals, return_sd=True))"
+def _sd_method(plan: EstimatorPlan) -> str:
+    """What the SD is: the estimator's own words (``sd_method``) where it has them."""
+    return (getattr(plan.estimator, "sd_method", None)
+            or f"standard deviation reported by the {plan.record.get('kind')} (predict(signals, return_sd=True))")
 
 
-def _fit_rows(signals, bvals, resolved: _Resolved, model, sigma, scale, device, counts, uncertainty=False):
+def _fit_rows(signals, bvals, plan: EstimatorPlan, model, sigma, scale, device, counts, uncertainty=False):
     """Parameters (n, P) float32, status codes (n,) and, with ``uncertainty``, ``(sd, sd reason
     codes)`` (n, P) of one chunk of voxel rows (else None)."""
     n = signals.shape[0]
@@ -269,7 +271,7 @@ def _fit_rows(signals, bvals, resolved: _Resolved, model, sigma, scale, device, 
     counts["nonfinite"] += int(nonfinite.sum())
     counts["negative"] += int(negative.sum())
     # a magnitude (Rician) sample cannot be negative; a real-valued (Gaussian) one can
-    unusable = nonfinite | (negative if resolved.noise == "rician" else False)
+    unusable = nonfinite | (negative if plan.magnitude else False)
     clean = np.where(unusable, np.float32(0), signals)
 
     params = np.full((n, model.n_params), np.nan, dtype=np.float32)
@@ -293,16 +295,16 @@ def _fit_rows(signals, bvals, resolved: _Resolved, model, sigma, scale, device, 
     for rows, pattern in groups:
         keep = ~pattern
         complete = bool(keep.all())
-        if resolved.kind == "network" and not complete:
-            codes[rows] = 6
+        if not complete and not plan.fits_scan_protocol:
+            codes[rows] = 6  # an estimator trained for a protocol needs all of it
             continue
         if np.unique(bvals[keep]).size < model.n_params:
             codes[rows] = 5
             continue
         block = clean[np.ix_(rows, np.flatnonzero(keep))]
         voxel_sigma = sigma if sigma is None or np.ndim(sigma) == 0 else sigma[rows]
-        estimate, valid, errors = _estimate(resolved, block, bvals[keep], voxel_sigma, scale, device, uncertainty)
-        valid &= np.all(np.isfinite(estimate), axis=-1)
+        estimate, errors = _estimate(plan, block, bvals[keep], voxel_sigma, scale, device, uncertainty)
+        valid = np.all(np.isfinite(estimate), axis=-1)
         estimate[~valid] = np.nan
         params[rows] = estimate
         codes[rows] = np.where(valid, 1 if complete else 2, 7)
@@ -313,39 +315,54 @@ def _fit_rows(signals, bvals, resolved: _Resolved, model, sigma, scale, device, 
     return params, codes, ((sd, sd_codes) if uncertainty else None)
 
 
-def _estimate(resolved: _Resolved, signals, bvals, sigma, scale, device, uncertainty=False):
-    """``(params (n, P) float32, valid (n,), errors)``; ``errors`` is ``(sd, reason codes)`` with
-    ``uncertainty``, else None."""
-    if resolved.kind == "mle":
-        from qmri_labels.fitting import fit_mle
-
-        fit = fit_mle(signals, bvals, model=resolved.model_name, noise=resolved.noise, sigma=sigma,
-                      bounds=resolved.bounds, device=device, progress=False, uncertainty=uncertainty)
-        errors = None
-        if uncertainty:
-            reasons = np.asarray(fit.sd_reason)
-            codes = np.full(reasons.shape, 7, dtype=np.uint8)
-            for text, code in _MLE_REASONS.items():
-                codes[reasons == text] = code
-            sd = np.asarray(fit.sd, dtype=np.float32).copy()
-            codes[(codes == 1) & ~np.isfinite(sd)] = 7
-            errors = (sd, codes)
-        return np.asarray(fit.params, dtype=np.float32).copy(), np.asarray(fit.valid, dtype=bool).copy(), errors
-    from qmri_labels.data.preprocessing import lowest_b_mean
-
-    ordered = signals[:, resolved.order]
-    preprocessing = resolved.preprocessing
-    network_protocol = np.asarray(resolved.network.protocol, dtype=np.float64)
-    voxel_scale = scale if scale is not None else preprocessing.scale(lowest_b_mean(ordered, network_protocol))
-    valid = np.isfinite(np.asarray(voxel_scale, dtype=np.float64)) * np.ones(signals.shape[0], dtype=bool)
-    inputs = preprocessing.apply(ordered, np.where(np.isfinite(voxel_scale), voxel_scale, 1.0))
-    device = None if device is None else str(device)
+def _estimate(plan: EstimatorPlan, signals, bvals, sigma, scale, device, uncertainty=False):
+    """``(params (n, P) float32, errors)`` of one block of voxels that share their usable
+    measurements ``bvals``; NaN marks an estimate that is not valid. ``errors`` is ``(sd,
+    reason codes)`` with ``uncertainty``, else None."""
+    estimator = plan.for_measurements(bvals, sigma)
+    inputs = signals if plan.order is None else signals[:, plan.order]
+    preprocessing, voxel_scale = plan.preprocessing, None
+    if preprocessing is not None:
+        protocol = np.asarray(estimator.protocol, dtype=np.float64)
+        voxel_scale = scale if scale is not None else preprocessing.scale(lowest_b_mean(inputs, protocol))
+        inputs = preprocessing.apply(inputs, np.where(np.isfinite(voxel_scale), voxel_scale, 1.0))
+    with_reasons = uncertainty and bool(getattr(estimator, "reports_sd_reason", False))
+    options = {"return_sd_reason": True} if with_reasons else {}
+    result = estimator.predict(inputs, device=None if device is None else str(device), return_sd=uncertainty,
+                               **options)
+    if with_reasons:
+        predicted, predicted_sd, reasons = result
+    elif uncertainty:
+        (predicted, predicted_sd), reasons = result, None
+    else:
+        predicted = result
+    params = _to_scan_units(predicted, estimator.param_names, preprocessing, voxel_scale)
+    if voxel_scale is not None:
+        # a voxel the preprocessing cannot scale has no estimate
+        unscaled = ~np.isfinite(np.broadcast_to(np.asarray(voxel_scale, dtype=np.float64), (len(params),)))
+        params[unscaled] = np.nan
     if not uncertainty:
-        predicted = resolved.network.predict(inputs, device=device)
-        return preprocessing.restore(predicted, resolved.network.param_names, voxel_scale), valid, None
-    predicted, predicted_sd = resolved.network.predict(inputs, device=device, return_sd=True)
-    params = preprocessing.restore(predicted, resolved.network.param_names, voxel_scale)
+        return params, None
     # S0's SD scales with S0 (a positive divisor); the other parameters' do not change
-    sd = preprocessing.restore(predicted_sd, resolved.network.param_names, voxel_scale)
-    codes = np.where(np.isfinite(sd), 1, 7).astype(np.uint8)
-    return params, valid, (sd, codes)
+    sd = _to_scan_units(predicted_sd, estimator.param_names, preprocessing, voxel_scale)
+    return params, (sd, _sd_codes(sd, reasons))
+
+
+def _to_scan_units(values, param_names, preprocessing, voxel_scale) -> np.ndarray:
+    """An estimator's output ``(n, P)`` as float32 in the scan's units."""
+    if preprocessing is None:
+        return np.array(values, dtype=np.float32, copy=True)
+    return preprocessing.restore(values, param_names, voxel_scale)
+
+
+def _sd_codes(sd, reasons=None) -> np.ndarray:
+    """:data:`~qmri_labels.maps.SD_REASON_CODES` of an SD block: reported where finite, else the
+    estimator's reason where it gives one, else "not reported by the estimator"."""
+    if reasons is None:
+        return np.where(np.isfinite(sd), 1, 7).astype(np.uint8)
+    reasons = np.asarray(reasons)
+    codes = np.full(reasons.shape, 7, dtype=np.uint8)
+    for text, code in _SD_REASONS.items():
+        codes[reasons == text] = code
+    codes[(codes == 1) & ~np.isfinite(sd)] = 7
+    return codes
