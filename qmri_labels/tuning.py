@@ -180,18 +180,21 @@ def validation_criteria(estimator: NetworkEstimator, signals, targets: Mapping, 
     ``targets`` holds what the label's loss reads (``theta`` and/or ``mle``); ``theta_true``
     the simulated truth (``None`` for data without one: ``param_rmse`` is then NaN).
     """
-    from qmri_labels.training import LabelLoss, ParameterNormalisation
+    from qmri_labels.training import LabelLoss, ParameterNormalisation, parameter_weights
 
     pred = estimator.predict(signals)
     normalisation = ParameterNormalisation.from_support(support, model.param_names)
-    loss = LabelLoss(estimator.loss_weights_, model.name, protocol, normalisation)
+    loss = LabelLoss(estimator.loss_weights_, model.name, protocol, normalisation,
+                     param_weights=parameter_weights(estimator.label, estimator.weights, model.param_names))
     keep = np.ones(len(signals), dtype=bool)
     for value in targets.values():
-        keep &= np.all(np.isfinite(value), axis=1)
+        keep &= np.all(np.isfinite(value.reshape(len(value), -1)), axis=1)
     batch = {"signals": torch.as_tensor(signals[keep], dtype=torch.float32),
              **{k: torch.as_tensor(v[keep], dtype=torch.float32) for k, v in targets.items()}}
+    # the bias-reduced loss scores the estimates of every noise draw of each signal
+    scored = estimator.predict(targets["draws"][keep]) if "draws" in targets else pred[keep]
     with torch.no_grad():
-        val_loss, _ = loss(torch.as_tensor(pred[keep]), batch)
+        val_loss, _ = loss(torch.as_tensor(scored), batch)
     out = {"val_loss": float(val_loss), "param_rmse": float("nan")}
     if theta_true is not None:
         scale = np.asarray(normalisation.scale)
@@ -210,7 +213,7 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
 
     Parameters
     ----------
-    label : {"gt", "mle", "self", "hybrid"}
+    label : {"gt", "mle", "self", "hybrid", "mle_approx", "bias_reduced"}
     dataset : Dataset
         Training data. ``validation_fraction`` of its rows (drawn with ``seed``) score the
         trials; the rest train them. The evaluation grid is never seen.
@@ -257,7 +260,8 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
     """
     import optuna
 
-    from qmri_labels.training import compute_mle_labels, resolve_weights
+    from qmri_labels.training import compute_mle_labels, label_mle_options, noise_draw_count, resolve_weights
+    from qmri_labels.training.targets import DRAWS_SEED_STREAM, noise_draws
     from qmri_labels.training.reproducibility import torch_threads
 
     if not isinstance(dataset, Dataset):
@@ -282,7 +286,7 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
     headless = trial_params["uncertainty"] == "variance_head"
     if headless:
         trial_params["uncertainty"] = None
-    weights = resolve_weights(label, alpha)
+    weights = resolve_weights(label, alpha, base.get("weights"))
 
     model = dataset.model
     n, m = dataset.signals.shape
@@ -297,12 +301,12 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
     if len(fit_rows) < 2:
         raise ValueError(f"dataset of {n} rows is too small for a validation fraction of {validation_fraction}")
     labels = {}
-    if weights["gt"] > 0:
+    if weights["gt"] > 0 or weights.get("bias", 0) > 0:
         labels["gt"] = dataset.theta_true
     if weights["mle"] > 0:
         if mle_labels is None:
             mle_labels = compute_mle_labels(dataset, progress=False,
-                                            **dict(mle_options or base.get("mle_options") or {}))
+                                            **label_mle_options(label, mle_options or base.get("mle_options") or {}))
         labels["mle"] = np.asarray(getattr(mle_labels, "params", mle_labels), dtype=np.float32)
         if labels["mle"].shape != dataset.theta_true.shape:
             raise ValueError(f"mle_labels must have shape {dataset.theta_true.shape}, got {labels['mle'].shape}")
@@ -310,6 +314,14 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
     if labels:
         y_fit = {k: v[fit_rows] for k, v in labels.items()} if len(labels) > 1 else next(iter(labels.values()))[fit_rows]
     val_targets = {{"gt": "theta", "mle": "mle"}[k]: v[val_rows] for k, v in labels.items()}
+    # bias_reduced: noise draws around each true signal, the training's own (from the fit's
+    # seed) and the validation rows' (from the tuning seed); the fit needs the noise level
+    fit_sigma = dataset.sigma[fit_rows] if weights.get("bias", 0) > 0 else None
+    if fit_sigma is not None:
+        val_targets["draws"] = noise_draws(dataset.signals[val_rows], dataset.theta_true[val_rows],
+                                           dataset.sigma[val_rows], dataset.protocol, model, dataset.spec.noise,
+                                           noise_draw_count(label, base.get("weights")),
+                                           seed=[int(seed), DRAWS_SEED_STREAM])
     support = dataset.prior_support
 
     best: dict[str, Any] = {"value": math.inf, "estimator": None}
@@ -322,7 +334,7 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
         t0 = time.perf_counter()
         try:
             estimator.fit(dataset.signals[fit_rows], y_fit, protocol=dataset.protocol, bounds=support,
-                          model=model.name, callbacks=[pruner] if pruner else [])
+                          model=model.name, sigma=fit_sigma, callbacks=[pruner] if pruner else [])
             # scored at the training's thread count: the same bytes in any process (study workers)
             with torch_threads(estimator.num_threads):
                 scores = validation_criteria(estimator, dataset.signals[val_rows], val_targets,
@@ -362,7 +374,8 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
     estimator = best["estimator"]
     if headless and refit:
         estimator = NetworkEstimator(**{**base_estimator.get_params(), **best["params"]})
-        estimator.fit(dataset.signals[fit_rows], y_fit, protocol=dataset.protocol, bounds=support, model=model.name)
+        estimator.fit(dataset.signals[fit_rows], y_fit, protocol=dataset.protocol, bounds=support, model=model.name,
+                      sigma=fit_sigma)
     default_record = records[0] if default_point is not None else None
     estimator.tuning_ = {
         "label": label, "alpha": alpha if label == "hybrid" else None, "criterion": criterion,

@@ -45,12 +45,15 @@ class NetworkEstimator(BaseEstimator):
 
     Parameters
     ----------
-    label : {"gt", "mle", "self", "hybrid", "weighted"}
+    label : {"gt", "mle", "self", "hybrid", "weighted", "mle_approx", "bias_reduced"}
         Training label (see :mod:`qmri_labels.training.labels`).
     alpha : float in [0, 1]
         MLE weight of the ``hybrid`` loss ``alpha * L_mle + (1 - alpha) * L_gt``.
     weights : dict or None
-        Term weights ``{"gt", "mle", "self"}`` of the ``weighted`` loss.
+        Term weights ``{"gt", "mle", "self"}`` of the ``weighted`` loss; ``bias_reduced``'s
+        ``{"variance": lambda, "draws": K}``; for the other labels, parameter weights
+        (``{"Dstar": 4}``: the parameter terms weighted toward D*; see
+        :func:`qmri_labels.training.labels.parameter_weights`).
     hidden_layers : int
     width : int or None
         Hidden width; ``None``: the number of measurements.
@@ -209,7 +212,7 @@ class NetworkEstimator(BaseEstimator):
     # -- identity -----------------------------------------------------------------------------
     @property
     def method_name(self) -> str:
-        return method_name(self.label, self.alpha)
+        return method_name(self.label, self.alpha, self.weights)
 
     def describe(self) -> dict:
         """What a map's provenance records about the network: kind, method (its training

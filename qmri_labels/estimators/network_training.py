@@ -17,7 +17,7 @@ import torch
 from qmri_labels.data.datasets import Dataset
 from qmri_labels.estimators.base import as_signals
 from qmri_labels.physics import get_model
-from qmri_labels.training import InMemoryDataModule, LabelLoss, LabelRegressor, LRSchedule
+from qmri_labels.training import InMemoryDataModule, LabelLoss, LabelRegressor, LRSchedule, parameter_weights
 from qmri_labels.training.likelihood_losses import HeteroscedasticLabelLoss, VarianceHeadLoss
 from qmri_labels.training.reproducibility import torch_threads
 from qmri_labels.training.targets import array_targets, arrays_fingerprint, dataset_targets
@@ -65,7 +65,8 @@ def training_data(params: Mapping, weights: Mapping, X, y=None, *, protocol=None
             raise ValueError("give the dataset's MLE labels once (y or mle_labels)")
         signal_model = X.model
         tensors, mle_info = dataset_targets(X, weights, y if mle_labels is None else mle_labels,
-                                            mle_options=mle_options, progress=progress)
+                                            mle_options=mle_options, progress=progress, label=params["label"],
+                                            label_weights=params["weights"])
         support = X.prior_support
         record = {"train_fingerprint_": X.fingerprint, "train_spec_": X.spec.to_dict()}
         train_protocol = X.protocol
@@ -82,7 +83,8 @@ def training_data(params: Mapping, weights: Mapping, X, y=None, *, protocol=None
         train_protocol = np.asarray(signal_model.validate_protocol(protocol), dtype=np.float64)
         signals, _ = as_signals(X, train_protocol.size)
         tensors, mle_info = array_targets(params["label"], weights, signals, y, signal_model, train_protocol, sigma,
-                                          mle_options=mle_options, progress=progress)
+                                          mle_options=mle_options, progress=progress,
+                                          label_weights=params["weights"], seed=int(params["seed"]))
         support = signal_model.default_bounds if bounds is None else np.asarray(bounds, dtype=np.float64)
         if support.shape != (2, signal_model.n_params) or not np.all(np.isfinite(support)) or np.any(
                 support[1] < support[0]):
@@ -131,14 +133,16 @@ def train_one(params: Mapping, network, tensors: dict, weights: Mapping, signal_
     ``(module, trainer, keeper, datamodule)``
     """
     uncertainty = params["uncertainty"]
+    param_weights = parameter_weights(params["label"], params["weights"], signal_model.param_names)
     if uncertainty == "heteroscedastic":
         loss = HeteroscedasticLabelLoss(weights, signal_model.name, protocol, normalisation, noise=noise)
     elif uncertainty == "variance_head":
         # the mean by the plain label loss, the log-variance by the likelihood at the detached
         # mean; the logged (monitored) loss is the plain one, so the same epoch is kept
-        loss = VarianceHeadLoss(weights, signal_model.name, protocol, normalisation, noise=noise)
+        loss = VarianceHeadLoss(weights, signal_model.name, protocol, normalisation, noise=noise,
+                                param_weights=param_weights)
     else:
-        loss = LabelLoss(weights, signal_model.name, protocol, normalisation)
+        loss = LabelLoss(weights, signal_model.name, protocol, normalisation, param_weights=param_weights)
     batch_size = int(params["batch_size"])
     module = LabelRegressor(network, loss, lr=params["lr"], weight_decay=params["weight_decay"],
                             optimiser=params["optimiser"], step_batch_size=batch_size,

@@ -96,14 +96,22 @@ class HeteroscedasticLabelLoss(nn.Module):
     normalisation : ParameterNormalisation
     noise : {"gaussian", "rician"}
         Noise model of the ``self`` term.
+    variance_head : bool
+        Used for a variance head at the detached mean (:class:`VarianceHeadLoss`): then the
+        ``bias_reduced`` terms are allowed, and the head learns the squared error of each
+        draw's estimate to the truth (as for ``gt``); the likelihood cannot train the mean of a
+        bias-reduced network itself.
 
     ``forward((mean, log_var), batch)`` returns the total loss and a dict of the terms.
     """
 
     def __init__(self, weights: Mapping[str, float], model: str, protocol, normalisation: ParameterNormalisation,
-                 noise: str = "gaussian"):
+                 noise: str = "gaussian", variance_head: bool = False):
         super().__init__()
         self.weights, self.active = term_weights(weights)
+        if {"bias", "variance"} & set(self.active) and not variance_head:
+            raise ValueError("the bias-reduced loss (label 'bias_reduced') has no likelihood counterpart that "
+                             "trains the mean: use uncertainty='variance_head' or None, or n_members")
         if "self" in self.active and len(self.active) > 1:
             raise ValueError("a heteroscedastic loss cannot mix the self-supervised (signal-noise variance) term with "
                              f"parameter terms; got weights {self.weights}")
@@ -126,7 +134,9 @@ class HeteroscedasticLabelLoss(nn.Module):
         for term in self.active:
             if term == "self":
                 terms[term] = signal_space_nll(pred, log_var, batch["signals"], self._forward, self.protocol, self.noise)
-            else:
+            elif term == "bias":  # estimates of every noise draw (B, K, P) against the truth
+                terms[term] = gaussian_nll(pred, log_var, batch["theta"][:, None], self.scale)
+            elif term != "variance":  # the bias term's likelihood covers the draws' spread too
                 terms[term] = gaussian_nll(pred, log_var, batch["theta" if term == "gt" else "mle"], self.scale)
         total = sum(self.weights[t] * v for t, v in terms.items())
         return total, terms
@@ -143,7 +153,8 @@ class VarianceHeadLoss(nn.Module):
     No gradient of the likelihood reaches the mean network, none of the label loss the
     variance branch.
 
-    Parameters are those of :class:`HeteroscedasticLabelLoss`.
+    Parameters are those of :class:`HeteroscedasticLabelLoss`, and ``param_weights`` those of
+    :class:`~qmri_labels.training.LabelLoss` (the mean's loss).
 
     ``forward((mean, log_var), batch)`` returns ``(total, terms)``: ``total``'s *value* is the
     plain label loss, so that logging, early stopping, the best epoch and learning-rate
@@ -153,10 +164,11 @@ class VarianceHeadLoss(nn.Module):
     """
 
     def __init__(self, weights: Mapping[str, float], model: str, protocol, normalisation: ParameterNormalisation,
-                 noise: str = "gaussian"):
+                 noise: str = "gaussian", param_weights=None):
         super().__init__()
-        self.likelihood = HeteroscedasticLabelLoss(weights, model, protocol, normalisation, noise=noise)
-        self.label_loss = LabelLoss(weights, model, protocol, normalisation)
+        self.likelihood = HeteroscedasticLabelLoss(weights, model, protocol, normalisation, noise=noise,
+                                                   variance_head=True)
+        self.label_loss = LabelLoss(weights, model, protocol, normalisation, param_weights=param_weights)
         self.weights = self.likelihood.weights
         self.n_variances = self.likelihood.n_variances
         # the logged terms: the plain ones (as a plain network logs them) and the head's NLL

@@ -84,6 +84,18 @@ class LabelRegressor(L.LightningModule):
     def forward(self, signals: torch.Tensor) -> torch.Tensor:
         return self.network(signals)
 
+    def _predict(self, batch) -> torch.Tensor:
+        """The network's estimates for a batch: of its signals ``(B, P)``, or, when the batch
+        holds noise draws of each signal (``bias_reduced``), of every draw ``(B, K, P)``."""
+        draws = batch.get("draws")
+        if draws is None:
+            return self.network(batch["signals"])
+        b, k, m = draws.shape
+        out = self.network(draws.reshape(b * k, m))
+        if isinstance(out, tuple):  # (mean, log-variance) of a network with a variance head
+            return tuple(o.reshape(b, k, -1) for o in out)
+        return out.reshape(b, k, -1)
+
     def _accumulate(self, stage: str, total: torch.Tensor, terms: dict, n: int) -> None:
         # only references are kept per step (no tensor ops, no host sync); epoch means are
         # computed once at the end of the epoch
@@ -188,7 +200,7 @@ class LabelRegressor(L.LightningModule):
             rows = step["signals"].shape[0]
             optimiser.zero_grad(set_to_none=True)
             if rows:
-                total, terms = self.loss(self.network(step["signals"]), step)
+                total, terms = self.loss(self._predict(step), step)
                 if self._plain_steps:
                     total.backward()
                 else:
@@ -207,7 +219,7 @@ class LabelRegressor(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         if batch["signals"].shape[0] == 0:  # a rank's share of the validation rows may end early
             return
-        total, terms = self.loss(self.network(batch["signals"]), batch)
+        total, terms = self.loss(self._predict(batch), batch)
         self._accumulate("val", total, terms, batch["signals"].shape[0])
 
     def on_validation_epoch_end(self):

@@ -85,7 +85,6 @@ DEFAULTS: dict[str, Any] = {
     "figure_format": "png",
 }
 
-LABEL_ORDER = ("gt", "mle", "self")
 #: sub-mappings of the config checked by their consumer (NetworkEstimator), not against DEFAULTS
 FREE_FORM_KEYS = ("network",)
 
@@ -104,9 +103,11 @@ def resolve_config(config: Mapping | None) -> dict:
             raise ValueError(f"alpha values must lie in [0, 1], got {a!r}")
     cfg["alpha"] = [float(a) for a in dict.fromkeys(alphas)]
     labels = list(cfg["labels"] or [])
-    bad = [lab for lab in labels if lab not in LABEL_ORDER]
+    from qmri_labels.training.labels import STUDY_LABELS
+
+    bad = [lab for lab in labels if lab not in STUDY_LABELS]
     if bad:
-        raise ValueError(f"labels must be among {LABEL_ORDER} (hybrids come from alpha), got {bad}")
+        raise ValueError(f"labels must be among {STUDY_LABELS} (hybrids come from alpha), got {bad}")
     cfg["labels"] = list(dict.fromkeys(labels))
     if not cfg["labels"] and not cfg["alpha"]:
         raise ValueError("nothing to train: labels and alpha are both empty")
@@ -158,9 +159,9 @@ def _device(name: str | None) -> tuple[str, Any, str]:
 
 
 def _needs_mle(estimator) -> bool:
-    from qmri_labels.training import resolve_weights
+    from qmri_labels.training import uses_shared_mle_labels
 
-    return resolve_weights(estimator.label, estimator.alpha, estimator.weights)["mle"] > 0
+    return uses_shared_mle_labels(estimator.label, estimator.alpha, estimator.weights)
 
 
 def _say(quiet: bool, message: str) -> None:
