@@ -217,7 +217,8 @@ def test_frame_round_trip():
 # --- several SNRs (issue 10) ---------------------------------------------------------------------
 def test_evaluate_snrs_scales_the_sd_and_stacks_an_snr_column(tmp_path):
     from qmri_labels.analysis.grid import evaluate_snrs, grid_snrs
-    from qmri_labels.analysis.report import load_results, write_report
+    from qmri_labels import load_results
+    from qmri_labels.analysis.report import write_report
 
     grid = small_grid(repeats=200, points_per_axis=2)
     scale = np.array([1.0, 0.5, 1e-3, -0.5])
@@ -250,8 +251,8 @@ def test_evaluate_snrs_scales_the_sd_and_stacks_an_snr_column(tmp_path):
     assert (tmp_path / "figures" / "snr-15" / "bias_sd_rmse.png").exists()
     assert "## Across SNRs" in (tmp_path / "report.md").read_text()
     back = load_results(tmp_path)
-    assert back.result.grid.snr == 60.0 and sorted(back.extra["results_by_snr"]) == [15.0, 60.0]
-    np.testing.assert_allclose(back.extra["results_by_snr"][15.0].sd["oracle"], results[15.0].sd["oracle"])
+    assert back.grid.grid.snr == 60.0 and sorted(back.grids) == [15.0, 60.0]
+    np.testing.assert_allclose(back.grids[15.0].sd["oracle"], results[15.0].sd["oracle"])
     with pytest.raises(ValueError, match="SNRs"):
         grid_snrs([20, 0])
 

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from qmri_labels import load_results
 from qmri_labels.analysis import (
     GridSpec,
     evaluate_grid,
-    load_results,
     summarize,
     write_report,
 )
@@ -85,10 +85,10 @@ def test_write_report_and_load_back(report_dir, study):
     assert len(grid_table) == len(result.methods) * result.grid.n_points * 4
 
     loaded = load_results(report_dir)
-    assert loaded.methods == result.methods and loaded.config is None  # the study writes config files
+    assert loaded.methods == result.methods and loaded.config == {}  # the study writes config files
     pd.testing.assert_frame_equal(loaded.summary.reset_index(drop=True), summary, check_exact=False, rtol=1e-7)
-    np.testing.assert_allclose(loaded.result.sd["net-gt"], result.sd["net-gt"], rtol=1e-8)
-    assert loaded.comparisons is not None and set(loaded.comparisons["b"]) == {"net-gt", "net-hybrid-0.5"}
+    np.testing.assert_allclose(loaded.grid.sd["net-gt"], result.sd["net-gt"], rtol=1e-8)
+    assert set(loaded.tables["comparisons"]["b"]) == {"net-gt", "net-hybrid-0.5"}
 
 
 def test_load_results_prefers_study_files(tmp_path, report_dir, study):
@@ -106,9 +106,9 @@ def test_load_results_prefers_study_files(tmp_path, report_dir, study):
 
 def test_bad_inputs(tmp_path, study):
     result, summary = study
-    with pytest.raises(ValueError, match="not a study results folder"):
+    with pytest.raises(FileNotFoundError, match="not a results folder"):
         load_results(tmp_path)
-    with pytest.raises(ValueError, match="not a results folder"):
+    with pytest.raises(FileNotFoundError, match="not a results folder"):
         load_results(tmp_path / "missing")
     with pytest.raises(ValueError, match="lacks columns"):
         write_report(tmp_path, result, summary.drop(columns=["mean_sd"]))

@@ -30,7 +30,7 @@ def test_a_folder_reads_back_by_name(tmp_path):
 
 
 def test_a_folder_without_a_manifest_is_refused(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+    with pytest.raises(FileNotFoundError, match="no manifest.json, summary.csv or grid.csv"):
         load_results(tmp_path)
 
 

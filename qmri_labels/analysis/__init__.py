@@ -46,9 +46,11 @@ from qmri_labels.data.grid import GridSpec
 
 _LAZY = {
     "write_report": "qmri_labels.analysis.report",
-    "load_results": "qmri_labels.analysis.report",
-    "StudyResults": "qmri_labels.analysis.report",
+    "read_grid_results": "qmri_labels.analysis.report",
     "plot_bias_sd_rmse": "qmri_labels.analysis.plots",
+    "alpha_sweep_table": "qmri_labels.analysis.plots",
+    "best_methods": "qmri_labels.analysis.report",
+    "compare_on_grid": "qmri_labels.analysis.stats",
     "plot_bias_quiver": "qmri_labels.analysis.plots",
     "plot_error_hist2d": "qmri_labels.analysis.plots",
     "plot_alpha_sweep": "qmri_labels.analysis.plots",

@@ -1,5 +1,5 @@
 """Study reports: ``report.md`` with tables and figures, ``grid.csv`` with per-point results,
-and :func:`load_results` to read a results folder back into Python.
+and :func:`read_grid_results` to rebuild the grid from them.
 
 Files of a results folder written here (every one atomically):
 
@@ -11,15 +11,14 @@ Files of a results folder written here (every one atomically):
 - ``spearman.csv``, ``comparisons.csv``: the correlation and paired-test tables;
 - ``figures/*.png`` (or ``.pdf``).
 
-``summary.csv``, the config and the manifest belong to the study command; :func:`load_results`
-reads them when present (``summary.csv`` is recomputed from ``grid.csv`` otherwise).
+``summary.csv``, the config and the manifest belong to the study command. A whole folder is read
+back by :func:`qmri_labels.load_results` (:mod:`qmri_labels.workflows.results`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,6 @@ SPEARMAN_CSV = "spearman.csv"
 COMPARISONS_CSV = "comparisons.csv"
 REPORT_MD = "report.md"
 FIGURES = "figures"
-CONFIG_NAMES = ("config.json", "config.yaml", "config.yml", "resolved_config.yaml", "resolved_config.json")
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -454,44 +452,8 @@ def _plain(obj):
     return obj
 
 
-@dataclass
-class StudyResults:
-    """A results folder read back by :func:`load_results`.
-
-    Attributes
-    ----------
-    folder : Path
-    summary : DataFrame
-        ``summary.csv`` if present, otherwise recomputed from the grid.
-    result : GridResult or None
-        From ``grid.csv`` + ``grid_spec.json`` (None if the folder has no grid).
-    config, manifest : dict or None
-    spearman, comparisons : DataFrame or None
-    """
-
-    folder: Path
-    summary: pd.DataFrame
-    result: GridResult | None = None
-    config: dict | None = None
-    manifest: dict | None = None
-    spearman: pd.DataFrame | None = None
-    comparisons: pd.DataFrame | None = None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def methods(self) -> list:
-        return list(dict.fromkeys(self.summary["method"]))
-
-
-def _read_mapping(path: Path):
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        return json.loads(text)
-    return yaml.safe_load(text)
-
-
-def load_results(folder) -> StudyResults:
-    """Read a study results folder (as written by the study command and :func:`write_report`).
+def read_grid_results(folder) -> dict[float, GridResult]:
+    """The evaluation grid of a results folder (``grid.csv`` + ``grid_spec.json``) by SNR.
 
     Parameters
     ----------
@@ -499,40 +461,21 @@ def load_results(folder) -> StudyResults:
 
     Returns
     -------
-    StudyResults
+    dict
+        ``{snr: GridResult}``, empty if the folder has no ``grid.csv``.
 
     Raises
     ------
     ValueError
-        If the folder has neither ``summary.csv`` nor ``grid.csv`` with ``grid_spec.json``.
+        If ``grid.csv`` is there without the ``grid_spec.json`` it needs.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a results folder")
-    result = None
-    if (folder / GRID_CSV).exists():
-        if not (folder / GRID_SPEC).exists():
-            raise ValueError(f"{folder}: {GRID_CSV} without {GRID_SPEC}; cannot rebuild the grid")
-        grid = GridSpec.from_dict(json.loads((folder / GRID_SPEC).read_text()))
-        frame = pd.read_csv(folder / GRID_CSV)
-        snrs = sorted(set(frame["snr"].astype(float))) if "snr" in frame else [grid.snr]
-        by_snr = {s: GridResult.from_frame(frame[frame["snr"] == s] if "snr" in frame else frame,
-                                           grid.replace(snr=s)) for s in snrs}
-        result = by_snr.get(grid.snr, by_snr[snrs[0]])
-    if (folder / SUMMARY_CSV).exists():
-        summary = pd.read_csv(folder / SUMMARY_CSV)
-    elif result is not None:
-        summary = summarize(result)
-    else:
-        raise ValueError(f"{folder}: no {SUMMARY_CSV} and no {GRID_CSV}; not a study results folder")
-    config = None
-    for name in CONFIG_NAMES:
-        if (folder / name).exists():
-            config = _read_mapping(folder / name)
-            break
-    manifest = _read_mapping(folder / "manifest.json") if (folder / "manifest.json").exists() else None
-    spearman = pd.read_csv(folder / SPEARMAN_CSV) if (folder / SPEARMAN_CSV).exists() else None
-    comparisons = pd.read_csv(folder / COMPARISONS_CSV) if (folder / COMPARISONS_CSV).exists() else None
-    extra = {"results_by_snr": by_snr} if result is not None and len(by_snr) > 1 else {}
-    return StudyResults(folder=folder, summary=summary, result=result, config=config, manifest=manifest,
-                        spearman=spearman, comparisons=comparisons, extra=extra)
+    if not (folder / GRID_CSV).exists():
+        return {}
+    if not (folder / GRID_SPEC).exists():
+        raise ValueError(f"{folder}: {GRID_CSV} without {GRID_SPEC}; cannot rebuild the grid")
+    grid = GridSpec.from_dict(json.loads((folder / GRID_SPEC).read_text()))
+    frame = pd.read_csv(folder / GRID_CSV)
+    snrs = sorted(set(frame["snr"].astype(float))) if "snr" in frame else [grid.snr]
+    return {s: GridResult.from_frame(frame[frame["snr"] == s] if "snr" in frame else frame, grid.replace(snr=s))
+            for s in snrs}

@@ -10,7 +10,11 @@ not need to know the folder's layout::
     result.summary                      # summary.csv as a DataFrame
     result.tables["comparisons"]        # any other table, read when first asked for
     result.figures["bias_sd_rmse"]      # path of a figure
+    result.grid                         # the evaluation grid rebuilt (GridResult), for the plots
     result.network("net-gt").predict(signals)
+
+A folder written by :func:`qmri_labels.analysis.write_report` alone (a grid, no study around it)
+reads back too: its manifest and config are then empty and its summary is computed from the grid.
 """
 
 from __future__ import annotations
@@ -18,12 +22,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
 import yaml
 
+from qmri_labels.analysis import GridResult, summarize
+from qmri_labels.analysis.report import read_grid_results
 from qmri_labels.estimators import NetworkEstimator
 
 __all__ = ["StudyResult", "load_results"]
@@ -53,7 +60,7 @@ class _Tables(Mapping):
         return f"tables({', '.join(sorted(self._paths))})"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class StudyResult:
     """What one study wrote, by name.
 
@@ -86,10 +93,33 @@ class StudyResult:
     networks: dict = field(repr=False)
     report: str = field(repr=False)
 
+    @cached_property
+    def grids(self) -> dict[float, GridResult]:
+        """The evaluation grid by SNR, rebuilt from ``grid.csv`` (empty if the study has none)."""
+        return read_grid_results(self.folder)
+
     @property
+    def grid(self) -> GridResult | None:
+        """The grid at the study's SNR (the first if several; None without a grid)."""
+        if not self.grids:
+            return None
+        first = self.grids[next(iter(self.grids))]
+        spec = json.loads((self.folder / "grid_spec.json").read_text())
+        return self.grids.get(float(spec.get("snr", first.grid.snr)), first)
+
+    @cached_property
     def summary(self) -> pd.DataFrame:
-        """``summary.csv``: one row per method and parameter (label studies) or per case."""
-        return self.tables["summary"]
+        """``summary.csv`` (one row per method and parameter), or computed from the grid."""
+        if "summary" in self.tables:
+            return self.tables["summary"]
+        if self.grid is not None:
+            return summarize(self.grid)
+        raise KeyError(f"{self.folder} has neither summary.csv nor grid.csv")
+
+    @property
+    def methods(self) -> list[str]:
+        """The methods compared, in the summary's order."""
+        return list(dict.fromkeys(self.summary["method"]))
 
     def network(self, name: str) -> NetworkEstimator:
         """The trained network ``name`` (a key of :attr:`networks`), loaded from its bundle."""
@@ -112,9 +142,9 @@ def load_results(folder) -> StudyResult:
     """
     folder = Path(folder)
     manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{folder} is not a study's results folder: it has no manifest.json")
-    manifest = json.loads(manifest_path.read_text())
+    if not any((folder / name).is_file() for name in ("manifest.json", "summary.csv", "grid.csv")):
+        raise FileNotFoundError(f"{folder} is not a results folder: it has no manifest.json, summary.csv or grid.csv")
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     config_path = folder / "config.yaml"
     config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
     config = config or {}
