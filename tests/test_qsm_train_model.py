@@ -42,8 +42,8 @@ def test_train_model_with_bfr_trains_on_the_methods_local_fields(bundles):
     net = QSMEstimator.load(vsharp_path)
     manifest = net.manifest_
     assert manifest["input_kind"] == net.input_kind_ == "bfr:vsharp"
-    assert manifest["train_spec"]["bfr"] == {"method": "vsharp", "max_radius": 8.0, "min_radius": 1.0, "step": 1.0,
-                                             "threshold": 0.05}
+    assert manifest["train_spec"]["bfr"] == {"method": "vsharp", "max_radius": "8vox", "min_radius": "1vox",
+                                             "step": "1vox", "threshold": 0.05}
     assert QSMEstimator.load(local_path).manifest_["input_kind"] == "local"
     # the training and held-out data are the V-SHARP sets of the same seeds: total field, background
     # removed, masks eroded, chi restricted to them

@@ -31,7 +31,12 @@ signature.
   (conjugate gradients on the 7-point Laplacian with the voxel size); the mask loses its
   one-voxel boundary, where the local field is zero by construction.
 
-Defaults (radii in mm, thresholds, tolerances) are in each signature and in :data:`DEFAULTS`.
+Radii are in mm when given as numbers, or in voxels as a string ``"4vox"`` (4 times the largest
+voxel side; :func:`resolve_radius`). The defaults (:data:`DEFAULTS`) are in voxels, so that a
+method runs at its defaults at any voxel size and its sphere spans the same number of voxels: at
+1 mm they are the mm values they always were (SHARP and RESHARP 4 mm, V-SHARP 8 mm down to 1
+mm), at 2 mm twice those (a 1 mm sphere in 2 mm voxels holds one voxel and is refused). The
+other defaults (thresholds, tolerances) are in each signature and in :data:`DEFAULTS`.
 All convolutions are circular on the grid (zero-pad the volume first if the brain touches its
 edge). A background field has no mean to speak of, and neither does the local field: BFR results
 are defined up to a constant, so compare them after removing the mean over the eroded mask.
@@ -47,21 +52,42 @@ import torch
 from qmri_labels.physics.qsm import _check_voxel_size, _dipole_kernel_torch, _to_tensor
 
 __all__ = ["sharp", "vsharp", "resharp", "pdf", "lbv", "BFR_METHODS", "DEFAULTS", "bfr_record", "remove_background",
-           "remove_background_per_orientation", "sphere_kernel"]
+           "remove_background_per_orientation", "sphere_kernel", "resolve_radius", "common_eroded_mask"]
 
 _DIMS = (-3, -2, -1)
 
-#: documented default options of every method
+#: documented default options of every method (radii in voxels of the largest side, see
+#: :func:`resolve_radius`)
 DEFAULTS: dict[str, dict] = {
-    "sharp": {"radius": 4.0, "threshold": 0.05},
-    "vsharp": {"max_radius": 8.0, "min_radius": 1.0, "step": 1.0, "threshold": 0.05},
-    "resharp": {"radius": 4.0, "lam": 1e-3, "max_iter": 200, "tol": 1e-5},
+    "sharp": {"radius": "4vox", "threshold": 0.05},
+    "vsharp": {"max_radius": "8vox", "min_radius": "1vox", "step": "1vox", "threshold": 0.05},
+    "resharp": {"radius": "4vox", "lam": 1e-3, "max_iter": 200, "tol": 1e-5},
     "pdf": {"max_iter": 200, "tol": 1e-5},
     "lbv": {"max_iter": 2000, "tol": 1e-6},
 }
 
 
 # -- shared pieces ----------------------------------------------------------------------------
+def resolve_radius(value, voxel_size, name: str = "radius") -> float:
+    """A radius in mm: a number is mm, a string ``"N vox"`` (or ``"Nvox"``, ``"N voxels"``) is N
+    times the largest side of ``voxel_size``. ValueError unless the result is a finite number > 0.
+    """
+    v = _check_voxel_size(voxel_size)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        for unit in ("voxels", "voxel", "vox"):
+            if text.endswith(unit):
+                try:
+                    mm = float(text[: -len(unit)]) * float(max(v))
+                except ValueError:
+                    break
+                _check_positive(**{name: mm})
+                return mm
+        raise ValueError(f"{name} must be a number of mm or a string like '4vox' (voxels), got {value!r}")
+    _check_positive(**{name: value})
+    return float(value)
+
+
 def _prepare(total_field, mask, voxel_size):
     f, was_tensor = _to_tensor(total_field, "total_field")
     if f.ndim < 3:
@@ -161,7 +187,7 @@ def _check_positive(**values):
 
 # -- methods ----------------------------------------------------------------------------------
 def sharp(total_field, mask, voxel_size: Sequence[float] = (1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), *,
-          radius: float = 4.0, threshold: float = 0.05):
+          radius: float | str = "4vox", threshold: float = 0.05):
     """SHARP background-field removal.
 
     Parameters
@@ -173,8 +199,9 @@ def sharp(total_field, mask, voxel_size: Sequence[float] = (1.0, 1.0, 1.0), b0_d
     voxel_size : (float, float, float)
         mm.
     b0_dir : unused (common signature).
-    radius : float
-        Sphere radius in mm (default 4); the mask is eroded by it.
+    radius : float or str
+        Sphere radius in mm, or in voxels (``"4vox"``, the default: 4 mm at 1 mm voxels); the
+        mask is eroded by it.
     threshold : float
         Truncation of the deconvolution ``1 / (1 - S)`` (default 0.05).
 
@@ -182,7 +209,8 @@ def sharp(total_field, mask, voxel_size: Sequence[float] = (1.0, 1.0, 1.0), b0_d
     -------
     local_field, eroded_mask
     """
-    _check_positive(radius=radius, threshold=threshold)
+    radius = resolve_radius(radius, voxel_size)
+    _check_positive(threshold=threshold)
     f, m, v, was_tensor = _prepare(total_field, mask, voxel_size)
     s = sphere_kernel(f.shape[-3:], v, radius, f.device, f.dtype)
     eroded = _erode(m, s)
@@ -192,18 +220,25 @@ def sharp(total_field, mask, voxel_size: Sequence[float] = (1.0, 1.0, 1.0), b0_d
 
 
 def vsharp(total_field, mask, voxel_size: Sequence[float] = (1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), *,
-           max_radius: float = 8.0, min_radius: float = 1.0, step: float = 1.0, threshold: float = 0.05):
-    """V-SHARP: SHARP with radii from ``max_radius`` down to ``min_radius`` (mm, ``step`` apart).
+           max_radius: float | str = "8vox", min_radius: float | str = "1vox", step: float | str = "1vox",
+           threshold: float = 0.05):
+    """V-SHARP: SHARP with radii from ``max_radius`` down to ``min_radius`` (``step`` apart).
 
     Each voxel takes the SMV-filtered field of the largest sphere that fits in the mask; the
     result is deconvolved with the largest kernel (truncated at ``threshold``) and is valid on
-    the mask eroded by ``min_radius`` (defaults: 8 mm to 1 mm in 1 mm steps, threshold 0.05).
+    the mask eroded by ``min_radius`` (defaults: 8 voxels down to 1 in steps of 1, i.e. 8 mm to
+    1 mm at 1 mm voxels; threshold 0.05). Radii are mm or voxels (:func:`resolve_radius`).
     """
-    _check_positive(max_radius=max_radius, min_radius=min_radius, step=step, threshold=threshold)
+    max_radius = resolve_radius(max_radius, voxel_size, "max_radius")
+    min_radius = resolve_radius(min_radius, voxel_size, "min_radius")
+    step = resolve_radius(step, voxel_size, "step")
+    _check_positive(threshold=threshold)
     if min_radius > max_radius:
         raise ValueError(f"min_radius ({min_radius}) must be <= max_radius ({max_radius})")
     f, m, v, was_tensor = _prepare(total_field, mask, voxel_size)
     radii = np.arange(float(max_radius), float(min_radius) - 1e-9, -float(step))
+    if radii[-1] > min_radius + 1e-9:  # the steps skipped min_radius: it is still the last (the erosion)
+        radii = np.append(radii, float(min_radius))
     high_pass = torch.zeros_like(f)
     filled = torch.zeros_like(m)
     s_max = None
@@ -221,14 +256,15 @@ def vsharp(total_field, mask, voxel_size: Sequence[float] = (1.0, 1.0, 1.0), b0_
 
 
 def resharp(total_field, mask, voxel_size: Sequence[float] = (1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), *,
-            radius: float = 4.0, lam: float = 1e-3, max_iter: int = 200, tol: float = 1e-5):
+            radius: float | str = "4vox", lam: float = 1e-3, max_iter: int = 200, tol: float = 1e-5):
     """RESHARP: ``argmin_fL ||M_r C (f - f_L)||^2 + lam ||f_L||^2``, ``C = delta - s_r``.
 
-    Solved by conjugate gradients on ``(C M_r C + lam) f_L = C M_r C f`` (defaults: radius 4 mm,
-    lam 1e-3, at most 200 iterations, relative residual 1e-5); valid on the mask eroded by
-    ``radius``.
+    Solved by conjugate gradients on ``(C M_r C + lam) f_L = C M_r C f`` (defaults: radius 4
+    voxels, lam 1e-3, at most 200 iterations, relative residual 1e-5); valid on the mask eroded by
+    ``radius`` (mm or voxels, :func:`resolve_radius`).
     """
-    _check_positive(radius=radius, lam=lam, tol=tol)
+    radius = resolve_radius(radius, voxel_size)
+    _check_positive(lam=lam, tol=tol)
     f, m, v, was_tensor = _prepare(total_field, mask, voxel_size)
     s = sphere_kernel(f.shape[-3:], v, radius, f.device, f.dtype)
     eroded = _erode(m, s)
@@ -349,3 +385,18 @@ def remove_background_per_orientation(method: str, fields, masks, voxel_size, or
         local.append(np.stack([loc * common for loc, _ in per]).astype(np.float32))
         eroded.append(common)
     return np.stack(local), np.stack(eroded)
+
+
+def common_eroded_mask(mask, voxel_size=(1.0, 1.0, 1.0), methods: Sequence[str] | None = None, **options_by_method):
+    """The voxels of ``mask`` that every method of ``methods`` (default all) keeps, each at its
+    defaults (or at ``options_by_method[name]``, a dict): where methods can be compared.
+
+    The eroded masks depend on the mask only, so each method runs on a zero field.
+    """
+    mask = np.asarray(mask) != 0
+    common = mask.copy()
+    zero = np.zeros(mask.shape, np.float32)
+    for name in methods or BFR_METHODS:
+        _, eroded = remove_background(name, zero, mask, voxel_size, **options_by_method.get(name, {}))
+        common &= eroded
+    return common

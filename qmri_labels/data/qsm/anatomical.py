@@ -12,7 +12,7 @@ for realism, 2 mm for quick runs; the grid is ``shape`` voxels of ``voxel_size``
 * veins: the superior sagittal, straight and transverse sinuses, the internal cerebral veins
   and a few cortical veins;
 * optionally a calcification (a small strongly diamagnetic sphere) and a haemorrhage;
-* outside the brain (:attr:`AnatomicalHead.background`): a CSF/meningeal gap, the skull, the
+* outside the brain (:attr:`AnatomicalHead.background`): a CSF/meningeal gap of 2-3.5 mm, the skull, the
   scalp, air, and air-filled frontal and sphenoid sinuses and mastoid cells a few mm from the
   brain (never touching it), with smooth (Gaussian, 1 mm) transitions.
 
@@ -30,7 +30,7 @@ age. Skull -2.1 and air +9.2 relative to tissue, as in the challenge phantom. Th
 approximate literature figures, not one study's table.
 
 Per head, everything else varies too: the head's size (per axis), orientation (pitch up to
-10 degrees, roll and yaw up to 5) and position (up to 5 mm), each structure's position (1-3
+10 degrees, roll and yaw up to 5) and position (up to 5 mm; 3 front-back), each structure's position (1-3
 mm), size (+-15 %) and tilt, ventricle size (x 0.7-1.6), cortical folding, skull thickness,
 sinus size and distance from the brain, and a smooth texture (0.01 ppm) on top of the region
 values; so every seed gives another head. The brain's chi has zero mean over the brain mask
@@ -190,9 +190,9 @@ def make_anatomical_head(
     # Every random number is drawn here, in a fixed order, before anything is painted.
     size = u01(0.97, 1.05) * u01(0.98, 1.02, size=3)
     angles = (u01(-10, 10), u01(-5, 5), u01(-5, 5))
-    shift = (u01(-5, 5), u01(-5, 5), u01(-5, 5) + 8.0)  # the brain sits above the grid centre
-    semi_brain = np.array([74.0, 82.0, 60.0])
-    bumps = [(rng.normal(0, 1, 3) / 90.0, u01(0, 2 * np.pi), u01(0.01, 0.025)) for _ in range(4)]
+    shift = (u01(-5, 5), u01(-3, 3), u01(-5, 5) + 8.0)  # the brain sits above the grid centre
+    semi_brain = np.array([75.0, 80.0, 60.0])
+    bumps = [(rng.normal(0, 1, 3) / 90.0, u01(0, 2 * np.pi), u01(0.005, 0.015)) for _ in range(4)]
     folds = [(rng.normal(0, 1, 3), u01(0, 2 * np.pi)) for _ in range(3)]
     fold_wavelength = u01(22.0, 30.0)
     cortex = u01(2.5, 3.5)
@@ -224,7 +224,7 @@ def make_anatomical_head(
     for centre, semi in (((0, -8, -2), (1.5, 12, 7)), ((0, -40, -30), (5, 4, 6))):
         c, s, t = jitter(centre, semi, 1.0, 4.0)
         ventricles.append((c, s * np.array([ventricle_scale, 1.0, 1.0]), t))
-    cerebellum = jitter((0, -52, -36), (50, 30, 22), 2.0, 4.0)
+    cerebellum = jitter((0, -50, -36), (48, 26, 21), 2.0, 4.0)
     brainstem = jitter((0, -18, -46), (12, 13, 30), 1.5, 4.0)
     sinus_radius = u01(3.0, 4.0)
     cortical_veins = [(rng.normal(0, 1, 3), rng.normal(0, 1, 3), u01(20, 40), u01(0.8, 1.4))
@@ -232,7 +232,7 @@ def make_anatomical_head(
     has_calc, has_haem = u01() < calcification, u01() < haemorrhage
     calc_at = (u01(-30, 30), u01(-20, 30), u01(-5, 25), u01(1.5, 3.0))
     haem_at = (u01(-45, 45), u01(-40, 40), u01(0, 35), u01(4.0, 8.0))
-    csf_gap, skull, scalp = u01(1.5, 3.0), u01(5.0, 8.0), u01(4.0, 7.0)
+    csf_gap, skull, scalp = u01(2.0, 3.5), u01(5.0, 8.0), u01(4.0, 7.0)
     sinus_gap = u01(3.0, 6.0)
     air_cells = [jitter(c, s, 3.0, 8.0) for c, s in (((0, 88, -22), (14, 7, 11)), ((0, 20, -68), (12, 12, 9)),
                                                       ((-50, -30, -45), (9, 11, 11)), ((50, -30, -45), (9, 11, 11)))]
