@@ -1,6 +1,7 @@
 """Analysis beyond RMSE: evaluation grids, bias/SD/sensitivity summaries, calibration of reported
 uncertainty (coverage, CRPS, reliability), the Cramer-Rao floor,
-paired statistics, image metrics for QSM (NRMSE, SSIM, HFEN, PSNR), figures and reports.
+paired statistics, image metrics for QSM (NRMSE, SSIM, HFEN, PSNR) and the QSM challenge's scores
+(:mod:`~qmri_labels.analysis.qsm_challenge`), figures and reports.
 
 Plotting and reporting (:mod:`~qmri_labels.analysis.plots`, :mod:`~qmri_labels.analysis.report`)
 import matplotlib only when first used.
@@ -36,6 +37,7 @@ from qmri_labels.analysis.metrics import (
     spearman_table,
     summarize,
 )
+from qmri_labels.analysis.qsm_challenge import challenge_metrics, visible_error
 from qmri_labels.analysis.stats import (
     bonferroni,
     paired_comparisons,
@@ -66,6 +68,8 @@ def __getattr__(name):
 
 
 __all__ = [
+    "challenge_metrics",
+    "visible_error",
     "GridResult",
     "GridSpec",
     "evaluate_grid",
