@@ -51,14 +51,12 @@ np.save("truth.npy", theta)
 LOAD_BUNDLES = r"""
 import json, sys
 import qmri_labels
-from qmri_labels.estimators import ESTIMATOR_KIND, NetworkEstimator, QSMEstimator
-from qmri_labels.estimators.bundle import read_manifest
+from qmri_labels.estimators import load
 from qmri_labels.paths import models_dir
 
 loaded = {}
 for folder in sorted(p for p in models_dir().iterdir() if p.is_dir()):
-    kind = read_manifest(folder)["kind"]
-    estimator = (NetworkEstimator if kind == ESTIMATOR_KIND else QSMEstimator).load(folder)
+    estimator = load(folder)
     loaded[folder.name] = type(estimator).__name__
 print(json.dumps({"package": qmri_labels.__file__, "models_dir": str(models_dir()), "loaded": loaded}))
 """

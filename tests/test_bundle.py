@@ -1,18 +1,31 @@
+import hashlib
 import json
 import os
 
+import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
+from qmri_labels.estimators import NetworkEstimator, QSMEstimator, load
 from qmri_labels.estimators.bundle import (
     MANIFEST_FILE,
     SAFETENSORS_FILE,
+    build_manifest,
+    estimator_manifest,
     load_bundle,
-    package_versions,
+    manifest_kind,
     read_manifest,
     save_bundle,
+    save_estimator,
     verify_bundle,
 )
+from qmri_labels.paths import models_dir
+from qmri_labels.provenance import package_versions
+
+SHIPPED = sorted(p for p in models_dir().iterdir() if (p / MANIFEST_FILE).is_file())
+#: what every estimator bundle's manifest holds, whatever its kind
+CORE_KEYS = {"kind", "params", "network", "versions", "device", "format", "format_version", "created", "weights"}
 
 
 @pytest.fixture()
@@ -142,3 +155,73 @@ def test_bundle_files_are_readable_like_ordinary_files(tmp_path, state):
         os.umask(mask)
     assert (path.stat().st_mode & 0o777) == 0o755
     assert ((path / SAFETENSORS_FILE).stat().st_mode & 0o777) == 0o644
+
+
+# -- one layout for every estimator bundle ---------------------------------------------------
+
+def _shipped(kind: str):
+    return next(p for p in SHIPPED if manifest_kind(read_manifest(p)) == kind)
+
+
+def test_shipped_bundles_load_byte_for_byte_the_same_weights():
+    assert {manifest_kind(read_manifest(p)) for p in SHIPPED} == {"qmri_labels.NetworkEstimator",
+                                                                 "qmri_labels.QSMEstimator"}
+    for path in SHIPPED:
+        raw = (path / SAFETENSORS_FILE).read_bytes()
+        # the shipped files are read, never rewritten: their checksums are those recorded
+        assert hashlib.sha256(raw).hexdigest() == json.loads((path / MANIFEST_FILE).read_text())["weights"]["sha256"]
+        estimator = load(path)
+        expected = safetensors.torch.load(raw)
+        state = estimator.network_.state_dict()
+        assert state.keys() == expected.keys()
+        for key, value in expected.items():
+            assert state[key].dtype == value.dtype and state[key].numpy().tobytes() == value.numpy().tobytes(), key
+        # the loaded manifest is in the one layout, whichever format version wrote it
+        assert CORE_KEYS <= set(estimator.manifest_) and "training_config" not in estimator.manifest_
+        assert estimator.manifest_["kind"] == "qmri_labels." + type(estimator).__name__
+
+
+def test_network_and_qsm_bundles_share_one_layout(tmp_path):
+    network = load(_shipped("qmri_labels.NetworkEstimator"))
+    qsm = load(_shipped("qmri_labels.QSMEstimator"))
+    manifests = {}
+    for name, estimator in (("network", network), ("qsm", qsm)):
+        path = estimator.save(tmp_path / name)
+        manifests[name] = json.loads((path / MANIFEST_FILE).read_text())
+        manifest = manifests[name]
+        assert CORE_KEYS <= set(manifest) and manifest["format_version"] == 2
+        assert manifest["kind"] == "qmri_labels." + type(estimator).__name__
+        assert not {"training_config", "unet", "estimator"} & set(manifest)
+        again = type(estimator).load(path)
+        assert again.get_params() == estimator.get_params()
+        for key, value in estimator.network_.state_dict().items():
+            assert torch.equal(again.network_.state_dict()[key], value), key
+    assert manifests["network"]["params"]["label"] == network.label
+    assert manifests["qsm"]["params"]["inputs"] == list(qsm.inputs)
+    assert manifests["qsm"]["network"] == qsm.manifest_["network"]
+    signals = np.linspace(0.2, 1.0, 10)[None].repeat(3, 0)
+    np.testing.assert_array_equal(load(tmp_path / "network").predict(signals), network.predict(signals))
+
+
+def test_a_version_1_manifest_reads_into_the_layout():
+    old = {"kind": "qsm_unet", "estimator": "QSMEstimator", "params": {"seed": 1}, "unet": {"levels": 2},
+           "history": []}
+    assert estimator_manifest(old) == {"kind": "qmri_labels.QSMEstimator", "params": {"seed": 1},
+                                       "network": {"levels": 2}, "history": []}
+    assert estimator_manifest({"kind": "qmri_labels.NetworkEstimator", "training_config": {"label": "gt"},
+                               "network": {}})["params"] == {"label": "gt"}
+
+
+def test_one_save_function_keeps_the_layout(tmp_path):
+    network = load(_shipped("qmri_labels.NetworkEstimator"))
+    # an older manifest carried over as extra entries cannot change kind, params or network
+    manifest = network.manifest(extra={"kind": "qsm_unet", "training_config": {"label": "self"}, "note": 1})
+    assert manifest["kind"] == "qmri_labels.NetworkEstimator" and manifest["params"]["label"] == network.label
+    assert "training_config" not in manifest and manifest["note"] == 1
+    with pytest.raises(ValueError, match="kind qmri_labels.NetworkEstimator"):
+        save_estimator(network, tmp_path / "bad", build_manifest(QSMEstimator, {}, {}, {}))
+    with pytest.raises(ValueError, match="not a qmri_labels.QSMEstimator"):
+        QSMEstimator.load(save_estimator(network, tmp_path / "net", manifest))
+    with pytest.raises(ValueError, match="kind 'unet'"):
+        load(save_bundle(tmp_path / "other", {"w": torch.zeros(1)}, {"kind": "unet"}))
+    assert isinstance(NetworkEstimator.load(tmp_path / "net"), NetworkEstimator)

@@ -66,7 +66,7 @@ def test_bundle_saved_by_rank_0_predicts_like_every_rank(ddp_run):
     pred = loaded.predict(dataset.signals[: ddp_train.N_PREDICT])
     for rank in range(2):
         np.testing.assert_array_equal(pred, np.load(out / f"rank{rank}_pred.npy"))
-    assert loaded.manifest_["training_config"]["strategy"] == "ddp"
+    assert loaded.manifest_["params"]["strategy"] == "ddp"
 
 
 def test_save_on_a_rank_other_than_0_writes_nothing(tmp_path):

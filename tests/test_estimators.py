@@ -80,7 +80,7 @@ def test_save_load_round_trip_identical_predictions(tmp_path, tiny, mle_params):
     assert loaded.normalisation_ == est.normalisation_ and loaded.train_fingerprint_ == tiny.fingerprint
     assert loaded.metrics_ == {"rmse_f": 0.1} and loaded.method_name == "net-hybrid-0.3"
     manifest = json.loads((path / MANIFEST_FILE).read_text())
-    for key in ("training_config", "network", "normalisation", "data", "versions", "device", "determinism",
+    for key in ("kind", "params", "network", "normalisation", "data", "versions", "device", "determinism",
                 "metrics", "weights"):
         assert key in manifest
     assert manifest["loss_weights"] == {"gt": 0.7, "mle": 0.3, "self": 0.0}

@@ -121,8 +121,8 @@ def test_bundle_round_trip_identical_predictions_and_sds(name, request, data, tm
         assert len(manifest["training"]["members"]) == 2
     else:
         assert manifest["network"]["kind"] == est.uncertainty
-    assert manifest["training_config"]["uncertainty"] == est.uncertainty
-    assert manifest["training_config"]["n_members"] == est.n_members
+    assert manifest["params"]["uncertainty"] == est.uncertainty
+    assert manifest["params"]["n_members"] == est.n_members
     back = NetworkEstimator.load(path)
     assert back.get_params() == est.get_params()
     p0, s0 = est.predict(data.signals[:40], return_sd=True)

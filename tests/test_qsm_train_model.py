@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from qmri_labels.data.qsm import QSMPhantomSet, QSMPhantomSpec
+from qmri_labels.estimators.bundle import manifest_kind
 from qmri_labels.paths import models_dir
+
+QSM_KIND = "qmri_labels.QSMEstimator"
 
 #: a few seconds: 20^3 heads, a 2-level U-Net with 2 channels, 2 epochs of 2 patches
 TINY = {"phantom": {"shape": [20, 20, 20]}, "n_train": 2, "n_val": 1, "n_test": 2,
@@ -133,7 +136,7 @@ def test_phantom_set_bfr_record_is_checked_kept_and_fingerprinted(tmp_path):
 
 def test_shipped_qsm_manifests_record_rerunnable_commands():
     bundles = [p for p in sorted(models_dir().iterdir()) if (p / "manifest.json").is_file()]
-    qsm = [p for p in bundles if json.loads((p / "manifest.json").read_text())["kind"] == "qsm_unet"]
+    qsm = [p for p in bundles if manifest_kind(json.loads((p / "manifest.json").read_text())) == QSM_KIND]
     assert qsm
     for path in qsm:
         manifest = json.loads((path / "manifest.json").read_text())

@@ -127,7 +127,8 @@ def test_predict_patches_and_save_load(data, tmp_path):
     np.testing.assert_allclose(batch[0], whole, atol=1e-6)
     path = est.save(tmp_path / "net", extra={"note": "test"})
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["kind"] == "qsm_unet" and manifest["train_fingerprint"] == train.fingerprint
+    assert manifest["kind"] == "qmri_labels.QSMEstimator" and manifest["train_fingerprint"] == train.fingerprint
+    assert manifest["network"]["levels"] == 2 and manifest["params"]["label"] == "gt"
     assert manifest["normalisation"]["chi_scale"] > 0 and manifest["note"] == "test"
     back = QSMEstimator.load(path)
     np.testing.assert_array_equal(back.predict(val.field[0]), whole)

@@ -31,7 +31,7 @@ from qmri_labels.cli.common import (
     read_mask,
 )
 from qmri_labels.data.io import load_nifti, sha256_file, write_mat
-from qmri_labels.estimators import QSMEstimator, read_manifest
+from qmri_labels.estimators import QSMEstimator, estimator_kind, manifest_kind, read_manifest
 from qmri_labels.fitting import bfr, qsm_inversion
 from qmri_labels.maps import find_bundle
 from qmri_labels.maps.derivatives import chi_map_name, chi_sd_map_name, write_dataset_description, write_map
@@ -311,10 +311,11 @@ def invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshol
 
 def _load_qsm_network(bundle: Path, estimator_class, device):
     try:
-        kind = read_manifest(bundle).get("kind")
+        manifest = read_manifest(bundle)
     except ValueError:
-        kind = None
-    if kind is not None and kind != "qsm_unet":
+        manifest = {}
+    kind = manifest.get("kind")
+    if kind is not None and manifest_kind(manifest) != estimator_kind(estimator_class):
         raise InputError(f"--estimator {bundle}: is a model bundle of kind {kind!r}, not a QSM U-Net")
     try:
         return estimator_class.load(bundle, device=str(device))

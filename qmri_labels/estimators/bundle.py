@@ -11,8 +11,19 @@ deserialised, so a tampered, truncated or incomplete bundle is refused with a ``
 that names the problem. Writing goes to a temporary sibling folder that is renamed into
 place, so an existing bundle is never left half overwritten.
 
-The format is generic (a ``state_dict`` and a JSON-serialisable manifest); estimators and
-workflows put their own keys into the manifest.
+The container is generic (a ``state_dict`` and a JSON-serialisable manifest). An estimator's
+bundle is written by :func:`save_estimator` and read by :func:`load_estimator`, one layout for
+every estimator kind::
+
+    kind      "qmri_labels.<class name>" (e.g. "qmri_labels.QSMEstimator")
+    params    the constructor's arguments (what the estimator is rebuilt from)
+    network   the architecture the weights belong to
+    versions, device, format, format_version, created, weights
+    ...       what the estimator records besides (normalisation, data, training, metrics)
+
+Bundles of format version 1 spelled some of this per kind (``qsm_unet``, ``training_config``,
+``unet``); they are read as they are (their files are never rewritten), and
+:func:`estimator_manifest` gives every manifest in the layout above.
 """
 
 from __future__ import annotations
@@ -25,14 +36,24 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 
 from qmri_labels.fileio import atomic_dir, atomic_write_bytes, to_jsonable
 from qmri_labels.provenance import device_info, package_versions
 
 BUNDLE_FORMAT = "qmri_labels.bundle"
-BUNDLE_VERSION = 1
+#: 2: one estimator layout (kind, params, network) for every estimator
+BUNDLE_VERSION = 2
+#: format versions this version reads
+READABLE_VERSIONS = (1, 2)
+#: an estimator bundle's kind: this prefix and the estimator's class name
+KIND_PREFIX = "qmri_labels."
+#: where the estimator classes live whose names make the kinds
+ESTIMATORS_PACKAGE = "qmri_labels.estimators."
+#: kinds of format version 1 outside that scheme
+LEGACY_KINDS = {"qsm_unet": "qmri_labels.QSMEstimator"}
+#: keys of format version 1 that hold what ``params`` / ``network`` hold now
+LEGACY_KEYS = {"training_config": "params", "unet": "network"}
 MANIFEST_FILE = "manifest.json"
 SAFETENSORS_FILE = "weights.safetensors"
 TORCH_FILE = "weights.pt"
@@ -104,7 +125,6 @@ def save_bundle(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],
     return path
 
 
-
 def read_manifest(path: str | os.PathLike) -> dict:
     """Read and check a bundle's manifest (no weights are read)."""
     path = Path(path)
@@ -121,9 +141,9 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise ValueError(f"model bundle {path}: {MANIFEST_FILE} is not valid JSON ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"model bundle {path}: {MANIFEST_FILE} is not a {BUNDLE_FORMAT} manifest")
-    if manifest.get("format_version") != BUNDLE_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(f"model bundle {path}: format version {manifest.get('format_version')!r}, "
-                         f"this version reads {BUNDLE_VERSION}")
+                         f"this version reads {' and '.join(map(str, READABLE_VERSIONS))}")
     weights = manifest.get("weights")
     if not isinstance(weights, dict) or not {"file", "format", "sha256", "bytes"} <= set(weights):
         raise ValueError(f"model bundle {path}: manifest lacks the weights entry (file, format, sha256, bytes)")
@@ -182,3 +202,98 @@ def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu
     if expected is not None and {k: list(v.shape) for k, v in state.items()} != expected:
         raise ValueError(f"model bundle {path}: tensor names/shapes differ from the manifest")
     return state, manifest
+
+
+# -- estimator bundles ------------------------------------------------------------------------
+
+def estimator_kind(estimator_class: type) -> str:
+    """The bundle kind of an estimator class: ``"qmri_labels.<class name>"`` of the toolkit's
+    class it is or derives from (a subclass reads and writes its parent's bundles)."""
+    for cls in estimator_class.__mro__:
+        if cls.__module__.startswith(ESTIMATORS_PACKAGE) and cls.__name__.endswith("Estimator") \
+                and cls.__name__ != "BaseEstimator":
+            return KIND_PREFIX + cls.__name__
+    raise TypeError(f"{estimator_class.__name__} is not an estimator of {ESTIMATORS_PACKAGE}")
+
+
+def manifest_kind(manifest: Mapping) -> str | None:
+    """The kind of a bundle's manifest in the current scheme (``None``: not an estimator's)."""
+    kind = manifest.get("kind")
+    return LEGACY_KINDS.get(kind, kind)
+
+
+def estimator_manifest(manifest: Mapping) -> dict:
+    """A manifest in the one estimator layout, whatever format version wrote it.
+
+    Format version 1's per-kind spellings are read into ``kind``, ``params`` and ``network``;
+    everything else is kept as it is.
+    """
+    out = dict(manifest)
+    out["kind"] = manifest_kind(manifest)
+    for old, new in LEGACY_KEYS.items():
+        if old in out and new not in out:
+            out[new] = out.pop(old)
+    out.pop("estimator", None)  # version 1's second name of the QSM kind
+    return out
+
+
+def build_manifest(estimator_class: type, params: Mapping, network: Mapping, record: Mapping,
+                   extra: Mapping | None = None) -> dict:
+    """An estimator's manifest in the one layout.
+
+    Parameters
+    ----------
+    estimator_class : type
+        Gives the ``kind``.
+    params : mapping
+        The constructor's arguments as JSON types.
+    network : mapping
+        The architecture the weights belong to.
+    record : mapping
+        What the estimator records besides (normalisation, data, training, metrics, ...).
+    extra : mapping or None
+        Further entries from the caller (e.g. a workflow's command); they may replace entries of
+        ``record`` but not ``kind``, ``params`` or ``network`` (a version 1 spelling of those,
+        carried over from an older manifest, is dropped).
+
+    Returns
+    -------
+    dict
+    """
+    extra = {k: v for k, v in dict(extra or {}).items() if k not in LEGACY_KEYS and k != "estimator"}
+    return {**dict(record), **extra, "kind": estimator_kind(estimator_class), "params": dict(params),
+            "network": dict(network)}
+
+
+def save_estimator(estimator, path: str | os.PathLike, manifest: Mapping, *, overwrite: bool = True) -> Path:
+    """Write a fitted estimator's bundle: ``estimator.network_``'s weights and ``manifest``
+    (made by :func:`build_manifest`).
+
+    After a distributed fit only rank 0 writes (every rank holds the same weights); the other
+    ranks return the path without touching it.
+    """
+    if getattr(estimator, "global_rank_", 0) != 0:
+        return Path(path)
+    kind = estimator_kind(type(estimator))
+    if manifest.get("kind") != kind or not {"params", "network"} <= set(manifest):
+        raise ValueError(f"a {kind} bundle needs a manifest of kind {kind} with params and network "
+                         f"(build_manifest), got kind {manifest.get('kind')!r}")
+    return save_bundle(path, estimator.network_.state_dict(), manifest, overwrite=overwrite)
+
+
+def load_estimator(estimator_class: type, path: str | os.PathLike,
+                   map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """Read the bundle of an ``estimator_class`` (checksum verified before the weights are read).
+
+    Returns
+    -------
+    state_dict : dict of str to Tensor
+    manifest : dict
+        In the one layout (:func:`estimator_manifest`).
+    """
+    kind = estimator_kind(estimator_class)
+    found = read_manifest(path).get("kind")
+    if LEGACY_KINDS.get(found, found) != kind:
+        raise ValueError(f"{path} is a bundle of kind {found!r}, not a {kind}")
+    state, manifest = load_bundle(path, map_location)
+    return state, estimator_manifest(manifest)

@@ -18,26 +18,18 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from qmri_labels.data.preprocessing import for_training_signals
 from qmri_labels.estimators.base import BaseEstimator, as_signals
-from qmri_labels.estimators.bundle import load_bundle, save_bundle
-from qmri_labels.estimators.network_design import (
-    DESIGN_PRESETS,
-    check_settings,
-    network_config,
-    network_from_config,
-    new_network,
-)
+from qmri_labels.estimators.bundle import build_manifest, estimator_kind, load_estimator, save_estimator
+from qmri_labels.estimators.network_design import DESIGN_PRESETS, check_settings, network_config, new_network
+from qmri_labels.estimators.network_record import json_params, network_record, restore_fitted
 from qmri_labels.estimators.network_training import train_one, training_data
-from qmri_labels.data.preprocessing import for_training_signals, from_manifest
-from qmri_labels.fileio import to_jsonable
 from qmri_labels.nets.ensemble import DeepEnsemble, combine_members, members_of
 from qmri_labels.nets.heteroscedastic import HeteroscedasticNet
 from qmri_labels.physics import get_model
-from qmri_labels.provenance import device_info, package_versions
+from qmri_labels.provenance import device_info
 from qmri_labels.training import ParameterNormalisation, method_name
 from qmri_labels.training.likelihood_losses import signal_space_sd
-
-ESTIMATOR_KIND = "qmri_labels.NetworkEstimator"
 
 
 class NetworkEstimator(BaseEstimator):
@@ -452,53 +444,13 @@ class NetworkEstimator(BaseEstimator):
     # -- persistence -------------------------------------------------------------------------
     def training_config(self) -> dict:
         """Hyperparameters as plain JSON types (what :meth:`load` rebuilds the estimator from)."""
-        params = self.get_params()
-        if params["output_bounds"] is not None and not isinstance(params["output_bounds"], str):
-            params["output_bounds"] = np.asarray(params["output_bounds"], float).tolist()
-        if params["weights"] is not None:
-            params["weights"] = dict(params["weights"])
-        if params["mle_options"] is not None:
-            params["mle_options"] = dict(params["mle_options"])
-        for key in ("devices", "strategy", "precision"):
-            if not isinstance(params[key], (str, int, float, bool, list, type(None))):
-                params[key] = str(params[key])
-        return params
+        return json_params(self.get_params())
 
     def manifest(self, metrics: Mapping | None = None, extra: Mapping | None = None) -> dict:
-        """The bundle manifest of this fitted network."""
+        """The bundle manifest of this fitted network (see :mod:`qmri_labels.estimators.bundle`)."""
         self._check_fitted()
-        manifest = {
-            "kind": ESTIMATOR_KIND,
-            "method": self.method_name,
-            "model": self.model_name_,
-            "protocol": self.protocol_,
-            "param_names": self.param_names_,
-            "network": network_config(self.network_),
-            "normalisation": self.normalisation_,
-            "preprocessing": getattr(self, "preprocessing_", None) or from_manifest(None)[0].to_dict(),
-            "loss_weights": self.loss_weights_,
-            "training_config": self.training_config(),
-            "data": {"train_fingerprint": self.train_fingerprint_, "train_spec": self.train_spec_,
-                     "n_train": self.n_train_, "n_val": self.n_val_, "n_excluded": self.n_excluded_,
-                     "mle_labels": self.mle_labels_},
-            "training": {"best_epoch": self.best_epoch_, "best_val_loss": self.best_val_loss_,
-                         "n_epochs": self.n_epochs_, "fit_seconds": self.fit_seconds_, "seeds": self.seeds_,
-                         "history": self.history_},
-            "device": self.device_,
-            "determinism": {"deterministic": bool(self.deterministic), "precision": str(self.precision)},
-            "versions": package_versions(),
-            "metrics": dict(metrics or getattr(self, "metrics_", {}) or {}),
-        }
-        if getattr(self, "uncertainty_", None) and (self.uncertainty_["kind"] is not None
-                                                    or self.uncertainty_["n_members"] > 1):
-            manifest["uncertainty"] = dict(self.uncertainty_)
-        if getattr(self, "members_training_", None):
-            manifest["training"]["members"] = self.members_training_
-        if getattr(self, "tuning_", None) is not None:
-            manifest["tuning"] = to_jsonable(self.tuning_)
-        if extra:
-            manifest.update(extra)
-        return manifest
+        return build_manifest(type(self), self.training_config(), network_config(self.network_),
+                              network_record(self, metrics), extra)
 
     def save(self, path, metrics: Mapping | None = None, extra: Mapping | None = None, overwrite: bool = True) -> Path:
         """Write a model bundle folder (weights + manifest with SHA-256); see :mod:`qmri_labels.estimators.bundle`.
@@ -508,53 +460,20 @@ class NetworkEstimator(BaseEstimator):
         """
         if getattr(self, "global_rank_", 0) != 0:
             return Path(path)
-        return save_bundle(path, self.network_.state_dict(), self.manifest(metrics, extra), overwrite=overwrite)
+        return save_estimator(self, path, self.manifest(metrics, extra), overwrite=overwrite)
 
     @classmethod
     def load(cls, path) -> "NetworkEstimator":
         """Load a bundle written by :meth:`save`; the checksum is verified before reading weights."""
-        state, manifest = load_bundle(path)
-        if manifest.get("kind") != ESTIMATOR_KIND:
-            raise ValueError(f"{path} is a bundle of kind {manifest.get('kind')!r}, not a {ESTIMATOR_KIND}")
+        state, manifest = load_estimator(cls, path)
         try:
-            config = dict(manifest["training_config"])
-            net_cfg = dict(manifest["network"])
             names = cls._param_names()
-            estimator = cls(**{k: v for k, v in config.items() if k in names})
-            network = network_from_config(net_cfg)
-            network.load_state_dict(state, strict=True)
-        except (KeyError, TypeError, RuntimeError) as exc:
+            estimator = cls(**{k: v for k, v in manifest["params"].items() if k in names})
+        except (KeyError, TypeError) as exc:
             raise ValueError(f"{path}: bundle manifest/weights do not describe a network ({exc})") from exc
-        estimator.network_ = network.eval()
-        estimator.model_name_ = manifest["model"]
-        estimator.protocol_ = list(manifest["protocol"])
-        estimator.param_names_ = list(manifest["param_names"])
-        estimator.normalisation_ = manifest["normalisation"]
-        estimator.loss_weights_ = manifest["loss_weights"]
-        data, training = manifest.get("data", {}), manifest.get("training", {})
-        estimator.train_fingerprint_ = data.get("train_fingerprint")
-        estimator.train_spec_ = data.get("train_spec")
-        estimator.n_train_ = data.get("n_train")
-        estimator.n_val_ = data.get("n_val")
-        estimator.n_excluded_ = data.get("n_excluded")
-        estimator.mle_labels_ = data.get("mle_labels")
-        estimator.history_ = training.get("history", [])
-        estimator.best_epoch_ = training.get("best_epoch")
-        estimator.best_val_loss_ = training.get("best_val_loss")
-        estimator.n_epochs_ = training.get("n_epochs")
-        estimator.fit_seconds_ = training.get("fit_seconds")
-        estimator.seeds_ = training.get("seeds")
-        if "uncertainty" in manifest:
-            estimator.uncertainty_ = dict(manifest["uncertainty"])
-        if "members" in training:
-            estimator.members_training_ = list(training["members"])
-        estimator.device_ = manifest.get("device")
-        estimator.metrics_ = manifest.get("metrics", {})
-        estimator.manifest_ = manifest
-        estimator.preprocessing_ = from_manifest(manifest)[0].to_dict()
-        if "tuning" in manifest:
-            estimator.tuning_ = manifest["tuning"]
-        if get_model(estimator.model_name_).param_names != tuple(estimator.param_names_):
-            raise ValueError(f"{path}: parameter names {estimator.param_names_} do not match model "
-                             f"{estimator.model_name_!r}")
+        restore_fitted(estimator, state, manifest, path)
         return estimator
+
+
+#: the bundle kind of a voxel-wise network
+ESTIMATOR_KIND = estimator_kind(NetworkEstimator)

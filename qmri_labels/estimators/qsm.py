@@ -25,7 +25,7 @@ import torch
 
 from qmri_labels.data.qsm import QSMPhantomSet
 from qmri_labels.estimators.base import BaseEstimator
-from qmri_labels.estimators.bundle import load_bundle, read_manifest, save_bundle
+from qmri_labels.estimators.bundle import build_manifest, load_estimator, save_estimator
 from qmri_labels.estimators.qsm_training import train_member
 from qmri_labels.fitting.qsm_inversion import TV_DEFAULT_LAMBDA, cosmos, tkd, tv
 from qmri_labels.nets.ensemble import DeepEnsemble, check_n_members, combine_members, members_of
@@ -431,6 +431,7 @@ class QSMEstimator(BaseEstimator):
 
     # -- persistence -----------------------------------------------------------------------
     def manifest(self, extra: Mapping[str, Any] | None = None) -> dict:
+        """The bundle manifest of this fitted network (see :mod:`qmri_labels.estimators.bundle`)."""
         self._check_fitted()
         params = self.get_params()
         params["checkpoint_path"] = None if params["checkpoint_path"] is None else str(params["checkpoint_path"])
@@ -438,13 +439,7 @@ class QSMEstimator(BaseEstimator):
         for key in ("devices", "strategy"):
             if not isinstance(params[key], (str, int, float, bool, list, type(None))):
                 params[key] = str(params[key])
-        out = {
-            "kind": "qsm_unet",
-            "estimator": "QSMEstimator",
-            "params": params,
-            # the architecture of every member (an ensemble's weights are saved under
-            # ``members.<k>.`` prefixes, DeepEnsemble's state_dict)
-            "unet": self._members()[0].config.to_dict(),
+        record = {
             "normalisation": self.normalisation_.to_dict(),
             "voxel_size": list(self.voxel_size_),
             "b0_dir": list(self.b0_dir_),
@@ -460,10 +455,10 @@ class QSMEstimator(BaseEstimator):
             "world_size": int(getattr(self, "world_size_", 1)),
         }
         if getattr(self, "members_training_", None):
-            out["ensemble"] = {"n_members": len(self._members()), "members": self.members_training_}
-        if extra:
-            out.update(extra)
-        return out
+            record["ensemble"] = {"n_members": len(self._members()), "members": self.members_training_}
+        # the architecture of every member (an ensemble's weights are saved under
+        # ``members.<k>.`` prefixes, DeepEnsemble's state_dict)
+        return build_manifest(type(self), params, self._members()[0].config.to_dict(), record, extra)
 
     def save(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
         """Write the network and its manifest as a model bundle folder (atomically).
@@ -473,16 +468,12 @@ class QSMEstimator(BaseEstimator):
         """
         if getattr(self, "global_rank_", 0) != 0:
             return Path(path)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.network_.state_dict().items()}
-        return save_bundle(path, state, self.manifest(extra))
+        return save_estimator(self, path, self.manifest(extra))
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> "QSMEstimator":
         """Load a bundle written by :meth:`save` (checksum verified, no code executed)."""
-        manifest = read_manifest(path)
-        if manifest.get("kind") != "qsm_unet":
-            raise ValueError(f"{path} is not a QSM U-Net bundle (kind={manifest.get('kind')!r})")
-        state, manifest = load_bundle(path)
+        state, manifest = load_estimator(cls, path)
         params = dict(manifest["params"])
         params["inputs"] = tuple(params["inputs"])
         if device is not None:
@@ -490,7 +481,7 @@ class QSMEstimator(BaseEstimator):
         est = cls(**params)
         # bundles written before ensembles existed hold one network (n_members absent: 1)
         n_members = check_n_members(params.get("n_members", 1))
-        config = UNet3DConfig.from_dict(manifest["unet"])
+        config = UNet3DConfig.from_dict(manifest["network"])
         net = UNet3D(config) if n_members == 1 else DeepEnsemble([UNet3D(config) for _ in range(n_members)])
         net.load_state_dict(state)
         est.network_ = net.eval()
