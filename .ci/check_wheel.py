@@ -106,7 +106,7 @@ def main() -> int:
             if f"qmri_labels/studies/{study}.yaml" not in names:
                 fail(f"the wheel lacks the named study {study}")
         for model in models:
-            for file in ("manifest.json", "weights.safetensors"):
+            for file in ("manifest.json", "weights.safetensors", "MODEL_CARD.md"):
                 if f"qmri_labels/models/{model}/{file}" not in names:
                     fail(f"the wheel lacks qmri_labels/models/{model}/{file}")
         if not any(n.endswith("LICENSE") for n in names):

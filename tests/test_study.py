@@ -189,6 +189,7 @@ def test_export_networks_as_shipped_bundles(tiny_run, tmp_path):
     signals = np.random.default_rng(0).uniform(0.2, 1.1, size=(50, 10)).astype(np.float32)
     np.testing.assert_array_equal(original.predict(signals), copied.predict(signals))
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == sorted(p.name for p in written)
+    assert "training prior" in (written[0] / "MODEL_CARD.md").read_text()  # shipped with its card
 
 
 def test_figure_format_is_checked():

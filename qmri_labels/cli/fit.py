@@ -17,6 +17,9 @@ QSM (dipole inversion of a local field map in ppm)::
         [--estimator tkd|tikhonov|tv|NAME|PATH] [--bfr METHOD] [--b0-dir 0,0,1] [--mat] \\
         [--uncertainty] --out chi/
 
+``qmri-fit --list-models`` lists the shipped networks (their model, protocol, SNR, training
+label and prior, held-out figures); ``--version`` prints the toolkit's version.
+
 The command is a thin layer: diffusion maps come from :func:`qmri_labels.maps.fit_volume`
 (via :func:`qmri_labels.cli.fit_dwi.map_scan`), QSM from :mod:`qmri_labels.cli.fit_qsm`; the
 noise level from :mod:`qmri_labels.fitting.noise`; file names and sidecars from
@@ -65,12 +68,30 @@ import sys
 import time
 from pathlib import Path
 
+from qmri_labels import __version__
 from qmri_labels.cli import fit_cohort, fit_dwi, fit_qsm
 from qmri_labels.cli.common import InputError, check_device, check_out_holds_no_input, write_manifest
 from qmri_labels.fileio import atomic_dir
 from qmri_labels.log import add_verbosity_flags, configure_cli_logging
 
 logger = logging.getLogger("qmri_labels")
+
+
+class ListModels(argparse.Action):
+    """``--list-models``: print the shipped networks and exit (no other option needed)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from qmri_labels.estimators.shipped import format_models, list_models
+
+        try:
+            text = format_models(list_models())
+        except ValueError as exc:
+            parser.exit(1, f"qmri_labels.fit: error: {exc}\n")
+        print(text)
+        parser.exit(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", choices=fit_dwi.DWI_MODELS + ("qsm",), default=None,
                         help="signal model (default: ivim, or the network's model; qsm with --field)")
     parser.add_argument("--estimator", default=None,
-                        help="diffusion: 'mle' (default), the name of a shipped network, or a bundle "
-                             "folder; QSM: 'tkd' (default), 'tikhonov', a network name or folder")
+                        help="diffusion: 'mle' (default), the name of a shipped network (--list-models), or a "
+                             "bundle folder; QSM: 'tkd' (default), 'tikhonov', a network name or folder")
     parser.add_argument("--uncertainty", action="store_true",
                         help="also write the standard deviation of every map beside it (the map's name with "
                              "desc-sd): diffusion, the MLE's Fisher standard error at the estimate (NaN at a bound "
@@ -105,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace an existing output folder; with --cohort, map every scan of the shard again "
                              "even where a verified result exists")
     add_verbosity_flags(parser)
+    parser.add_argument("--list-models", action=ListModels,
+                        help="list the shipped networks (model, protocol, SNR, label, training prior, held-out "
+                             "figures) and exit; any of their names goes to --estimator")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 

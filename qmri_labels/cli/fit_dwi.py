@@ -19,7 +19,7 @@ from qmri_labels.data.io import sha256_file
 from qmri_labels.maps import SD_REASON_CODES, STATUS_CODES, UncertaintyNotSupported, fit_volume, load_dwi
 from qmri_labels.maps.derivatives import write_dataset_description, write_parameter_maps
 from qmri_labels.maps.qc import write_qc_figure
-from qmri_labels.physics import get_model
+from qmri_labels.physics import display_unit, get_model
 
 logger = logging.getLogger("qmri_labels")
 
@@ -93,7 +93,7 @@ def map_scan(dwi_path: Path, bval_path: Path, out_dir: Path, *, bvec_path: Path 
     outputs = write_parameter_maps(out_dir, maps, prefix, dwi.affine, dwi.header, inputs=checksums,
                                    extra={"NoiseModel": noise if maps.estimator["kind"] == "mle" else None})
     qc_name = f"{prefix}_qc.png"
-    labels = [f"{n} [{maps.units[n]}]" if n != "S0" else "S0" for n in maps.param_names]
+    labels = [f"{n} [{display_unit(maps.units[n])}]" if n != "S0" else "S0" for n in maps.param_names]
     write_qc_figure(out_dir / qc_name, {label: maps.params[..., i] for i, label in enumerate(labels)},
                     title=f"{Path(dwi_path).name}: {maps.model} by {maps.estimator.get('name')}",
                     voxel_size=dwi.voxel_size)

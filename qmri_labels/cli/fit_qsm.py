@@ -32,8 +32,8 @@ from qmri_labels.cli.common import (
 )
 from qmri_labels.data.io import load_nifti, sha256_file, write_mat
 from qmri_labels.estimators import QSMEstimator, estimator_kind, manifest_kind, read_manifest
+from qmri_labels.estimators.shipped import find_bundle
 from qmri_labels.fitting import bfr, qsm_inversion
-from qmri_labels.maps import find_bundle
 from qmri_labels.maps.derivatives import chi_map_name, chi_sd_map_name, write_dataset_description, write_map
 from qmri_labels.maps.qc import write_qc_figure
 from qmri_labels.training.qsm import check_input_kind

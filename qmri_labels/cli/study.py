@@ -44,7 +44,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from qmri_labels import paths
+from qmri_labels import __version__, paths
 from qmri_labels.fileio import deep_merge
 from qmri_labels.log import add_verbosity_flags, configure_cli_logging
 from qmri_labels.workflows import KINDS
@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="results folder (default: runs/<name>-<timestamp>)")
     add_verbosity_flags(parser)
     parser.add_argument("--list", action="store_true", help="list the named configurations and exit")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
@@ -329,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                            "host": platform.node(), "cwd": os.getcwd()}
     _write(manifest_path, json.dumps(to_jsonable(manifest), indent=2, sort_keys=True) + "\n")
 
+    if args.quiet:  # quiet: warnings and errors only, which go to stderr
+        return 0
     text = result.get("summary_text")
     print()
     if text:

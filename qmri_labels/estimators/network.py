@@ -23,6 +23,7 @@ from qmri_labels.estimators.base import BaseEstimator, as_signals
 from qmri_labels.estimators.bundle import build_manifest, estimator_kind, load_estimator, save_estimator
 from qmri_labels.estimators.network_design import DESIGN_PRESETS, check_settings, network_config, new_network
 from qmri_labels.estimators.network_record import json_params, network_record, restore_fitted
+from qmri_labels.estimators.shipped import bundle_path
 from qmri_labels.estimators.network_training import train_one, training_data
 from qmri_labels.nets.ensemble import DeepEnsemble, combine_members, members_of
 from qmri_labels.nets.heteroscedastic import HeteroscedasticNet
@@ -464,7 +465,9 @@ class NetworkEstimator(BaseEstimator):
 
     @classmethod
     def load(cls, path) -> "NetworkEstimator":
-        """Load a bundle written by :meth:`save`; the checksum is verified before reading weights."""
+        """Load a bundle written by :meth:`save`, from its folder or by the name of a shipped
+        network (``qmri-fit --list-models``); the checksum is verified before reading weights."""
+        path = bundle_path(path)
         state, manifest = load_estimator(cls, path)
         try:
             names = cls._param_names()

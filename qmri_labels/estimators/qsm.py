@@ -26,6 +26,7 @@ import torch
 from qmri_labels.data.qsm import QSMPhantomSet
 from qmri_labels.estimators.base import BaseEstimator
 from qmri_labels.estimators.bundle import build_manifest, load_estimator, save_estimator
+from qmri_labels.estimators.shipped import bundle_path
 from qmri_labels.estimators.qsm_training import train_member
 from qmri_labels.fitting.qsm_inversion import TV_DEFAULT_LAMBDA, cosmos, tkd, tv
 from qmri_labels.nets.ensemble import DeepEnsemble, check_n_members, combine_members, members_of
@@ -472,7 +473,9 @@ class QSMEstimator(BaseEstimator):
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> "QSMEstimator":
-        """Load a bundle written by :meth:`save` (checksum verified, no code executed)."""
+        """Load a bundle written by :meth:`save`, from its folder or by the name of a shipped
+        network (checksum verified, no code executed)."""
+        path = bundle_path(path)
         state, manifest = load_estimator(cls, path)
         params = dict(manifest["params"])
         params["inputs"] = tuple(params["inputs"])

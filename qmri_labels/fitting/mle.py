@@ -20,7 +20,7 @@ from qmri_labels.fitting.likelihood import NOISE_MODELS, full_nll
 from qmri_labels.fitting.lm import fit_chunk
 from qmri_labels.fitting.noise import sigma_from_repeats
 from qmri_labels.fitting.uncertainty import MLEUncertainty, fisher_uncertainty
-from qmri_labels.physics import SignalModel, get_model
+from qmri_labels.physics import SignalModel, display_unit, get_model
 
 #: version of the fitting algorithm: part of every cache key of fitted labels, raised whenever
 #: a change can move the estimates (starts, schedule, tolerances)
@@ -335,7 +335,7 @@ def _warn_on_bounds(model, params, lower, upper, scale_relative) -> None:
             share = float(hit.mean())
             if share > BOUND_WARNING_FRACTION:
                 warnings.warn(
-                    f"{name} sits on its {side} bound ({bound:g} {model.units[name]}) in {share:.0%} of voxels: "
+                    f"{name} sits on its {side} bound ({bound:g} {display_unit(model.units[name])}) in {share:.0%} of voxels: "
                     f"the bounds or the protocol's units ({model.protocol_name} in {model.protocol_unit}) "
                     f"probably do not suit the data of model {model.name!r}", UserWarning, stacklevel=3)
 

@@ -115,7 +115,8 @@ class QmriLabelsIVIM:
         if isinstance(self.estimator, str) and self.estimator == "mle":
             return MLEEstimator(model="ivim", noise=self.noise, bounds=self._bounds_in_our_order())
         if self._network is None:
-            from qmri_labels.maps import find_bundle, load_network
+            from qmri_labels.estimators.shipped import find_bundle
+            from qmri_labels.maps import load_network
 
             if isinstance(self.estimator, str):
                 self._network = load_network(find_bundle(self.estimator))

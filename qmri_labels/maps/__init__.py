@@ -11,10 +11,10 @@
 * :mod:`.qc`: the quick-look figure.
 """
 
-from qmri_labels.maps.estimator import EstimatorPlan, find_bundle, load_network, match_protocol, resolve_estimator
+from qmri_labels.maps.estimator import EstimatorPlan, load_network, match_protocol, resolve_estimator
 from qmri_labels.maps.loading import load_dwi
 from qmri_labels.maps.result import SD_REASON_CODES, STATUS_CODES, Maps
 from qmri_labels.maps.volume import UncertaintyNotSupported, fit_volume
 
-__all__ = ["EstimatorPlan", "Maps", "SD_REASON_CODES", "STATUS_CODES", "UncertaintyNotSupported", "find_bundle",
+__all__ = ["EstimatorPlan", "Maps", "SD_REASON_CODES", "STATUS_CODES", "UncertaintyNotSupported",
            "fit_volume", "load_dwi", "load_network", "match_protocol", "resolve_estimator"]

@@ -31,6 +31,7 @@ import numpy as np
 from qmri_labels.data.io import save_nifti
 from qmri_labels.fileio import write_json
 from qmri_labels.maps.result import STATUS_CODES
+from qmri_labels.physics import display_unit
 
 BIDS_VERSION = "1.9.0"
 _ENTITY = re.compile(r"^[A-Za-z0-9]+$")
@@ -121,8 +122,8 @@ def write_parameter_maps(folder: Path, maps, prefix: str, affine, header, *, inp
         written = write_map(folder, file_name, maps[name], affine, header,
                             {**common, "Parameter": name, "Units": unit,
                              "Description": f"{name} map; 0 outside the mask, NaN where not estimated"},
-                            description=f"qmri_labels {maps.model} {name} [{unit}]")
-        outputs[written[0]] = f"{name} map ({unit}), float32; 0 outside the mask, NaN where not estimated"
+                            description=f"qmri_labels {maps.model} {name} [{display_unit(unit)}]")
+        outputs[written[0]] = f"{name} map ({display_unit(unit)}), float32; 0 outside the mask, NaN where not estimated"
         outputs[written[1]] = f"sidecar of {written[0]}"
         if maps.sd is not None:
             outputs.update(_write_sd_map(folder, maps, name, prefix, affine, header, common))
@@ -155,7 +156,7 @@ def _write_sd_map(folder: Path, maps, name: str, prefix: str, affine, header, co
                          "Description": f"standard deviation of the {name} estimate; 0 outside the mask, NaN where "
                                         "there is no number (see NaNReasons)",
                          "NaNReasons": missing},
-                        description=f"qmri_labels {maps.model} sd({name}) [{unit}]")
-    return {written[0]: f"standard deviation of {name} ({unit}), float32; 0 outside the mask, NaN where none "
+                        description=f"qmri_labels {maps.model} sd({name}) [{display_unit(unit)}]")
+    return {written[0]: f"standard deviation of {name} ({display_unit(unit)}), float32; 0 outside the mask, NaN where none "
                         "(reasons counted in the sidecar)",
             written[1]: f"sidecar of {written[0]}"}

@@ -28,7 +28,7 @@ import numpy as np
 from qmri_labels.data.io import sha256_file
 from qmri_labels.data.preprocessing import SignalPreprocessing, from_manifest
 from qmri_labels.estimators import ESTIMATOR_KIND, MLEEstimator, NetworkEstimator, clone, read_manifest
-from qmri_labels.paths import models_dir
+from qmri_labels.estimators.shipped import find_bundle
 
 #: what an object needs to map a scan (``predict(signals, device=..., return_sd=...)`` among them)
 CONTRACT = ("predict", "model_name", "param_names", "protocol", "reports_sd")
@@ -76,25 +76,6 @@ class EstimatorPlan:
         if not self.fits_scan_protocol:
             return self.estimator
         return clone(self.estimator).set_params(protocol=bvalues, sigma=sigma)
-
-
-def find_bundle(name: str | os.PathLike) -> Path:
-    """A bundle folder from a path, or from the name of a shipped network (``models_dir()``)."""
-    candidate = Path(name)
-    if candidate.exists():
-        if not candidate.is_dir():
-            raise ValueError(f"estimator {name}: a network bundle is a folder (weights + manifest.json)")
-        return candidate
-    text = str(name)
-    if "/" not in text and os.sep not in text:
-        shipped = models_dir() / text
-        if shipped.is_dir():
-            return shipped
-        available = sorted(p.name for p in models_dir().glob("*") if (p / "manifest.json").exists()) \
-            if models_dir().is_dir() else []
-        raise ValueError(f"estimator {text}: not 'mle', not a folder, and not a network in {models_dir()} "
-                         f"(available: {', '.join(available) or 'none'})")
-    raise ValueError(f"estimator {text}: folder not found")
 
 
 def load_network(bundle: Path):

@@ -456,7 +456,8 @@ def shipped_name(method: str, prefix: str = "ivim_epstein_snr30_") -> str:
 
 def export_networks(run_dir: str | Path, dest: str | Path | None = None, prefix: str = "ivim_epstein_snr30_",
                     methods=None) -> list[Path]:
-    """Copy the verified network bundles of a study run into ``dest`` (default: ``models/``).
+    """Copy the verified network bundles of a study run into ``dest`` (default: ``models/``),
+    each with its model card (``MODEL_CARD.md``, made from its manifest).
 
     This is how the shipped networks were made::
 
@@ -467,6 +468,7 @@ def export_networks(run_dir: str | Path, dest: str | Path | None = None, prefix:
 
     from qmri_labels import paths
     from qmri_labels.estimators.bundle import verify_bundle
+    from qmri_labels.estimators.shipped import MODEL_CARD, model_card
     from qmri_labels.fileio import atomic_dir
 
     run_dir = Path(run_dir)
@@ -484,5 +486,6 @@ def export_networks(run_dir: str | Path, dest: str | Path | None = None, prefix:
         # the shipped folder is the complete old bundle or the complete new one, never half
         with atomic_dir(target, overwrite=True) as staging:
             shutil.copytree(source, staging, dirs_exist_ok=True)
+            (staging / MODEL_CARD).write_text(model_card(staging, name=target.name), encoding="utf-8")
         written.append(target)
     return written

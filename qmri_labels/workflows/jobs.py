@@ -58,6 +58,33 @@ def _timed(fn: Callable, args: tuple) -> tuple[Any, float]:
     return result, time.perf_counter() - t0
 
 
+class JobProgress:
+    """How far a batch of jobs is, and about how long the rest will take: the wall time so far
+    per finished job, times the jobs left (with several workers, wall time per job already
+    counts them working side by side).
+
+    Parameters
+    ----------
+    total : int
+        Jobs in the batch.
+    clock : callable
+        Seconds now (``time.perf_counter``; tests pass their own).
+    """
+
+    def __init__(self, total: int, clock: Callable[[], float] = time.perf_counter):
+        if int(total) != total or total < 1:
+            raise ValueError(f"total must be a positive integer, got {total!r}")
+        self.total, self.done, self._clock = int(total), 0, clock
+        self._start = clock()
+
+    def finished(self) -> str:
+        """Count one more finished job; ``"12 s elapsed, ~36 s left"`` (``"..., none left"`` at the end)."""
+        self.done = min(self.done + 1, self.total)
+        elapsed = self._clock() - self._start
+        left = elapsed / self.done * (self.total - self.done)
+        return f"{elapsed:.0f} s elapsed, " + (f"~{left:.0f} s left" if self.done < self.total else "none left")
+
+
 class JobRunner:
     """Run submitted jobs ``fn(*args)`` in this process (``workers=1``) or in a pool.
 

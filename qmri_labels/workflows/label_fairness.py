@@ -148,7 +148,8 @@ def train_designs(defaults: Mapping, train, mle_labels, tune_cfg: Mapping | None
     needs_mle : callable
         ``needs_mle(estimator)``: whether its loss reads the MLE labels.
     report : callable
-        ``report(message, detail=None)`` after each finished job.
+        ``report(message, detail=None)`` after each finished job; the message ends with the time
+        spent on these jobs and an estimate of the time they still need.
 
     Returns
     -------
@@ -157,11 +158,13 @@ def train_designs(defaults: Mapping, train, mle_labels, tune_cfg: Mapping | None
     tuning_records : dict of method name -> the search's record
     seconds : dict of ``tune_<name>`` / ``train_<name>`` -> seconds of that job
     """
-    from qmri_labels.workflows.jobs import JobRunner
+    from qmri_labels.workflows.jobs import JobProgress, JobRunner
 
     tuned_names = {name: f"{name}-tuned" for name in defaults} if tune_cfg else {}
     designs = {**defaults, **{tuned: None for tuned in tuned_names.values()}}
     fitted, records, seconds = {}, {}, {}
+    # a search per label, then every design (default and tuned) at every seed
+    progress = JobProgress(len(defaults) * (1 + 2 * n_seeds if tune_cfg else n_seeds))
 
     def submit_trainings(runner, named):
         for name, est in with_seeds(named, n_seeds, seed).items():
@@ -177,7 +180,7 @@ def train_designs(defaults: Mapping, train, mle_labels, tune_cfg: Mapping | None
                 design, record = result
                 default = record.get("default") or {}
                 report(f"tuned {name}: {record['n_trials']} trials ({record['criterion']}, {record['n_pruned']} "
-                       f"pruned), {took:.1f} s",
+                       f"pruned), {took:.1f} s; training {progress.finished()}",
                        f"      best {record['criterion']} {record['best_value']:.4g} "
                        f"(default {default.get(record['criterion'], float('nan')):.4g})")
                 records[name] = record
@@ -185,7 +188,7 @@ def train_designs(defaults: Mapping, train, mle_labels, tune_cfg: Mapping | None
                 submit_trainings(runner, {tuned_names[name]: design})
             else:
                 report(f"trained {name}: {result.n_epochs_} epochs, best epoch {result.best_epoch_}, "
-                       f"val loss {result.best_val_loss_:.4g}, {took:.1f} s")
+                       f"val loss {result.best_val_loss_:.4g}, {took:.1f} s; training {progress.finished()}")
                 fitted[name] = result
     order = [seed_name(name, k) for name in designs for k in range(n_seeds)]
     return (designs, {name: fitted[name] for name in order},

@@ -1,0 +1,113 @@
+"""What a user finds first: the shipped networks listed with what they were trained on, their
+model cards, a shipped name accepted everywhere, --version, a quiet --quiet, progress with the
+time left, and f's unit in words."""
+
+import json
+
+import numpy as np
+import pytest
+
+import qmri_labels
+from qmri_labels.cli import fit, study
+from qmri_labels.estimators import NetworkEstimator, QSMEstimator, verify_bundle
+from qmri_labels.estimators.shipped import MODEL_CARD, list_models, model_card
+from qmri_labels.paths import models_dir
+from qmri_labels.physics import display_unit
+from qmri_labels.workflows.jobs import JobProgress
+
+SHIPPED = sorted(p.name for p in models_dir().iterdir() if (p / "manifest.json").is_file())
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("QMRI_LABELS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def test_list_models_reads_every_shipped_manifest():
+    models = {m["name"]: m for m in list_models()}
+    assert sorted(models) == SHIPPED and len(SHIPPED) >= 5
+    for info in models.values():
+        for key in ("model", "protocol", "snr", "label", "prior", "heldout"):
+            assert info[key] and "?" not in info[key], (info["name"], key, info[key])
+    manifest = json.loads((models_dir() / "ivim_epstein_snr30_self" / "manifest.json").read_text())
+    self_net = models["ivim_epstein_snr30_self"]
+    assert f"f {manifest['metrics']['heldout']['rmse']['f']:.4g}" in self_net["heldout"]
+    assert "SNR 30" in self_net["snr"] and "self-supervised" in self_net["label"]
+    assert self_net["protocol"].startswith("b = 0, 10, 20, 30, 50, 80, 100, 200, 400, 800 s/mm^2")
+    assert "f 0.1-0.5" in self_net["prior"] and "D* D + (0.01-0.15) mm^2/s" in self_net["prior"]
+    assert "0.5 x GT + 0.5 x MLE" in models["ivim_epstein_snr30_hybrid0.5"]["label"]
+    assert self_net["units"]["f"] == "fraction"
+    qsm = models["qsm_unet_field-tv_residual_lrelu16"]
+    assert qsm["model"].startswith("qsm") and "NRMSE 18.57 %" in qsm["heldout"] and "tkd" in qsm["heldout"]
+
+
+def test_list_models_on_the_command_line_needs_no_other_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        fit.main(["--list-models"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for name in SHIPPED:
+        assert name in out
+    assert "training prior" in out and "held-out" in out and "RMSE f" in out
+
+
+@pytest.mark.parametrize("main", [fit.main, study.main], ids=["qmri-fit", "qmri-study"])
+def test_version_on_both_commands(main, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip().endswith(qmri_labels.__version__)
+
+
+def test_a_shipped_name_loads_as_on_the_command_line():
+    by_name = NetworkEstimator.load("ivim_epstein_snr30_self")
+    by_path = NetworkEstimator.load(models_dir() / "ivim_epstein_snr30_self")
+    signals = np.exp(-np.outer([0.5, 1.0], np.asarray(by_name.protocol) * 1e-3)).astype(np.float32)
+    np.testing.assert_array_equal(by_name.predict(signals), by_path.predict(signals))
+    assert QSMEstimator.load("qsm_unet_field-tv_residual_lrelu16").inputs == ("field", "tv")
+    with pytest.raises(ValueError):
+        NetworkEstimator.load("no_such_network")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_bundle_has_its_card_and_still_verifies(name):
+    folder = models_dir() / name
+    card = (folder / MODEL_CARD).read_text(encoding="utf-8")
+    # the card is exactly what its manifest gives today: regenerate with write_model_cards()
+    assert card == model_card(name)
+    verify_bundle(folder)  # the card beside the bundle leaves its checksum intact
+    info = {m["name"]: m for m in list_models()}[name]
+    assert info["heldout"] in card and info["label"] in card and f'load("{name}")' in card
+
+
+def test_quiet_prints_nothing_and_otherwise_progress_with_time_left(tmp_path, capsys):
+    argv = ["--config", "tiny_ivim", "--set", "labels=[gt, self]", "--set", "alpha=[]", "--n-train", "600",
+            "--set", "n_test=100"]
+    assert study.main(argv + ["--out", str(tmp_path / "quiet"), "--quiet"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.out == "" and "mean|bias|" not in quiet.err and "trained net-" not in quiet.err
+    assert study.main(argv + ["--out", str(tmp_path / "loud")]) == 0
+    out = capsys.readouterr().out
+    trained = [line for line in out.splitlines() if "] trained net-" in line]
+    assert len(trained) == 2
+    assert trained[0].endswith(" s left") and "elapsed" in trained[0]
+    assert trained[1].endswith("none left")
+    assert "f [fraction]" in out and "f [1]" not in out
+
+
+def test_job_progress_estimates_the_time_left():
+    now = [100.0]
+    progress = JobProgress(4, clock=lambda: now[0])
+    now[0] = 110.0
+    assert progress.finished() == "10 s elapsed, ~30 s left"
+    now[0] = 130.0
+    assert progress.finished() == "30 s elapsed, ~30 s left"
+    progress.finished()
+    now[0] = 160.0
+    assert progress.finished() == "60 s elapsed, none left"
+    with pytest.raises(ValueError):
+        JobProgress(0)
+
+
+def test_fraction_prints_in_words():
+    assert display_unit("1") == "fraction" and display_unit("mm^2/s") == "mm^2/s"
