@@ -35,6 +35,7 @@ _EXPORTS = {
     "NetworkEstimator": "qmri_labels.estimators",
     "QSMEstimator": "qmri_labels.estimators",
     "clone": "qmri_labels.estimators",
+    "list_models": "qmri_labels.estimators.shipped",
     "load_results": "qmri_labels.workflows.results",
     "StudyResult": "qmri_labels.workflows.results",
     "get_model": "qmri_labels.physics",

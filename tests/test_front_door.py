@@ -26,6 +26,7 @@ def private_cache(tmp_path_factory, monkeypatch):
 def test_list_models_reads_every_shipped_manifest():
     models = {m["name"]: m for m in list_models()}
     assert sorted(models) == SHIPPED and len(SHIPPED) >= 5
+    assert qmri_labels.list_models() == list(models.values())  # the public face has it too
     for info in models.values():
         for key in ("model", "protocol", "snr", "label", "prior", "heldout"):
             assert info[key] and "?" not in info[key], (info["name"], key, info[key])
