@@ -71,6 +71,9 @@ def test_significance_and_seed_spread_sentences():
                           "mean_diff": [0.004], "seed_spread": [0.001], "finding": [True]})
     text = one_sentence(study_findings(summary, seed_findings=found), "training seeds")
     assert "B has the lower SD than A (by 0.004, spread 0.001)" in text
+    text = one_sentence(study_findings(summary, seed_findings=found.assign(metric="abs(1 - sensitivity)", mean_diff=-0.2)),
+                        "training seeds")
+    assert "A keeps the sensitivity closer to 1 than B (by 0.2" in text
     text = one_sentence(study_findings(summary, seed_findings=found.assign(finding=False)), "training seeds")
     assert "no difference between the networks in f exceeds" in text
 

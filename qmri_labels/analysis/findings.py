@@ -18,9 +18,9 @@ import pandas as pd
 SENSITIVITY_TOLERANCE = 0.1
 #: summary column -> how a finding names it
 LOWEST = {"mean_abs_bias": "mean |bias|", "mean_sd": "SD", "rmse": "RMSE"}
-#: seed_findings metric -> how a finding names it
-SEED_METRIC_NAMES = {"mean_abs_bias": "mean |bias|", "mean_sd": "SD", "rmse": "RMSE",
-                     "abs(1 - sensitivity)": "distance of the sensitivity from 1"}
+#: seed_findings metric -> how a finding says that one method does better on it
+SEED_METRIC_PHRASES = {"mean_abs_bias": "has the lower mean |bias|", "mean_sd": "has the lower SD",
+                       "rmse": "has the lower RMSE", "abs(1 - sensitivity)": "keeps the sensitivity closer to 1"}
 
 
 def number(value) -> str:
@@ -142,8 +142,8 @@ def seed_sentence(seed_findings: pd.DataFrame, parameter: str) -> str | None:
     parts = []
     for _, row in kept.iterrows():
         lower, higher = (row["a"], row["b"]) if row["mean_diff"] < 0 else (row["b"], row["a"])
-        name = SEED_METRIC_NAMES.get(row["metric"], row["metric"])
-        parts.append(f"{lower} has the lower {name} than {higher} (by {number(abs(row['mean_diff']))}, "
+        phrase = SEED_METRIC_PHRASES.get(row["metric"], f"has the lower {row['metric']}")
+        parts.append(f"{lower} {phrase} than {higher} (by {number(abs(row['mean_diff']))}, "
                      f"spread {number(row['seed_spread'])})")
     return f"Over {n} training seeds, larger than the seed-to-seed spread in {parameter}: " + "; ".join(parts) + "."
 
