@@ -69,9 +69,8 @@ def test_bundle_saved_by_rank_0_predicts_like_every_rank(ddp_run):
     assert loaded.manifest_["params"]["strategy"] == "ddp"
 
 
-def test_save_on_a_rank_other_than_0_writes_nothing(tmp_path):
-    dataset = DatasetSpec(n=300, seed=2).generate()
-    est = NetworkEstimator(max_epochs=1, batch_size=64, accelerator="cpu", progress=False, num_threads=1).fit(dataset)
+def test_save_on_a_rank_other_than_0_writes_nothing(tmp_path, ivim_set, small_network):
+    est = small_network(max_epochs=1, batch_size=64).fit(ivim_set(n=300, seed=2))
     assert (est.global_rank_, est.world_size_) == (0, 1)
     est.global_rank_ = 1
     assert est.save(tmp_path / "b") == tmp_path / "b" and not (tmp_path / "b").exists()

@@ -4,25 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from qmri_labels.data import DatasetSpec
 from qmri_labels.estimators import MLEEstimator, NetworkEstimator, QSMEstimator, clone
 from qmri_labels.estimators.bundle import MANIFEST_FILE, SAFETENSORS_FILE, load_bundle
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return DatasetSpec(n=1000, seed=7).generate()
+def tiny(ivim_set):
+    return ivim_set(n=1000, seed=7)
 
 
 @pytest.fixture(scope="module")
 def mle_params(tiny):
     return MLEEstimator(sigma=tiny.spec.sigma, n_starts=1).fit(tiny).predict(tiny.signals)
-
-
-def net(**kwargs):
-    args = dict(max_epochs=2, batch_size=128, accelerator="cpu", devices=1, progress=False, num_threads=1)
-    args.update(kwargs)
-    return NetworkEstimator(**args)
 
 
 def test_mle_estimator_any_leading_shape(tiny):
@@ -39,8 +32,8 @@ def test_mle_estimator_any_leading_shape(tiny):
         est.predict(tiny.signals[:, :5])
 
 
-def test_fit_returns_self_and_sets_learned_attributes(tiny):
-    est = net()
+def test_fit_returns_self_and_sets_learned_attributes(tiny, small_network):
+    est = small_network()
     assert not hasattr(est, "network_")
     with pytest.raises(ValueError, match="not fitted"):
         est.predict(tiny.signals)
@@ -54,8 +47,8 @@ def test_fit_returns_self_and_sets_learned_attributes(tiny):
     assert est.normalisation_["source"] == "prior_support"
 
 
-def test_predict_any_leading_shape_within_bounds(tiny):
-    est = net().fit(tiny)
+def test_predict_any_leading_shape_within_bounds(tiny, small_network):
+    est = small_network().fit(tiny)
     flat = est.predict(tiny.signals[:24])
     shaped = est.predict(tiny.signals[:24].reshape(2, 3, 4, 10))
     assert shaped.shape == (2, 3, 4, 4)
@@ -68,8 +61,8 @@ def test_predict_any_leading_shape_within_bounds(tiny):
         est.predict(np.ones((3, 7)))
 
 
-def test_save_load_round_trip_identical_predictions(tmp_path, tiny, mle_params):
-    est = net(label="hybrid", alpha=0.3).fit(tiny, mle_labels=mle_params)
+def test_save_load_round_trip_identical_predictions(tmp_path, tiny, mle_params, small_network):
+    est = small_network(label="hybrid", alpha=0.3).fit(tiny, mle_labels=mle_params)
     path = est.save(tmp_path / "hybrid", metrics={"rmse_f": 0.1})
     loaded = NetworkEstimator.load(path)
     np.testing.assert_array_equal(loaded.predict(tiny.signals), est.predict(tiny.signals))
@@ -86,8 +79,8 @@ def test_save_load_round_trip_identical_predictions(tmp_path, tiny, mle_params):
     assert manifest["loss_weights"] == {"gt": 0.7, "mle": 0.3, "self": 0.0}
 
 
-def test_load_refuses_tampered_or_foreign_bundles(tmp_path, tiny):
-    est = net().fit(tiny)
+def test_load_refuses_tampered_or_foreign_bundles(tmp_path, tiny, small_network):
+    est = small_network().fit(tiny)
     path = est.save(tmp_path / "gt")
     data = bytearray((path / SAFETENSORS_FILE).read_bytes())
     data[-3] ^= 0xFF
@@ -103,24 +96,24 @@ def test_load_refuses_tampered_or_foreign_bundles(tmp_path, tiny):
     assert "body.0.weight" in state
 
 
-def test_mle_label_rows_with_failed_fits_are_left_out(tiny, mle_params):
+def test_mle_label_rows_with_failed_fits_are_left_out(tiny, mle_params, small_network):
     labels = mle_params.copy()
     labels[:50] = np.nan
-    est = net(label="mle").fit(tiny, mle_labels=labels)
+    est = small_network(label="mle").fit(tiny, mle_labels=labels)
     assert est.n_excluded_ == 50 and est.n_train_ + est.n_val_ == 950
     assert est.mle_labels_["n_excluded"] == 50
     with pytest.raises(ValueError, match="shape"):
-        net(label="mle").fit(tiny, mle_labels=labels[:10])
+        small_network(label="mle").fit(tiny, mle_labels=labels[:10])
 
 
-def test_mle_network_learns_mle_labels_not_truth(tiny, mle_params):
+def test_mle_network_learns_mle_labels_not_truth(tiny, mle_params, small_network):
     # fit to labels that are the truth shifted by +20 % of the prior range in f: the mle
     # network must follow the shift, the gt network must not
     shifted = tiny.theta_true.copy()
     shifted[:, 1] += 0.2 * (tiny.prior_support[1, 1] - tiny.prior_support[0, 1])
     kw = dict(max_epochs=15, lr=1e-2)
-    f_mle = net(label="mle", **kw).fit(tiny, mle_labels=shifted).predict(tiny.signals)[:, 1]
-    f_gt = net(label="gt", **kw).fit(tiny).predict(tiny.signals)[:, 1]
+    f_mle = small_network(label="mle", **kw).fit(tiny, mle_labels=shifted).predict(tiny.signals)[:, 1]
+    f_gt = small_network(label="gt", **kw).fit(tiny).predict(tiny.signals)[:, 1]
     assert np.mean(f_mle - f_gt) > 0.05
 
 
@@ -140,8 +133,8 @@ def test_sklearn_style_params(tiny):
 
 
 # --- design space, presets, fit(X, y) (issue 10) -------------------------------------------------
-def test_design_options_round_trip_through_a_bundle(tmp_path, tiny):
-    est = net(label="gt", parallel=True, batch_norm=True, dropout=0.1, bounds_margin=0.3, fit_s0=False,
+def test_design_options_round_trip_through_a_bundle(tmp_path, tiny, small_network):
+    est = small_network(label="gt", parallel=True, batch_norm=True, dropout=0.1, bounds_margin=0.3, fit_s0=False,
               hidden_layers=2, lr_schedule="plateau", weight_decay=1e-5, output_bounds="prior").fit(tiny)
     assert len(est.network_.body.subnets) == 4
     pred = est.predict(tiny.signals[:200])
@@ -161,11 +154,11 @@ def test_design_options_round_trip_through_a_bundle(tmp_path, tiny):
     ({"dropout": 1.5}, "dropout"), ({"bounds_margin": 2.0}, "bounds_margin"), ({"lr_schedule": "step"}, "lr_schedule"),
     ({"output_bounds": "box"}, "output_bounds"), ({"lr": 0.0}, "lr"), ({"weight_decay": -1.0}, "weight_decay"),
 ])
-def test_invalid_design_options_are_refused(tiny, kwargs, match):
+def test_invalid_design_options_are_refused(tiny, kwargs, match, small_network):
     with pytest.raises(ValueError, match=match):
-        net(**kwargs).fit(tiny)
+        small_network(**kwargs).fit(tiny)
     with pytest.raises(TypeError, match="batch_norm"):
-        net(batch_norm=1).fit(tiny)
+        small_network(batch_norm=1).fit(tiny)
     with pytest.raises(ValueError, match="preset"):
         NetworkEstimator.from_preset("deepivim")
 
@@ -176,40 +169,40 @@ def test_ivimnet_preset_builds_its_design():
     assert est.lr == 3e-5 and est.batch_size == 128 and est.max_epochs == 3 and est.label == "self"
 
 
-def test_fit_from_arrays_matches_fit_from_dataset(tiny):
+def test_fit_from_arrays_matches_fit_from_dataset(tiny, small_network):
     kw = dict(label="gt", max_epochs=2)
-    a = net(**kw).fit(tiny)
-    b = net(**kw).fit(tiny.signals, tiny.theta_true, protocol=tiny.protocol, bounds=tiny.prior_support)
+    a = small_network(**kw).fit(tiny)
+    b = small_network(**kw).fit(tiny.signals, tiny.theta_true, protocol=tiny.protocol, bounds=tiny.prior_support)
     np.testing.assert_array_equal(a.predict(tiny.signals[:100]), b.predict(tiny.signals[:100]))
     assert b.train_spec_["source"] == "arrays" and len(b.train_fingerprint_) == 64
 
 
-def test_fit_from_arrays_self_supervised_and_label_checks(tiny):
-    est = net(label="self").fit(tiny.signals, protocol=tiny.protocol)
+def test_fit_from_arrays_self_supervised_and_label_checks(tiny, small_network):
+    est = small_network(label="self").fit(tiny.signals, protocol=tiny.protocol)
     assert est.predict(tiny.signals[:3]).shape == (3, 4)
     with pytest.raises(ValueError, match="no labels"):
-        net(label="self").fit(tiny.signals, tiny.theta_true, protocol=tiny.protocol)
+        small_network(label="self").fit(tiny.signals, tiny.theta_true, protocol=tiny.protocol)
     with pytest.raises(ValueError, match="true parameters"):
-        net(label="gt").fit(tiny.signals, protocol=tiny.protocol)
+        small_network(label="gt").fit(tiny.signals, protocol=tiny.protocol)
     with pytest.raises(ValueError, match="dict"):
-        net(label="hybrid", alpha=0.5).fit(tiny.signals, tiny.theta_true, protocol=tiny.protocol)
+        small_network(label="hybrid", alpha=0.5).fit(tiny.signals, tiny.theta_true, protocol=tiny.protocol)
     with pytest.raises(ValueError, match="shape"):
-        net(label="gt").fit(tiny.signals, tiny.theta_true[:10], protocol=tiny.protocol)
+        small_network(label="gt").fit(tiny.signals, tiny.theta_true[:10], protocol=tiny.protocol)
     with pytest.raises(ValueError, match="protocol"):
-        net(label="self").fit(tiny.signals)
+        small_network(label="self").fit(tiny.signals)
 
 
-def test_fit_from_arrays_mle_labels_computed_or_given(tiny, mle_params):
-    given = net(label="hybrid", alpha=0.5).fit(tiny.signals, {"gt": tiny.theta_true, "mle": mle_params},
+def test_fit_from_arrays_mle_labels_computed_or_given(tiny, mle_params, small_network):
+    given = small_network(label="hybrid", alpha=0.5).fit(tiny.signals, {"gt": tiny.theta_true, "mle": mle_params},
                                                protocol=tiny.protocol, bounds=tiny.prior_support)
     assert given.mle_labels_["source"] == "given"
-    computed = net(label="mle", mle_options={"n_starts": 1}).fit(tiny.signals[:300], protocol=tiny.protocol,
+    computed = small_network(label="mle", mle_options={"n_starts": 1}).fit(tiny.signals[:300], protocol=tiny.protocol,
                                                                  sigma=tiny.spec.sigma)
     assert computed.mle_labels_["source"] == "computed"
 
 
-def test_warm_start_fine_tunes_a_loaded_network(tmp_path, tiny):
-    base = net(label="gt", max_epochs=1).fit(tiny)
+def test_warm_start_fine_tunes_a_loaded_network(tmp_path, tiny, small_network):
+    base = small_network(label="gt", max_epochs=1).fit(tiny)
     base.save(tmp_path / "base")
     loaded = NetworkEstimator.load(tmp_path / "base")
     before = loaded.predict(tiny.signals[:50])
@@ -217,26 +210,26 @@ def test_warm_start_fine_tunes_a_loaded_network(tmp_path, tiny):
     loaded.fit(tiny.signals, protocol=tiny.protocol)
     after = loaded.predict(tiny.signals[:50])
     # fine-tuned from the loaded weights: changed, but close (a fresh init would be far)
-    fresh = net(label="self", max_epochs=1, lr=1e-4, seed=3).fit(tiny.signals, protocol=tiny.protocol)
+    fresh = small_network(label="self", max_epochs=1, lr=1e-4, seed=3).fit(tiny.signals, protocol=tiny.protocol)
     assert not np.array_equal(before, after)
     assert np.abs(after - before).mean() < np.abs(fresh.predict(tiny.signals[:50]) - before).mean()
     with pytest.raises(ValueError, match="warm_start"):
         loaded.fit(tiny.signals[:, :8], protocol=tiny.protocol[:8])
 
 
-def test_dropout_networks_are_reproducible_whatever_ran_before(tiny):
+def test_dropout_networks_are_reproducible_whatever_ran_before(tiny, small_network):
     import torch
 
     kw = dict(label="self", dropout=0.2, batch_norm=True, max_epochs=1)
     torch.manual_seed(1)
-    a = net(**kw).fit(tiny).predict(tiny.signals[:100])
+    a = small_network(**kw).fit(tiny).predict(tiny.signals[:100])
     torch.manual_seed(2)
     torch.rand(1000)
     state = torch.get_rng_state()
-    b = net(**kw).fit(tiny).predict(tiny.signals[:100])
+    b = small_network(**kw).fit(tiny).predict(tiny.signals[:100])
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG state is untouched
     np.testing.assert_array_equal(a, b)
-    c = net(shuffle_seed=5, **kw).fit(tiny).predict(tiny.signals[:100])
+    c = small_network(shuffle_seed=5, **kw).fit(tiny).predict(tiny.signals[:100])
     assert not np.array_equal(a, c)
 
 
@@ -253,9 +246,9 @@ def test_get_params_set_params_round_trip():
         est.set_params(alphaa=0.1)
 
 
-def test_clone_is_unfitted_with_equal_params_and_independent(tiny):
+def test_clone_is_unfitted_with_equal_params_and_independent(tiny, small_network):
     options = {"noise": "rician"}
-    original = net(label="mle", mle_options=options).fit(tiny)
+    original = small_network(label="mle", mle_options=options).fit(tiny)
     weights = {k: v.clone() for k, v in original.network_.state_dict().items()}
     copy_ = clone(original)
     assert type(copy_) is NetworkEstimator and not hasattr(copy_, "network_")

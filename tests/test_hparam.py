@@ -11,17 +11,20 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+import scipy.stats
 import yaml
 from pathlib import Path
 
+from qmri_labels.data.registry import load_dataset
+from qmri_labels.estimators import NetworkEstimator
 from qmri_labels.paths import studies_dir
 from qmri_labels.workflows import hparam
+from qmri_labels.workflows.common import per_sample_l2
 
 
 @pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QMRI_LABELS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+def no_shared_storage(monkeypatch):
+    """Searches here make their own store unless a test names one."""
     monkeypatch.delenv(hparam.STORAGE_ENV, raising=False)
 
 
@@ -50,7 +53,14 @@ def test_search_picks_by_validation_and_compares_on_test(tmp_path):
         assert comparison.loc["tuned", key] == value
     assert comparison.loc["reference", "lr"] == 1e-3 and comparison.loc["reference", "hidden_layers"] == 3
     tt = result["ttest"]
-    assert tt["n"] == 256 and 0 <= tt["p_value"] <= 1
+    # the paired t-test, redone with scipy on the saved networks' per-sample errors on the test set
+    test = load_dataset("tiny_ivim_snr30", "test")
+    errors = {name: per_sample_l2(NetworkEstimator.load(out / "networks" / name).predict(test.signals), test,
+                                  ["f", "D", "Dstar"]) for name in ("tuned", "reference")}
+    assert tt["n"] == len(test) == 256
+    expected = scipy.stats.ttest_rel(errors["tuned"], errors["reference"])
+    assert tt["t"] == pytest.approx(expected.statistic, rel=1e-6)
+    assert tt["p_value"] == pytest.approx(expected.pvalue, rel=1e-6, abs=0)
     assert np.isclose(tt["mean_diff"], comparison.loc["tuned", "test_l2"] - comparison.loc["reference", "test_l2"])
     # n_trials is the study's budget: a rerun with a larger budget resumes and adds only the missing trial,
     # with other draws; the best is taken over all

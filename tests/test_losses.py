@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 import torch
 
-from qmri_labels.data import DatasetSpec
 from qmri_labels.physics import get_model
 from qmri_labels.training import (
     LabelLoss,
@@ -13,8 +12,8 @@ from qmri_labels.training import (
 
 
 @pytest.fixture(scope="module")
-def data():
-    ds = DatasetSpec(n=512, seed=3).generate()
+def data(ivim_set):
+    ds = ivim_set(n=512, seed=3)
     model = get_model("ivim")
     norm = ParameterNormalisation.from_support(ds.prior_support, model.param_names)
     g = torch.Generator().manual_seed(0)

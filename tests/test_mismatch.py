@@ -12,12 +12,6 @@ from qmri_labels.paths import studies_dir
 from qmri_labels.workflows import common, mismatch
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QMRI_LABELS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-
-
 def test_tiny_mismatch_by_name_from_the_study_command(tmp_path):
     from qmri_labels.cli import study
     from qmri_labels.estimators import NetworkEstimator

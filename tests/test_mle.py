@@ -12,8 +12,8 @@ B = np.array(EPSTEIN_BVALUES)
 
 
 @pytest.fixture(scope="module")
-def data():
-    return DatasetSpec(n=2000, seed=11, snr=30).generate()
+def data(ivim_set):
+    return ivim_set(n=2000, seed=11, snr=30)
 
 
 def test_fit_object_named_access_and_shapes(data):

@@ -22,34 +22,28 @@ from qmri_labels.estimators import MLEEstimator, NetworkEstimator
 
 
 @pytest.fixture(scope="module")
-def data():
-    return DatasetSpec(n=500, seed=11).generate()
-
-
-def net(**kwargs):
-    args = dict(max_epochs=2, batch_size=128, accelerator="cpu", devices=1, progress=False, num_threads=1, seed=3)
-    args.update(kwargs)
-    return NetworkEstimator(**args)
+def data(ivim_set):
+    return ivim_set(n=500, seed=11)
 
 
 @pytest.fixture(scope="module")
-def hetero_gt(data):
-    return net(label="gt", uncertainty="heteroscedastic").fit(data)
+def hetero_gt(data, small_network):
+    return small_network(seed=3, label="gt", uncertainty="heteroscedastic").fit(data)
 
 
 @pytest.fixture(scope="module")
-def hetero_self(data):
-    return net(label="self", uncertainty="heteroscedastic").fit(data)
+def hetero_self(data, small_network):
+    return small_network(seed=3, label="self", uncertainty="heteroscedastic").fit(data)
 
 
 @pytest.fixture(scope="module")
-def vh_gt(data):
-    return net(label="gt", uncertainty="variance_head").fit(data)
+def vh_gt(data, small_network):
+    return small_network(seed=3, label="gt", uncertainty="variance_head").fit(data)
 
 
 @pytest.fixture(scope="module")
-def ensemble(data):
-    return net(label="gt", n_members=2).fit(data)
+def ensemble(data, small_network):
+    return small_network(seed=3, label="gt", n_members=2).fit(data)
 
 
 def _weights(est):
@@ -140,15 +134,15 @@ def test_same_seed_same_weights_and_clone(hetero_gt, ensemble, data):
     assert NetworkEstimator(**ensemble.get_params()).n_members == 2
 
 
-def test_invalid_combinations_are_refused(data, hetero_gt):
+def test_invalid_combinations_are_refused(data, hetero_gt, small_network):
     for bad in (0, -1, 1.5, True, "2", None):
         with pytest.raises(ValueError, match="n_members"):
-            net(n_members=bad).fit(data)
+            small_network(seed=3, n_members=bad).fit(data)
     with pytest.raises(ValueError, match="uncertainty"):
-        net(uncertainty="bayesian").fit(data)
+        small_network(seed=3, uncertainty="bayesian").fit(data)
     with pytest.raises(ValueError, match="self-supervised"):
-        net(label="weighted", weights={"gt": 1.0, "self": 0.1}, uncertainty="heteroscedastic").fit(data)
-    plain = net(max_epochs=1).fit(data)
+        small_network(seed=3, label="weighted", weights={"gt": 1.0, "self": 0.1}, uncertainty="heteroscedastic").fit(data)
+    plain = small_network(seed=3, max_epochs=1).fit(data)
     assert not plain.reports_sd
     with pytest.raises(ValueError, match="reports no standard deviations"):
         plain.predict(data.signals[:3], return_sd=True)
@@ -195,8 +189,8 @@ def test_miscalibrated_network_fails_the_calibration_check(hetero_gt, grid):
     assert "is not over-confident" in sentences[2]
 
 
-def test_methods_without_sd_get_nan_columns_and_not_reported(data, grid, tmp_path):
-    plain = net(max_epochs=1).fit(data)
+def test_methods_without_sd_get_nan_columns_and_not_reported(data, grid, tmp_path, small_network):
+    plain = small_network(seed=3, max_epochs=1).fit(data)
     mle = MLEEstimator(sigma=grid.sigma, n_starts=1, protocol=grid.protocol)
     result = evaluate_grid({"fit-mle": mle, "net-gt": plain}, grid, with_sd=["fit-mle"])
     summary = add_calibration(summarize(result), result)
@@ -232,16 +226,16 @@ def test_study_config_uncertainty_keys_reach_the_networks():
 # -- variance_head: the point estimates of the plain network, plus an SD -----------------------
 
 @pytest.fixture(scope="module")
-def small_data():
-    return DatasetSpec(n=240, seed=5).generate()
+def small_data(ivim_set):
+    return ivim_set(n=240, seed=5)
 
 
 @pytest.mark.parametrize("label", ["gt", "mle", "self", "hybrid"])
-def test_variance_head_point_estimates_are_bit_identical_to_the_plain_network(label, small_data):
+def test_variance_head_point_estimates_are_bit_identical_to_the_plain_network(label, small_data, small_network):
     # 3 epochs with patience 1 and a large step: early stopping and the kept epoch take part
     args = dict(label=label, max_epochs=3, patience=1, lr=5e-3, batch_size=64, val_fraction=0.25)
-    plain = net(**args).fit(small_data)
-    head = net(uncertainty="variance_head", **args).fit(small_data)
+    plain = small_network(seed=3, **args).fit(small_data)
+    head = small_network(seed=3, uncertainty="variance_head", **args).fit(small_data)
     signals = small_data.signals[:60]
     np.testing.assert_array_equal(head.predict(signals), plain.predict(signals))
     params, sd = head.predict(signals, return_sd=True)
@@ -259,19 +253,19 @@ def test_variance_head_point_estimates_are_bit_identical_to_the_plain_network(la
         assert head.network_.config["n_variances"] == 1
 
 
-def test_heteroscedastic_changes_the_point_estimates_variance_head_does_not(data, hetero_gt, vh_gt):
+def test_heteroscedastic_changes_the_point_estimates_variance_head_does_not(data, hetero_gt, vh_gt, small_network):
     # the contrast the variance head exists for (the same seeds as the fixtures)
-    plain = net(label="gt").fit(data)
+    plain = small_network(seed=3, label="gt").fit(data)
     signals = data.signals[:80]
     np.testing.assert_array_equal(vh_gt.predict(signals), plain.predict(signals))
     assert not np.array_equal(hetero_gt.predict(signals), plain.predict(signals))
     assert vh_gt._fitted_uncertainty() == "variance_head" and hetero_gt._fitted_uncertainty() == "heteroscedastic"
 
 
-def test_variance_head_ensemble_clone_and_warm_start(small_data):
+def test_variance_head_ensemble_clone_and_warm_start(small_data, small_network):
     args = dict(label="gt", max_epochs=2, batch_size=64, n_members=2)
-    plain = net(**args).fit(small_data)
-    head = net(uncertainty="variance_head", **args).fit(small_data)
+    plain = small_network(seed=3, **args).fit(small_data)
+    head = small_network(seed=3, uncertainty="variance_head", **args).fit(small_data)
     signals = small_data.signals[:30]
     np.testing.assert_array_equal(head.predict(signals), plain.predict(signals))
     _, sd_plain = plain.predict(signals, return_sd=True)

@@ -85,11 +85,10 @@ def _low_snr_set():
     return DatasetSpec(model="monoexp", protocol=protocol, prior=prior.to_dict(), n=1500, seed=3, snr=8.0).generate()
 
 
-def test_mle_approx_labels_are_gaussian_fits_and_biased_on_rician_data(tmp_path, monkeypatch):
+def test_mle_approx_labels_are_gaussian_fits_and_biased_on_rician_data():
     """Where the Rician floor lifts the late samples, a Gaussian likelihood reads a slower decay:
     ``mle_approx`` labels of D sit well below the truth, the Rician ``mle`` labels much closer
     (measured: mean D error -23.7 % vs +5.1 % of the mean true D)."""
-    monkeypatch.setenv("QMRI_LABELS_CACHE", str(tmp_path))
     data = _low_snr_set()
     approx, info = dataset_targets(data, resolve_weights("mle_approx"), label="mle_approx")
     assert info["settings"]["noise"] == "gaussian"
@@ -153,9 +152,8 @@ def test_bias_reduced_sits_between_gt_and_mle_on_the_bias_sd_plane():
     assert set(nets["bias_reduced"].history_[-1]) >= {"train_bias", "train_variance"}
 
 
-def test_every_new_label_trains_saves_and_loads(tmp_path, monkeypatch):
-    monkeypatch.setenv("QMRI_LABELS_CACHE", str(tmp_path / "cache"))
-    data = DatasetSpec(n=600, seed=1).generate()
+def test_every_new_label_trains_saves_and_loads(tmp_path, ivim_set):
+    data = ivim_set(n=600, seed=1)
     common = dict(max_epochs=2, patience=2, seed=0, progress=False, num_threads=1)
     cases = (("mle_approx", None), ("mle", {"Dstar": 4}), ("bias_reduced", {"variance": 0.5, "draws": 3}))
     for label, weights in cases:
@@ -171,8 +169,8 @@ def test_every_new_label_trains_saves_and_loads(tmp_path, monkeypatch):
     assert approx.mle_labels_["settings"]["noise"] == "gaussian"
 
 
-def test_bias_reduced_on_arrays_needs_the_truth_and_sigma():
-    data = DatasetSpec(n=300, seed=2).generate()
+def test_bias_reduced_on_arrays_needs_the_truth_and_sigma(ivim_set):
+    data = ivim_set(n=300, seed=2)
     common = dict(max_epochs=1, patience=1, seed=0, progress=False, num_threads=1)
     net = NetworkEstimator(label="bias_reduced", weights={"draws": 2}, **common)
     with pytest.raises(ValueError, match="sigma"):
@@ -187,11 +185,10 @@ def test_bias_reduced_on_arrays_needs_the_truth_and_sigma():
 
 
 @pytest.mark.parametrize("label", ["mle_approx", "bias_reduced"])
-def test_the_new_labels_tune(label, tmp_path, monkeypatch):
+def test_the_new_labels_tune(label, ivim_set):
     from qmri_labels.tuning import tune
 
-    monkeypatch.setenv("QMRI_LABELS_CACHE", str(tmp_path))
-    data = DatasetSpec(n=400, seed=0).generate()
+    data = ivim_set(n=400, seed=0)
     base = dict(max_epochs=2, patience=1, progress=False, num_threads=1, mle_options={"n_starts": 1},
                 weights={"draws": 3} if label == "bias_reduced" else None)
     est = tune(label, data, n_trials=2, seed=0, base=base, space={"lr": ("logfloat", 1e-4, 1e-2)})

@@ -91,8 +91,11 @@ def test_pad_to_multiple():
 def test_every_label_trains(data, label):
     train, val = data
     est = _tiny(label=label, alpha=0.5).fit(train, validation=val)
-    assert len(est.history_) == 2 and est.best_epoch_ in (0, 1)
+    assert len(est.history_) == 2
     assert all(np.isfinite(r["val_loss"]) and np.isfinite(r["train_loss"]) for r in est.history_)
+    # the kept epoch is the one with the lowest validation loss (two distinct losses: a real choice)
+    val_losses = [r["val_loss"] for r in est.history_]
+    assert val_losses[0] != val_losses[1] and est.best_epoch_ == int(np.argmin(val_losses))
     assert "val_nrmse" in est.history_[0]
     chi = est.predict(val.field[0], val.mask[0])
     assert chi.shape == (16, 16, 16) and chi.dtype == np.float32 and np.all(chi[~val.mask[0]] == 0)

@@ -12,12 +12,6 @@ from qmri_labels.data.definitions import get_definition, list_datasets
 from qmri_labels.data.registry import load_dataset
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QMRI_LABELS_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def test_named_definitions_resolve_with_inheritance():
     names = list_datasets()
     for name in ("ivim_epstein_snr15", "ivim_epstein_snr30", "qsm_synthetic_1mm", "qsm_synthetic_1x1x3mm"):
@@ -37,10 +31,10 @@ def test_named_definitions_resolve_with_inheritance():
     assert tissue.splits["train"]["prior"]["kind"] == "tissue_mixture"
 
 
-def test_load_is_deterministic_and_cached(private_cache):
+def test_load_is_deterministic_and_cached(fresh_cache):
     train = load_dataset("tiny_ivim_snr30", "train")
     assert len(train) == 1024 and train.spec.snr == 30.0
-    files = list((private_cache / "datasets").glob("tiny_ivim_snr30-train-*.npz"))
+    files = list((fresh_cache / "datasets").glob("tiny_ivim_snr30-train-*.npz"))
     assert len(files) == 1
     fresh = load_dataset("tiny_ivim_snr30", "train", cache=False)
     assert fresh.fingerprint == train.fingerprint
@@ -59,7 +53,7 @@ def test_overrides_make_a_different_dataset():
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_corrupt_cache_file_is_detected_and_rebuilt(damage):
+def test_corrupt_cache_file_is_detected_and_rebuilt(damage, fresh_cache):
     good = load_dataset("tiny_ivim_snr15", "test")
     path = registry.cache_path("tiny_ivim_snr15", "test")
     raw = bytearray(path.read_bytes())

@@ -24,11 +24,8 @@ NET = {"label": "gt", "batch_size": 9, "patience": 0, "hidden_layers": 2, "width
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("QMRI_LABELS_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield load_dataset(TINY, "train"), load_dataset(TINY, "test")
-    mp.undo()
+def data():
+    return load_dataset(TINY, "train"), load_dataset(TINY, "test")
 
 
 def test_baseline_is_bitwise_reproducible_for_1000_steps(data):

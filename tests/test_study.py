@@ -3,22 +3,15 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 import yaml
 
 from qmri_labels.cli import study
 from qmri_labels.estimators import NetworkEstimator
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("QMRI_LABELS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    import os
-
-    os.environ.setdefault("QMRI_LABELS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     out = tmp_path_factory.mktemp("study") / "tiny"
     # alpha 0 and 1 are the pure losses: their networks must equal net-gt and net-mle; the
     # networks carry the default variance heads, so every method reports SDs for the calibration section
@@ -259,11 +252,40 @@ def test_study_with_tuning_seeds_and_snr_list(tmp_path):
     ranking = pd.read_csv(out / "label_ranking.csv")
     assert set(ranking["metric"]) == {"mean_abs_bias", "mean_sd", "sensitivity", "rmse"}
     tests = pd.read_csv(out / "tuned_vs_default_tests.csv")
-    assert set(tests["metric"]) == {"abs_bias", "sd", "rmse"} and tests["p_adjusted"].between(0, 1).all()
+    assert set(tests["metric"]) == {"abs_bias", "sd", "rmse"}
+    # the tuned-vs-default tests, redone from the per-point values in grid.csv with scipy: a paired
+    # t-test of tuned against default at the SNR the study reports on, Bonferroni over all the tests
+    primary = json.loads((out / "grid_spec.json").read_text())["snr"]
+    points = grid[grid["snr"] == primary].assign(abs_bias=lambda g: g["bias"].abs())
+    expected_p = []
+    for row in tests.itertuples():
+        pick = points[points["parameter"] == row.parameter]
+        tuned, default = (pick[pick["method"] == m].sort_values("point")[row.metric].to_numpy() for m in (row.a, row.b))
+        assert row.a == row.b + "-tuned" and len(tuned) == len(default) == row.n > 1
+        expected_p.append(scipy.stats.ttest_rel(tuned, default).pvalue)
+    np.testing.assert_allclose(tests["p_value"], expected_p, rtol=1e-6)
+    np.testing.assert_allclose(tests["p_adjusted"], np.minimum(1.0, len(tests) * np.asarray(expected_p)), rtol=1e-6)
+    assert (tests["significant"] == (tests["p_adjusted"] < 0.05)).all()
     seeds = pd.read_csv(out / "seeds.csv")
     assert (seeds["n_seeds"] == 2).all() and (seeds["rmse_sd"] > 0).all()
+    # the seed findings, redone from the two seeds' rows of summary.csv: the mean paired difference
+    # against the larger of the two methods' SDs over seeds (ddof 1)
     findings = pd.read_csv(out / "seed_findings.csv")
-    assert (findings["finding"] == (findings["mean_diff"].abs() > findings["seed_spread"])).all()
+    assert len(findings) > 0 and findings["finding"].dtype == bool
+    at_primary = summary[summary["snr"] == primary]
+    for row in findings.itertuples():
+        metric = "sensitivity" if row.metric == "abs(1 - sensitivity)" else row.metric
+
+        def over_seeds(method):
+            rows = at_primary[at_primary["parameter"] == row.parameter].set_index("method")
+            values = rows.loc[[method, f"{method}@s1"], metric].to_numpy(float)
+            return np.abs(1.0 - values) if metric == "sensitivity" else values
+
+        a, b = over_seeds(row.a), over_seeds(row.b)
+        spread = max(np.std(a, ddof=1), np.std(b, ddof=1))
+        assert row.mean_diff == pytest.approx(np.mean(a - b), rel=1e-9, abs=1e-15)
+        assert row.seed_spread == pytest.approx(spread, rel=1e-9, abs=1e-15)
+        assert row.finding == (abs(np.mean(a - b)) > spread)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tuning"]["net-gt"]["n_trials"] == 2 == manifest["tuning"]["net-self"]["n_trials"]
     # seed copies differ in init and batch order only

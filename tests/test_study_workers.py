@@ -10,11 +10,6 @@ from qmri_labels.cli import study
 from qmri_labels.workflows.jobs import JobRunner, resolve_workers, usable_cores
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("QMRI_LABELS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
 def _weights(folder):
     return {p.parent.name: hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted((folder / "networks").glob("*/weights.safetensors"))}

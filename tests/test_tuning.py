@@ -3,7 +3,6 @@ import math
 import numpy as np
 import pytest
 
-from qmri_labels.data import DatasetSpec
 from qmri_labels.estimators import NetworkEstimator
 from qmri_labels.tuning import DEFAULT_SPACE, tune
 
@@ -14,8 +13,8 @@ SPACE = {"lr": ("logfloat", 1e-4, 1e-2), "hidden_layers": ("int", 1, 3), "batch_
 
 
 @pytest.fixture(scope="module")
-def data():
-    return DatasetSpec(n=1500, seed=11, snr=30).generate()
+def data(ivim_set):
+    return ivim_set(n=1500, seed=11, snr=30)
 
 
 @pytest.mark.parametrize("label, criterion", [("gt", "val_loss"), ("self", "param_rmse")])
