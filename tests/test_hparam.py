@@ -18,6 +18,8 @@ from pathlib import Path
 from qmri_labels.data.registry import load_dataset
 from qmri_labels.estimators import NetworkEstimator
 from qmri_labels.paths import studies_dir
+from qmri_labels.search import engine
+from qmri_labels.search.space import check_space, suggest
 from qmri_labels.workflows import hparam
 from qmri_labels.workflows.common import per_sample_l2
 
@@ -25,7 +27,7 @@ from qmri_labels.workflows.common import per_sample_l2
 @pytest.fixture(autouse=True)
 def no_shared_storage(monkeypatch):
     """Searches here make their own store unless a test names one."""
-    monkeypatch.delenv(hparam.STORAGE_ENV, raising=False)
+    monkeypatch.delenv(engine.STORAGE_ENV, raising=False)
 
 
 def tiny_config(**changes):
@@ -94,7 +96,7 @@ def test_bad_worker_settings():
     with pytest.raises(ValueError, match="heartbeat_seconds must be an integer >= 1"):
         hparam.run(tiny_config(heartbeat_seconds=0), "/tmp/unused", quiet=True)
     with pytest.raises(ValueError, match="storage must be a database URL"):
-        hparam.open_study("optuna.db", "s", 0, 60, 1)
+        engine.open_study("optuna.db", "s", 0, 60, 1)
 
 
 def _params_of(trials):
@@ -102,15 +104,15 @@ def _params_of(trials):
 
 
 def test_trial_draws_depend_on_seed_and_trial_number_only():
-    space = hparam._check_space(yaml.safe_load((studies_dir() / "tiny_hparam.yaml").read_text())["search_space"])
+    space = check_space(yaml.safe_load((studies_dir() / "tiny_hparam.yaml").read_text())["search_space"], hparam.SEARCHABLE)
 
     def draws(seed, numbers):
-        study = optuna.create_study(sampler=hparam.trial_seeded_sampler(seed))
+        study = optuna.create_study(sampler=engine.trial_seeded_sampler(seed))
         out = {}
         for _ in range(max(numbers) + 1):
             trial = study.ask()
             if trial.number in numbers:
-                out[trial.number] = hparam.suggest(trial, space)
+                out[trial.number] = suggest(trial, space)
             study.tell(trial, 0.0)
         return out
 
@@ -122,10 +124,10 @@ def test_trial_draws_depend_on_seed_and_trial_number_only():
 
 def test_a_study_of_another_search_is_refused(tmp_path):
     storage = f"sqlite:///{tmp_path / 's.db'}"
-    hparam.open_study(storage, "s", 0, 60, 1, {"search_space": {"lr": [0.1]}, "seed": 0})
-    hparam.open_study(storage, "s", 0, 60, 1, {"search_space": {"lr": [0.1]}, "seed": 0})  # the same search
+    engine.open_study(storage, "s", 0, 60, 1, {"search_space": {"lr": [0.1]}, "seed": 0})
+    engine.open_study(storage, "s", 0, 60, 1, {"search_space": {"lr": [0.1]}, "seed": 0})  # the same search
     with pytest.raises(ValueError, match=r"holds another search \(differs in \['seed'\]\)"):
-        hparam.open_study(storage, "s", 0, 60, 1, {"search_space": {"lr": [0.1]}, "seed": 1})
+        engine.open_study(storage, "s", 0, 60, 1, {"search_space": {"lr": [0.1]}, "seed": 1})
 
 
 def _worker(tmp_path, name, storage, *extra):
@@ -145,14 +147,14 @@ def test_two_worker_processes_share_one_sqlite_study(tmp_path):
         assert w.returncode == 0, err[-3000:]
     study = optuna.load_study(study_name="shared", storage=storage)
     trials = study.get_trials()
-    # every trial recorded once, all finished; two workers finishing together may add one over the budget
-    assert [t.number for t in trials] == list(range(len(trials))) and len(trials) in (4, 5)
+    # every trial recorded once, all finished; the budget is the whole study's (no worker adds one over it)
+    assert [t.number for t in trials] == list(range(len(trials))) and len(trials) == 4
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     # the points searched are those of one process: trial i's draws depend on (seed, i) only
-    space = hparam._check_space(yaml.safe_load((studies_dir() / "tiny_hparam.yaml").read_text())["search_space"])
-    reference = optuna.create_study(sampler=hparam.trial_seeded_sampler(0))
+    space = check_space(yaml.safe_load((studies_dir() / "tiny_hparam.yaml").read_text())["search_space"], hparam.SEARCHABLE)
+    reference = optuna.create_study(sampler=engine.trial_seeded_sampler(0))
     for trial in trials:
-        expected = hparam.suggest(reference.ask(), space)
+        expected = suggest(reference.ask(), space)
         assert trial.params == expected, trial.number
     manifests = [json.loads((tmp_path / f"w{i}" / "manifest.json").read_text()) for i in range(2)]
     assert sum(m["optuna"]["trials_here"] for m in manifests) == len(trials)
@@ -211,9 +213,9 @@ def test_a_killed_worker_s_trial_is_marked_failed_and_run_again(tmp_path):
     assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
     failed = next(t for t in trials if t.number == victim.number)
     assert {k: retries[0].params[k] for k in failed.params} == failed.params
-    space = hparam._check_space(yaml.safe_load((studies_dir() / "tiny_hparam.yaml").read_text())["search_space"])
-    reference = optuna.create_study(sampler=hparam.trial_seeded_sampler(0))
-    draws = [hparam.suggest(reference.ask(), space) for _ in range(victim.number + 1)]
+    space = check_space(yaml.safe_load((studies_dir() / "tiny_hparam.yaml").read_text())["search_space"], hparam.SEARCHABLE)
+    reference = optuna.create_study(sampler=engine.trial_seeded_sampler(0))
+    draws = [suggest(reference.ask(), space) for _ in range(victim.number + 1)]
     assert retries[0].params == draws[victim.number]
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) >= 2 and result["manifest"]["optuna"]["trials_in_study"] == len(complete)
@@ -238,20 +240,21 @@ def test_a_trial_whose_worker_died_before_its_objective_began_is_failed_and_run_
     """Killed between taking a trial and its first heartbeat: no heartbeat can go stale, the finishing run
     still fails it after the grace period and runs it again."""
     storage = f"sqlite:///{tmp_path / 's.db'}"
-    study = hparam.open_study(storage, "s", 0, 1, 1)
+    study = engine.open_study(storage, "s", 0, 1, 1)
     # the grace period runs from the orphan's start (study.ask), so the clock starts before it
     t0 = time.monotonic()
     orphan = study.ask()  # RUNNING, as a worker that died right after taking it leaves it
     orphan.suggest_float("x", 0.0, 1.0)
 
     def objective(trial):
-        trial.set_user_attr(hparam.STARTED_ATTR, trial.number)
+        trial.set_user_attr(engine.STARTED_ATTR, trial.number)
         return trial.suggest_float("x", 0.0, 1.0)
 
-    ran = hparam.run_trials(study, objective, n_trials=1, finish=True, poll_seconds=0.2, grace_seconds=1.0)
+    ran = engine.run_trials(study, objective, n_trials=1, finish=True, poll_seconds=0.2, grace_seconds=1.0)
     assert time.monotonic() - t0 >= 1.0
     trials = study.get_trials()
-    assert trials[0].state == optuna.trial.TrialState.FAIL and ran == 2
+    # the orphan is the budget's one trial (taken, so no fresh one is added): only its retry runs here
+    assert trials[0].state == optuna.trial.TrialState.FAIL and ran == 1 and len(trials) == 2
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
     assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.COMPLETE
     assert retry[0].params == trials[0].params
@@ -266,24 +269,24 @@ def test_a_trial_whose_worker_died_right_after_its_objective_began_is_failed_by_
     import threading
 
     storage = f"sqlite:///{tmp_path / 's.db'}"
-    study = hparam.open_study(storage, "s", 0, 1, 1)  # heartbeat every 1 s, stale after 2 s
+    study = engine.open_study(storage, "s", 0, 1, 1)  # heartbeat every 1 s, stale after 2 s
     orphan = study.ask()
     orphan.suggest_float("x", 0.0, 1.0)
-    hparam.mark_trial_begun(study, orphan)  # ... and the worker dies here
+    engine.mark_trial_begun(study, orphan)  # ... and the worker dies here
 
     def objective(trial):
-        hparam.mark_trial_begun(study, trial)
+        engine.mark_trial_begun(study, trial)
         return trial.suggest_float("x", 0.0, 1.0)
 
     result = {}
     # grace_seconds far beyond the test: only the stale heartbeat can fail the orphan
-    runner = threading.Thread(target=lambda: result.update(ran=hparam.run_trials(
+    runner = threading.Thread(target=lambda: result.update(ran=engine.run_trials(
         study, objective, n_trials=1, finish=True, poll_seconds=0.2, grace_seconds=3600.0)), daemon=True)
     runner.start()
     runner.join(timeout=60)
     assert not runner.is_alive(), "the finishing run still waits for the dead worker's trial"
     trials = study.get_trials()
-    assert trials[0].state == optuna.trial.TrialState.FAIL and result["ran"] == 2
-    assert trials[0].user_attrs[hparam.STARTED_ATTR] == orphan.number
+    assert trials[0].state == optuna.trial.TrialState.FAIL and result["ran"] == 1 and len(trials) == 2
+    assert trials[0].user_attrs[engine.STARTED_ATTR] == orphan.number
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
     assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.COMPLETE

@@ -69,7 +69,7 @@ DEFAULTS: dict[str, Any] = {
     # evaluation grid over (f, D, Dstar) spanning the prior, S0 = 1; snr: one or a list of test
     # SNRs (null: the training SNR, or the ends of a training SNR range)
     "grid": {"points_per_axis": 10, "repeats": 200, "margin": 0.05, "snr": None},
-    # per-label tuning with an equal budget (n_trials 0: none); see qmri_labels.tuning
+    # per-label tuning with an equal budget (n_trials 0: none); see qmri_labels.search.tuning
     "tune": dict(TUNE_DEFAULTS),
     # training runs per method with different weight init and batch order
     "seeds": 1,

@@ -20,7 +20,7 @@ NETWORK_DEFAULTS: dict[str, Any] = {
 }
 #: ``tune`` entries: trials per label (0: no tuning), the criterion, the validation split of
 #: the training data, the epoch budget of a trial (None: the study's), the rows searched on, and
-#: whether trials that fall behind stop early (None: with criterion val_loss; see qmri_labels.tuning).
+#: whether trials that fall behind stop early (None: with criterion val_loss; see qmri_labels.search.tuning).
 TUNE_DEFAULTS: dict[str, Any] = {"n_trials": 0, "criterion": "val_loss", "validation_fraction": 0.2,
                                  "max_epochs": None, "max_rows": None, "prune": None}
 #: study keys that a preset may set (they override the preset only when changed from DEFAULTS)
@@ -52,7 +52,7 @@ def resolve_network(cfg: Mapping, defaults: Mapping) -> dict:
 
 
 def check_tune(cfg: Mapping) -> dict:
-    from qmri_labels.tuning import CRITERIA, resolve_prune
+    from qmri_labels.search.tuning import CRITERIA, resolve_prune
 
     tune = dict(cfg["tune"])
     unknown = set(tune) - set(TUNE_DEFAULTS)
@@ -98,7 +98,7 @@ def tune_design(est, train, mle_labels, tune_cfg: Mapping, seed: int):
     Returns the unfitted estimator with the best trial's design (``est`` otherwise unchanged)
     and the tuning record (:attr:`NetworkEstimator.tuning_`).
     """
-    from qmri_labels.tuning import tune
+    from qmri_labels.search.tuning import tune
 
     params = est.get_params()
     base = {k: v for k, v in params.items() if k not in ("label", "alpha", "seed", "weights")}

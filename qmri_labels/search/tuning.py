@@ -20,6 +20,10 @@ Each trial is scored by two criteria, both recorded:
 trial, so the tuned network is never worse than it on the criterion, and the report can show
 both.
 
+The search is :mod:`qmri_labels.search.engine`'s: TPE with trial-seeded draws, so that with
+``storage`` (an Optuna database URL) processes on several machines share one search and find
+what one process alone would (``tests/test_tuning.py``).
+
 With ``criterion="val_loss"`` the search also *prunes* (Optuna's median rule): after each epoch
 a trial reports the best label loss so far on its training run's own validation rows, and a
 trial whose value is worse than the median of the earlier trials at the same epoch stops
@@ -37,66 +41,58 @@ import time
 from typing import Any, Mapping
 
 import numpy as np
+import optuna
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from qmri_labels.data.datasets import Dataset
 from qmri_labels.estimators import NetworkEstimator
+from qmri_labels.search.engine import finished_trials, open_study, run_trials, safe_url, search_index
+from qmri_labels.search.space import check_space, contains, suggest
+from qmri_labels.training import (
+    LabelLoss,
+    ParameterNormalisation,
+    compute_mle_labels,
+    label_mle_options,
+    noise_draw_count,
+    parameter_weights,
+    resolve_weights,
+)
+from qmri_labels.training.targets import DRAWS_SEED_STREAM, noise_draws
+from qmri_labels.training.reproducibility import torch_threads
 
 CRITERIA = ("val_loss", "param_rmse")
 #: trials that are never pruned (they set the median), and epochs of every trial before pruning
 PRUNE_STARTUP_TRIALS = 5
 PRUNE_WARMUP_EPOCHS = 10
 
-#: The search space: ``name -> ("categorical", choices)`` or ``(kind, low, high)`` with kind
-#: ``"int"``, ``"float"`` or ``"logfloat"``. ``width_factor`` multiplies the number of
-#: measurements (the hidden width); every other name is a NetworkEstimator keyword.
-DEFAULT_SPACE: dict[str, tuple] = {
-    "parallel": ("categorical", [False, True]),
-    "hidden_layers": ("int", 1, 4),
-    "width_factor": ("categorical", [1, 2, 4]),
-    "activation": ("categorical", ["elu", "relu", "gelu"]),
-    "batch_norm": ("categorical", [False, True]),
-    "dropout": ("categorical", [0.0, 0.05, 0.1]),
-    "bounds_margin": ("categorical", [0.0, 0.1, 0.3]),
+#: The search space (:mod:`qmri_labels.search.space`'s format). ``width_factor`` multiplies the
+#: number of measurements (the hidden width); every other name is a NetworkEstimator keyword.
+DEFAULT_SPACE: dict[str, Any] = {
+    "parallel": [False, True],
+    "hidden_layers": {"low": 1, "high": 4},
+    "width_factor": [1, 2, 4],
+    "activation": ["elu", "relu", "gelu"],
+    "batch_norm": [False, True],
+    "dropout": [0.0, 0.05, 0.1],
+    "bounds_margin": [0.0, 0.1, 0.3],
     # None: the model's (fitter's) bounds; "prior": the training prior's support
-    "output_bounds": ("categorical", [None, "prior"]),
-    "lr": ("logfloat", 1e-4, 3e-3),
-    "batch_size": ("categorical", [64, 128, 256, 512]),
-    "weight_decay": ("categorical", [0.0, 1e-6, 1e-5, 1e-4]),
-    "lr_schedule": ("categorical", [None, "plateau", "cosine"]),
+    "output_bounds": [None, "prior"],
+    "lr": {"low": 1e-4, "high": 3e-3, "log": True},
+    "batch_size": [64, 128, 256, 512],
+    "weight_decay": [0.0, 1e-6, 1e-5, 1e-4],
+    "lr_schedule": [None, "plateau", "cosine"],
 }
+#: NetworkEstimator keywords that tune sets itself (never searched)
+FIXED = ("label", "alpha", "weights", "seed", "warm_start")
 
 
 def _check_space(space: Mapping) -> dict:
-    valid = set(NetworkEstimator._param_names()) | {"width_factor"}
-    out = {}
-    for name, spec in dict(space).items():
-        if name not in valid or name in ("label", "alpha", "weights", "seed", "warm_start"):
-            raise ValueError(f"search space names {name!r}, which is not a tunable NetworkEstimator option")
-        if not isinstance(spec, (list, tuple)) or not spec or spec[0] not in ("categorical", "int", "float", "logfloat"):
-            raise ValueError(f"search space entry {name!r} must be ('categorical', [choices]) or "
-                             f"('int'|'float'|'logfloat', low, high), got {spec!r}")
-        if spec[0] == "categorical":
-            if len(spec) != 2 or not list(spec[1]):
-                raise ValueError(f"search space entry {name!r}: categorical needs a non-empty list of choices")
-        elif len(spec) != 3 or not spec[1] < spec[2]:
-            raise ValueError(f"search space entry {name!r}: {spec[0]} needs low < high, got {spec!r}")
-        out[name] = tuple(spec)
+    searchable = [n for n in NetworkEstimator._param_names() if n not in FIXED] + ["width_factor"]
+    out = check_space(space, searchable)
     if "width" in out and "width_factor" in out:
         raise ValueError("search space has both width and width_factor; keep one")
     return out
-
-
-def _suggest(trial, space: Mapping) -> dict:
-    params = {}
-    for name, spec in space.items():
-        if spec[0] == "categorical":
-            params[name] = trial.suggest_categorical(name, list(spec[1]))
-        elif spec[0] == "int":
-            params[name] = trial.suggest_int(name, int(spec[1]), int(spec[2]))
-        else:
-            params[name] = trial.suggest_float(name, float(spec[1]), float(spec[2]), log=spec[0] == "logfloat")
-    return params
 
 
 def _estimator_params(params: Mapping, n_measurements: int) -> dict:
@@ -113,29 +109,13 @@ def _default_trial(base: NetworkEstimator, space: Mapping, n_measurements: int) 
     point = {}
     for name, spec in space.items():
         if name == "width_factor":
-            width = base.width
-            value = 1 if width is None else (int(width) / n_measurements)
+            value = 1 if base.width is None else int(base.width) / n_measurements
         else:
             value = getattr(base, name)
-        if spec[0] == "categorical":
-            if isinstance(value, np.ndarray) or not any(_same_choice(value, c) for c in spec[1]):
-                return None
-        elif not (spec[1] <= value <= spec[2]):
+        if isinstance(value, np.ndarray) or not contains(spec, value):
             return None
         point[name] = int(value) if name == "width_factor" else value
     return point
-
-
-def _same_choice(value, choice) -> bool:
-    """Equal as a categorical choice: None, bools and strings only match their own kind."""
-    kinds = (type(None), bool, str)
-    for kind in kinds:
-        if isinstance(value, kind) or isinstance(choice, kind):
-            return isinstance(value, kind) and isinstance(choice, kind) and value == choice
-    try:
-        return bool(value == choice)
-    except (TypeError, ValueError):
-        return False
 
 
 def resolve_prune(prune, criterion: str, name: str = "prune") -> bool:
@@ -150,27 +130,24 @@ def resolve_prune(prune, criterion: str, name: str = "prune") -> bool:
     return criterion == "val_loss" if prune is None else bool(prune)
 
 
-def _pruner_callback(trial):
-    """A Lightning callback that reports the best validation loss so far to ``trial`` after
-    each epoch and stops training once Optuna's pruner says so (``pruned`` is then True)."""
-    from lightning.pytorch.callbacks import Callback
+class PruneTrial(Callback):
+    """Reports the best validation loss so far to an Optuna ``trial`` after each epoch and stops
+    training once the search's pruner says so (``pruned`` is then True)."""
 
-    class PruneTrial(Callback):
-        def __init__(self):
-            self.best = math.inf
-            self.pruned = False
+    def __init__(self, trial):
+        self.trial = trial
+        self.best = math.inf
+        self.pruned = False
 
-        def on_validation_end(self, trainer, pl_module):
-            score = trainer.callback_metrics.get("val_loss")
-            if trainer.sanity_checking or score is None:
-                return
-            self.best = min(self.best, float(score))
-            trial.report(self.best, step=int(trainer.current_epoch))
-            if trial.should_prune():
-                self.pruned = True
-                trainer.should_stop = True
-
-    return PruneTrial()
+    def on_validation_end(self, trainer, pl_module):
+        score = trainer.callback_metrics.get("val_loss")
+        if trainer.sanity_checking or score is None:
+            return
+        self.best = min(self.best, float(score))
+        self.trial.report(self.best, step=int(trainer.current_epoch))
+        if self.trial.should_prune():
+            self.pruned = True
+            trainer.should_stop = True
 
 
 def validation_criteria(estimator: NetworkEstimator, signals, targets: Mapping, theta_true, support,
@@ -180,8 +157,6 @@ def validation_criteria(estimator: NetworkEstimator, signals, targets: Mapping, 
     ``targets`` holds what the label's loss reads (``theta`` and/or ``mle``); ``theta_true``
     the simulated truth (``None`` for data without one: ``param_rmse`` is then NaN).
     """
-    from qmri_labels.training import LabelLoss, ParameterNormalisation, parameter_weights
-
     pred = estimator.predict(signals)
     normalisation = ParameterNormalisation.from_support(support, model.param_names)
     loss = LabelLoss(estimator.loss_weights_, model.name, protocol, normalisation,
@@ -208,19 +183,21 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
          alpha: float = 0.5, base: Mapping[str, Any] | None = None, space: Mapping | None = None,
          validation_fraction: float = 0.2, include_default: bool = True, mle_labels=None,
          mle_options: Mapping | None = None, max_rows: int | None = None,
-         prune: bool | None = None, refit: bool = True) -> NetworkEstimator:
+         prune: bool | None = None, refit: bool = True, storage: str | None = None,
+         study_name: str | None = None, heartbeat_seconds: int = 60,
+         failed_trial_retries: int = 1) -> NetworkEstimator:
     """Search the network design for one training label; return the best trial's network.
 
     Parameters
     ----------
-    label : {"gt", "mle", "self", "hybrid", "mle_approx", "bias_reduced"}
+    label : {"gt", "mle", "self", "hybrid"}
     dataset : Dataset
         Training data. ``validation_fraction`` of its rows (drawn with ``seed``) score the
         trials; the rest train them. The evaluation grid is never seen.
     n_trials : int
         Trials of the search (give every label the same number: equal budget).
     seed : int
-        Seeds the split, Optuna's TPE sampler and every trial's network.
+        Seeds the split, the search's trial-seeded TPE sampler and every trial's network.
     criterion : {"val_loss", "param_rmse"}
         Minimised criterion (both are recorded for every trial; see the module docstring).
     alpha : float
@@ -229,7 +206,7 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
         NetworkEstimator keywords of the untuned design (e.g. ``max_epochs``, device options);
         the search varies the keys of ``space`` around it.
     space : mapping or None
-        Search space (:data:`DEFAULT_SPACE` when None).
+        Search space (:mod:`qmri_labels.search.space`; :data:`DEFAULT_SPACE` when None).
     validation_fraction : float in (0, 1)
     include_default : bool
         Make the untuned design (``base``) the first trial where the space can express it.
@@ -250,6 +227,16 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
         design again with the head (the same mean network); ``False`` returns the best trial's
         network as searched (its ``uncertainty`` is then None), for callers that only need
         ``tuning_["best_params"]``.
+    storage : str or None
+        Optuna database URL shared with other processes running the same search (e.g.
+        ``sqlite:///runs/tune.db``, ``postgresql://user@host/db``); None: the search lives in
+        this process. Each process runs trials until ``n_trials`` are taken, waits for the
+        others' and returns the same best design (trained here again if another process ran it).
+    study_name : str or None
+        Name of the search in ``storage`` (None: made from the label, the data and the seed).
+    heartbeat_seconds, failed_trial_retries : int
+        With ``storage``: a trial's heartbeat interval, and how often a trial of a killed
+        process is run again (:func:`qmri_labels.search.engine.open_study`).
 
     Returns
     -------
@@ -258,12 +245,6 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
         ``tuning_`` records the criterion, the split, the default trial and every trial's
         parameters and both criteria.
     """
-    import optuna
-
-    from qmri_labels.training import compute_mle_labels, label_mle_options, noise_draw_count, resolve_weights
-    from qmri_labels.training.targets import DRAWS_SEED_STREAM, noise_draws
-    from qmri_labels.training.reproducibility import torch_threads
-
     if not isinstance(dataset, Dataset):
         raise ValueError(f"tune expects a qmri_labels Dataset, got {type(dataset).__name__}")
     if criterion not in CRITERIA:
@@ -286,7 +267,7 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
     headless = trial_params["uncertainty"] == "variance_head"
     if headless:
         trial_params["uncertainty"] = None
-    weights = resolve_weights(label, alpha, base.get("weights"))
+    weights = resolve_weights(label, alpha)
 
     model = dataset.model
     n, m = dataset.signals.shape
@@ -301,12 +282,12 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
     if len(fit_rows) < 2:
         raise ValueError(f"dataset of {n} rows is too small for a validation fraction of {validation_fraction}")
     labels = {}
-    if weights["gt"] > 0 or weights.get("bias", 0) > 0:
+    if weights["gt"] > 0:
         labels["gt"] = dataset.theta_true
     if weights["mle"] > 0:
         if mle_labels is None:
             mle_labels = compute_mle_labels(dataset, progress=False,
-                                            **label_mle_options(label, mle_options or base.get("mle_options") or {}))
+                                            **dict(mle_options or base.get("mle_options") or {}))
         labels["mle"] = np.asarray(getattr(mle_labels, "params", mle_labels), dtype=np.float32)
         if labels["mle"].shape != dataset.theta_true.shape:
             raise ValueError(f"mle_labels must have shape {dataset.theta_true.shape}, got {labels['mle'].shape}")
@@ -314,79 +295,91 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
     if labels:
         y_fit = {k: v[fit_rows] for k, v in labels.items()} if len(labels) > 1 else next(iter(labels.values()))[fit_rows]
     val_targets = {{"gt": "theta", "mle": "mle"}[k]: v[val_rows] for k, v in labels.items()}
-    # bias_reduced: noise draws around each true signal, the training's own (from the fit's
-    # seed) and the validation rows' (from the tuning seed); the fit needs the noise level
-    fit_sigma = dataset.sigma[fit_rows] if weights.get("bias", 0) > 0 else None
-    if fit_sigma is not None:
-        val_targets["draws"] = noise_draws(dataset.signals[val_rows], dataset.theta_true[val_rows],
-                                           dataset.sigma[val_rows], dataset.protocol, model, dataset.spec.noise,
-                                           noise_draw_count(label, base.get("weights")),
-                                           seed=[int(seed), DRAWS_SEED_STREAM])
     support = dataset.prior_support
 
-    best: dict[str, Any] = {"value": math.inf, "estimator": None}
-    records: list[dict] = []
+    def fit(params, callbacks=()):
+        estimator = NetworkEstimator(**{**trial_params, **params})
+        estimator.fit(dataset.signals[fit_rows], y_fit, protocol=dataset.protocol, bounds=support,
+                      model=model.name, callbacks=list(callbacks))
+        return estimator
+
+    # the best trial run in this process, (value, search index, estimator): another one's is trained again
+    local: dict[str, Any] = {"key": (math.inf, math.inf), "estimator": None}
 
     def objective(trial):
-        params = _estimator_params(_suggest(trial, space), m)
-        estimator = NetworkEstimator(**{**trial_params, **params})
-        pruner = _pruner_callback(trial) if prune else None
+        params = _estimator_params(suggest(trial, space), m)
+        pruner = PruneTrial(trial) if prune else None
         t0 = time.perf_counter()
+        estimator = None
         try:
-            estimator.fit(dataset.signals[fit_rows], y_fit, protocol=dataset.protocol, bounds=support,
-                          model=model.name, sigma=fit_sigma, callbacks=[pruner] if pruner else [])
+            estimator = fit(params, [pruner] if pruner else [])
             # scored at the training's thread count: the same bytes in any process (study workers)
             with torch_threads(estimator.num_threads):
                 scores = validation_criteria(estimator, dataset.signals[val_rows], val_targets,
                                              dataset.theta_true[val_rows], support, model, dataset.protocol)
         except (ValueError, RuntimeError) as exc:  # a diverged or impossible design scores +inf
             scores = {"val_loss": math.inf, "param_rmse": math.inf, "error": str(exc)}
-        for key, value in scores.items():
-            trial.set_user_attr(key, value)
-        value = scores[criterion]
-        value = value if math.isfinite(value) else math.inf
         pruned = bool(pruner is not None and pruner.pruned)
-        records.append({"number": trial.number, "params": params, "val_loss": scores["val_loss"],
-                        "param_rmse": scores["param_rmse"], "seconds": time.perf_counter() - t0,
-                        "epochs": getattr(estimator, "n_epochs_", None), "pruned": pruned})
+        for key, value in {**scores, "seconds": time.perf_counter() - t0, "pruned": pruned,
+                           "epochs": getattr(estimator, "n_epochs_", None)}.items():
+            trial.set_user_attr(key, value)
         if pruned:
             raise optuna.TrialPruned()
-        if value < best["value"]:
-            best.update(value=value, estimator=estimator, params=params)
+        value = scores[criterion] if math.isfinite(scores[criterion]) else math.inf
+        key = (value, search_index(trial.study, trial))
+        if value < math.inf and key < local["key"]:
+            local.update(key=key, estimator=estimator)
         return value
 
+    default_point = _default_trial(base_estimator, space, m) if include_default else None
+    if storage is not None and study_name is None:
+        study_name = f"tune-{label}{alpha if label == 'hybrid' else ''}-{dataset.fingerprint[:12]}-s{int(seed)}"
+    signature = {"label": label, "alpha": alpha if label == "hybrid" else None, "criterion": criterion,
+                 "seed": int(seed), "space": space, "default": default_point, "prune": prune,
+                 "dataset_fingerprint": dataset.fingerprint, "validation_fraction": float(validation_fraction),
+                 "max_rows": max_rows, "network": {k: v for k, v in trial_params.items() if k != "progress"}}
     previous = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        pruner = (optuna.pruners.MedianPruner(n_startup_trials=PRUNE_STARTUP_TRIALS, n_warmup_steps=PRUNE_WARMUP_EPOCHS)
-                  if prune else optuna.pruners.NopPruner())
-        study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=int(seed)),
-                                    pruner=pruner)
-        default_point = _default_trial(base_estimator, space, m) if include_default else None
-        if default_point is not None:
-            study.enqueue_trial(default_point)
-        study.optimize(objective, n_trials=int(n_trials))
+        study = open_study(storage, study_name, int(seed), heartbeat_seconds, failed_trial_retries, signature,
+                           algorithm="tpe", first=default_point,
+                           median_pruning=(PRUNE_STARTUP_TRIALS, PRUNE_WARMUP_EPOCHS) if prune else None)
+        run_trials(study, objective, int(n_trials), finish=True, poll_seconds=min(5.0, float(heartbeat_seconds)),
+                   grace_seconds=2 * int(heartbeat_seconds), retries=int(failed_trial_retries))
     finally:
         optuna.logging.set_verbosity(previous)
-    if best["estimator"] is None:
+    finished = finished_trials(study, int(n_trials))
+    records = [{"number": index, "params": _estimator_params({k: t.params[k] for k in space}, m),
+                "val_loss": t.user_attrs["val_loss"], "param_rmse": t.user_attrs["param_rmse"],
+                "seconds": t.user_attrs["seconds"], "epochs": t.user_attrs["epochs"],
+                "pruned": t.state == optuna.trial.TrialState.PRUNED} for index, t in finished]
+    scored = [(t.value, index, record) for (index, t), record in zip(finished, records)
+              if t.state == optuna.trial.TrialState.COMPLETE and t.value < math.inf]
+    if not scored:
+        errors = [t.user_attrs.get("error") for _, t in finished if t.user_attrs.get("error")]
         raise ValueError(f"every one of the {n_trials} trials for label {label!r} failed; first error: "
-                         f"{records[0].get('error') if records else '?'}")
-    estimator = best["estimator"]
+                         f"{errors[0] if errors else '?'}")
+    best_value, best_index, best_record = min(scored, key=lambda row: row[:2])
+    best_params = best_record["params"]
     if headless and refit:
-        estimator = NetworkEstimator(**{**base_estimator.get_params(), **best["params"]})
-        estimator.fit(dataset.signals[fit_rows], y_fit, protocol=dataset.protocol, bounds=support, model=model.name,
-                      sigma=fit_sigma)
-    default_record = records[0] if default_point is not None else None
+        estimator = NetworkEstimator(**{**base_estimator.get_params(), **best_params})
+        estimator.fit(dataset.signals[fit_rows], y_fit, protocol=dataset.protocol, bounds=support, model=model.name)
+    elif local["key"] == (best_value, best_index):
+        estimator = local["estimator"]
+    else:  # another process ran the best trial: the same training gives the same network
+        estimator = fit(best_params)
     estimator.tuning_ = {
         "label": label, "alpha": alpha if label == "hybrid" else None, "criterion": criterion,
         "n_trials": int(n_trials), "seed": int(seed), "prune": prune, "trials_without_variance_head": headless,
-        "n_pruned": int(sum(r["pruned"] for r in records)), "space": {k: list(v) for k, v in space.items()},
+        "n_pruned": int(sum(r["pruned"] for r in records)), "space": space,
         "base": {k: v for k, v in base.items()},
         "split": {"n_fit": int(len(fit_rows)), "n_validation": int(len(val_rows)),
                   "validation_fraction": float(validation_fraction), "dataset_fingerprint": dataset.fingerprint,
                   "max_rows": None if max_rows is None else int(max_rows)},
-        "best_params": best["params"], "best_value": best["value"],
-        "best_scores": next(r for r in records if r["params"] is best["params"]),
-        "default": default_record, "trials": records,
+        "best_params": best_params, "best_value": best_value, "best_scores": best_record,
+        "default": records[0] if default_point is not None and records and records[0]["number"] == 0 else None,
+        "trials": records,
     }
+    if storage is not None:
+        estimator.tuning_["storage"] = {"url": safe_url(storage), "study_name": study_name}
     return estimator
