@@ -76,11 +76,11 @@ def errors(bfr: str, n_test: int | None, tv_lambda: float) -> list[dict]:
     from qmri_labels.paths import models_dir
     from qmri_labels.physics.qsm import forward_field
     from qmri_labels.estimators import QSMEstimator
-    from qmri_labels.workflows.qsm import SHIPPED_MODEL, _phantoms_of
+    from qmri_labels.workflows.qsm.model import SHIPPED_MODEL, phantoms_of
 
     net = QSMEstimator.load(models_dir() / SHIPPED_MODEL)
-    local = _phantoms_of(net.manifest_["test_spec"], "local", n=n_test)
-    data = _phantoms_of(net.manifest_["test_spec"], f"bfr:{bfr}", n=n_test)
+    local = phantoms_of(net.manifest_["test_spec"], "local", n=n_test)
+    data = phantoms_of(net.manifest_["test_spec"], f"bfr:{bfr}", n=n_test)
     b0 = tuple(data.orientations[0])
     estimates = {"tv": tv(data.field, data.mask, data.voxel_size, b0, lam=tv_lambda),
                  "unet": net.predict(data.field, data.mask)}

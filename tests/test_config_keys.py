@@ -5,8 +5,8 @@ import pytest
 
 from qmri_labels.cli import study
 from qmri_labels.fileio import deep_merge
-from qmri_labels.workflows import KINDS
 from qmri_labels.workflows.common import merge_config
+from qmri_labels.workflows.registry import WORKFLOWS
 
 
 def args(*argv):
@@ -42,25 +42,25 @@ def test_mle_options_reach_the_fitter():
     from qmri_labels.workflows.ivim import make_estimators
 
     bounds = [[0.0, 0.0, 0.0, 0.003], [2.0, 1.0, 0.004, 0.2]]
-    _, cfg, module, _ = study.resolve(args("--config", "tiny_ivim", "--set", "mle.n_starts=3",
-                                           "--set", f"mle.bounds={bounds}"))
-    cfg = module.resolve_config(cfg)
+    _, cfg, workflow, _ = study.resolve(args("--config", "tiny_ivim", "--set", "mle.n_starts=3",
+                                             "--set", f"mle.bounds={bounds}"))
+    cfg = workflow.check(cfg)
     assert cfg["mle"] == {"sigma": "known", "n_starts": 3, "bounds": bounds}
     for estimator in make_estimators(cfg).values():
         assert estimator.mle_options == cfg["mle"]
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(WORKFLOWS))
 def test_every_workflow_refuses_unknown_keys(kind, tmp_path):
-    module = study.workflow_module(kind)
-    defaults = study.workflow_defaults(module, kind)
+    module = WORKFLOWS[kind].module
+    defaults = WORKFLOWS[kind].defaults
     with pytest.raises(ValueError, match=r"unknown configuration key 'colour'.*known: "):
         module.run({"kind": kind, "colour": "red"}, tmp_path / kind, quiet=True)
     with pytest.raises(ValueError, match="'colour'"):
         study.resolve(args("--config", _config_of(kind, tmp_path), "--set", "colour=red"))
     # a nested mapping the workflow reads key by key is checked too
     for key, value in defaults.items():
-        if isinstance(value, dict) and value and key not in getattr(module, "FREE_FORM_KEYS", ()):
+        if isinstance(value, dict) and value and key not in WORKFLOWS[kind].free_form_keys:
             with pytest.raises(ValueError, match=rf"'{key}\.colour'"):
                 module.run({"kind": kind, key: {"colour": "red"}}, tmp_path / kind, quiet=True)
     assert not any(tmp_path.glob(f"{kind}/*"))  # refused before any work

@@ -223,7 +223,7 @@ def test_fit_command_refuses_uncertainty_without_an_ensemble(command_inputs, est
 
 
 def test_train_model_trains_an_ensemble_bundle(tmp_path):
-    from qmri_labels.workflows.qsm import train_model
+    from qmri_labels.workflows.qsm.model import train_model
 
     tiny = {"phantom": {"shape": [16, 16, 16]}, "n_train": 2, "n_val": 1, "n_test": 1,
             "training": {"preset": "toy", "unet": {"init_channels": 2}, "inputs": ["field", "tkd"], "patch_size": 8,

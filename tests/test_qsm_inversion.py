@@ -128,7 +128,7 @@ def test_tv_beats_tkd_and_tikhonov_on_a_masked_local_field():
 
 
 def test_tv_lambda_is_tuned_on_training_phantoms():
-    from qmri_labels.workflows.qsm import tune_lambda
+    from qmri_labels.workflows.qsm.common import tune_lambda
 
     train = QSMPhantomSpec(shape=(32, 32, 32), n=1, noise_sigma=0.005, seed=21, size_range=(1.5, 6.0)).generate()
     best, scores = tune_lambda("tv", train, [3e-5, 3e-4, 3e-2], max_iter=60)

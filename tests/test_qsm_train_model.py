@@ -24,7 +24,7 @@ TINY = {"phantom": {"shape": [20, 20, 20]}, "n_train": 2, "n_val": 1, "n_test": 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     """One tiny network trained on masked local fields and one on fields after V-SHARP."""
-    from qmri_labels.workflows.qsm import train_model
+    from qmri_labels.workflows.qsm.model import train_model
 
     root = tmp_path_factory.mktemp("qsm_models")
     train_model(root / "local_net", minutes=1, config=TINY, quiet=True)
@@ -38,7 +38,8 @@ def _command_paths(command: str) -> list[str]:
 
 def test_train_model_with_bfr_trains_on_the_methods_local_fields(bundles):
     from qmri_labels.estimators import QSMEstimator
-    from qmri_labels.workflows.qsm import MODEL_CONFIG, make_phantom_sets
+    from qmri_labels.workflows.qsm.common import make_phantom_sets
+    from qmri_labels.workflows.qsm.model import MODEL_CONFIG
     from qmri_labels.workflows.common import merge_config
 
     local_path, vsharp_path = bundles
@@ -71,7 +72,7 @@ def test_train_model_with_bfr_trains_on_the_methods_local_fields(bundles):
 def test_a_network_refuses_the_other_input_kind_unless_told(bundles):
     from qmri_labels.cli.common import InputError
     from qmri_labels.cli.fit_qsm import invert_field
-    from qmri_labels.workflows.qsm import bfr_phantom_set
+    from qmri_labels.workflows.qsm.common import bfr_phantom_set
 
     local_path, vsharp_path = bundles
     data = bfr_phantom_set(QSMPhantomSpec(shape=(20, 20, 20), n=1, seed=5), "vsharp")
@@ -89,7 +90,7 @@ def test_a_network_refuses_the_other_input_kind_unless_told(bundles):
 def test_evaluate_model_scores_bundles_side_by_side(bundles, tmp_path):
     import shutil
 
-    from qmri_labels.workflows.qsm import evaluate_model
+    from qmri_labels.workflows.qsm.model import evaluate_model
 
     local_path, vsharp_path = (shutil.copytree(p, tmp_path / p.name) for p in bundles)
     by_kind = evaluate_model([local_path, vsharp_path], ("vsharp",), quiet=True)
@@ -116,7 +117,7 @@ def test_evaluate_model_scores_bundles_side_by_side(bundles, tmp_path):
 
 
 def test_phantom_set_bfr_record_is_checked_kept_and_fingerprinted(tmp_path):
-    from qmri_labels.workflows.qsm import bfr_phantom_set
+    from qmri_labels.workflows.qsm.common import bfr_phantom_set
 
     spec = QSMPhantomSpec(shape=(16, 16, 16), n=1, seed=3)
     data = bfr_phantom_set(spec, "lbv", tol=1e-5)
@@ -150,7 +151,7 @@ def _rows(per_method):
 
 
 def test_compare_with_baselines_tells_a_margin_from_the_spread():
-    from qmri_labels.workflows.qsm import compare_with_baselines
+    from qmri_labels.workflows.qsm.model import compare_with_baselines
 
     rng = np.random.default_rng(0)
     heads = rng.uniform(40, 120, size=16)  # the spread between phantoms is far larger than any margin
@@ -181,7 +182,7 @@ def test_compare_with_baselines_tells_a_margin_from_the_spread():
 def test_evaluate_model_scores_more_heldout_phantoms_and_tests_the_margins(bundles, tmp_path):
     import shutil
 
-    from qmri_labels.workflows.qsm import evaluate_model
+    from qmri_labels.workflows.qsm.model import evaluate_model
 
     local_path = shutil.copytree(bundles[0], tmp_path / "local_net")
     default = evaluate_model([local_path], ("vsharp",), quiet=True)
@@ -205,7 +206,7 @@ def test_evaluate_model_scores_more_heldout_phantoms_and_tests_the_margins(bundl
 def test_train_model_takes_more_training_heads(bundles, tmp_path):
     import shutil
 
-    from qmri_labels.workflows.qsm import evaluate_model, train_model
+    from qmri_labels.workflows.qsm.model import evaluate_model, train_model
 
     train_model(tmp_path / "net", minutes=1, config=TINY, quiet=True, n_train=3)
     manifest = json.loads((tmp_path / "net" / "manifest.json").read_text())

@@ -197,7 +197,7 @@ def test_label_study_runs_by_name(tmp_path):
 
 def test_activation_study_tiny(tmp_path):
     from qmri_labels.cli.study import load_config
-    from qmri_labels.workflows.qsm import run
+    from qmri_labels.workflows.qsm.activation import run
 
     config, _ = load_config("qsm_activation")
     assert config["kind"] == "qsm_activation" and config["channels"] == [16, 32]
@@ -217,7 +217,7 @@ def test_shipped_model_is_named_for_what_it_is_and_beats_the_baselines_on_masked
     from qmri_labels.analysis.image_metrics import nrmse, xsim
     from qmri_labels.fitting.qsm_inversion import tikhonov, tkd, tv
     from qmri_labels.paths import models_dir
-    from qmri_labels.workflows.qsm import SHIPPED_MODEL
+    from qmri_labels.workflows.qsm.model import SHIPPED_MODEL
 
     bundle = models_dir() / SHIPPED_MODEL
     if not (bundle / "manifest.json").is_file():

@@ -8,6 +8,7 @@ import yaml
 
 from qmri_labels.cli import study
 from qmri_labels.estimators import NetworkEstimator
+from qmri_labels.workflows.registry import Workflow
 
 
 @pytest.fixture(scope="module")
@@ -109,19 +110,11 @@ def test_default_config_and_flag_overrides():
 def test_model_flag_selects_the_study_kind(monkeypatch):
     calls = []
 
-    def fake_module(kind):
+    def fake_workflow(kind):
         calls.append(kind)
+        return Workflow(kind, None, {"kind": kind, "seed": 0, "training": {"max_epochs": 5}}, lambda *a: {})
 
-        class Module:
-            DEFAULTS = {"kind": kind, "seed": 0, "training": {"max_epochs": 5}}
-
-            @staticmethod
-            def run(config, out, quiet):
-                return {}
-
-        return Module
-
-    monkeypatch.setattr(study, "workflow_module", fake_module)
+    monkeypatch.setattr(study, "get_workflow", fake_workflow)
     monkeypatch.setattr(study, "available_configs", lambda: {})
     kind, config, _, _ = study.resolve(args("--model", "qsm", "--max-epochs", "7"))
     assert kind == "qsm_labels" and calls == ["qsm_labels"]
@@ -131,9 +124,9 @@ def test_model_flag_selects_the_study_kind(monkeypatch):
 
 
 def test_model_qsm_uses_the_named_qsm_configuration():
-    kind, config, module, name = study.resolve(args("--model", "qsm"))
+    kind, config, workflow, name = study.resolve(args("--model", "qsm"))
     assert kind == "qsm_labels" and name == "qsm_labels"
-    assert module.__name__ == "qmri_labels.workflows.qsm"
+    assert workflow.module.__name__ == "qmri_labels.workflows.qsm.labels"
 
 
 def test_model_flag_with_a_voxel_model():
@@ -141,12 +134,9 @@ def test_model_flag_with_a_voxel_model():
     assert kind == "ivim_labels" and config["model"] == "monoexp"
 
 
-def test_errors_are_clear(monkeypatch, tmp_path):
-    with pytest.raises(ValueError, match="unknown study kind"):
-        study.workflow_module("nonsense")
-    monkeypatch.setitem(study.KINDS, "future_kind", "not_written_yet")
-    with pytest.raises(ValueError, match="not installed"):
-        study.workflow_module("future_kind")
+def test_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="unknown study kind 'nonsense'; known kinds: hparam, ivim_labels"):
+        study.get_workflow("nonsense")
     with pytest.raises(ValueError, match="no study configuration"):
         study.load_config("no_such_study")
     bad = tmp_path / "bad.yaml"
@@ -173,7 +163,7 @@ def test_same_seed_same_results_on_cpu(tmp_path):
 
 
 def test_export_networks_as_shipped_bundles(tiny_run, tmp_path):
-    from qmri_labels.workflows.ivim import export_networks
+    from qmri_labels.workflows.ivim_models import export_networks
 
     written = export_networks(tiny_run, tmp_path / "models", methods=["net-gt", "net-hybrid-0"])
     assert sorted(p.name for p in written) == ["ivim_epstein_snr30_gt", "ivim_epstein_snr30_hybrid0"]
@@ -198,6 +188,9 @@ def test_snr_range_tune_and_seeds_flags_resolve():
     _, config, _, _ = study.resolve(args("--snr", "10", "50", "--snr-test", "10", "30", "--tune", "3", "--seeds", "2"))
     assert config["snr"] == [10.0, 50.0] and config["grid"]["snr"] == [10.0, 30.0]
     assert config["tune"]["n_trials"] == 3 and config["seeds"] == 2
+    assert config["tune"]["storage"] is None
+    _, config, _, _ = study.resolve(args("--tune", "3", "--storage", "sqlite:///tune.db", "--study-name", "s1"))
+    assert (config["tune"]["storage"], config["tune"]["study_name"]) == ("sqlite:///tune.db", "s1")
     with pytest.raises(ValueError, match="--snr"):
         study.resolve(args("--snr", "10", "20", "30"))
     from qmri_labels.workflows.ivim import resolve_config
@@ -207,7 +200,7 @@ def test_snr_range_tune_and_seeds_flags_resolve():
     for bad, match in [({"seeds": 0}, "seeds"), ({"tune": {"n_trials": -1}}, "n_trials"),
                        ({"tune": {"criterion": "grid"}}, "criterion"), ({"tune": {"trials": 3}}, "unknown configuration key .tune.trials."),
                        ({"network": {"depth": 3}}, "network options"), ({"network": {"preset": "x"}}, "preset"),
-                       ({"grid": {"snr": [20, -1]}}, "SNR"), ({"grid": {"snrs": [20]}}, "unknown configuration key .grid.snrs.")]:
+                       ({"grid": {"snr": [20, -1]}}, "SNR"), ({"tune": {"storage": "tune.db"}}, "database URL"), ({"grid": {"snrs": [20]}}, "unknown configuration key .grid.snrs.")]:
         with pytest.raises(ValueError, match=match):
             resolve_config(bad)
 

@@ -16,8 +16,9 @@ def _weights(folder):
 
 
 def _without_seconds(record):
+    """A record without what differs between runs of one search: times, and where the search lived."""
     if isinstance(record, dict):
-        return {k: _without_seconds(v) for k, v in record.items() if k != "seconds"}
+        return {k: _without_seconds(v) for k, v in record.items() if k not in ("seconds", "storage")}
     return record
 
 
@@ -36,11 +37,13 @@ def test_two_workers_give_the_same_networks_and_tables_as_one(tmp_path):
 
 def _compare_one_and_two_workers(tmp_path):
     # tuning and seeds: the jobs that follow a search are submitted while other jobs run, and
-    # finish in another order than in the serial run
+    # finish in another order than in the serial run; the searches of the two-worker run live in
+    # a shared Optuna storage (as on several machines), those of the serial run in memory
     common = ["--config", "tiny_ivim", "--alpha", "0.5", "--set", "labels=[gt, self]", "--tune", "2",
               "--seeds", "2", "--quiet"]
     assert study.main([*common, "--workers", "1", "--out", str(tmp_path / "w1")]) == 0
-    assert study.main([*common, "--workers", "2", "--out", str(tmp_path / "w2")]) == 0
+    assert study.main([*common, "--workers", "2", "--out", str(tmp_path / "w2"), "--storage",
+                       f"sqlite:///{tmp_path / 'tune.db'}", "--study-name", "tiny"]) == 0
     one, two = tmp_path / "w1", tmp_path / "w2"
     weights = _weights(one)
     # 3 labels x (default, tuned) x 2 seeds
@@ -53,6 +56,7 @@ def _compare_one_and_two_workers(tmp_path):
     pd.testing.assert_frame_equal(trials[0].drop(columns="seconds"), trials[1].drop(columns="seconds"))
     manifests = [json.loads((f / "manifest.json").read_text()) for f in (one, two)]
     assert [m["determinism"]["workers"] for m in manifests] == [1, 2]
+    assert manifests[1]["tuning"]["net-gt"]["storage"]["study_name"] == "tiny-net-gt"
     assert _without_seconds(manifests[0]["tuning"]) == _without_seconds(manifests[1]["tuning"])
     # the report's order is the designs' order, not the order in which the jobs finished
     methods = list(dict.fromkeys(pd.read_csv(two / "summary.csv")["method"]))

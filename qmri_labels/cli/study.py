@@ -9,6 +9,7 @@ held-out grid)::
     python -m qmri_labels.study --alpha 0.25 0.5 0.75 --snr 15 --n-train 50000
     python -m qmri_labels.study --snr 10 50 --snr-test 10 20 50      # train over an SNR range
     python -m qmri_labels.study --tune 20 --seeds 4                  # tuned vs default, 4 seeds
+    python -m qmri_labels.study --tune 20 --storage sqlite:///tune.db --study-name s1   # one search, many runs
     python -m qmri_labels.study --config ivimnet_sim                 # IVIM-NET's simulation protocol
     python -m qmri_labels.study --config tiny_ivim --out runs/smoke --quiet
     python -m qmri_labels.study --model qsm            # the QSM label study
@@ -16,9 +17,9 @@ held-out grid)::
     python -m qmri_labels.study --list
     python -m qmri_labels.study --config hparam_ivim --storage sqlite:///search.db --study-name s1 --worker
 
-A configuration (YAML) has a ``kind`` that selects the workflow module (see
-:data:`qmri_labels.workflows.KINDS`); keys not given take the workflow's ``DEFAULTS``. Flags
-override configuration keys; ``--set key=value`` (YAML value, dotted keys for nested
+A configuration (YAML) has a ``kind`` that selects the workflow (the table
+:data:`qmri_labels.workflows.registry.WORKFLOWS`); keys not given take the workflow's defaults.
+Flags override configuration keys; ``--set key=value`` (YAML value, dotted keys for nested
 entries) overrides any other.
 
 The results folder (``--out``, default ``runs/<name>-<timestamp>``) holds the resolved
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import importlib
 import json
 import logging
 import os
@@ -40,15 +40,14 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import yaml
 
 from qmri_labels import __version__, paths
 from qmri_labels.fileio import deep_merge
 from qmri_labels.log import add_verbosity_flags, configure_cli_logging
-from qmri_labels.workflows import KINDS
-from qmri_labels.workflows.common import merge_config
+from qmri_labels.workflows.registry import Workflow, get_workflow
 
 DEFAULT_CONFIG = "default"
 #: ``--model`` value -> study kind (voxel models all use the label comparison)
@@ -58,36 +57,6 @@ FLAG_KEYS = {"alpha": "alpha", "snr": "snr", "bvalues": "bvalues", "n_train": "n
              "seed": "seed", "device": "device", "storage": "storage", "study_name": "study_name", "worker": "worker",
              "snr_test": "grid.snr", "tune": "tune.n_trials", "seeds": "seeds",
              "workers": "workers"}
-
-
-def workflow_module(kind: str):
-    """Import the workflow module of ``kind`` (lazily, so one missing workflow breaks no other)."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown study kind {kind!r}; known kinds: {', '.join(sorted(KINDS))}")
-    name = f"qmri_labels.workflows.{KINDS[kind]}"
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name == name:
-            raise ValueError(f"study kind {kind!r} needs the workflow module {name}, which is not installed "
-                             f"in this version of qmri_labels") from None
-        raise
-    if not hasattr(module, "run"):
-        raise ValueError(f"workflow module {name} has no run(config, out, quiet) function")
-    return module
-
-
-def workflow_defaults(module, kind: str) -> dict:
-    """The defaults of ``kind``: ``DEFAULTS_BY_KIND[kind]``, ``<SUFFIX>_DEFAULTS`` (e.g.
-    ``ACTIVATION_DEFAULTS`` for ``qsm_activation``) or ``DEFAULTS``."""
-    by_kind = getattr(module, "DEFAULTS_BY_KIND", None)
-    if isinstance(by_kind, Mapping) and kind in by_kind:
-        return copy.deepcopy(dict(by_kind[kind]))
-    suffix = kind.split("_", 1)[-1].upper()
-    specific = getattr(module, f"{suffix}_DEFAULTS", None)
-    if "_" in kind and isinstance(specific, Mapping):
-        return copy.deepcopy(dict(specific))
-    return copy.deepcopy(dict(getattr(module, "DEFAULTS", {})))
 
 
 def available_configs() -> dict[str, Path]:
@@ -177,12 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="seed of data, weights and batch order")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--storage", metavar="URL",
-                        help="search studies (kind hparam): Optuna storage shared by all workers, e.g. "
-                             "sqlite:///runs/search.db (one machine) or postgresql://user@host/db (many); "
-                             "default: sqlite in --out, or $QMRI_LABELS_OPTUNA_STORAGE")
+                        help="Optuna storage shared by all workers of a search, e.g. sqlite:///runs/search.db "
+                             "(one machine) or postgresql://user@host/db (many). Search studies (kind hparam): "
+                             "default sqlite in --out, or $QMRI_LABELS_OPTUNA_STORAGE; label studies with --tune: "
+                             "the same study run on several machines shares its searches and gives the same "
+                             "results (default: each search in its process)")
     parser.add_argument("--study-name", metavar="NAME",
-                        help="search studies: name of the shared study (the same on every worker; "
-                             "default: hparam-<dataset>)")
+                        help="name of the shared search (the same on every worker; hparam default: "
+                             "hparam-<dataset>; with --tune each label's search is NAME-<method>)")
     parser.add_argument("--worker", action="store_const", const=True, default=None,
                         help="search studies: only run trials until the study holds n_trials completed ones, "
                              "no comparison; start one run without --worker to finish and compare")
@@ -195,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve(args: argparse.Namespace) -> tuple[str, dict, Any, str]:
-    """(kind, resolved config, workflow module, config name) from parsed arguments."""
+def resolve(args: argparse.Namespace) -> tuple[str, dict, Workflow, str]:
+    """(kind, config merged over the workflow's defaults, workflow, config name) from parsed arguments."""
     model_kind = None
     if args.model is not None:
         model_kind = MODEL_KINDS.get(args.model.lower(), "ivim_labels")
@@ -218,10 +189,10 @@ def resolve(args: argparse.Namespace) -> tuple[str, dict, Any, str]:
     if model_kind is not None and kind != model_kind and not (model_kind == "ivim_labels" and kind == "mismatch"):
         raise ValueError(f"--model {args.model} selects study kind {model_kind!r}, but the configuration "
                          f"{name!r} is of kind {kind!r}")
-    module = workflow_module(kind)
-    defaults = workflow_defaults(module, kind)
-    # flags and --set go into the user's configuration, which is then checked against the
-    # workflow's DEFAULTS at every level: a key the workflow does not read is an error
+    workflow = get_workflow(kind)
+    defaults = workflow.defaults
+    # flags and --set go into the user's configuration, which is then merged over the
+    # workflow's defaults, checked at every level: a key the workflow does not read is an error
     config = copy.deepcopy(config)
     if args.model is not None and kind == "ivim_labels":
         config["model"] = args.model.lower()
@@ -244,15 +215,12 @@ def resolve(args: argparse.Namespace) -> tuple[str, dict, Any, str]:
         except yaml.YAMLError as exc:
             raise ValueError(f"--set {key}: value {text!r} is not valid YAML ({exc})") from exc
         set_key(config, locate_key(defaults, key.strip(), kind, f"--set {key}"), value)
-    if defaults:
-        try:
-            resolved = merge_config(defaults, config, tuple(getattr(module, "FREE_FORM_KEYS", ())))
-        except ValueError as exc:
-            raise ValueError(f"configuration {name!r} (kind {kind!r}): {exc}") from None
-    else:
-        resolved = config
-    resolved["kind"] = kind
-    return kind, resolved, module, name
+    try:
+        merged = workflow.merge(config)
+    except ValueError as exc:
+        raise ValueError(f"configuration {name!r} (kind {kind!r}): {exc}") from None
+    merged["kind"] = kind
+    return kind, merged, workflow, name
 
 
 def default_out(name: str) -> Path:
@@ -286,9 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:28s} {kind:18s} {about}")
         return 0
     try:
-        kind, config, module, name = resolve(args)
-        if hasattr(module, "resolve_config"):
-            module.resolve_config(config)  # a bad value fails here, before anything is written
+        kind, config, workflow, name = resolve(args)
+        checked = workflow.check(config)  # a bad value fails here, before anything is written
     except ValueError as exc:
         parser.error(str(exc))
     out = Path(args.out) if args.out else default_out(name)
@@ -301,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     try:
-        result = module.run(config, out, quiet=args.quiet) or {}
+        result = workflow.run(checked, out, quiet=args.quiet) or {}
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

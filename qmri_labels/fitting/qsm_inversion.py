@@ -45,7 +45,7 @@ __all__ = ["tkd", "tikhonov", "tv", "cosmos", "TIKHONOV_DEFAULT_LAMBDA", "TV_DEF
 TIKHONOV_DEFAULT_LAMBDA = 0.01
 
 #: default TV weight of :func:`tv` (field and chi in ppm, 1 mm voxels); tune it on training
-#: phantoms for a given noise level (``qmri_labels.workflows.qsm.tune_lambda``)
+#: phantoms for a given noise level (``qmri_labels.workflows.qsm.common.tune_lambda``)
 TV_DEFAULT_LAMBDA = 3e-4
 
 

@@ -3,7 +3,6 @@ normalised parameter scale, paired tests, tables, run manifests and messages."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from pathlib import Path
@@ -12,7 +11,11 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
+from qmri_labels.analysis.report import markdown_table
+from qmri_labels.analysis.stats import bonferroni, paired_comparisons
 from qmri_labels.fileio import deep_merge, write_text
+from qmri_labels.provenance import device_info, package_versions
+from qmri_labels.training.reproducibility import record_determinism
 
 
 #: keys any study configuration may carry besides its workflow's ``DEFAULTS``
@@ -77,8 +80,6 @@ def write_csv(path: Path, frame: pd.DataFrame) -> Path:
 
 
 def markdown(frame: pd.DataFrame, index: bool = False) -> str:
-    from qmri_labels.analysis.report import markdown_table
-
     if index:
         frame = frame.reset_index()
     return markdown_table(frame)
@@ -89,9 +90,6 @@ def run_manifest(kind: str, config: Mapping, started: float, t0: float, **more) 
 
     ``started`` is the wall-clock start (``time.time()``), ``t0`` the ``time.perf_counter()`` one.
     """
-    from qmri_labels.provenance import device_info, package_versions
-    from qmri_labels.training.reproducibility import record_determinism
-
     return {"kind": kind, "config": dict(config), "versions": package_versions(), "device": device_info("cpu"),
             "determinism": record_determinism(), "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "wall_seconds": time.perf_counter() - t0, **more}
@@ -106,16 +104,12 @@ def say(quiet: bool, message: str) -> None:
 
 def paired_test(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> dict:
     """Paired t-test of ``a - b`` (H2's :func:`qmri_labels.analysis.stats.paired_comparisons`)."""
-    from qmri_labels.analysis.stats import paired_comparisons
-
     row = paired_comparisons({name_a: a, name_b: b}, pairs=[(name_a, name_b)], correction="none").iloc[0]
     return {k: row[k] for k in ("n", "mean_a", "mean_b", "mean_diff", "ci_low", "ci_high", "t", "p_value",
                                 "wilcoxon_p", "cohen_dz")}
 
 
 def add_correction(table: pd.DataFrame, alpha: float, correction: str) -> pd.DataFrame:
-    from qmri_labels.analysis.stats import bonferroni
-
     table = table.copy()
     table["p_adjusted"] = bonferroni(table["p_value"].to_numpy(float), correction) if len(table) else []
     table["significant"] = table["p_adjusted"] < alpha

@@ -18,19 +18,40 @@ One run of :func:`run`:
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
+import torch
 
+from qmri_labels.analysis import GridSpec, summarize, write_report
+from qmri_labels.analysis.fairness import seed_findings, seed_summary, tuned_vs_default
+from qmri_labels.analysis.grid import evaluate_snrs, grid_snrs
+from qmri_labels.analysis.report import add_calibration
 from qmri_labels.data.datasets import EPSTEIN_BVALUES, DatasetSpec, snr_setting
 from qmri_labels.data.priors import UniformPrior
+from qmri_labels.estimators import UNCERTAINTY_KINDS, MLEEstimator, NetworkEstimator
 from qmri_labels.fileio import atomic_write_bytes, write_json
 from qmri_labels.physics import display_unit
+from qmri_labels.provenance import device_info, package_versions
+from qmri_labels.training import ParameterNormalisation, compute_mle_labels, method_name, uses_shared_mle_labels
+from qmri_labels.training.labels import STUDY_LABELS
 from qmri_labels.workflows.common import merge_config
-from qmri_labels.workflows.label_fairness import NETWORK_DEFAULTS, TUNE_DEFAULTS
+from qmri_labels.workflows.jobs import resolve_workers
+from qmri_labels.workflows.label_fairness import (
+    NETWORK_DEFAULTS,
+    TUNE_DEFAULTS,
+    check_seeds,
+    check_tune,
+    resolve_network,
+    seeds_section,
+    train_designs,
+    trials_table,
+    tuning_section,
+)
 
 DEFAULTS: dict[str, Any] = {
     "kind": "ivim_labels",
@@ -90,8 +111,14 @@ FREE_FORM_KEYS = ("network",)
 
 
 def resolve_config(config: Mapping | None) -> dict:
-    """Defaults merged with ``config``, checked; raises ``ValueError`` naming a bad entry."""
-    cfg = merge_config(DEFAULTS, config, FREE_FORM_KEYS)
+    """Defaults merged with ``config`` (the one merge), checked; raises ``ValueError`` naming a bad entry."""
+    return check_config(merge_config(DEFAULTS, config, FREE_FORM_KEYS))
+
+
+def check_config(config: Mapping) -> dict:
+    """A configuration merged over :data:`DEFAULTS`, checked and normalised (a new dict; ``config``
+    is left as it is); raises ``ValueError`` naming a bad entry."""
+    cfg = copy.deepcopy(dict(config))
     if cfg["figure_format"] not in ("png", "pdf"):
         raise ValueError(f"figure_format must be 'png' or 'pdf', got {cfg['figure_format']!r}")
     if cfg["kind"] != "ivim_labels":
@@ -103,15 +130,12 @@ def resolve_config(config: Mapping | None) -> dict:
             raise ValueError(f"alpha values must lie in [0, 1], got {a!r}")
     cfg["alpha"] = [float(a) for a in dict.fromkeys(alphas)]
     labels = list(cfg["labels"] or [])
-    from qmri_labels.training.labels import STUDY_LABELS
-
     bad = [lab for lab in labels if lab not in STUDY_LABELS]
     if bad:
         raise ValueError(f"labels must be among {STUDY_LABELS} (hybrids come from alpha), got {bad}")
     cfg["labels"] = list(dict.fromkeys(labels))
     if not cfg["labels"] and not cfg["alpha"]:
         raise ValueError("nothing to train: labels and alpha are both empty")
-    from qmri_labels.estimators import UNCERTAINTY_KINDS
 
     if cfg["uncertainty"] not in UNCERTAINTY_KINDS:
         raise ValueError(f"uncertainty must be one of {UNCERTAINTY_KINDS}, got {cfg['uncertainty']!r}")
@@ -119,8 +143,6 @@ def resolve_config(config: Mapping | None) -> dict:
         if int(cfg[key]) != cfg[key] or cfg[key] < 1:
             raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}")
         cfg[key] = int(cfg[key])
-    from qmri_labels.analysis.grid import grid_snrs
-    from qmri_labels.workflows.label_fairness import check_seeds, check_tune, resolve_network
 
     cfg["snr"] = snr_setting(cfg["snr"])
     unknown = set(cfg["grid"]) - set(DEFAULTS["grid"])
@@ -132,7 +154,6 @@ def resolve_config(config: Mapping | None) -> dict:
     cfg["grid"]["snr"] = grid_snrs(cfg["grid"]["snr"])
     cfg["tune"] = check_tune(cfg)
     cfg["seeds"] = check_seeds(cfg["seeds"])
-    from qmri_labels.workflows.jobs import resolve_workers
 
     resolve_workers(cfg["workers"], "cpu", cfg["num_threads"])  # the device is checked when the study runs
     resolve_network(cfg, DEFAULTS)  # checks the network options
@@ -143,8 +164,6 @@ def resolve_config(config: Mapping | None) -> dict:
 
 def _device(name: str | None) -> tuple[str, Any, str]:
     """(Lightning accelerator, devices, torch device) for a device string."""
-    import torch
-
     name = (name or "cpu").lower()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -159,8 +178,6 @@ def _device(name: str | None) -> tuple[str, Any, str]:
 
 
 def _needs_mle(estimator) -> bool:
-    from qmri_labels.training import uses_shared_mle_labels
-
     return uses_shared_mle_labels(estimator.label, estimator.alpha, estimator.weights)
 
 
@@ -172,8 +189,6 @@ def _say(quiet: bool, message: str) -> None:
 def heldout_metrics(pred: np.ndarray, dataset) -> dict:
     """RMSE, mean absolute error and bias per parameter, plus the normalised RMSE averaged over
     the parameters other than the signal scale, of ``pred`` on ``dataset``."""
-    from qmri_labels.training import ParameterNormalisation
-
     names = list(dataset.param_names)
     norm = ParameterNormalisation.from_support(dataset.prior_support, names)
     err = pred.astype(np.float64) - dataset.theta_true.astype(np.float64)
@@ -228,11 +243,6 @@ def build_datasets(cfg: Mapping):
 
 def make_estimators(cfg: Mapping, quiet: bool = True) -> dict:
     """Unfitted network estimators of a resolved config, by method name."""
-    from qmri_labels.estimators import NetworkEstimator
-    from qmri_labels.training import method_name
-
-    from qmri_labels.workflows.label_fairness import resolve_network
-
     accelerator, devices, _ = _device(cfg["device"])
     common = resolve_network(cfg, DEFAULTS)
     common.update(val_fraction=cfg["val_fraction"], seed=cfg["seed"], uncertainty=cfg["uncertainty"],
@@ -248,26 +258,21 @@ def make_estimators(cfg: Mapping, quiet: bool = True) -> dict:
     return out
 
 
-def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
-    """Run the label comparison described by ``config`` and write the results into ``out``.
+def run(config: Mapping | None, out: Path, quiet: bool = False) -> dict:
+    """Run the label comparison described by ``config`` (merged over :data:`DEFAULTS`) and write
+    the results into ``out``.
 
     Returns
     -------
     dict with ``summary`` (DataFrame), ``heldout`` (DataFrame), ``manifest`` (dict),
     ``summary_text`` (str), ``estimators`` (dict of fitted estimators) and ``out``.
     """
-    from qmri_labels.analysis import GridSpec, summarize
-    from qmri_labels.analysis.fairness import seed_findings, seed_summary, tuned_vs_default
-    from qmri_labels.analysis.grid import evaluate_snrs
-    from qmri_labels.analysis.report import add_calibration
-    from qmri_labels.provenance import device_info, package_versions
-    from qmri_labels.estimators import MLEEstimator
-    from qmri_labels.training import compute_mle_labels
-    from qmri_labels.workflows.jobs import resolve_workers
-    from qmri_labels.workflows.label_fairness import seeds_section, train_designs, trials_table, tuning_section
+    return run_resolved(resolve_config(config), out, quiet)
 
+
+def run_resolved(cfg: Mapping, out: Path, quiet: bool = False) -> dict:
+    """:func:`run` of a configuration that :func:`resolve_config` made."""
     t_start = time.perf_counter()
-    cfg = resolve_config(config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -406,7 +411,6 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
                                       **heldout_by_method[name]}
             est.save(out / "networks" / name, metrics=metrics,
                      extra={"study": {"kind": "ivim_labels", "title": cfg["title"]}})
-    from qmri_labels.analysis import write_report
 
     notes = (f"Networks trained on {train.spec.n:,} signals (fingerprint `{train.fingerprint[:12]}`); "
              f"held-out RMSE per parameter in `heldout.csv` (`nrmse_mean`: RMSE / mean truth); "
@@ -444,48 +448,3 @@ def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
 def _centre_snr(snr) -> float:
     """The training SNR, or the geometric centre of a training SNR range."""
     return float(snr) if not isinstance(snr, dict) else float(np.sqrt(snr["low"] * snr["high"]))
-
-
-def shipped_name(method: str, prefix: str = "ivim_epstein_snr30_") -> str:
-    """Folder name of a shipped network: ``net-hybrid-0.5`` -> ``ivim_epstein_snr30_hybrid0.5``."""
-    label = method.removeprefix("net-")
-    if label.startswith("hybrid-"):
-        label = "hybrid" + label.removeprefix("hybrid-")
-    return prefix + label
-
-
-def export_networks(run_dir: str | Path, dest: str | Path | None = None, prefix: str = "ivim_epstein_snr30_",
-                    methods=None) -> list[Path]:
-    """Copy the verified network bundles of a study run into ``dest`` (default: ``models/``),
-    each with its model card (``MODEL_CARD.md``, made from its manifest).
-
-    This is how the shipped networks were made::
-
-        python -m qmri_labels.study --alpha 0.5 --out runs/shipped
-        python -c "from qmri_labels.workflows.ivim import export_networks; export_networks('runs/shipped')"
-    """
-    import shutil
-
-    from qmri_labels import paths
-    from qmri_labels.estimators.bundle import verify_bundle
-    from qmri_labels.estimators.shipped import MODEL_CARD, model_card
-    from qmri_labels.fileio import atomic_dir
-
-    run_dir = Path(run_dir)
-    dest = Path(dest) if dest is not None else paths.models_dir()
-    sources = sorted((run_dir / "networks").glob("net-*"))
-    if methods is not None:
-        sources = [s for s in sources if s.name in set(methods)]
-    if not sources:
-        raise ValueError(f"{run_dir} holds no networks/net-* bundles")
-    dest.mkdir(parents=True, exist_ok=True)
-    written = []
-    for source in sources:
-        verify_bundle(source)  # never ship a bundle that does not verify
-        target = dest / shipped_name(source.name, prefix)
-        # the shipped folder is the complete old bundle or the complete new one, never half
-        with atomic_dir(target, overwrite=True) as staging:
-            shutil.copytree(source, staging, dirs_exist_ok=True)
-            (staging / MODEL_CARD).write_text(model_card(staging, name=target.name), encoding="utf-8")
-        written.append(target)
-    return written

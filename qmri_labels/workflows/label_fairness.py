@@ -9,8 +9,11 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from qmri_labels.analysis.report import markdown_table
 from qmri_labels.estimators import DESIGN_PRESETS, clone
+from qmri_labels.search.tuning import CRITERIA, resolve_prune, tune
 from qmri_labels.workflows.common import check_count
+from qmri_labels.workflows.jobs import JobProgress, JobRunner
 
 #: ``network`` entries of the study configuration (NetworkEstimator keywords, plus ``preset``).
 NETWORK_DEFAULTS: dict[str, Any] = {
@@ -19,10 +22,14 @@ NETWORK_DEFAULTS: dict[str, Any] = {
     "fit_s0": True, "weight_decay": 0.0, "lr_schedule": None,
 }
 #: ``tune`` entries: trials per label (0: no tuning), the criterion, the validation split of
-#: the training data, the epoch budget of a trial (None: the study's), the rows searched on, and
-#: whether trials that fall behind stop early (None: with criterion val_loss; see qmri_labels.search.tuning).
+#: the training data, the epoch budget of a trial (None: the study's), the rows searched on,
+#: whether trials that fall behind stop early (None: with criterion val_loss; see
+#: qmri_labels.search.tuning), and an Optuna storage URL with a study name that the searches
+#: share with the same study run on other machines (None: each search lives in its process;
+#: the name of a label's search is ``<study_name>-<method>``)
 TUNE_DEFAULTS: dict[str, Any] = {"n_trials": 0, "criterion": "val_loss", "validation_fraction": 0.2,
-                                 "max_epochs": None, "max_rows": None, "prune": None}
+                                 "max_epochs": None, "max_rows": None, "prune": None, "storage": None,
+                                 "study_name": None}
 #: study keys that a preset may set (they override the preset only when changed from DEFAULTS)
 TRAINING_KEYS = ("lr", "batch_size", "max_epochs", "patience")
 SEED_STRIDE = 1_000_003
@@ -52,8 +59,6 @@ def resolve_network(cfg: Mapping, defaults: Mapping) -> dict:
 
 
 def check_tune(cfg: Mapping) -> dict:
-    from qmri_labels.search.tuning import CRITERIA, resolve_prune
-
     tune = dict(cfg["tune"])
     unknown = set(tune) - set(TUNE_DEFAULTS)
     if unknown:
@@ -67,6 +72,11 @@ def check_tune(cfg: Mapping) -> dict:
         if tune[key] is not None and (int(tune[key]) != tune[key] or tune[key] < 1):
             raise ValueError(f"tune.{key} must be a positive integer or null, got {tune[key]!r}")
     resolve_prune(tune["prune"], tune["criterion"], name="tune.prune")
+    if tune["storage"] is not None and (not isinstance(tune["storage"], str) or "://" not in tune["storage"]):
+        raise ValueError(f"tune.storage must be a database URL such as sqlite:///path/tune.db or "
+                         f"postgresql://user@host/db, or null, got {tune['storage']!r}")
+    if tune["study_name"] is not None and (not isinstance(tune["study_name"], str) or not tune["study_name"]):
+        raise ValueError(f"tune.study_name must be a non-empty string or null, got {tune['study_name']!r}")
     return tune
 
 
@@ -92,14 +102,28 @@ def with_seeds(estimators: Mapping, n_seeds: int, seed: int) -> dict:
     return out
 
 
-def tune_design(est, train, mle_labels, tune_cfg: Mapping, seed: int):
+def tune_design(est, train, mle_labels, tune_cfg: Mapping, seed: int, name: str):
     """Tune one label's design (a job of :mod:`qmri_labels.workflows.jobs`).
 
-    Returns the unfitted estimator with the best trial's design (``est`` otherwise unchanged)
-    and the tuning record (:attr:`NetworkEstimator.tuning_`).
-    """
-    from qmri_labels.search.tuning import tune
+    Parameters
+    ----------
+    est : NetworkEstimator
+        The label's untuned design.
+    train : Dataset
+    mle_labels : MLELabels or None
+    tune_cfg : mapping
+        The study's ``tune`` entries.
+    seed : int
+    name : str
+        The method's name (names its search in a shared ``tune_cfg["storage"]``).
 
+    Returns
+    -------
+    estimator : NetworkEstimator
+        Unfitted, with the best trial's design (``est`` otherwise unchanged).
+    record : dict
+        The tuning record (:attr:`NetworkEstimator.tuning_`).
+    """
     params = est.get_params()
     base = {k: v for k, v in params.items() if k not in ("label", "alpha", "seed", "weights")}
     base["progress"] = False  # one bar per trial would drown the study's own progress lines
@@ -108,7 +132,9 @@ def tune_design(est, train, mle_labels, tune_cfg: Mapping, seed: int):
     best = tune(est.label, train, n_trials=tune_cfg["n_trials"], seed=seed, criterion=tune_cfg["criterion"],
                 alpha=est.alpha, base=base, validation_fraction=tune_cfg["validation_fraction"],
                 mle_labels=mle_labels if est.label in ("mle", "hybrid") else None, max_rows=tune_cfg["max_rows"],
-                prune=tune_cfg["prune"], refit=False)  # the study retrains the design on all rows
+                prune=tune_cfg["prune"], refit=False,  # the study retrains the design on all rows
+                storage=tune_cfg["storage"],
+                study_name=f"{tune_cfg['study_name']}-{name}" if tune_cfg["study_name"] else None)
     final = clone(est)
     final.set_params(**best.tuning_["best_params"])
     return final, best.tuning_
@@ -158,8 +184,6 @@ def train_designs(defaults: Mapping, train, mle_labels, tune_cfg: Mapping | None
     tuning_records : dict of method name -> the search's record
     seconds : dict of ``tune_<name>`` / ``train_<name>`` -> seconds of that job
     """
-    from qmri_labels.workflows.jobs import JobProgress, JobRunner
-
     tuned_names = {name: f"{name}-tuned" for name in defaults} if tune_cfg else {}
     designs = {**defaults, **{tuned: None for tuned in tuned_names.values()}}
     fitted, records, seconds = {}, {}, {}
@@ -172,7 +196,7 @@ def train_designs(defaults: Mapping, train, mle_labels, tune_cfg: Mapping | None
 
     with JobRunner(workers) as runner:
         for name, est in defaults.items() if tune_cfg else ():
-            runner.submit(("tune", name), tune_design, est, train, mle_labels, tune_cfg, seed)
+            runner.submit(("tune", name), tune_design, est, train, mle_labels, tune_cfg, seed, name)
         submit_trainings(runner, defaults)
         for (job, name), result, took in runner.completed():
             seconds[f"{job if job == 'tune' else 'train'}_{name}"] = took
@@ -224,8 +248,6 @@ def tuning_table(records: Mapping) -> pd.DataFrame:
 
 def tuning_section(records: Mapping, comparison: Mapping) -> str:
     """Markdown: the search per label, tuned vs default on the grid, and the ranking change."""
-    from qmri_labels.analysis.report import markdown_table
-
     table = comparison["table"]
     cols = ["label", "parameter"] + [f"{m}_{w}" for m in ("mean_abs_bias", "mean_sd", "sensitivity", "rmse")
                                      for w in ("default", "tuned")]
@@ -250,8 +272,6 @@ def tuning_section(records: Mapping, comparison: Mapping) -> str:
 
 def seeds_section(seed_table: pd.DataFrame, findings: pd.DataFrame, n_seeds: int) -> str:
     """Markdown: mean and spread over seeds, and the label differences that exceed the spread."""
-    from qmri_labels.analysis.report import markdown_table
-
     cols = ["method", "parameter"] + [f"{m}_{s}" for m in ("mean_abs_bias", "mean_sd", "sensitivity", "rmse")
                                       for s in ("mean", "sd")]
     kept = findings[findings["finding"]]

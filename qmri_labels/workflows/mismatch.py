@@ -30,10 +30,14 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
+from qmri_labels.analysis.image_metrics import image_metrics
+from qmri_labels.analysis.plots import save_figure
 from qmri_labels.data.comparability import check_comparable
 from qmri_labels.data.definitions import get_definition
 from qmri_labels.data.registry import load_dataset
+from qmri_labels.estimators import QSMEstimator, train_network
 from qmri_labels.fileio import write_json, write_text
+from qmri_labels.training.reproducibility import DeterminismSettings
 from qmri_labels.workflows.common import (
     add_correction,
     markdown,
@@ -85,11 +89,15 @@ QSM_TRAINING: dict = {"label": "gt", "preset": "graf", "unet": {"levels": 3, "in
 # --------------------------------------------------------------------------------------------
 
 
-def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
+def run(config: Mapping | None, out: Path, quiet: bool = False) -> dict:
     """Run the mismatch study; see the module docstring for what is written under ``out``."""
+    return run_resolved(merge_config(DEFAULTS, config, FREE_FORM_KEYS), out, quiet)
+
+
+def run_resolved(config: Mapping, out: Path, quiet: bool = False) -> dict:
+    """:func:`run` of a configuration already merged over :data:`DEFAULTS`."""
     t0 = time.perf_counter()
     started = time.time()
-    config = merge_config(DEFAULTS, config, FREE_FORM_KEYS)
     names = config["datasets"]
     if config["comparisons"] not in ("all_pairs", "matched_vs_others"):
         raise ValueError(f"comparisons must be 'all_pairs' or 'matched_vs_others', got {config['comparisons']!r}")
@@ -120,9 +128,6 @@ def _training_overrides(config, split: str) -> dict:
 
 
 def _run_voxel(definitions, config, out: Path, quiet: bool):
-    from qmri_labels.estimators import train_network
-    from qmri_labels.training.reproducibility import DeterminismSettings
-
     settings = DeterminismSettings(seed=int(config["seed"]), num_threads=config["num_threads"])
     tests = {d.name: load_dataset(d, "test", **_training_overrides(config, "test")) for d in definitions}
     trained, cells = {}, []
@@ -169,9 +174,6 @@ def _incompatible(train, test) -> str:
 def _run_qsm(definitions, config, out: Path, quiet: bool):
     """QSM mismatch (resolution or BFR method): one U-Net per dataset, NRMSE per test volume
     (XSIM, HFEN and SSIM reported beside it in cells.csv)."""
-    from qmri_labels.analysis.image_metrics import image_metrics
-    from qmri_labels.estimators import QSMEstimator
-
     settings = dict(QSM_TRAINING)
     settings.update(config["qsm"] or {})
     tests = {d.name: load_dataset(d, "test", **_training_overrides(config, "test")) for d in definitions}
@@ -300,12 +302,11 @@ def _report(cells, trained, labels, config, out: Path, quiet: bool, t0: float, s
 
 
 def _heatmap(matrix: pd.DataFrame, path: Path, config, label: str) -> Path:
+    # pyplot is imported when a figure is drawn, after the backend is chosen
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-
-    from qmri_labels.analysis.plots import save_figure
 
     values = matrix.to_numpy(dtype=float)
     n_rows, n_cols = values.shape

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from qmri_labels.analysis.plots import save_figure
 from qmri_labels.data.registry import load_dataset
 from qmri_labels.estimators import train_network
 from qmri_labels.fileio import write_json, write_text
@@ -145,10 +146,14 @@ def _first_divergence(a: np.ndarray, b: np.ndarray) -> float:
     return float(diff[0]) if diff.size else math.nan
 
 
-def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
+def run(config: Mapping | None, out: Path, quiet: bool = False) -> dict:
     """Run the reproducibility study (see the module docstring)."""
+    return run_resolved(merge_config(DEFAULTS, config, FREE_FORM_KEYS), out, quiet)
+
+
+def run_resolved(config: Mapping, out: Path, quiet: bool = False) -> dict:
+    """:func:`run` of a configuration already merged over :data:`DEFAULTS`."""
     t0, started = time.perf_counter(), time.time()
-    config = merge_config(DEFAULTS, config, FREE_FORM_KEYS)
     steps, repeats = int(config["steps"]), int(config["repeats"])
     if steps < 1 or repeats < 1:
         raise ValueError(f"steps and repeats must be >= 1, got {steps} and {repeats}")
@@ -319,12 +324,11 @@ def _summarise(per_repeat: pd.DataFrame, phase: str, alpha: float, correction: s
 
 
 def _figures(per_repeat: pd.DataFrame, curves: dict, out: Path) -> list:
+    # pyplot is imported when a figure is drawn, after the backend is chosen
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-
-    from qmri_labels.analysis.plots import save_figure
 
     written = []
     if len(per_repeat):

@@ -1,13 +1,5 @@
-"""QSM workflows: label-choice study, Graf et al.'s activation/channel study, shipped model.
-
-Kinds handled by :func:`run` (``config["kind"]``):
-
-``qsm_labels``      train one U-Net per label choice (gt, mle = COSMOS, self, hybrid alphas,
-                    graf) on the same synthetic phantoms and compare them with TKD, Tikhonov
-                    and COSMOS on held-out phantoms (NRMSE, demeaned NRMSE, SSIM, HFEN, PSNR).
-``qsm_activation``  Graf et al. (2023): ReLU / leaky ReLU / ELU x 16 and 32 initial channels;
-                    validation loss and NRMSE per epoch, convergence plots, a final NRMSE/SSIM
-                    table and example slices with difference maps.
+"""The shipped QSM network: its training (:func:`train_model`) and the scoring of bundles
+(:func:`evaluate_model`), with their command ``python -m qmri_labels.workflows.qsm``.
 
 :func:`train_model` trains and evaluates the shipped network (:data:`SHIPPED_MODEL`, trained on
 masked local fields; ``python -m qmri_labels.workflows.qsm train-model --out
@@ -22,376 +14,32 @@ and after each BFR method.
 from __future__ import annotations
 
 import argparse
-import copy
-import io
 import shlex
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import pandas as pd
 
-from qmri_labels.analysis.image_metrics import image_metrics
+from qmri_labels.analysis.stats import bonferroni
 from qmri_labels.data.qsm import QSMPhantomSet, QSMPhantomSpec
-from qmri_labels.fileio import atomic_write_bytes, write_json
-from qmri_labels.fitting.bfr import BFR_METHODS
-from qmri_labels.workflows.common import check_count, markdown, merge_config
-from qmri_labels.fitting.qsm_inversion import (
-    TIKHONOV_DEFAULT_LAMBDA,
-    TV_DEFAULT_LAMBDA,
-    cosmos,
-    tikhonov,
-    tkd,
-    tv,
-)
 from qmri_labels.estimators import QSMEstimator
+from qmri_labels.estimators.bundle import read_manifest
+from qmri_labels.fitting.bfr import BFR_METHODS
+from qmri_labels.fitting.qsm_inversion import TV_DEFAULT_LAMBDA
+from qmri_labels.nets.ensemble import check_n_members
+from qmri_labels.training.qsm import check_input_kind
 from qmri_labels.training.reproducibility import torch_threads
+from qmri_labels.workflows.common import check_count, merge_config, paired_test
+from qmri_labels.workflows.qsm.common import (
+    FREE_FORM_KEYS,
+    bfr_phantom_set,
+    evaluate_methods,
+    make_phantom_sets,
+    show,
+    tune_lambda,
+)
 
-__all__ = ["DEFAULTS", "DEFAULTS_BY_KIND", "ACTIVATION_DEFAULTS", "LABEL_DEFAULTS", "run", "run_labels", "run_activation",
-           "train_model", "evaluate_methods", "KINDS"]
-
-#: shared defaults (CPU size); each kind adds its own below
-_COMMON: dict[str, Any] = {
-    "seed": 0,
-    "phantom": {"shape": [32, 32, 32], "noise_sigma": 0.005, "n_orientations": 5, "max_angle_deg": 30.0},
-    "n_train": 8,
-    "n_val": 2,
-    "n_test": 3,
-    "training": {"preset": "graf", "unet": {"levels": 3, "init_channels": 8}, "inputs": ["field", "tkd"],
-                 "patch_size": None, "batch_size": 2, "max_epochs": 20, "samples_per_epoch": 8,
-                 "lr": 1e-3, "weight_decay": 0.01, "max_time_s": None, "device": None},
-    "tikhonov_lambdas": [0.005, 0.01, 0.02, 0.05, 0.1],
-    "tv_lambdas": [1e-4, 3e-4, 1e-3],
-    "tkd_threshold": 0.19,
-}
-
-LABEL_DEFAULTS: dict[str, Any] = {
-    **copy.deepcopy(_COMMON),
-    "kind": "qsm_labels",
-    "labels": ["gt", "mle", "self", "hybrid", "graf"],
-    "alpha": [0.5],  # hybrid MLE weights, one network each (the study flag --alpha)
-    "field_weight": 1.0,
-}
-
-ACTIVATION_DEFAULTS: dict[str, Any] = {
-    **copy.deepcopy(_COMMON),
-    "kind": "qsm_activation",
-    "label": "graf",
-    "field_weight": 1.0,
-    "activations": [["relu", 0.0], ["leaky_relu", 0.2], ["elu", 0.0]],
-    "channels": [16, 32],
-    "example_slices": 3,
-}
-ACTIVATION_DEFAULTS["phantom"]["n_orientations"] = 1
-
-#: the study CLI reads ``DEFAULTS``; it is the label study's (the activation study's are in
-#: ``ACTIVATION_DEFAULTS`` and picked by ``kind``)
-DEFAULTS = LABEL_DEFAULTS
-DEFAULTS_BY_KIND = {"qsm_labels": LABEL_DEFAULTS, "qsm_activation": ACTIVATION_DEFAULTS}
-KINDS = ("qsm_labels", "qsm_activation")
-#: sub-mappings of the config checked by their consumer (QSMPhantomSpec, QSMEstimator), not against DEFAULTS
-FREE_FORM_KEYS = ("phantom", "training")
-
-
-def _write_csv(path: Path, df) -> None:
-    atomic_write_bytes(path, df.to_csv(index=False).encode())
-
-
-def _save_fig(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def make_phantom_sets(config: Mapping, bfr: str | None = None) -> tuple[QSMPhantomSet, QSMPhantomSet, QSMPhantomSet]:
-    """Train / validation / test phantom sets from one config (seeds ``seed``, +1, +2).
-
-    With ``bfr`` (a method of :mod:`qmri_labels.fitting.bfr`) every set holds the local fields
-    that the method leaves from the phantoms' total fields, on its eroded masks
-    (:func:`bfr_phantom_set`); the heads and the noise are those of the same seeds.
-    """
-    spec = QSMPhantomSpec.from_dict({**config["phantom"], "n": int(config["n_train"]), "seed": int(config["seed"])})
-    specs = (spec, spec.replace(n=int(config["n_val"]), seed=int(config["seed"]) + 1),
-             spec.replace(n=int(config["n_test"]), seed=int(config["seed"]) + 2))
-    if bfr is None:
-        return tuple(s.generate() for s in specs)
-    return tuple(bfr_phantom_set(s, bfr) for s in specs)
-
-
-def _phantom_metrics(estimates: np.ndarray, data: QSMPhantomSet, keys=None) -> dict[str, list[float]]:
-    """Each metric's value on each phantom, ``{metric: [value per phantom]}``."""
-    if keys == ("nrmse",):
-        from qmri_labels.analysis.image_metrics import nrmse
-
-        rows = [{"nrmse": nrmse(e, c, m)} for e, c, m in zip(estimates, data.chi, data.mask)]
-    else:
-        rows = [image_metrics(e, c, m) for e, c, m in zip(estimates, data.chi, data.mask)]
-    return {k: [float(r[k]) for r in rows] for k in rows[0]}
-
-
-def _mean_metrics(estimates: np.ndarray, data: QSMPhantomSet, keys=None) -> dict[str, float]:
-    return {k: float(np.mean(v)) for k, v in _phantom_metrics(estimates, data, keys).items()}
-
-
-def _invert(method: str, data: QSMPhantomSet, lam: float, **options) -> np.ndarray:
-    b0 = data.orientations[0]
-    if method == "tikhonov":
-        return tikhonov(data.field, data.voxel_size, b0, lam=float(lam), mask=data.mask, **options)
-    if method == "tv":
-        return tv(data.field, data.mask, data.voxel_size, b0, lam=float(lam), **options)
-    raise ValueError(f"method must be 'tikhonov' or 'tv', got {method!r}")
-
-
-def tune_lambda(method: str, data: QSMPhantomSet, lambdas, n_phantoms: int | None = 4,
-                **options) -> tuple[float, list[float]]:
-    """The regularisation weight of ``method`` ("tikhonov" or "tv") with the lowest mean NRMSE.
-
-    Tune on TRAINING phantoms (never the test ones): a baseline tuned on the test set would be
-    favoured unfairly, one left untuned would be handicapped. ``n_phantoms`` limits the tuning to
-    the first phantoms (None: all); ``options`` go to the inversion (e.g. ``max_iter`` of TV).
-    Returns ``(best, mean NRMSE per lambda)``.
-    """
-    lambdas = [float(v) for v in (lambdas if not np.isscalar(lambdas) else [lambdas])]
-    if not lambdas:
-        raise ValueError("lambdas must hold at least one value")
-    if method not in ("tikhonov", "tv"):
-        raise ValueError(f"method must be 'tikhonov' or 'tv', got {method!r}")
-    if len(lambdas) == 1:
-        return lambdas[0], [float("nan")]
-    subset = data if n_phantoms is None or n_phantoms >= len(data) else _subset(data, int(n_phantoms))
-    scores = [_mean_metrics(_invert(method, subset, lam, **options), subset, keys=("nrmse",))["nrmse"]
-              for lam in lambdas]
-    return lambdas[int(np.argmin(scores))], scores
-
-
-def _subset(data: QSMPhantomSet, n: int) -> QSMPhantomSet:
-    return QSMPhantomSet(spec=data.spec.replace(n=n), chi=data.chi[:n], mask=data.mask[:n], fields=data.fields[:n],
-                         orientations=data.orientations, bfr=data.bfr)
-
-
-def evaluate_methods(networks: Mapping[str, QSMEstimator], test: QSMPhantomSet, tune_on: QSMPhantomSet | None = None,
-                     *, tkd_threshold: float = 0.19, tikhonov_lambdas=(TIKHONOV_DEFAULT_LAMBDA,),
-                     tv_lambdas=(TV_DEFAULT_LAMBDA,), include_cosmos: bool = True,
-                     include_tv: bool = True, per_phantom: bool = False) -> tuple[list[dict], dict[str, np.ndarray]]:
-    """Metrics (mean over test phantoms) of each network and of TKD, Tikhonov, TV and COSMOS.
-
-    The lambdas of Tikhonov and TV are tuned on ``tune_on`` (pass TRAINING phantoms; lowest
-    mean NRMSE, :func:`tune_lambda`); without it the first of each list is used.
-    Returns a list of rows ``{"method", "nrmse", ...}`` and the estimates per method; with
-    ``per_phantom`` each row also holds ``"per_phantom": {metric: [value per test phantom]}``
-    (to tell a margin from the spread between phantoms).
-    """
-    b0 = test.orientations[0]
-    estimates: dict[str, np.ndarray] = {}
-    lambdas: dict[str, float] = {}
-    estimates["tkd"] = tkd(test.field, test.voxel_size, b0, tkd_threshold, mask=test.mask)
-    tuned = tune_on is not None
-    lam = tune_lambda("tikhonov", tune_on, tikhonov_lambdas)[0] if tuned else float(list(tikhonov_lambdas)[0])
-    lambdas["tikhonov"] = lam
-    estimates["tikhonov"] = _invert("tikhonov", test, lam)
-    if include_tv:
-        lam = tune_lambda("tv", tune_on, tv_lambdas)[0] if tuned else float(list(tv_lambdas)[0])
-        lambdas["tv"] = lam
-        estimates["tv"] = _invert("tv", test, lam)
-    if include_cosmos and test.fields.shape[1] >= 3:
-        estimates["cosmos"] = cosmos(test.fields, test.orientations, test.voxel_size, mask=test.mask)
-    for name, net in networks.items():
-        estimates[name] = net.predict(test.field, test.mask)
-    rows = []
-    for name, est in estimates.items():
-        values = _phantom_metrics(est, test)
-        row = {"method": name, **{k: float(np.mean(v)) for k, v in values.items()}}
-        if name in lambdas:
-            row["lambda"] = lambdas[name]
-        if per_phantom:
-            row["per_phantom"] = values
-        rows.append(row)
-    return rows, estimates
-
-
-def _estimator(config: Mapping, seed: int, **overrides) -> QSMEstimator:
-    t = dict(config["training"])
-    unet = dict(t.pop("unet", {}) or {})
-    unet.update(overrides.pop("unet", {}))
-    params = {**t, **overrides}
-    params["inputs"] = tuple(params.get("inputs", ("field", "tkd")))
-    return QSMEstimator(unet=unet, seed=seed, progress=False, **params)
-
-
-def _slices_figure(test: QSMPhantomSet, estimates: Mapping[str, np.ndarray], index: int = 0, n_slices: int = 3):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    chi = test.chi[index]
-    zs = np.linspace(chi.shape[2] * 0.3, chi.shape[2] * 0.7, n_slices).astype(int)
-    names = list(estimates)
-    vmax = float(np.abs(chi).max()) or 1.0
-    fig, axes = plt.subplots(n_slices * 2, len(names) + 1, figsize=(1.8 * (len(names) + 1), 3.4 * n_slices))
-    axes = np.atleast_2d(axes)
-    for r, z in enumerate(zs):
-        axes[2 * r, 0].imshow(chi[:, :, z].T, cmap="gray", vmin=-vmax, vmax=vmax, origin="lower")
-        axes[2 * r, 0].set_title(f"true chi z={z}", fontsize=7)
-        axes[2 * r + 1, 0].axis("off")
-        for c, name in enumerate(names, start=1):
-            est = estimates[name][index]
-            axes[2 * r, c].imshow(est[:, :, z].T, cmap="gray", vmin=-vmax, vmax=vmax, origin="lower")
-            axes[2 * r, c].set_title(name, fontsize=7)
-            axes[2 * r + 1, c].imshow((est - chi)[:, :, z].T, cmap="RdBu_r", vmin=-vmax / 2, vmax=vmax / 2, origin="lower")
-            axes[2 * r + 1, c].set_title(f"{name} - true", fontsize=7)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    return fig
-
-
-def _print(quiet: bool, *args):
-    if not quiet:
-        print(*args, flush=True)
-
-
-def _manifest(config, out, data, timings, extra=None) -> dict:
-    from qmri_labels.provenance import device_info, package_versions
-
-    man = {
-        "config": config,
-        "seed": int(config["seed"]),
-        "fingerprints": {k: d.fingerprint for k, d in data.items()},
-        "versions": package_versions(),
-        "device": device_info(config["training"].get("device") or "cpu"),
-        "timings_s": timings,
-    }
-    if extra:
-        man.update(extra)
-    write_json(out / "manifest.json", man)
-    return man
-
-
-def run_labels(config: Mapping, out: Path, quiet: bool = True) -> dict:
-    """Label-choice study (kind ``qsm_labels``); writes results.csv, report.md, figures."""
-    import pandas as pd
-
-    config = merge_config(LABEL_DEFAULTS, config, FREE_FORM_KEYS)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    train, val, test = make_phantom_sets(config)
-    timings = {"phantoms": time.perf_counter() - t0}
-    networks, histories = {}, {}
-    for label in config["labels"]:
-        alphas = config["alpha"] if label == "hybrid" else [None]
-        alphas = [alphas] if np.isscalar(alphas) else alphas
-        for alpha in alphas:
-            name = f"net-{label}" if alpha is None else f"net-hybrid-{float(alpha):g}"
-            _print(quiet, f"[qsm_labels] training {name}")
-            t1 = time.perf_counter()
-            est = _estimator(config, int(config["seed"]), label=label, alpha=alpha,
-                             field_weight=float(config["field_weight"])).fit(train, validation=val)
-            timings[name] = time.perf_counter() - t1
-            networks[name] = est
-            histories[name] = est.history_
-    rows, estimates = evaluate_methods(networks, test, train, tkd_threshold=float(config["tkd_threshold"]),
-                                       tikhonov_lambdas=config["tikhonov_lambdas"], tv_lambdas=config["tv_lambdas"])
-    table = pd.DataFrame(rows)
-    _write_csv(out / "results.csv", table)
-    hist_rows = [{"method": n, **r} for n, h in histories.items() for r in h]
-    _write_csv(out / "history.csv", pd.DataFrame(hist_rows))
-    fig = _slices_figure(test, estimates, 0, 2)
-    _save_fig(fig, out / "slices.png")
-    report = ["# QSM label-choice study", "",
-              f"Held-out phantoms: {len(test)} of shape {list(test.chi.shape[1:])}, input: {_field_label(test)}, "
-              f"field noise {test.spec.noise_sigma} ppm, COSMOS from {test.fields.shape[1]} orientations; "
-              "Tikhonov and TV lambdas tuned on the training phantoms.", "",
-              markdown(table),
-              "", "![slices](slices.png)", ""]
-    atomic_write_bytes(out / "report.md", "\n".join(report).encode())
-    timings["total"] = time.perf_counter() - t0
-    _manifest(config, out, {"train": train, "val": val, "test": test}, timings)
-    _print(quiet, table.to_string(index=False))
-    return {"results": rows, "history": hist_rows, "out": str(out), "timings_s": timings,
-            "summary_text": table.to_string(index=False, float_format=lambda v: f"{v:.3f}")}
-
-
-def _field_label(data: QSMPhantomSet) -> str:
-    """What the fields of a table's phantoms are (an unmasked field is always said so)."""
-    return {"local": "masked local fields", "total": "TOTAL fields (background not removed)",
-            "local_unmasked": "UNMASKED local fields (field outside the brain mask given; no real map has it)"}[
-        data.spec.field_kind]
-
-
-def run_activation(config: Mapping, out: Path, quiet: bool = True) -> dict:
-    """Graf et al.'s activation x initial-channels comparison (kind ``qsm_activation``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    config = merge_config(ACTIVATION_DEFAULTS, config, FREE_FORM_KEYS)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    train, val, test = make_phantom_sets(config)
-    timings = {"phantoms": time.perf_counter() - t0}
-    networks, histories = {}, {}
-    for act, slope in config["activations"]:
-        for ch in config["channels"]:
-            name = f"{act}-{int(ch)}"
-            _print(quiet, f"[qsm_activation] training {name}")
-            t1 = time.perf_counter()
-            est = _estimator(config, int(config["seed"]), label=config["label"],
-                             field_weight=float(config["field_weight"]),
-                             unet={"activation": act, "negative_slope": float(slope) if act == "leaky_relu" else 0.2,
-                                   "init_channels": int(ch)}).fit(train, validation=val)
-            timings[name] = time.perf_counter() - t1
-            networks[name] = est
-            histories[name] = est.history_
-    rows, estimates = evaluate_methods(networks, test, train, tkd_threshold=float(config["tkd_threshold"]),
-                                       tikhonov_lambdas=config["tikhonov_lambdas"], tv_lambdas=config["tv_lambdas"],
-                                       include_cosmos=False)
-    table = pd.DataFrame(rows)
-    _write_csv(out / "results.csv", table)
-    hist = pd.DataFrame([{"network": n, **r} for n, h in histories.items() for r in h])
-    _write_csv(out / "history.csv", hist)
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, h in histories.items():
-        ep = [r["epoch"] for r in h]
-        axes[0].plot(ep, [r.get("val_loss", np.nan) for r in h], marker="o", label=name)
-        axes[1].plot(ep, [r.get("val_nrmse", np.nan) for r in h], marker="o", label=name)
-    axes[0].set(xlabel="epoch", ylabel="validation loss", yscale="log")
-    axes[1].set(xlabel="epoch", ylabel="validation NRMSE (%)")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    _save_fig(fig, out / "convergence.png")
-    fig = _slices_figure(test, estimates, 0, int(config["example_slices"]))
-    _save_fig(fig, out / "slices.png")
-    report = ["# QSM activation / channel study (after Graf et al. 2023)", "",
-              f"Label {config['label']!r}; {len(train)} training and {len(test)} held-out phantoms of shape "
-              f"{list(test.chi.shape[1:])}, input: {_field_label(test)}.", "",
-              markdown(table),
-              "", "![convergence](convergence.png)", "", "![slices](slices.png)", ""]
-    atomic_write_bytes(out / "report.md", "\n".join(report).encode())
-    timings["total"] = time.perf_counter() - t0
-    _manifest(config, out, {"train": train, "val": val, "test": test}, timings)
-    _print(quiet, table.to_string(index=False))
-    return {"results": rows, "history": hist.to_dict("records"), "out": str(out), "timings_s": timings,
-            "summary_text": table.to_string(index=False, float_format=lambda v: f"{v:.3f}")}
-
-
-def run(config: Mapping, out: Path, quiet: bool = True) -> dict:
-    """Entry point of the study CLI: dispatch on ``config["kind"]`` (``qsm_labels`` by default)."""
-    kind = config.get("kind", "qsm_labels")
-    if kind == "qsm_labels":
-        return run_labels(config, out, quiet)
-    if kind == "qsm_activation":
-        return run_activation(config, out, quiet)
-    raise ValueError(f"qmri_labels.workflows.qsm handles kinds {KINDS}, got {kind!r}")
-
-
-# -- the shipped models -----------------------------------------------------------------------
 #: name of the shipped QSM network: inputs (field + TV estimate), residual on the TV channel,
 #: leaky-ReLU activation, 16 initial channels; trained on masked local fields
 SHIPPED_MODEL = "qsm_unet_field-tv_residual_lrelu16"
@@ -409,6 +57,7 @@ MODEL_CONFIG: dict[str, Any] = {
     "tv_lambdas": [2e-4, 4e-4, 8e-4],
     "tkd_threshold": 0.19,
 }
+
 
 
 def _command_path(path: Path) -> str:
@@ -452,8 +101,6 @@ def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None,
     all), written once at the end (no checkpoint after each epoch, no ``resume``); the fit
     command's ``--uncertainty`` then writes the SD of chi over the members.
     """
-    from qmri_labels.nets.ensemble import check_n_members
-
     members = check_n_members(members)
     if resume and members > 1:
         raise ValueError("resume continues a single network's checkpoint; an ensemble (members > 1) is written "
@@ -470,7 +117,7 @@ def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None,
         tv_lambda, tv_scores = TV_DEFAULT_LAMBDA, []
         if "tv" in inputs:
             tv_lambda, tv_scores = tune_lambda("tv", train, config["tv_lambdas"])
-            _print(quiet, f"[train-model] TV lambda {tv_lambda:g} (training NRMSE per lambda {tv_scores})")
+            show(quiet, f"[train-model] TV lambda {tv_lambda:g} (training NRMSE per lambda {tv_scores})")
         est = QSMEstimator(label=label, unet=t.pop("unet"), inputs=inputs, seed=int(config["seed"]),
                            tv_lambda=tv_lambda, max_time_s=float(minutes) * 60.0,
                            checkpoint_path=out if members == 1 else None, progress=False, n_members=members, **t)
@@ -496,7 +143,7 @@ def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None,
         command += f" --members {members}" if members > 1 else ""
         command += f" --n-train {int(n_train)}" if n_train is not None else ""
         extra = {
-            "workflow": "qmri_labels.workflows.qsm.train_model",
+            "workflow": "qmri_labels.workflows.qsm.model.train_model",
             "command": command,
             "model_config": config,
             "input_kind": est.input_kind_,
@@ -514,24 +161,7 @@ def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None,
         return {"heldout_metrics": rows, "out": str(out)}
 
 
-def bfr_phantom_set(spec: QSMPhantomSpec, method: str, **options) -> QSMPhantomSet:
-    """The phantoms of ``spec`` with their TOTAL field, background removed by ``method``.
-
-    Same seed, same heads, same noise as ``spec``; the fields become the method's local fields,
-    and chi and the mask are restricted to its eroded mask (what an evaluation after BFR scores).
-    The set records the processing as its ``bfr`` (method and every option).
-    """
-    from qmri_labels.fitting.bfr import bfr_record, remove_background_per_orientation
-
-    record = bfr_record(method, **options)
-    total = spec.replace(field_kind="total").generate()
-    fields, mask = remove_background_per_orientation(method, total.fields, total.mask, total.voxel_size,
-                                                     total.orientations, **options)
-    return QSMPhantomSet(spec=total.spec, chi=(total.chi * mask).astype(np.float32), mask=mask, fields=fields,
-                         orientations=total.orientations, bfr=record)
-
-
-def _phantoms_of(record: Mapping, kind: str, n: int | None = None) -> QSMPhantomSet:
+def phantoms_of(record: Mapping, kind: str, n: int | None = None) -> QSMPhantomSet:
     """The phantoms of a manifest's spec record (``test_spec``, ``train_spec``; its own ``bfr``
     ignored) holding the input ``kind``: ``"local"`` (masked local fields) or ``"bfr:<method>"``
     (the method's default options)."""
@@ -553,8 +183,6 @@ def _same_phantoms(record: Mapping) -> dict:
 
 
 def _rows_text(rows, keys=("nrmse", "xsim", "hfen", "ssim")) -> str:
-    import pandas as pd
-
     table = pd.DataFrame([{"method": r["method"], **{k: r[k] for k in keys}, "lambda": r.get("lambda")}
                           for r in rows])
     return table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
@@ -580,9 +208,6 @@ def compare_with_baselines(by_kind: Mapping[str, list], networks, baselines=("tk
     where the network is better), ``t``, ``p_value``, ``p_adjusted``, ``verdict`` (``"network"``,
     ``"baseline"`` or ``"tie"``).
     """
-    from qmri_labels.analysis.stats import bonferroni
-    from qmri_labels.workflows.common import paired_test
-
     unknown = sorted(set(metrics) - set(METRIC_DIRECTIONS))
     if unknown:
         raise ValueError(f"no direction for metrics {unknown}: choose from {sorted(METRIC_DIRECTIONS)}")
@@ -614,8 +239,6 @@ def compare_with_baselines(by_kind: Mapping[str, list], networks, baselines=("tk
 
 
 def _comparisons_text(rows) -> str:
-    import pandas as pd
-
     keys = ("input", "network", "baseline", "metric", "network_mean", "baseline_mean", "wins", "n", "p_adjusted",
             "verdict")
     return pd.DataFrame([{k: r[k] for k in keys} for r in rows]).to_string(index=False,
@@ -645,9 +268,6 @@ def evaluate_model(paths, bfr_methods=("vsharp",), quiet: bool = False, n_tune: 
     paired t-tests, Bonferroni over all of them); each manifest gets its network's rows as
     ``heldout_comparisons``. Returns ``{input kind: rows of every method}``.
     """
-    from qmri_labels.estimators.bundle import read_manifest
-    from qmri_labels.training.qsm import check_input_kind
-
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if not paths:
         raise ValueError("evaluate_model needs at least one bundle")
@@ -676,15 +296,15 @@ def evaluate_model(paths, bfr_methods=("vsharp",), quiet: bool = False, n_tune: 
         for kind in kinds:
             for est in estimators.values():
                 check_input_kind(est.manifest_, kind, force=True)
-            test = _phantoms_of(first["test_spec"], kind, n=n_test)
-            tune = _phantoms_of(first["train_spec"], kind, n=n_tune)
+            test = phantoms_of(first["test_spec"], kind, n=n_test)
+            tune = phantoms_of(first["train_spec"], kind, n=n_tune)
             rows, _ = evaluate_methods(estimators, test, tune, tkd_threshold=float(config["tkd_threshold"]),
                                        tikhonov_lambdas=config["tikhonov_lambdas"], tv_lambdas=config["tv_lambdas"],
                                        include_cosmos=False, per_phantom=True)
             by_kind[kind] = rows
-            _print(quiet, f"[evaluate-model] {_input_text(kind)}, {len(test)} held-out phantoms:\n{_rows_text(rows)}")
+            show(quiet, f"[evaluate-model] {_input_text(kind)}, {len(test)} held-out phantoms:\n{_rows_text(rows)}")
         comparisons = compare_with_baselines(by_kind, names)
-        _print(quiet, "[evaluate-model] each network against each baseline, phantom by phantom (paired t-tests, "
+        show(quiet, "[evaluate-model] each network against each baseline, phantom by phantom (paired t-tests, "
                       f"Bonferroni over {len(comparisons)}):\n{_comparisons_text(comparisons)}")
         n_heldout = len(test)
         command = ("python -m qmri_labels.workflows.qsm evaluate-model "
@@ -749,7 +369,3 @@ def main(argv=None) -> int:
     else:
         evaluate_model(args.model, tuple(args.bfr), quiet=args.quiet, threads=args.threads, n_test=args.n_test)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
