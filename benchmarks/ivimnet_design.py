@@ -11,7 +11,7 @@ D* at test SNRs 15, 20, 50 and 100, the measure of Kaandorp et al.'s tables::
 
 Methods: ``<design>-<label>`` with design ``default`` (Epstein's MLP), ``ivimnet`` (the
 ``ivimnet`` preset of :data:`qmri_labels.estimators.DESIGN_PRESETS`); ``tuned-<label>`` runs
-:func:`qmri_labels.tuning.tune` for that label with ``--tune`` trials, then retrains the best
+:func:`qmri_labels.search.tuning.tune` for that label with ``--tune`` trials, then retrains the best
 design on every training signal. Writes a JSON with every number.
 
 ``peer-ivimnet`` (optional, never run by default) trains the published IVIM-NET itself, side by
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
         if method.startswith("tuned-"):
             label = method.split("-", 1)[1]
             if method not in designs:
-                from qmri_labels.tuning import tune
+                from qmri_labels.search.tuning import tune
 
                 small = study_spec(args.tune_n, seed=5).generate()  # tuning signals: a smaller draw, same spec
                 found = tune(label, small, n_trials=args.tune, seed=0, criterion=args.criterion,

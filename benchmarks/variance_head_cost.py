@@ -1,6 +1,6 @@
 """What the variance head costs a training, and that it leaves the point estimates alone.
 
-:func:`qmri_labels.tuning.tune` trains its trials without the study's ``uncertainty=
+:func:`qmri_labels.search.tuning.tune` trains its trials without the study's ``uncertainty=
 "variance_head"``: the head is trained at the detached mean, so the point estimates (and both
 tuning criteria) are bit-identical without it. This measures the time that saves, per label,
 with the two trainings interleaved in one process (so background load hits both alike), after a

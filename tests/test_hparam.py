@@ -30,6 +30,11 @@ def no_shared_storage(monkeypatch):
     monkeypatch.delenv(engine.STORAGE_ENV, raising=False)
 
 
+def _tiny_space():
+    return check_space(yaml.safe_load((studies_dir() / "tiny_hparam.yaml").read_text())["search_space"],
+                       hparam.SEARCHABLE)
+
+
 def tiny_config(**changes):
     config = yaml.safe_load((studies_dir() / "tiny_hparam.yaml").read_text())
     config["network"]["max_epochs"] = 2
@@ -104,7 +109,7 @@ def _params_of(trials):
 
 
 def test_trial_draws_depend_on_seed_and_trial_number_only():
-    space = check_space(yaml.safe_load((studies_dir() / "tiny_hparam.yaml").read_text())["search_space"], hparam.SEARCHABLE)
+    space = _tiny_space()
 
     def draws(seed, numbers):
         study = optuna.create_study(sampler=engine.trial_seeded_sampler(seed))
@@ -151,7 +156,7 @@ def test_two_worker_processes_share_one_sqlite_study(tmp_path):
     assert [t.number for t in trials] == list(range(len(trials))) and len(trials) == 4
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     # the points searched are those of one process: trial i's draws depend on (seed, i) only
-    space = check_space(yaml.safe_load((studies_dir() / "tiny_hparam.yaml").read_text())["search_space"], hparam.SEARCHABLE)
+    space = _tiny_space()
     reference = optuna.create_study(sampler=engine.trial_seeded_sampler(0))
     for trial in trials:
         expected = suggest(reference.ask(), space)
@@ -213,7 +218,7 @@ def test_a_killed_worker_s_trial_is_marked_failed_and_run_again(tmp_path):
     assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
     failed = next(t for t in trials if t.number == victim.number)
     assert {k: retries[0].params[k] for k in failed.params} == failed.params
-    space = check_space(yaml.safe_load((studies_dir() / "tiny_hparam.yaml").read_text())["search_space"], hparam.SEARCHABLE)
+    space = _tiny_space()
     reference = optuna.create_study(sampler=engine.trial_seeded_sampler(0))
     draws = [suggest(reference.ask(), space) for _ in range(victim.number + 1)]
     assert retries[0].params == draws[victim.number]

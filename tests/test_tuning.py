@@ -15,7 +15,8 @@ from qmri_labels.search.tuning import DEFAULT_SPACE, tune
 BASE = dict(max_epochs=3, patience=0, accelerator="cpu", devices=1, progress=False, num_threads=1)
 #: a deliberately bad default: a learning rate so small that 3 epochs barely move the weights
 BAD = dict(BASE, lr=1e-6, hidden_layers=1, batch_size=512)
-SPACE = {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "hidden_layers": {"low": 1, "high": 3}, "batch_size": [64, 512]}
+SPACE = {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "hidden_layers": {"low": 1, "high": 3},
+         "batch_size": [64, 512]}
 
 
 @pytest.fixture(scope="module")

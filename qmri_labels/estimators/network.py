@@ -290,7 +290,7 @@ class NetworkEstimator(BaseEstimator):
             and none are given. Rows with non-finite labels are left out of training.
         callbacks : sequence of lightning callbacks
             Further callbacks of every training run (e.g. the pruner of
-            :func:`qmri_labels.tuning.tune`); a callback that sets ``trainer.should_stop``
+            :func:`qmri_labels.search.tuning.tune`); a callback that sets ``trainer.should_stop``
             ends training early, and the best epoch so far is kept.
 
         Returns

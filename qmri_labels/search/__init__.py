@@ -12,4 +12,5 @@ from qmri_labels.search.engine import finished_trials, open_study, run_trials, t
 from qmri_labels.search.space import check_space, suggest
 from qmri_labels.search.tuning import DEFAULT_SPACE, tune
 
-__all__ = ["tune", "DEFAULT_SPACE", "check_space", "suggest", "open_study", "run_trials", "finished_trials", "trial_seeded_sampler"]
+__all__ = ["tune", "DEFAULT_SPACE", "check_space", "suggest", "open_study", "run_trials", "finished_trials",
+           "trial_seeded_sampler"]

@@ -197,8 +197,18 @@ def trial_seeded_sampler(seed: int, algorithm: str = "random", first: Mapping | 
 
 class OrderedMedianPruner(optuna.pruners.BasePruner):
     """Optuna's median rule (:class:`optuna.pruners.MedianPruner`) over the completed trials of
-    lower search index: the same decisions however many processes share the search. Trials of
-    index below ``n_startup_trials`` and steps below ``n_warmup_steps`` are never pruned."""
+    lower search index: the same decisions however many processes share the search.
+
+    Parameters
+    ----------
+    n_startup_trials : int
+        Trials of lower index are never pruned (they set the median).
+    n_warmup_steps : int
+        Steps (epochs) of every trial before pruning.
+    reaper : optional
+        Fails dead workers' trials while waiting for trials of lower index (set by
+        :func:`open_study`; None: nothing is waited for, as in one process).
+    """
 
     def __init__(self, n_startup_trials: int, n_warmup_steps: int, reaper: _Reaper | None = None):
         self.n_startup_trials, self.n_warmup_steps, self.reaper = int(n_startup_trials), int(n_warmup_steps), reaper
@@ -245,7 +255,7 @@ def open_study(storage: str | None, study_name: str | None, seed: int, heartbeat
     optuna.Study
     """
     heartbeat_seconds, retries = int(heartbeat_seconds), int(retries)
-    reaper = _Reaper(2 * heartbeat_seconds, retries, min(5.0, float(heartbeat_seconds))) if storage is not None else None
+    reaper = None if storage is None else _Reaper(2 * heartbeat_seconds, retries, min(5.0, float(heartbeat_seconds)))
     sampler = trial_seeded_sampler(seed, algorithm, first, reaper)
     pruner = (OrderedMedianPruner(*median_pruning, reaper=reaper) if median_pruning is not None
               else optuna.pruners.NopPruner())
@@ -371,7 +381,8 @@ def mark_trial_begun(study, trial) -> None:
 
 def _retry_callback(retries: int):
     """Optuna's callback that queues a failed trial again (renamed in Optuna 4.9)."""
-    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    retry = (getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+             or optuna.storages.RetryFailedTrialCallback)
     return retry(max_retry=int(retries))
 
 

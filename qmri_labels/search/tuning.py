@@ -119,9 +119,21 @@ def _default_trial(base: NetworkEstimator, space: Mapping, n_measurements: int) 
 
 
 def resolve_prune(prune, criterion: str, name: str = "prune") -> bool:
-    """Whether a search with ``criterion`` prunes: ``prune`` True, False or None (prune with
-    ``"val_loss"`` only); ValueError for anything else and for True with another criterion.
-    ``name`` is the setting's name in the error (e.g. ``"tune.prune"`` of a study)."""
+    """Whether a search with ``criterion`` prunes.
+
+    Parameters
+    ----------
+    prune : bool or None
+        None: prune with ``"val_loss"`` only; ValueError for anything else and for True with
+        another criterion.
+    criterion : str
+    name : str
+        The setting's name in the error (e.g. ``"tune.prune"`` of a study).
+
+    Returns
+    -------
+    bool
+    """
     if prune not in (None, True, False):
         raise ValueError(f"{name} must be True, False or None, got {prune!r}")
     if prune and criterion != "val_loss":
@@ -154,8 +166,25 @@ def validation_criteria(estimator: NetworkEstimator, signals, targets: Mapping, 
                         model, protocol) -> dict:
     """Both criteria of a fitted estimator on validation rows.
 
-    ``targets`` holds what the label's loss reads (``theta`` and/or ``mle``); ``theta_true``
-    the simulated truth (``None`` for data without one: ``param_rmse`` is then NaN).
+    Parameters
+    ----------
+    estimator : NetworkEstimator
+        Fitted.
+    signals : ndarray (N, M)
+    targets : mapping
+        What the label's loss reads: ``theta`` and/or ``mle``, (N, P) each.
+    theta_true : ndarray (N, P) or None
+        The simulated truth (None for data without one: ``param_rmse`` is then NaN).
+    support : ndarray (2, P)
+        The prior's support (the normalisation of both criteria).
+    model : SignalModel
+    protocol : array
+        The b-values (or other protocol) of ``signals``.
+
+    Returns
+    -------
+    dict
+        ``val_loss`` and ``param_rmse``.
     """
     pred = estimator.predict(signals)
     normalisation = ParameterNormalisation.from_support(support, model.param_names)
@@ -293,7 +322,8 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
             raise ValueError(f"mle_labels must have shape {dataset.theta_true.shape}, got {labels['mle'].shape}")
     y_fit = None
     if labels:
-        y_fit = {k: v[fit_rows] for k, v in labels.items()} if len(labels) > 1 else next(iter(labels.values()))[fit_rows]
+        y_fit = ({k: v[fit_rows] for k, v in labels.items()} if len(labels) > 1
+                 else next(iter(labels.values()))[fit_rows])
     val_targets = {{"gt": "theta", "mle": "mle"}[k]: v[val_rows] for k, v in labels.items()}
     support = dataset.prior_support
 

@@ -53,7 +53,15 @@ from qmri_labels.fileio import write_json, write_text
 from qmri_labels.search.engine import STORAGE_ENV, finished_trials, open_study, run_trials, safe_url
 from qmri_labels.search.space import check_space, suggest
 from qmri_labels.training.reproducibility import DeterminismSettings
-from qmri_labels.workflows.common import markdown, merge_config, paired_test, per_sample_l2, run_manifest, say, write_csv
+from qmri_labels.workflows.common import (
+    markdown,
+    merge_config,
+    paired_test,
+    per_sample_l2,
+    run_manifest,
+    say,
+    write_csv,
+)
 
 DEFAULTS: dict = {
     "kind": "hparam",
@@ -110,8 +118,23 @@ def _validation_split(config, definition, train_seed: int):
     return load_dataset(definition, "train", seed=train_seed + 1_000_003, **n)
 
 
-def run(config: Mapping, out: Path, quiet: bool = False) -> dict:
-    """Run the search and the reference-vs-tuned comparison (see the module docstring)."""
+def run(config: Mapping | None, out: Path, quiet: bool = False) -> dict:
+    """Run the search and the reference-vs-tuned comparison (see the module docstring).
+
+    Parameters
+    ----------
+    config : mapping or None
+        Entries over :data:`DEFAULTS` (a key it does not have is an error).
+    out : Path
+        Results folder.
+    quiet : bool
+
+    Returns
+    -------
+    dict
+        ``out``, ``trials``, ``summary_text``, ``manifest``; for the comparison run also
+        ``best_params``, ``comparison``, ``ttest`` and ``figure``.
+    """
     return run_resolved(resolve_config(config), out, quiet)
 
 
@@ -133,7 +156,22 @@ def check_config(config: dict) -> dict:
 
 
 def run_resolved(config: Mapping, out: Path, quiet: bool = False) -> dict:
-    """:func:`run` of a configuration that :func:`resolve_config` made."""
+    """:func:`run` of a configuration that :func:`resolve_config` (or :func:`check_config` of a
+    merged one) made: nothing is merged again.
+
+    Parameters
+    ----------
+    config : mapping
+        The complete configuration.
+    out : Path
+        Results folder.
+    quiet : bool
+
+    Returns
+    -------
+    dict
+        As :func:`run`.
+    """
     t0, started = time.perf_counter(), time.time()
     space = check_space(config["search_space"], SEARCHABLE)
     n_trials = int(config["n_trials"])

@@ -262,6 +262,14 @@ def run(config: Mapping | None, out: Path, quiet: bool = False) -> dict:
     """Run the label comparison described by ``config`` (merged over :data:`DEFAULTS`) and write
     the results into ``out``.
 
+    Parameters
+    ----------
+    config : mapping or None
+        Entries over :data:`DEFAULTS` (a key it does not have is an error).
+    out : Path
+        Results folder.
+    quiet : bool
+
     Returns
     -------
     dict with ``summary`` (DataFrame), ``heldout`` (DataFrame), ``manifest`` (dict),
@@ -271,7 +279,22 @@ def run(config: Mapping | None, out: Path, quiet: bool = False) -> dict:
 
 
 def run_resolved(cfg: Mapping, out: Path, quiet: bool = False) -> dict:
-    """:func:`run` of a configuration that :func:`resolve_config` made."""
+    """:func:`run` of a configuration that :func:`resolve_config` (or :func:`check_config` of a
+    merged one) made: nothing is merged again.
+
+    Parameters
+    ----------
+    cfg : mapping
+        The complete configuration.
+    out : Path
+        Results folder.
+    quiet : bool
+
+    Returns
+    -------
+    dict
+        As :func:`run`.
+    """
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

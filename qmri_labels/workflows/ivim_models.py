@@ -22,13 +22,29 @@ def shipped_name(method: str, prefix: str = "ivim_epstein_snr30_") -> str:
 
 def export_networks(run_dir: str | Path, dest: str | Path | None = None, prefix: str = "ivim_epstein_snr30_",
                     methods=None) -> list[Path]:
-    """Copy the verified network bundles of a study run into ``dest`` (default: ``models/``),
-    each with its model card (``MODEL_CARD.md``, made from its manifest).
+    """Copy the verified network bundles of a study run into ``dest``, each with its model card
+    (``MODEL_CARD.md``, made from its manifest).
 
     This is how the shipped networks were made::
 
         python -m qmri_labels.study --alpha 0.5 --out runs/shipped
         python -c "from qmri_labels.workflows.ivim_models import export_networks; export_networks('runs/shipped')"
+
+    Parameters
+    ----------
+    run_dir : path
+        A label study's results folder (its ``networks/net-*`` bundles).
+    dest : path or None
+        Where they go (None: the package's ``models/``).
+    prefix : str
+        Prefix of the shipped names (:func:`shipped_name`).
+    methods : sequence of str or None
+        Only these bundles (None: every ``net-*``).
+
+    Returns
+    -------
+    list of Path
+        The folders written.
     """
     run_dir = Path(run_dir)
     dest = Path(dest) if dest is not None else paths.models_dir()

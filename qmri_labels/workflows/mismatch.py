@@ -90,12 +90,40 @@ QSM_TRAINING: dict = {"label": "gt", "preset": "graf", "unet": {"levels": 3, "in
 
 
 def run(config: Mapping | None, out: Path, quiet: bool = False) -> dict:
-    """Run the mismatch study; see the module docstring for what is written under ``out``."""
+    """Run the mismatch study; see the module docstring for what is written under ``out``.
+
+    Parameters
+    ----------
+    config : mapping or None
+        Entries over :data:`DEFAULTS` (a key it does not have is an error).
+    out : Path
+        Results folder.
+    quiet : bool
+
+    Returns
+    -------
+    dict
+        ``matrix``, ``ttests``, ``findings``, ``figure``, ``summary_text``, ``manifest`` and ``out``.
+    """
     return run_resolved(merge_config(DEFAULTS, config, FREE_FORM_KEYS), out, quiet)
 
 
 def run_resolved(config: Mapping, out: Path, quiet: bool = False) -> dict:
-    """:func:`run` of a configuration already merged over :data:`DEFAULTS`."""
+    """:func:`run` of a configuration merged over :data:`DEFAULTS`: nothing is merged again.
+
+    Parameters
+    ----------
+    config : mapping
+        The complete configuration.
+    out : Path
+        Results folder.
+    quiet : bool
+
+    Returns
+    -------
+    dict
+        As :func:`run`.
+    """
     t0 = time.perf_counter()
     started = time.time()
     names = config["datasets"]

@@ -62,7 +62,20 @@ class Workflow:
         return self.checker(config) if self.checker is not None else config
 
     def run(self, config: Mapping, out: Path, quiet: bool = False) -> dict:
-        """Run a configuration that :meth:`check` returned; writes into ``out``."""
+        """Run a configuration that :meth:`check` returned.
+
+        Parameters
+        ----------
+        config : mapping
+        out : Path
+            Results folder.
+        quiet : bool
+
+        Returns
+        -------
+        dict
+            The workflow's results (tables, ``summary_text``, ``manifest``, ...).
+        """
         return self.runner(config, Path(out), quiet)
 
 

@@ -147,12 +147,41 @@ def _first_divergence(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run(config: Mapping | None, out: Path, quiet: bool = False) -> dict:
-    """Run the reproducibility study (see the module docstring)."""
+    """Run the reproducibility study (see the module docstring).
+
+    Parameters
+    ----------
+    config : mapping or None
+        Entries over :data:`DEFAULTS` (a key it does not have is an error).
+    out : Path
+        Results folder.
+    quiet : bool
+
+    Returns
+    -------
+    dict
+        ``baseline``, ``training``, ``inference``, ``per_repeat``, ``skipped``, ``figures``,
+        ``summary_text``, ``manifest`` and ``out``.
+    """
     return run_resolved(merge_config(DEFAULTS, config, FREE_FORM_KEYS), out, quiet)
 
 
 def run_resolved(config: Mapping, out: Path, quiet: bool = False) -> dict:
-    """:func:`run` of a configuration already merged over :data:`DEFAULTS`."""
+    """:func:`run` of a configuration merged over :data:`DEFAULTS`: nothing is merged again.
+
+    Parameters
+    ----------
+    config : mapping
+        The complete configuration.
+    out : Path
+        Results folder.
+    quiet : bool
+
+    Returns
+    -------
+    dict
+        As :func:`run`.
+    """
     t0, started = time.perf_counter(), time.time()
     steps, repeats = int(config["steps"]), int(config["repeats"])
     if steps < 1 or repeats < 1:

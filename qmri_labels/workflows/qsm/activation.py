@@ -42,12 +42,40 @@ DEFAULTS["phantom"]["n_orientations"] = 1
 
 
 def run(config: Mapping | None, out: Path, quiet: bool = True) -> dict:
-    """The activation x initial-channels comparison of ``config`` (merged over :data:`DEFAULTS`)."""
+    """Run the activation study of ``config`` (merged over :data:`DEFAULTS`).
+
+    Parameters
+    ----------
+    config : mapping or None
+        Entries over :data:`DEFAULTS` (a key it does not have is an error).
+    out : Path
+        Results folder: results.csv, history.csv, report.md, figures, manifest.json.
+    quiet : bool
+
+    Returns
+    -------
+    dict
+        ``results`` (rows per method), ``history``, ``out``, ``timings_s``, ``summary_text``.
+    """
     return run_resolved(merge_config(DEFAULTS, config, FREE_FORM_KEYS), out, quiet)
 
 
 def run_resolved(config: Mapping, out: Path, quiet: bool = True) -> dict:
-    """:func:`run` of a configuration already merged over :data:`DEFAULTS`."""
+    """:func:`run` of a configuration merged over :data:`DEFAULTS`: nothing is merged again.
+
+    Parameters
+    ----------
+    config : mapping
+        The complete configuration.
+    out : Path
+        Results folder.
+    quiet : bool
+
+    Returns
+    -------
+    dict
+        As :func:`run`.
+    """
     # pyplot is imported when a figure is drawn, after the backend is chosen
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

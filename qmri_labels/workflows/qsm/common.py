@@ -45,10 +45,12 @@ FREE_FORM_KEYS = ("phantom", "training")
 
 
 def write_table(path: Path, df) -> None:
+    """``df`` as CSV at ``path`` (atomically)."""
     atomic_write_bytes(path, df.to_csv(index=False).encode())
 
 
 def save_png(fig, path: Path) -> None:
+    """``fig`` as PNG at ``path`` (atomically)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     atomic_write_bytes(path, buf.getvalue())
@@ -74,7 +76,19 @@ def bfr_phantom_set(spec: QSMPhantomSpec, method: str, **options) -> QSMPhantomS
 
     Same seed, same heads, same noise as ``spec``; the fields become the method's local fields,
     and chi and the mask are restricted to its eroded mask (what an evaluation after BFR scores).
-    The set records the processing as its ``bfr`` (method and every option).
+
+    Parameters
+    ----------
+    spec : QSMPhantomSpec
+    method : str
+        A method of :mod:`qmri_labels.fitting.bfr`.
+    **options
+        The method's options.
+
+    Returns
+    -------
+    QSMPhantomSet
+        Recording the processing as its ``bfr`` (method and every option).
     """
     record = bfr_record(method, **options)
     total = spec.replace(field_kind="total").generate()
@@ -108,12 +122,27 @@ def _invert(method: str, data: QSMPhantomSet, lam: float, **options) -> np.ndarr
 
 def tune_lambda(method: str, data: QSMPhantomSet, lambdas, n_phantoms: int | None = 4,
                 **options) -> tuple[float, list[float]]:
-    """The regularisation weight of ``method`` ("tikhonov" or "tv") with the lowest mean NRMSE.
+    """The regularisation weight of ``method`` with the lowest mean NRMSE.
 
     Tune on TRAINING phantoms (never the test ones): a baseline tuned on the test set would be
-    favoured unfairly, one left untuned would be handicapped. ``n_phantoms`` limits the tuning to
-    the first phantoms (None: all); ``options`` go to the inversion (e.g. ``max_iter`` of TV).
-    Returns ``(best, mean NRMSE per lambda)``.
+    favoured unfairly, one left untuned would be handicapped.
+
+    Parameters
+    ----------
+    method : {"tikhonov", "tv"}
+    data : QSMPhantomSet
+        Training phantoms.
+    lambdas : float or sequence of float
+    n_phantoms : int or None
+        Tune on the first phantoms only (None: all).
+    **options
+        Options of the inversion (e.g. ``max_iter`` of TV).
+
+    Returns
+    -------
+    best : float
+    scores : list of float
+        Mean NRMSE per lambda (NaN when there was one lambda to choose from).
     """
     lambdas = [float(v) for v in (lambdas if not np.isscalar(lambdas) else [lambdas])]
     if not lambdas:
@@ -139,11 +168,27 @@ def evaluate_methods(networks: Mapping[str, QSMEstimator], test: QSMPhantomSet, 
                      include_tv: bool = True, per_phantom: bool = False) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Metrics (mean over test phantoms) of each network and of TKD, Tikhonov, TV and COSMOS.
 
-    The lambdas of Tikhonov and TV are tuned on ``tune_on`` (pass TRAINING phantoms; lowest
-    mean NRMSE, :func:`tune_lambda`); without it the first of each list is used.
-    Returns a list of rows ``{"method", "nrmse", ...}`` and the estimates per method; with
-    ``per_phantom`` each row also holds ``"per_phantom": {metric: [value per test phantom]}``
-    (to tell a margin from the spread between phantoms).
+    Parameters
+    ----------
+    networks : mapping of name -> QSMEstimator
+    test : QSMPhantomSet
+    tune_on : QSMPhantomSet or None
+        Phantoms the lambdas of Tikhonov and TV are tuned on (pass TRAINING phantoms; lowest
+        mean NRMSE, :func:`tune_lambda`); None: the first of each list is used.
+    tkd_threshold : float
+    tikhonov_lambdas, tv_lambdas : sequence of float
+    include_cosmos : bool
+        COSMOS too, where the phantoms have three orientations or more.
+    include_tv : bool
+    per_phantom : bool
+        Each row also holds ``"per_phantom": {metric: [value per test phantom]}`` (to tell a
+        margin from the spread between phantoms).
+
+    Returns
+    -------
+    rows : list of dict
+        ``{"method", "nrmse", ...}`` per method (``"lambda"`` for the tuned baselines).
+    estimates : dict of method -> ndarray
     """
     b0 = test.orientations[0]
     estimates: dict[str, np.ndarray] = {}
@@ -174,6 +219,20 @@ def evaluate_methods(networks: Mapping[str, QSMEstimator], test: QSMPhantomSet, 
 
 
 def study_estimator(config: Mapping, seed: int, **overrides) -> QSMEstimator:
+    """The unfitted network of a study.
+
+    Parameters
+    ----------
+    config : mapping
+        The study's configuration (its ``training`` entries).
+    seed : int
+    **overrides
+        QSMEstimator keywords over ``training`` (``unet`` entries are merged key by key).
+
+    Returns
+    -------
+    QSMEstimator
+    """
     t = dict(config["training"])
     unet = dict(t.pop("unet", {}) or {})
     unet.update(overrides.pop("unet", {}))
@@ -183,6 +242,21 @@ def study_estimator(config: Mapping, seed: int, **overrides) -> QSMEstimator:
 
 
 def slices_figure(test: QSMPhantomSet, estimates: Mapping[str, np.ndarray], index: int = 0, n_slices: int = 3):
+    """Slices of one test phantom: the truth, each method's estimate and its difference to the truth.
+
+    Parameters
+    ----------
+    test : QSMPhantomSet
+    estimates : mapping of method -> ndarray (N, X, Y, Z)
+    index : int
+        The phantom shown.
+    n_slices : int
+        Axial slices, spread over the middle 40 % of the volume.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
     # pyplot is imported when a figure is drawn, after the backend is chosen
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -211,11 +285,29 @@ def slices_figure(test: QSMPhantomSet, estimates: Mapping[str, np.ndarray], inde
 
 
 def show(quiet: bool, *args):
+    """Print ``args`` unless ``quiet`` (the QSM commands' tables go to stdout)."""
     if not quiet:
         print(*args, flush=True)
 
 
 def write_manifest(config, out, data, timings, extra=None) -> dict:
+    """Write a QSM study's ``manifest.json``.
+
+    Parameters
+    ----------
+    config : mapping
+    out : Path
+    data : mapping of name -> QSMPhantomSet
+        Their fingerprints are recorded.
+    timings : mapping of step -> seconds
+    extra : mapping or None
+        More entries.
+
+    Returns
+    -------
+    dict
+        The manifest written.
+    """
     man = {
         "config": config,
         "seed": int(config["seed"]),

@@ -38,13 +38,40 @@ DEFAULTS: dict[str, Any] = {
 
 
 def run(config: Mapping | None, out: Path, quiet: bool = True) -> dict:
-    """The label study of ``config`` (merged over :data:`DEFAULTS`); writes results.csv, history.csv,
-    report.md and figures into ``out``."""
+    """Run the label study of ``config`` (merged over :data:`DEFAULTS`).
+
+    Parameters
+    ----------
+    config : mapping or None
+        Entries over :data:`DEFAULTS` (a key it does not have is an error).
+    out : Path
+        Results folder: results.csv, history.csv, report.md, figures, manifest.json.
+    quiet : bool
+
+    Returns
+    -------
+    dict
+        ``results`` (rows per method), ``history``, ``out``, ``timings_s``, ``summary_text``.
+    """
     return run_resolved(merge_config(DEFAULTS, config, FREE_FORM_KEYS), out, quiet)
 
 
 def run_resolved(config: Mapping, out: Path, quiet: bool = True) -> dict:
-    """:func:`run` of a configuration already merged over :data:`DEFAULTS`."""
+    """:func:`run` of a configuration merged over :data:`DEFAULTS`: nothing is merged again.
+
+    Parameters
+    ----------
+    config : mapping
+        The complete configuration.
+    out : Path
+        Results folder.
+    quiet : bool
+
+    Returns
+    -------
+    dict
+        As :func:`run`.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

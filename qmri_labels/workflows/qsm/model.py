@@ -100,6 +100,26 @@ def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None,
     seeded with ``seed + k``), each member for up to ``minutes`` (about M times the time in
     all), written once at the end (no checkpoint after each epoch, no ``resume``); the fit
     command's ``--uncertainty`` then writes the SD of chi over the members.
+
+    Parameters
+    ----------
+    out : Path
+        The bundle folder.
+    minutes : float
+        Training time (per member).
+    config : mapping or None
+        Entries over :data:`MODEL_CONFIG`.
+    quiet : bool
+    resume : bool
+    bfr : str or None
+    threads : int or None
+    members : int
+    n_train : int or None
+
+    Returns
+    -------
+    dict
+        ``heldout_metrics`` (rows of every method) and ``out``.
     """
     members = check_n_members(members)
     if resume and members > 1:
@@ -162,9 +182,21 @@ def train_model(out: Path, minutes: float = 30.0, config: Mapping | None = None,
 
 
 def phantoms_of(record: Mapping, kind: str, n: int | None = None) -> QSMPhantomSet:
-    """The phantoms of a manifest's spec record (``test_spec``, ``train_spec``; its own ``bfr``
-    ignored) holding the input ``kind``: ``"local"`` (masked local fields) or ``"bfr:<method>"``
-    (the method's default options)."""
+    """The phantoms of a manifest's spec record holding the input ``kind``.
+
+    Parameters
+    ----------
+    record : mapping
+        A bundle manifest's ``test_spec`` or ``train_spec`` (its own ``bfr`` ignored).
+    kind : str
+        ``"local"`` (masked local fields) or ``"bfr:<method>"`` (the method's default options).
+    n : int or None
+        Number of phantoms (None: the record's; the first ``n`` of a seed are always the same).
+
+    Returns
+    -------
+    QSMPhantomSet
+    """
     spec = QSMPhantomSpec.from_dict({k: v for k, v in record.items() if k != "bfr"})
     if n is not None:
         spec = spec.replace(n=int(n))
@@ -202,11 +234,25 @@ def compare_with_baselines(by_kind: Mapping[str, list], networks, baselines=("tk
     Bonferroni over every comparison of the call (networks x baselines x metrics x input kinds).
     A mean that is better by less than the phantom-to-phantom noise of the difference is a tie.
 
-    Returns one row per comparison: ``input``, ``network``, ``baseline``, ``metric``, ``better``
-    (``"lower"``/``"higher"``), ``n``, ``network_mean``, ``baseline_mean``, ``mean_diff`` (network
-    minus baseline), ``ci_low``/``ci_high`` (uncorrected 95 % t-interval of it), ``wins`` (phantoms
-    where the network is better), ``t``, ``p_value``, ``p_adjusted``, ``verdict`` (``"network"``,
-    ``"baseline"`` or ``"tie"``).
+    Parameters
+    ----------
+    by_kind : mapping of input kind -> rows
+    networks : sequence of str
+        Method names of the networks.
+    baselines : sequence of str
+    metrics : sequence of str
+        Keys of :data:`METRIC_DIRECTIONS`.
+    alpha : float
+        Significance level after the correction.
+
+    Returns
+    -------
+    list of dict
+        One row per comparison: ``input``, ``network``, ``baseline``, ``metric``, ``better``
+        (``"lower"``/``"higher"``), ``n``, ``network_mean``, ``baseline_mean``, ``mean_diff``
+        (network minus baseline), ``ci_low``/``ci_high`` (uncorrected 95 % t-interval of it),
+        ``wins`` (phantoms where the network is better), ``t``, ``p_value``, ``p_adjusted``,
+        ``verdict`` (``"network"``, ``"baseline"`` or ``"tie"``).
     """
     unknown = sorted(set(metrics) - set(METRIC_DIRECTIONS))
     if unknown:
@@ -266,7 +312,23 @@ def evaluate_model(paths, bfr_methods=("vsharp",), quiet: bool = False, n_tune: 
     phantoms cannot tell a margin from the spread between heads. Every network is compared with
     TKD, Tikhonov and TV phantom by phantom in NRMSE and XSIM (:func:`compare_with_baselines`:
     paired t-tests, Bonferroni over all of them); each manifest gets its network's rows as
-    ``heldout_comparisons``. Returns ``{input kind: rows of every method}``.
+    ``heldout_comparisons``.
+
+    Parameters
+    ----------
+    paths : path or sequence of paths
+        Bundle folders.
+    bfr_methods : sequence of str
+    quiet : bool
+    n_tune : int
+    threads : int or None
+        Torch CPU threads (None: torch's default).
+    n_test : int or None
+
+    Returns
+    -------
+    dict
+        ``{input kind: rows of every method}``.
     """
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if not paths:
