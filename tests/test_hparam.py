@@ -152,8 +152,8 @@ def test_two_worker_processes_share_one_sqlite_study(tmp_path):
         assert w.returncode == 0, err[-3000:]
     study = optuna.load_study(study_name="shared", storage=storage)
     trials = study.get_trials()
-    # every trial recorded once, all finished; the budget is the whole study's (no worker adds one over it)
-    assert [t.number for t in trials] == list(range(len(trials))) and len(trials) == 4
+    # every trial recorded once, all finished; two workers finishing together may add one over the budget
+    assert [t.number for t in trials] == list(range(len(trials))) and len(trials) in (4, 5)
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     # the points searched are those of one process: trial i's draws depend on (seed, i) only
     space = _tiny_space()
@@ -169,8 +169,9 @@ def test_two_worker_processes_share_one_sqlite_study(tmp_path):
                         quiet=True)
     assert result["manifest"]["optuna"]["trials_here"] == 0
     assert result["manifest"]["optuna"]["trials_in_study"] == len(trials)
+    # ... the search's result is its first n_trials trials, as for one process alone
     best = json.loads((tmp_path / "final" / "best_params.json").read_text())
-    assert best["validation_l2"] == min(t.value for t in trials)
+    assert best["validation_l2"] == min(t.value for t in trials[:4])
 
 
 def test_a_killed_worker_s_trial_is_marked_failed_and_run_again(tmp_path):

@@ -16,7 +16,9 @@ processes ran it or which ran what:
   completed trials of lower index at the same step (waiting, as above, for those still running).
 * **A budget of trials** (:func:`run_trials`): processes take trials until ``n_trials`` of them
   are taken (complete, pruned or running; a trial that failed for good is replaced), so a rerun
-  with a larger budget resumes and two processes never run more than one alone would.
+  with a larger budget resumes. Processes that look at the same moment may each take one more;
+  the search's result is its first ``n_trials`` finished trials in index order
+  (:func:`finished_trials`), which later trials cannot change.
 * **Heartbeats**: a running trial of a shared store beats every ``heartbeat_seconds``; a trial
   whose process was killed is failed once its heartbeat is two intervals old, or, if it died
   before its first beat, once it has run ``grace_seconds`` without being marked begun
@@ -54,8 +56,6 @@ __all__ = ["STORAGE_ENV", "STARTED_ATTR", "ALGORITHMS", "TPE_STARTUP_TRIALS", "t
 STORAGE_ENV = "QMRI_LABELS_OPTUNA_STORAGE"
 #: user attribute a trial's objective sets first (to its own number), see :func:`mark_trial_begun`
 STARTED_ATTR = "objective_started"
-#: user attribute of a trial taken when the budget was already spent (by a process that raced another)
-OVER_BUDGET_ATTR = "over_budget"
 ALGORITHMS = ("random", "tpe")
 #: trials a TPE search draws at random before it models the finished ones (Optuna's default)
 TPE_STARTUP_TRIALS = 10
@@ -80,8 +80,7 @@ def _grouped(trials) -> dict[int, list[FrozenTrial]]:
     index = _indices(trials)
     groups: dict[int, list[FrozenTrial]] = {}
     for t in trials:
-        if not t.user_attrs.get(OVER_BUDGET_ATTR):
-            groups.setdefault(index[t.number], []).append(t)
+        groups.setdefault(index[t.number], []).append(t)
     return groups
 
 
@@ -118,7 +117,7 @@ class _Earlier:
         while True:
             trials = study.get_trials(deepcopy=False)
             index_of = _indices(trials)
-            earlier = [t for t in trials if index_of[t.number] < index and not t.user_attrs.get(OVER_BUDGET_ATTR)]
+            earlier = [t for t in trials if index_of[t.number] < index]
             if reaper is None or not any(t.state == TrialState.RUNNING for t in earlier):
                 break
             reaper(study)
@@ -306,7 +305,8 @@ def run_trials(study, objective: Callable, n_trials: int, finish: bool, poll_sec
         its ``worker`` user attribute names the host and process that ran it.
     n_trials : int
         The budget of the whole search: trials taken by every process together (a trial that
-        failed for good is replaced; one queued again after a failure is run on top).
+        failed for good is replaced; one queued again after a failure is run on top; processes
+        that look at the same moment may each take one more).
     finish : bool
         Afterwards wait until no trial of the study runs (trials of killed workers are failed
         meanwhile) and run the trials queued again after a failure, so that the search is
@@ -330,15 +330,6 @@ def run_trials(study, objective: Callable, n_trials: int, finish: bool, poll_sec
     def marked(trial):
         mark_trial_begun(study, trial)
         trial.set_user_attr("worker", worker)
-        trials = study.get_trials(deepcopy=False)
-        frozen = next(t for t in trials if t.number == trial.number)
-        if "failed_trial" not in frozen.system_attrs:
-            index = _indices(trials)[trial.number]
-            below = [i for i, attempts in _grouped(trials).items()
-                     if i < index and any(t.state in _ALIVE for t in attempts)]
-            if len(below) >= n_trials:  # another process took the last trial of the budget meanwhile
-                trial.set_user_attr(OVER_BUDGET_ATTR, True)
-                raise optuna.TrialPruned()
         return objective(trial)
 
     with warnings.catch_warnings():
