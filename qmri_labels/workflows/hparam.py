@@ -223,18 +223,22 @@ def run_resolved(config: Mapping, out: Path, quiet: bool = False) -> dict:
                      poll_seconds=min(5.0, float(config["heartbeat_seconds"])),
                      grace_seconds=2 * int(config["heartbeat_seconds"]), retries=int(config["failed_trial_retries"]))
     trials = study.trials_dataframe()
-    # only trials scored on this validation data count (a shared store may hold others)
-    complete = [t for _, t in finished_trials(study, n_trials) if t.state == optuna.trial.TrialState.COMPLETE
+
+    def scored(rows):  # only trials scored on this validation data count (a shared store may hold others)
+        return [t for _, t in rows if t.state == optuna.trial.TrialState.COMPLETE
                 and t.user_attrs.get("validation_fingerprint") == validation.fingerprint]
+
+    # the search's result: its first n_trials trials, whoever ran them (workers may have run more)
+    complete = scored(finished_trials(study, n_trials))
     write_csv(out / "trials.csv", trials)
     optuna_record = {"storage": safe_url(storage), "study_name": study_name, "sampler": "TrialSeededRandomSampler",
                      "worker": worker, "worker_id": worker_id, "trials_here": ran,
-                     "trials_in_study": len(complete)}
+                     "trials_in_study": len(scored(finished_trials(study))), "trials_compared": len(complete)}
     if worker:
         manifest = run_manifest("hparam", config, started, t0, data_fingerprints=fingerprints, optuna=optuna_record)
         write_json(out / "manifest.json", manifest)
-        summary = (f"worker {worker_id}: ran {ran} trials; study {study_name!r} holds {len(complete)} completed "
-                   f"of {n_trials}")
+        summary = (f"worker {worker_id}: ran {ran} trials; study {study_name!r} holds "
+                   f"{optuna_record['trials_in_study']} completed of {n_trials}")
         say(quiet, summary)
         return {"out": str(out), "trials": trials, "summary_text": summary, "manifest": manifest}
     if not complete:
