@@ -172,7 +172,8 @@ def validation_criteria(estimator: NetworkEstimator, signals, targets: Mapping, 
         Fitted.
     signals : ndarray (N, M)
     targets : mapping
-        What the label's loss reads: ``theta`` and/or ``mle``, (N, P) each.
+        What the label's loss reads: ``theta`` and/or ``mle``, (N, P) each, and for the
+        bias-reduced loss ``draws``, (N, K, M) noise draws of each signal.
     theta_true : ndarray (N, P) or None
         The simulated truth (None for data without one: ``param_rmse`` is then NaN).
     support : ndarray (2, P)
@@ -219,7 +220,7 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
 
     Parameters
     ----------
-    label : {"gt", "mle", "self", "hybrid"}
+    label : {"gt", "mle", "self", "hybrid", "mle_approx", "bias_reduced"}
     dataset : Dataset
         Training data. ``validation_fraction`` of its rows (drawn with ``seed``) score the
         trials; the rest train them. The evaluation grid is never seen.
@@ -296,7 +297,7 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
     headless = trial_params["uncertainty"] == "variance_head"
     if headless:
         trial_params["uncertainty"] = None
-    weights = resolve_weights(label, alpha)
+    weights = resolve_weights(label, alpha, base.get("weights"))
 
     model = dataset.model
     n, m = dataset.signals.shape
@@ -311,12 +312,12 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
     if len(fit_rows) < 2:
         raise ValueError(f"dataset of {n} rows is too small for a validation fraction of {validation_fraction}")
     labels = {}
-    if weights["gt"] > 0:
+    if weights["gt"] > 0 or weights.get("bias", 0) > 0:
         labels["gt"] = dataset.theta_true
     if weights["mle"] > 0:
         if mle_labels is None:
             mle_labels = compute_mle_labels(dataset, progress=False,
-                                            **dict(mle_options or base.get("mle_options") or {}))
+                                            **label_mle_options(label, mle_options or base.get("mle_options") or {}))
         labels["mle"] = np.asarray(getattr(mle_labels, "params", mle_labels), dtype=np.float32)
         if labels["mle"].shape != dataset.theta_true.shape:
             raise ValueError(f"mle_labels must have shape {dataset.theta_true.shape}, got {labels['mle'].shape}")
@@ -325,12 +326,20 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
         y_fit = ({k: v[fit_rows] for k, v in labels.items()} if len(labels) > 1
                  else next(iter(labels.values()))[fit_rows])
     val_targets = {{"gt": "theta", "mle": "mle"}[k]: v[val_rows] for k, v in labels.items()}
+    # bias_reduced: noise draws around each true signal, the training's own (from the fit's
+    # seed) and the validation rows' (from the tuning seed); the fit needs the noise level
+    fit_sigma = dataset.sigma[fit_rows] if weights.get("bias", 0) > 0 else None
+    if fit_sigma is not None:
+        val_targets["draws"] = noise_draws(dataset.signals[val_rows], dataset.theta_true[val_rows],
+                                           dataset.sigma[val_rows], dataset.protocol, model, dataset.spec.noise,
+                                           noise_draw_count(label, base.get("weights")),
+                                           seed=[int(seed), DRAWS_SEED_STREAM])
     support = dataset.prior_support
 
     def fit(params, callbacks=()):
         estimator = NetworkEstimator(**{**trial_params, **params})
         estimator.fit(dataset.signals[fit_rows], y_fit, protocol=dataset.protocol, bounds=support,
-                      model=model.name, callbacks=list(callbacks))
+                      model=model.name, sigma=fit_sigma, callbacks=list(callbacks))
         return estimator
 
     # the best trial run in this process, (value, search index, estimator): another one's is trained again
@@ -393,7 +402,8 @@ def tune(label: str, dataset: Dataset, n_trials: int = 20, seed: int = 0, criter
     best_params = best_record["params"]
     if headless and refit:
         estimator = NetworkEstimator(**{**base_estimator.get_params(), **best_params})
-        estimator.fit(dataset.signals[fit_rows], y_fit, protocol=dataset.protocol, bounds=support, model=model.name)
+        estimator.fit(dataset.signals[fit_rows], y_fit, protocol=dataset.protocol, bounds=support, model=model.name,
+                      sigma=fit_sigma)
     elif local["key"] == (best_value, best_index):
         estimator = local["estimator"]
     else:  # another process ran the best trial: the same training gives the same network
