@@ -186,12 +186,12 @@ def test_bias_reduced_on_arrays_needs_the_truth_and_sigma(ivim_set):
 
 @pytest.mark.parametrize("label", ["mle_approx", "bias_reduced"])
 def test_the_new_labels_tune(label, ivim_set):
-    from qmri_labels.tuning import tune
+    from qmri_labels.search.tuning import tune
 
     data = ivim_set(n=400, seed=0)
     base = dict(max_epochs=2, patience=1, progress=False, num_threads=1, mle_options={"n_starts": 1},
                 weights={"draws": 3} if label == "bias_reduced" else None)
-    est = tune(label, data, n_trials=2, seed=0, base=base, space={"lr": ("logfloat", 1e-4, 1e-2)})
+    est = tune(label, data, n_trials=2, seed=0, base=base, space={"lr": {"low": 1e-4, "high": 1e-2, "log": True}})
     assert est.label == label and np.isfinite(est.tuning_["trials"][0]["val_loss"])
     if label == "mle_approx":
         assert est.mle_labels_["source"] == "given"
