@@ -202,7 +202,8 @@ def test_bvec_is_checked_and_recorded(ivim_data, tmp_path, capsys):
                    "--model", "monoexp", "--noise", "gaussian", "--out", out, "--quiet"], capsys)
     assert code == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert "not used" in manifest["inputs"]["bvec"]["note"]
+    assert "repeat each other" in manifest["inputs"]["bvec"]["note"]
+    assert manifest["protocol"]["directions"]["bvecs_given"] is True
 
 
 def test_sigma_auto_background_method_with_one_b0(tmp_path, capsys):

@@ -84,7 +84,7 @@ def test_background_and_auto_order():
     assert abs(background.sigma / 20 - 1) < 0.15 and background.n_voxels == 12 * 12 * 2
     assert estimate_noise(noisy, B, mask).method == "background"   # one b = 0: no repeats
     assert estimate_noise(noisy, B).method == "mppca"              # no mask: no background
-    with pytest.raises(ValueError, match="no b-value is repeated"):
+    with pytest.raises(ValueError, match="no volumes repeat each other"):
         estimate_noise(noisy, B, method="repeats")
     with pytest.raises(ValueError, match="noise method"):
         estimate_noise(noisy, B, method="guess")

@@ -50,10 +50,19 @@ What it writes (into ``--out``, a BIDS-derivative folder that appears only when 
   (``output_sha256``); ``<prefix>_qc.png``.
 
 Noise level (``--sigma``): ``VALUE`` in the image's units, or ``auto``
-(:func:`qmri_labels.fitting.noise.estimate_noise`): the spread of repeated b = 0 volumes (b
-at or below ``--b0-threshold``), else the background outside ``--mask`` (Rayleigh median),
-else Marchenko-Pastur PCA of the series itself, which gives a per-voxel noise map that the
-MLE uses voxel by voxel. No b = 0 volume is needed: the MLE fits S0 itself.
+(:func:`qmri_labels.fitting.noise.estimate_noise`): the spread of volumes that repeat each
+other (b = 0 volumes, b at or below ``--b0-threshold``; at b > 0 only volumes of one b-value
+and one direction within 5 degrees, which needs ``--bvec``), else the background outside
+``--mask`` (Rayleigh median), else Marchenko-Pastur PCA of the series itself, which gives a
+per-voxel noise map that the MLE uses voxel by voxel. No b = 0 volume is needed: the MLE fits
+S0 itself.
+
+Directions (``--directions all|average``, default ``auto``): the isotropic models are fitted
+to every volume or to each b-value shell's geometric mean (each averaged measurement Rician
+with ``sigma / sqrt(N)``); ``auto`` averages when a shell with b > 0 holds several volumes.
+A protocol that cannot identify the model (fewer b-value shells than parameters, with scanner
+jitter such as 995/1000/1005 one shell; no b between 0 and 200 s/mm^2 for IVIM; b-values in
+ms/um^2) is refused with exit status 1 unless ``--force``; the manifest records both.
 
 Bad input ends the command with a message on stderr and exit status 1, and leaves nothing
 behind. Progress and information go to the ``qmri_labels`` logger (stderr); ``--quiet`` keeps
@@ -144,7 +153,9 @@ def check_mode(args) -> str:
             raise InputError(f"--field is a QSM input, but --model is {args.model!r}")
         if args.mask is None:
             raise InputError("QSM needs --mask MASK.nii.gz (the region where the local field is defined)")
-        for flag, value in (("--bval", args.bval), ("--bvec", args.bvec), ("--sigma", args.sigma)):
+        for flag, value in (("--bval", args.bval), ("--bvec", args.bvec), ("--sigma", args.sigma),
+                            ("--directions", None if args.directions == "auto" else args.directions),
+                            ("--force", args.force or None)):
             if value is not None:
                 raise InputError(f"{flag} is a diffusion option; it does not apply to --model qsm")
         return "qsm"

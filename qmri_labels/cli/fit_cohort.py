@@ -57,7 +57,7 @@ def settings(args) -> dict:
     """The options that change a scan's maps (a verified result made with others is redone)."""
     return {"estimator": args.estimator or "mle", "model": args.model, "noise": args.noise,
             "sigma": None if args.sigma is None else str(args.sigma), "b0_threshold": float(args.b0_threshold),
-            "uncertainty": bool(args.uncertainty)}
+            "uncertainty": bool(args.uncertainty), "directions": args.directions, "force": bool(args.force)}
 
 
 def check_arguments(args) -> tuple[int, int]:
@@ -170,7 +170,8 @@ def _map_one(scan: Scan, out: Path, args, device, command, wanted: dict, shard: 
                                         estimator=args.estimator, model=args.model, noise=args.noise,
                                         sigma=args.sigma, b0_threshold=args.b0_threshold,
                                         chunk_size=args.chunk_size, device=device, progress=False,
-                                        uncertainty=args.uncertainty)
+                                        uncertainty=args.uncertainty, directions=args.directions,
+                                        force=args.force)
             manifest["command"] = command
             manifest["cohort"] = {"source": str(args.cohort), "scan": scan.name, "shard": shard, "settings": wanted}
             manifest["timings_s"]["total"] = round(time.perf_counter() - started, 3)

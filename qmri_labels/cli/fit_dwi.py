@@ -16,7 +16,8 @@ import numpy as np
 
 from qmri_labels.cli.common import InputError, describe_file, environment, output_prefix, read_mask
 from qmri_labels.data.io import sha256_file
-from qmri_labels.maps import SD_REASON_CODES, STATUS_CODES, UncertaintyNotSupported, fit_volume, load_dwi
+from qmri_labels.maps import (DIRECTION_CHOICES, SD_REASON_CODES, STATUS_CODES, UncertaintyNotSupported, fit_volume,
+                              load_dwi)
 from qmri_labels.maps.derivatives import write_dataset_description, write_parameter_maps
 from qmri_labels.maps.qc import write_qc_figure
 from qmri_labels.physics import display_unit, get_model
@@ -30,8 +31,18 @@ def add_arguments(parser) -> None:
     dwi = parser.add_argument_group("diffusion")
     dwi.add_argument("--dwi", type=Path, help="4-D diffusion-weighted NIfTI (x, y, z, volumes)")
     dwi.add_argument("--bval", type=Path, help="b-values in s/mm^2 (FSL/BIDS .bval: one row)")
-    dwi.add_argument("--bvec", type=Path, help="gradient directions (.bvec, 3 rows); checked, not used by "
-                                               "isotropic models")
+    dwi.add_argument("--bvec", type=Path,
+                     help="gradient directions (.bvec, 3 rows; nan allowed on b = 0 volumes): volumes repeat each "
+                          "other for --sigma auto only at one b-value and direction (within 5 deg); without it, "
+                          "only the b = 0 volumes count as repeats")
+    dwi.add_argument("--directions", choices=DIRECTION_CHOICES, default="auto",
+                     help="fit the isotropic model to every volume ('all') or to each b-value shell's geometric "
+                          "mean ('average', the trace-weighted image; each averaged measurement Rician with "
+                          "sigma/sqrt(N)). Default auto: average when a shell with b > 0 holds several volumes "
+                          "(directions), since an isotropic fit of every direction takes anisotropy for noise")
+    dwi.add_argument("--force", action="store_true",
+                     help="fit even when the protocol cannot identify the model (too few b-value shells, no b "
+                          "between 0 and 200 s/mm^2 for IVIM, b-values in ms/um^2); recorded in the manifest")
     dwi.add_argument("--sigma", default=None,
                      help="noise SD in image units, or 'auto' to estimate it from the data: repeated b = 0, "
                           "else the background outside --mask, else MP-PCA of the series (a noise map). "
@@ -57,15 +68,17 @@ def _sigma_argument(value):
 def map_scan(dwi_path: Path, bval_path: Path, out_dir: Path, *, bvec_path: Path | None = None,
              mask_path: Path | None = None, estimator: str | None = None, model: str | None = None,
              noise: str | None = None, sigma=None, b0_threshold: float = 0.0, chunk_size: int = 20000,
-             device=None, prefix: str | None = None, progress: bool = False, uncertainty: bool = False) -> dict:
+             device=None, prefix: str | None = None, progress: bool = False, uncertainty: bool = False,
+             directions: str = "auto", force: bool = False) -> dict:
     """Map one DWI series into ``out_dir`` (which must exist); returns the manifest.
 
     With ``uncertainty`` a standard-deviation map is written beside each parameter map
-    (:func:`qmri_labels.maps.fit_volume` ``uncertainty=True``).
+    (:func:`qmri_labels.maps.fit_volume` ``uncertainty=True``); ``directions`` and ``force``
+    are :func:`~qmri_labels.maps.fit_volume`'s.
     """
     timings = {}
     t0 = time.perf_counter()
-    dwi, bvals, bvecs = load_dwi(dwi_path, bval_path, bvec_path)
+    dwi, bvals, bvecs = load_dwi(dwi_path, bval_path, bvec_path, b0_threshold)
     mask_volume, mask = read_mask(mask_path, dwi)
     sigma_value = _sigma_argument(sigma)
     if estimator not in (None, "mle"):
@@ -80,7 +93,7 @@ def map_scan(dwi_path: Path, bval_path: Path, out_dir: Path, *, bvec_path: Path 
         maps = fit_volume(dwi, mask if mask_volume is not None else None, protocol=bvals,
                           estimator=estimator or "mle", model=model, noise=noise, sigma=sigma_value,
                           b0_threshold=b0_threshold, chunk_size=chunk_size, device=device, progress=progress,
-                          uncertainty=uncertainty)
+                          uncertainty=uncertainty, bvecs=bvecs, directions=directions, force=force)
     except UncertaintyNotSupported as exc:
         raise InputError("--" + str(exc)) from None
     timings["fit"] = round(time.perf_counter() - t1, 3)
@@ -91,7 +104,9 @@ def map_scan(dwi_path: Path, bval_path: Path, out_dir: Path, *, bvec_path: Path 
                  "bvec": None if bvec_path is None else sha256_file(bvec_path),
                  "mask": None if mask_path is None else sha256_file(mask_path)}
     outputs = write_parameter_maps(out_dir, maps, prefix, dwi.affine, dwi.header, inputs=checksums,
-                                   extra={"NoiseModel": noise if maps.estimator["kind"] == "mle" else None})
+                                   extra={"NoiseModel": noise if maps.estimator["kind"] == "mle" else None,
+                                          "Directions": maps.protocol["directions"]["used"],
+                                          "Forced": maps.protocol["identifiability"]["forced"]})
     qc_name = f"{prefix}_qc.png"
     labels = [f"{n} [{display_unit(maps.units[n])}]" if n != "S0" else "S0" for n in maps.param_names]
     write_qc_figure(out_dir / qc_name, {label: maps.params[..., i] for i, label in enumerate(labels)},
@@ -112,11 +127,14 @@ def map_scan(dwi_path: Path, bval_path: Path, out_dir: Path, *, bvec_path: Path 
             "dwi": describe_file(dwi),
             "bval": {"path": str(bval_path), "sha256": checksums["bval"], "values": bvals.tolist()},
             "bvec": None if bvec_path is None else {"path": str(bvec_path), "sha256": checksums["bvec"],
-                                                     "note": "read and checked; not used (isotropic model)"},
+                                                     "note": "which volumes repeat each other (noise estimate) "
+                                                             "and which shells hold several directions"},
             "mask": None if mask_volume is None else describe_file(mask_volume),
         },
         "model": {"name": maps.model, "parameters": list(maps.param_names), "units": signal_model.units},
         "b0_threshold": b0_threshold,
+        "protocol": maps.protocol,
+        "force": bool(force),
         "estimator": maps.estimator,
         "noise": {"model": noise if maps.estimator["kind"] == "mle" else None, **(maps.noise or {})},
         "normalisation": ("none: the MLE fits S0 in the image's units" if maps.estimator["kind"] == "mle" else
@@ -142,7 +160,8 @@ def run_dwi(args, out_dir: Path, device) -> dict:
         return map_scan(args.dwi, args.bval, out_dir, bvec_path=args.bvec, mask_path=args.mask,
                         estimator=args.estimator, model=args.model, noise=args.noise, sigma=args.sigma,
                         b0_threshold=args.b0_threshold, chunk_size=args.chunk_size, device=device, prefix=args.prefix,
-                        progress=not args.quiet, uncertainty=args.uncertainty)
+                        progress=not args.quiet, uncertainty=args.uncertainty, directions=args.directions,
+                        force=args.force)
     except InputError:
         raise
     except (ValueError, TypeError) as exc:

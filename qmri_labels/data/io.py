@@ -224,7 +224,7 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, re
     return path
 
 
-def _read_numeric_text(path: Path, what: str) -> np.ndarray:
+def _read_numeric_text(path: Path, what: str, allow_nan: bool = False) -> np.ndarray:
     if not path.exists():
         raise ValueError(f"{path}: {what} file not found")
     try:
@@ -247,7 +247,7 @@ def _read_numeric_text(path: Path, what: str) -> np.ndarray:
     if len(widths) != 1:
         raise ValueError(f"{path}: the rows of the {what} file have different lengths {sorted(widths)}")
     values = np.array(rows, dtype=np.float64)
-    if not np.all(np.isfinite(values)):
+    if not np.all(np.isfinite(values) | (allow_nan & np.isnan(values))):
         raise ValueError(f"{path}: the {what} file contains NaN or Inf")
     return values
 
@@ -275,27 +275,50 @@ def read_bvals(path: str | os.PathLike) -> np.ndarray:
     return bvals
 
 
-def read_bvecs(path: str | os.PathLike, n_volumes: int | None = None) -> np.ndarray:
+def read_bvecs(path: str | os.PathLike, n_volumes: int | None = None, bvalues=None,
+               b0_threshold: float = 0.0) -> np.ndarray:
     """Read gradient directions from an FSL/BIDS ``.bvec`` file: three rows, one column per volume.
 
     A file with three columns and one row per volume is transposed. Returns ``(3, M)``
-    float64. Isotropic models (IVIM, mono-exponential on trace-weighted data) do not use the
-    directions; the file is still checked so that a mismatched pair is caught.
+    float64. A ``nan`` vector is accepted on a b = 0 volume (dipy's own ``small_64D.bvec``
+    has one); with ``bvalues`` given, a NaN on a volume with b above ``b0_threshold`` is refused.
+
+    Parameters
+    ----------
+    path : path
+    n_volumes : int, optional
+        Volumes of the series; a different number of directions is refused.
+    bvalues : array_like (M,), optional
+        The series' b-values, to check that only b = 0 volumes lack a direction.
+    b0_threshold : float
+        b-values at or below it count as b = 0.
 
     Raises
     ------
     ValueError
-        Missing file, not numeric, not 3 x M, or (with ``n_volumes``) a different number of
-        directions than volumes.
+        Missing file, not numeric, not 3 x M, (with ``n_volumes``) a different number of
+        directions than volumes, Inf, or NaN on a diffusion-weighted volume.
     """
     path = Path(path)
-    values = _read_numeric_text(path, "b-vector")
+    values = _read_numeric_text(path, "b-vector", allow_nan=True)
     if values.shape[0] != 3 and values.shape[1] == 3:
         values = values.T
     if values.shape[0] != 3:
         raise ValueError(f"{path}: a b-vector file must have 3 rows (x, y, z), got shape {values.shape}")
     if n_volumes is not None and values.shape[1] != n_volumes:
         raise ValueError(f"{path}: {values.shape[1]} gradient directions for {n_volumes} volumes")
+    missing = np.isnan(values).any(axis=0)
+    if missing.any():
+        if bvalues is None:
+            if missing.all():
+                raise ValueError(f"{path}: every gradient direction is NaN")
+        else:
+            bvalues = np.asarray(bvalues, dtype=np.float64).ravel()
+            weighted = missing & (bvalues > b0_threshold)
+            if weighted.any():
+                raise ValueError(f"{path}: the gradient direction of volume(s) {np.flatnonzero(weighted).tolist()} "
+                                 f"is NaN, but their b-value is {bvalues[weighted][0]:g} s/mm^2; only b = 0 volumes "
+                                 "may lack a direction")
     return values
 
 

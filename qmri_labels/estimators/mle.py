@@ -27,6 +27,9 @@ class MLEEstimator(BaseEstimator):
     device : str or None
     chunk_size : int or None
     progress : bool
+    sigma_scale : array-like (M,) or None
+        Noise level of each measurement relative to ``sigma`` (e.g. ``1 / sqrt(N)`` for a
+        per-shell average of N volumes); ``None``: 1 for every measurement.
 
     Attributes (after fit)
     ----------------------
@@ -35,7 +38,8 @@ class MLEEstimator(BaseEstimator):
     """
 
     def __init__(self, model: str = "ivim", protocol=None, noise: str = "rician", sigma=None, bounds=None,
-                 n_starts: int | None = None, device=None, chunk_size: int | None = None, progress: bool = False):
+                 n_starts: int | None = None, device=None, chunk_size: int | None = None, progress: bool = False,
+                 sigma_scale=None):
         self.model = model
         self.protocol = protocol
         self.noise = noise
@@ -45,6 +49,7 @@ class MLEEstimator(BaseEstimator):
         self.device = device
         self.chunk_size = chunk_size
         self.progress = progress
+        self.sigma_scale = sigma_scale
 
     @property
     def model_name(self) -> str:
@@ -147,6 +152,8 @@ class MLEEstimator(BaseEstimator):
             kwargs["n_starts"] = self.n_starts
         if self.chunk_size is not None:
             kwargs["chunk_size"] = self.chunk_size
+        if self.sigma_scale is not None:
+            kwargs["sigma_scale"] = self.sigma_scale
         fit = fit_mle(flat, protocol, **kwargs)
         params = np.asarray(fit.params, dtype=np.float32).reshape(*lead, -1)
         if not return_sd:

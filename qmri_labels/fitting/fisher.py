@@ -92,6 +92,7 @@ def fisher_information(
     protocol: np.ndarray,
     sigma: float | np.ndarray,
     noise: str = "gaussian",
+    sigma_scale=None,
 ) -> np.ndarray:
     """Fisher information matrices ``(..., P, P)`` of a signal model.
 
@@ -106,6 +107,8 @@ def fisher_information(
     sigma : float or ndarray broadcastable to ``params.shape[:-1]``
         Noise SD in each channel (``S0 / SNR``).
     noise : {"gaussian", "rician"}
+    sigma_scale : ndarray (M,), optional
+        Noise SD of each measurement relative to ``sigma`` (default 1).
 
     Returns
     -------
@@ -122,6 +125,8 @@ def fisher_information(
     if np.any(~np.isfinite(sigma)) or np.any(sigma <= 0):
         raise ValueError("sigma must be finite and > 0 for a Fisher information")
     sigma = np.broadcast_to(sigma, params.shape[:-1])[..., None]  # (..., 1)
+    if sigma_scale is not None:
+        sigma = sigma * np.asarray(sigma_scale, dtype=np.float64)  # (..., M)
     theta = torch.from_numpy(params)
     b = torch.from_numpy(protocol)
     with torch.no_grad():

@@ -246,8 +246,8 @@ class LevenbergMarquardt:
         theta : Tensor (N, P)
         y : Tensor (N, M)
             Signals.
-        sigma : Tensor (N, 1)
-            Noise level of each row.
+        sigma : Tensor (N, 1) or (N, M)
+            Noise level of each row (or of each measurement).
 
         Returns
         -------
@@ -258,7 +258,11 @@ class LevenbergMarquardt:
         pred, grads = self.model.forward_and_gradients(theta, self.b)  # grads: (a, P, M)
         terms, d_obj = self.nll_and_grad(y, pred, sigma)
         grad = torch.bmm(grads, d_obj.unsqueeze(-1)).squeeze(-1)
-        hess = torch.bmm(grads, grads.transpose(1, 2)) / (sigma * sigma)[..., None]
+        if sigma.shape[-1] == 1:
+            hess = torch.bmm(grads, grads.transpose(1, 2)) / (sigma * sigma)[..., None]
+        else:  # one noise level per measurement (a per-shell average of different sizes)
+            weighted = grads / sigma[:, None, :]
+            hess = torch.bmm(weighted, weighted.transpose(1, 2))
         return terms.sum(-1), grad, hess
 
     def start(self, theta, y, sigma, lo, hi) -> _Batch:
@@ -270,8 +274,8 @@ class LevenbergMarquardt:
             Starting points inside ``[lo, hi]``.
         y : Tensor (N, M)
             Signals.
-        sigma : Tensor (N, 1)
-            Noise level of each row.
+        sigma : Tensor (N, 1) or (N, M)
+            Noise level of each row (or of each measurement).
         lo, hi : Tensor (N, P)
             Bounds of each row.
 

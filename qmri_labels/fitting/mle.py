@@ -155,6 +155,8 @@ def fit_mle(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
     uncertainty: bool = False,
+    bvecs=None,
+    sigma_scale=None,
 ) -> MLEFit:
     """Maximum-likelihood estimates of model parameters for many voxels at once.
 
@@ -172,9 +174,10 @@ def fit_mle(
     sigma : float, array_like (...) or None
         Noise standard deviation per channel, scalar or one per voxel. ``None``: for Gaussian
         noise the estimates do not depend on sigma and it is estimated per voxel from the
-        residual (``sigma^2 = RSS / M``); for Rician noise it is estimated from repeated
-        measurements at the same b-value where the protocol has them (pooled over voxels),
-        otherwise a ``ValueError`` asks for it.
+        residual (``sigma^2 = RSS / M``); for Rician noise it is estimated from measurements
+        that repeat each other (b = 0 volumes; at b > 0 only with ``bvecs`` and one
+        direction, see :func:`qmri_labels.fitting.noise.sigma_from_repeats`), pooled over
+        voxels, otherwise a ``ValueError`` asks for it.
     bounds : array_like (2, n_params), dict or None
         Lower and upper bounds in the model's parameter order, or ``{name: (low, high)}`` for
         some parameters. ``None``: the model's default bounds, except for the signal scale
@@ -212,6 +215,12 @@ def fit_mle(
     uncertainty : bool
         Also compute Wald standard errors from the Fisher information at the estimate
         (``fit.sd``, ``fit.interval(level)``; see :mod:`qmri_labels.fitting.uncertainty`).
+    bvecs : array_like (3, M), optional
+        Gradient directions, for the estimate of sigma from repeated measurements.
+    sigma_scale : array_like (M,), optional
+        Noise SD of each measurement relative to ``sigma`` (e.g. ``1 / sqrt(N)`` for the
+        per-shell average of N volumes, :class:`qmri_labels.physics.protocol.ShellAverage`);
+        default 1 for every measurement.
 
     Returns
     -------
@@ -244,7 +253,12 @@ def fit_mle(
         counts = {r: int((reason == r).sum()) for r in np.unique(reason)}
         raise ValueError(f"no voxel can be fitted: {counts}")
 
-    sigma_flat, sigma_estimated, sigma_method = _resolve_sigma(sigma, flat, valid, bvalues, noise, lead_shape)
+    sigma_flat, sigma_estimated, sigma_method = _resolve_sigma(sigma, flat, valid, bvalues, noise, lead_shape, bvecs)
+    measurement_scale = None
+    if sigma_scale is not None:
+        measurement_scale = np.asarray(sigma_scale, dtype=np.float64).ravel()
+        if measurement_scale.size != bvalues.size or not np.all(np.isfinite(measurement_scale) & (measurement_scale > 0)):
+            raise ValueError(f"sigma_scale must hold {bvalues.size} finite values > 0, got {np.shape(sigma_scale)}")
     lower, upper, scale_relative = _resolve_bounds(model, bounds)
     device = torch.device(device) if device is not None else torch.device("cpu")
 
@@ -276,6 +290,8 @@ def fit_mle(
     for chunk in iterator:
         y = torch.as_tensor(flat[chunk], dtype=dtype, device=device)
         s = torch.as_tensor(sigma_flat[chunk], dtype=dtype, device=device)[:, None]
+        if measurement_scale is not None:
+            s = s * torch.as_tensor(measurement_scale, dtype=dtype, device=device)[None, :]
         theta, conv, stall, iters = fit_chunk(
             model, y, b, s, noise, lower, upper, scale_relative, n_starts, probe_iter, max_iter, tol
         )
@@ -290,13 +306,17 @@ def fit_mle(
             pred = model.forward(torch.as_tensor(params[chunk]), b64)
             if noise == "gaussian" and sigma is None:
                 sigma_flat[chunk] = torch.sqrt(((y64 - pred) ** 2).mean(-1)).clamp_min(1e-12).numpy()
-            nll[chunk] = full_nll(y64, pred, torch.as_tensor(sigma_flat[chunk])[:, None], noise).numpy()
+            s64 = torch.as_tensor(sigma_flat[chunk])[:, None]
+            if measurement_scale is not None:
+                s64 = s64 * torch.as_tensor(measurement_scale)[None, :]
+            nll[chunk] = full_nll(y64, pred, s64, noise).numpy()
 
     _warn_on_bounds(model, params[valid], lower, upper, scale_relative)
     errors = None
     if uncertainty:
         errors = fisher_uncertainty(model, flat, bvalues, params, sigma_flat, noise, lower, upper, scale_relative,
-                                    valid, sigma_from_residuals=noise == "gaussian" and sigma is None)
+                                    valid, sigma_from_residuals=noise == "gaussian" and sigma is None,
+                                    sigma_scale=measurement_scale)
         errors.sd, errors.reason, errors.lower, errors.upper = (
             a.reshape(*lead_shape, model.n_params) for a in (errors.sd, errors.reason, errors.lower, errors.upper))
     return MLEFit(
@@ -362,7 +382,7 @@ def _validate_voxels(flat: np.ndarray, noise: str) -> tuple[np.ndarray, np.ndarr
     return valid, reason.astype(str)
 
 
-def _resolve_sigma(sigma, flat, valid, bvalues, noise, lead_shape):
+def _resolve_sigma(sigma, flat, valid, bvalues, noise, lead_shape, bvecs=None):
     n_vox = flat.shape[0]
     if sigma is not None:
         sig = np.asarray(sigma, dtype=np.float64)
@@ -381,10 +401,11 @@ def _resolve_sigma(sigma, flat, valid, bvalues, noise, lead_shape):
     if noise == "gaussian":
         # the least-squares estimates do not depend on sigma; it is estimated afterwards
         return np.ones(n_vox), True, "residual (RSS / M per voxel)"
-    estimate = sigma_from_repeats(flat[valid], bvalues)
+    estimate = sigma_from_repeats(flat[valid], bvalues, bvecs=bvecs)
     if estimate is None:
         raise ValueError(
-            "sigma is required for Rician noise: the protocol has no repeated b-value to estimate it "
+            "sigma is required for Rician noise: no measurements repeat each other (b = 0 volumes, or one b-value "
+            "and gradient direction given bvecs) to estimate it "
             "from; pass sigma=... (SNR = S0 / sigma, a scalar or one per voxel, e.g. the noise map of "
             "qmri_labels.fitting.noise.estimate_noise) or use noise='gaussian'"
         )

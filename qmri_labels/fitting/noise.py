@@ -3,8 +3,11 @@
 One estimator serves the fit command (:mod:`qmri_labels.maps`) and :func:`~qmri_labels.
 fitting.fit_mle`. Three sources, tried in this order by :func:`estimate_noise`:
 
-1. **Repeated measurements** (:func:`sigma_from_repeats`): for every b-value acquired
-   ``K >= 2`` times, the unbiased variance ``s_v^2`` of each voxel's K samples; for Gaussian
+1. **Repeated measurements** (:func:`sigma_from_repeats`): for every group of ``K >= 2``
+   volumes that repeat each other (one b-value shell *and* one gradient direction within 5
+   degrees, sign-insensitive; every b = 0 volume repeats every other: see
+   :func:`qmri_labels.physics.protocol.repeat_groups`; volumes at one b-value but along other
+   directions differ because the tissue is anisotropic, not only by noise), the unbiased variance ``s_v^2`` of each voxel's K samples; for Gaussian
    noise ``(K - 1) s_v^2 / sigma^2`` follows chi^2 with ``K - 1`` degrees of freedom, so the
    median over voxels, multiplied by ``(K - 1) / median(chi^2_{K-1})``, estimates sigma^2 and
    ignores voxels hit by motion. Groups are pooled by their degrees of freedom. Magnitude
@@ -35,6 +38,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from scipy.stats import chi2
+
+from qmri_labels.physics.protocol import REPEAT_ANGLE_DEG, repeat_groups
 
 __all__ = [
     "NoiseEstimate",
@@ -94,18 +99,24 @@ class NoiseEstimate:
 # ----------------------------------------------------------------------------- repeats
 
 
-def sigma_from_repeats(signals, bvalues, *, groups=None, snr_gate: float = 3.0, n_gate_iterations: int = 2,
+def sigma_from_repeats(signals, bvalues, *, bvecs=None, b0_threshold: float = 0.0, groups=None,
+                       snr_gate: float = 3.0, n_gate_iterations: int = 2,
                        min_voxels: int = MIN_VOXELS) -> NoiseEstimate | None:
-    """Noise level from measurements repeated at the same b-value, pooled over voxels.
+    """Noise level from measurements that repeat each other, pooled over voxels.
 
     Parameters
     ----------
     signals : array_like (..., M)
         Magnitude signals of the voxels to use (e.g. those inside a mask).
     bvalues : array_like (M,)
+    bvecs : array_like (3, M), optional
+        Gradient directions. Without them only the b = 0 volumes are known to repeat each
+        other: volumes at one b > 0 may be different directions.
+    b0_threshold : float
+        b-values at or below it form the b = 0 group.
     groups : array_like (M,), optional
-        Labels that say which measurements repeat each other (default: equal b-values). The fit
-        command labels every b-value at or below ``--b0-threshold`` as one b = 0 group.
+        Labels that say which measurements repeat each other, instead of
+        :func:`~qmri_labels.physics.protocol.repeat_groups` of ``bvalues`` and ``bvecs``.
     snr_gate : float
         After a first estimate over every voxel, only voxels whose mean over the group exceeds
         ``snr_gate * sigma`` are used (where Rician noise is close to Gaussian); 0 disables it.
@@ -124,13 +135,15 @@ def sigma_from_repeats(signals, bvalues, *, groups=None, snr_gate: float = 3.0, 
     if flat.shape[-1] != bvalues.size:
         raise ValueError(f"signals have {flat.shape[-1]} measurements, bvalues {bvalues.size}")
     flat = flat.reshape(-1, bvalues.size)
-    labels = bvalues if groups is None else np.asarray(groups).ravel()
+    labels = (repeat_groups(bvalues, bvecs, b0_threshold=b0_threshold) if groups is None
+              else np.asarray(groups).ravel())
     if labels.size != bvalues.size:
         raise ValueError(f"groups has {labels.size} labels for {bvalues.size} measurements")
     if snr_gate < 0:
         raise ValueError(f"snr_gate must be >= 0, got {snr_gate}")
 
-    stats = []  # (dof, variance per voxel, mean per voxel)
+    stats = []  # (dof, variance per voxel, mean per voxel, mean b-value)
+    names = []
     for value in np.unique(labels):
         columns = np.flatnonzero(labels == value)
         if columns.size < 2:
@@ -140,7 +153,15 @@ def sigma_from_repeats(signals, bvalues, *, groups=None, snr_gate: float = 3.0, 
         if usable.sum() < min_voxels:
             continue
         block = block[usable]
-        stats.append((columns.size - 1, block.var(axis=1, ddof=1), block.mean(axis=1), float(value)))
+        stats.append((columns.size - 1, block.var(axis=1, ddof=1), block.mean(axis=1),
+                      float(bvalues[columns].mean())))
+        if groups is not None:
+            names.append(f"group {value}")
+        elif bvalues[columns].max() <= b0_threshold:
+            names.append(f"{columns.size} b = 0 volumes")
+        else:
+            names.append(f"{columns.size} volumes at b = {bvalues[columns].mean():g} s/mm^2 along one direction "
+                         f"(within {REPEAT_ANGLE_DEG:g} deg)")
     if not stats:
         return None
 
@@ -170,10 +191,11 @@ def sigma_from_repeats(signals, bvalues, *, groups=None, snr_gate: float = 3.0, 
     values = [v for *_, v in stats]
     return NoiseEstimate(
         sigma=sigma, method="repeats", n_voxels=n_used,
-        description=(f"repeated measurements at b = {', '.join(f'{v:g}' for v in values)} s/mm^2, their spread: "
+        description=(f"repeated measurements ({'; '.join(names)}), their spread: "
                      "sqrt(median voxel variance x (K-1) / median chi2(K-1)), pooled by degrees of freedom"
                      + (f", over voxels with mean signal > {snr_gate:g} sigma" if gated else "")),
-        details={"groups": values, "snr_gate": snr_gate if gated else None})
+        details={"groups": values, "volumes_per_group": [k + 1 for k, *_ in stats],
+                 "snr_gate": snr_gate if gated else None})
 
 
 # ----------------------------------------------------------------------------- background
@@ -319,7 +341,7 @@ def sigma_mppca(data, mask=None, *, patch_radius: int = 2, stride: int = 1, chun
 # ----------------------------------------------------------------------------- one entry
 
 
-def estimate_noise(data, bvalues, mask=None, *, b0_threshold: float = 0.0, method: str = "auto",
+def estimate_noise(data, bvalues, mask=None, *, bvecs=None, b0_threshold: float = 0.0, method: str = "auto",
                    patch_radius: int = 2, stride: int = 2) -> NoiseEstimate:
     """The noise level of a diffusion series, from the first source that applies.
 
@@ -330,11 +352,15 @@ def estimate_noise(data, bvalues, mask=None, *, b0_threshold: float = 0.0, metho
     bvalues : array_like (M,)
     mask : array_like (X, Y, Z) of bool, optional
         The object; its complement is the background.
+    bvecs : array_like (3, M), optional
+        Gradient directions: volumes repeat each other only at one b-value and direction
+        (without directions, only the b = 0 volumes are known repeats).
     b0_threshold : float
         b-values at or below it count as one group of repeated b = 0 measurements.
     method : {"auto", "repeats", "background", "mppca"}
-        ``auto``: repeated measurements if any b-value (or the b = 0 group) repeats, else the
-        background when a mask leaves at least 10 non-zero voxels outside it, else MP-PCA.
+        ``auto``: repeated measurements if any volumes repeat each other, else the background
+        when a mask leaves at least 10 non-zero voxels outside it, else MP-PCA. The estimate
+        of a later source says in ``details["not_used"]`` why the earlier ones were not.
     patch_radius, stride : int
         MP-PCA patches (see :func:`sigma_mppca`); patch centres every 2 voxels by default, 8
         times fewer patches than dipy's every voxel (64 x 64 x 30 x 20 volume: 3.7 s instead of
@@ -357,26 +383,36 @@ def estimate_noise(data, bvalues, mask=None, *, b0_threshold: float = 0.0, metho
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != array.shape[:-1]:
             raise ValueError(f"mask shape {mask.shape} differs from the data's shape {array.shape[:-1]}")
-    groups = np.where(bvalues <= b0_threshold, 0.0, bvalues)
     tried = []
+
+    def noting(estimate: NoiseEstimate) -> NoiseEstimate:
+        if tried:
+            estimate.details["not_used"] = list(tried)
+            estimate.description += " (" + "; ".join(tried) + ")"
+        return estimate
+
     if method in ("auto", "repeats"):
         inside = array[mask] if mask is not None else array.reshape(-1, bvalues.size)
-        estimate = sigma_from_repeats(inside, bvalues, groups=groups)
+        estimate = sigma_from_repeats(inside, bvalues, bvecs=bvecs, b0_threshold=b0_threshold)
         if estimate is not None:
             return estimate
-        tried.append("no b-value is repeated (with >= 10 usable voxels)")
+        tried.append("repeats: no volumes repeat each other with >= 10 usable voxels (repeats need one b-value and "
+                     + ("one gradient direction within "
+                        f"{REPEAT_ANGLE_DEG:g} deg" if bvecs is not None else "known gradient directions: give b-vectors")
+                     + "; b = 0 volumes always repeat)")
     if method in ("auto", "background"):
         if mask is None or not spatial:
             tried.append("no mask, so no background")
         else:
+            groups = np.where(bvalues <= b0_threshold, 0.0, bvalues)
             lowest = np.flatnonzero(groups == groups.min())
             estimate = sigma_from_background(np.asarray(array[..., lowest[0]]), mask)
             if estimate is not None:
-                return estimate
+                return noting(estimate)
             tried.append("fewer than 10 non-zero background voxels outside the mask")
     if method in ("auto", "mppca"):
         if not spatial:
             tried.append("MP-PCA needs a 4-D image (x, y, z, measurements)")
         else:
-            return sigma_mppca(array, mask, patch_radius=patch_radius, stride=stride)
+            return noting(sigma_mppca(array, mask, patch_radius=patch_radius, stride=stride))
     raise ValueError(f"cannot estimate the noise level ({method}): " + "; ".join(tried))

@@ -99,7 +99,7 @@ def admissible_box(model, signals: np.ndarray, bvalues: np.ndarray, lower: np.nd
 
 def fisher_uncertainty(model, signals: np.ndarray, bvalues: np.ndarray, params: np.ndarray, sigma: np.ndarray,
                        noise: str, lower: np.ndarray, upper: np.ndarray, scale_relative: bool, valid: np.ndarray,
-                       sigma_from_residuals: bool = False) -> MLEUncertainty:
+                       sigma_from_residuals: bool = False, sigma_scale=None) -> MLEUncertainty:
     """Wald standard errors of fitted voxels (the hook of ``fit_mle(..., uncertainty=True)``).
 
     Parameters
@@ -119,6 +119,8 @@ def fisher_uncertainty(model, signals: np.ndarray, bvalues: np.ndarray, params: 
     valid : ndarray of bool (N,)
     sigma_from_residuals : bool
         Sigma was estimated from the residuals: use ``RSS / (M - P)`` and t-quantiles.
+    sigma_scale : ndarray (M,), optional
+        Noise SD of each measurement relative to ``sigma`` (the fit's ``sigma_scale``).
 
     Returns
     -------
@@ -144,7 +146,7 @@ def fisher_uncertainty(model, signals: np.ndarray, bvalues: np.ndarray, params: 
     index = np.flatnonzero(ok)
     if index.size:
         theta = params[index]
-        info = fisher_information(model, theta, bvalues, sig[index], noise)
+        info = fisher_information(model, theta, bvalues, sig[index], noise, sigma_scale=sigma_scale)
         variance, singular = information_to_variance(info)
         span = hi[index] - lo[index]
         at_low = theta - lo[index] <= AT_BOUND_TOLERANCE * span

@@ -29,7 +29,7 @@ import numpy as np
 DIPY_ORDER = ("S0", "f", "Dstar", "D")
 _DIPY_OPTIMISER_OPTIONS = {"fit_method", "split_b_D", "split_b_S0", "two_stage", "tol", "x_scale", "gtol", "ftol",
                            "eps", "maxiter", "options"}
-_OUR_OPTIONS = {"noise", "sigma", "device", "chunk_size", "progress"}
+_OUR_OPTIONS = {"noise", "sigma", "device", "chunk_size", "progress", "directions", "force"}
 
 
 def _to_dipy(params: np.ndarray) -> np.ndarray:
@@ -54,6 +54,12 @@ class IvimModel:
         MLE likelihood (default ``gaussian``, i.e. least squares as dipy's own fit).
     sigma : float, array, "auto" or None
         Noise SD for the Rician likelihood (see :func:`qmri_labels.maps.fit_volume`).
+    directions : {"auto", "all", "average"}
+        Fit every volume or each b-value shell's geometric mean (``auto``: average when a shell
+        with b > 0 holds several volumes); the gtab's b-vectors say which volumes repeat each
+        other for ``sigma="auto"``.
+    force : bool
+        Fit a protocol that cannot identify IVIM (otherwise refused with a ValueError).
     device, chunk_size, progress
         Passed to :func:`~qmri_labels.maps.fit_volume`.
     """
@@ -68,6 +74,10 @@ class IvimModel:
                           "they are ignored", UserWarning, stacklevel=2)
         self.gtab = gtab
         self.bvals = np.asarray(gtab.bvals, dtype=np.float64)
+        bvecs = getattr(gtab, "bvecs", None)
+        self.bvecs = None if bvecs is None else np.asarray(bvecs, dtype=np.float64)
+        self.directions = options.get("directions", "auto")
+        self.force = bool(options.get("force", False))
         self.estimator = estimator
         self.noise = options.get("noise", "gaussian")
         self.sigma = options.get("sigma")
@@ -98,7 +108,8 @@ class IvimModel:
         mask_array = None if mask is None else (np.asarray(mask)[None] if single else np.asarray(mask))
         maps = fit_volume(array, mask_array, protocol=self.bvals, estimator=self._estimator(), noise=self.noise,
                           sigma=self.sigma if self.noise == "rician" else None, chunk_size=self.chunk_size,
-                          device=self.device, progress=self.progress)
+                          device=self.device, progress=self.progress, bvecs=self.bvecs,
+                          directions=self.directions, force=self.force)
         params = _to_dipy(maps.params.astype(np.float64))
         return IvimFit(self, params[0] if single else params, maps=maps)
 

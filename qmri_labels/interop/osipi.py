@@ -44,6 +44,14 @@ class QmriLabelsIVIM:
         Likelihood of the MLE; ``gaussian`` is least squares and needs no sigma.
     sigma : float, optional
         Noise SD of the *normalised* signals (1 / SNR), required for ``noise="rician"``.
+    bvecs : array_like (3, M), optional
+        Gradient directions of the default b-values: with ``directions``, whether a shell's
+        volumes are averaged (see :func:`qmri_labels.maps.fit_volume`).
+    directions : {"auto", "all", "average"}
+        Fit every volume or each b-value shell's geometric mean (``auto``: average when a shell
+        with b > 0 holds several volumes).
+    force : bool
+        Fit a protocol that cannot identify IVIM (otherwise refused with a ValueError).
     """
 
     id_author = "qmri_labels"
@@ -68,7 +76,8 @@ class QmriLabelsIVIM:
     result_keys = ["f", "Dp", "D", "S0"]
 
     def __init__(self, bvalues=None, thresholds=None, bounds=None, initial_guess=None, estimator="mle",
-                 noise: str = "gaussian", sigma: float | None = None, **kwargs):
+                 noise: str = "gaussian", sigma: float | None = None, bvecs=None, directions: str = "auto",
+                 force: bool = False, **kwargs):
         if kwargs:
             raise TypeError(f"unexpected options {sorted(kwargs)}")
         if thresholds is not None:
@@ -86,6 +95,9 @@ class QmriLabelsIVIM:
         self.estimator = estimator
         self.noise = noise
         self.sigma = sigma
+        self.bvecs = bvecs
+        self.directions = directions
+        self.force = force
         self.use_bounds = estimator == "mle"
         self.use_initial_guess = False
         self.deep_learning = estimator != "mle"
@@ -146,8 +158,9 @@ class QmriLabelsIVIM:
             raise ValueError(f"signals have {data.shape[-1]} samples per voxel, bvalues {bvals.size}")
         flat = data.reshape(-1, bvals.size)
         sigma = self.sigma if self.noise == "rician" else None
+        bvecs = self.bvecs if bvalues is None else None
         maps = fit_volume(flat, protocol=bvals, estimator=self._estimator(), noise=self.noise, sigma=sigma,
-                          chunk_size=65536)
+                          chunk_size=65536, bvecs=bvecs, directions=self.directions, force=self.force)
         lead = data.shape[:-1]
         return {"f": maps["f"].reshape(lead), "Dp": maps["Dstar"].reshape(lead), "D": maps["D"].reshape(lead),
                 "S0": maps["S0"].reshape(lead)}

@@ -14,7 +14,8 @@
 from qmri_labels.maps.estimator import EstimatorPlan, load_network, match_protocol, resolve_estimator
 from qmri_labels.maps.loading import load_dwi
 from qmri_labels.maps.result import SD_REASON_CODES, STATUS_CODES, Maps
-from qmri_labels.maps.volume import UncertaintyNotSupported, fit_volume
+from qmri_labels.maps.volume import DIRECTION_CHOICES, ProtocolNotIdentifiable, UncertaintyNotSupported, fit_volume
 
-__all__ = ["EstimatorPlan", "Maps", "SD_REASON_CODES", "STATUS_CODES", "UncertaintyNotSupported",
-           "fit_volume", "load_dwi", "load_network", "match_protocol", "resolve_estimator"]
+__all__ = ["DIRECTION_CHOICES", "EstimatorPlan", "Maps", "ProtocolNotIdentifiable", "SD_REASON_CODES", "STATUS_CODES",
+           "UncertaintyNotSupported", "fit_volume", "load_dwi", "load_network", "match_protocol",
+           "resolve_estimator"]

@@ -54,8 +54,8 @@ def voxel_source(data):
     return ArraySource(array)
 
 
-def load_dwi(dwi, bval, bvec=None) -> tuple[NiftiVolume, np.ndarray, np.ndarray | None]:
-    """Open a 4-D diffusion NIfTI with its b-values (and b-vectors, checked).
+def load_dwi(dwi, bval, bvec=None, b0_threshold: float = 0.0) -> tuple[NiftiVolume, np.ndarray, np.ndarray | None]:
+    """Open a 4-D diffusion NIfTI with its b-values (and b-vectors: NaN only on b = 0 volumes).
 
     Returns ``(volume, bvalues (M,), bvecs (3, M) or None)``; the image's voxels are read
     lazily (see :class:`~qmri_labels.data.io.NiftiVolume`), which :func:`fit_volume` accepts.
@@ -70,5 +70,5 @@ def load_dwi(dwi, bval, bvec=None) -> tuple[NiftiVolume, np.ndarray, np.ndarray 
     bvals = read_bvals(bval)
     if bvals.size != volume.shape[3]:
         raise ValueError(f"{bval}: {bvals.size} b-values, but {Path(dwi).name} has {volume.shape[3]} volumes")
-    bvecs = read_bvecs(bvec, volume.shape[3]) if bvec is not None else None
+    bvecs = read_bvecs(bvec, volume.shape[3], bvals, b0_threshold) if bvec is not None else None
     return volume, bvals, bvecs

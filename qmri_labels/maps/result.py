@@ -61,6 +61,10 @@ class Maps:
         :data:`SD_REASON_CODES` per voxel and parameter.
     sd_method : str or None
         What the SD is (e.g. the Fisher standard error at the estimate).
+    protocol : dict or None
+        What was fitted: every volume or the per-shell average (``directions``), the fitted
+        b-values, the noise model of the fitted measurements, and any identifiability problem
+        that ``force=True`` overrode.
     """
 
     params: np.ndarray
@@ -75,6 +79,7 @@ class Maps:
     sd: np.ndarray | None = None
     sd_reason: np.ndarray | None = None
     sd_method: str | None = None
+    protocol: dict | None = None
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self.param_names:

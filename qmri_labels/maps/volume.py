@@ -33,6 +33,19 @@ from its type.
   reason code per voxel and parameter (:data:`SD_REASON_CODES`): the MLE's Wald standard error
   from the Fisher information at the estimate, or a network's ``predict(..., return_sd=True)``;
   an estimator whose ``reports_sd`` is false raises :class:`UncertaintyNotSupported`.
+
+Directions and the protocol
+---------------------------
+* Volumes repeat each other (for ``sigma="auto"``) only at one b-value shell and one gradient
+  direction (``bvecs``; b = 0 volumes always): :mod:`qmri_labels.physics.protocol`.
+* The isotropic models are fitted to every volume (``directions="all"``) or to the per-shell
+  geometric mean (``"average"``, each averaged measurement Rician with ``sigma / sqrt(N)``).
+  ``"auto"`` (the default) averages when a shell with b > 0 holds several volumes: an
+  isotropic model fitted to every direction takes the tissue's anisotropy for noise, while the
+  geometric mean over orthogonal directions is the trace-weighted signal ``exp(-b MD)``.
+* A protocol that cannot identify the model (too few b-value shells, no low b-values for IVIM's
+  perfusion part, b-values in ms/um^2) is refused with :class:`ProtocolNotIdentifiable`
+  unless ``force=True``.
 """
 
 from __future__ import annotations
@@ -50,6 +63,7 @@ from qmri_labels.maps.estimator import EstimatorPlan, resolve_estimator
 from qmri_labels.maps.loading import voxel_source
 from qmri_labels.maps.result import SKIP_KEYS, Maps
 from qmri_labels.physics import get_model
+from qmri_labels.physics.protocol import REPEAT_ANGLE_DEG, ShellAverage, protocol_problems, unit_directions
 
 logger = logging.getLogger("qmri_labels")
 
@@ -59,7 +73,15 @@ _SD_REASONS = {"": 1, "at lower bound": 2, "at upper bound": 3, "singular inform
                 "no residual degrees of freedom": 5, "invalid voxel": 6}
 
 
-def _resolve_noise(sigma, plan: EstimatorPlan, source, bvalues, mask, b0_threshold):
+#: what ``fit_volume(directions=...)`` accepts
+DIRECTION_CHOICES = ("auto", "all", "average")
+
+
+class ProtocolNotIdentifiable(ValueError):
+    """The protocol cannot identify the model's parameters (``force=True`` fits anyway)."""
+
+
+def _resolve_noise(sigma, plan: EstimatorPlan, source, bvalues, mask, b0_threshold, bvecs=None):
     """(noise estimate for the fitter: None or a NoiseEstimate, manifest entry); only an
     estimator that fits the scan's protocol takes the scan's noise level."""
     if not plan.fits_scan_protocol:
@@ -69,7 +91,7 @@ def _resolve_noise(sigma, plan: EstimatorPlan, source, bvalues, mask, b0_thresho
                                                            "estimated per voxel from the residual"}
     if sigma is None or (isinstance(sigma, str) and sigma == "auto"):
         estimate = estimate_noise(source.full(), bvalues, mask if mask is not None and not mask.all() else None,
-                                  b0_threshold=b0_threshold)
+                                  bvecs=bvecs, b0_threshold=b0_threshold)
         logger.info("noise: sigma %.4g by %s", estimate.sigma, estimate.method)
         return estimate, {**estimate.manifest(), "source": "auto"}
     if isinstance(sigma, NoiseEstimate):
@@ -94,7 +116,8 @@ def _resolve_noise(sigma, plan: EstimatorPlan, source, bvalues, mask, b0_thresho
 
 def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | None = None, noise: str = "rician",
                sigma=None, b0_threshold: float = 0.0, chunk_size: int = 20000, device=None,
-               progress: bool | Callable[[int], None] = False, uncertainty: bool = False) -> Maps:
+               progress: bool | Callable[[int], None] = False, uncertainty: bool = False, bvecs=None,
+               directions: str = "auto", force: bool = False) -> Maps:
     """Estimate model parameters at every voxel of ``data`` inside ``mask``.
 
     Parameters
@@ -136,6 +159,16 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
         ``predict(signals, return_sd=True)`` reports (S0's scaled back like S0). An
         estimator whose ``reports_sd`` is false is refused.
 
+    bvecs : array_like (3, M), optional
+        Gradient directions (NaN or zero on b = 0 volumes): which volumes repeat each other
+        for the noise estimate, and whether a shell holds several directions.
+    directions : {"auto", "all", "average"}
+        Fit every volume, or each b-value shell's geometric mean (the noise model of what is
+        fitted in ``Maps.protocol``). ``auto``: ``average`` when a shell with b > 0 holds
+        several volumes, else ``all``.
+    force : bool
+        Fit a protocol that cannot identify the model (recorded in ``Maps.protocol``).
+
     Returns
     -------
     Maps
@@ -144,7 +177,8 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
     ------
     ValueError, TypeError
         On inconsistent shapes, a protocol too short for the model, a network trained for
-        another protocol, a bad sigma, or when the noise level cannot be estimated.
+        another protocol, a bad sigma, or when the noise level cannot be estimated;
+        :class:`ProtocolNotIdentifiable` when the protocol cannot identify the model.
     """
     if protocol is None:
         raise ValueError("fit_volume needs protocol=... (the b-values, one per measurement)")
@@ -166,23 +200,37 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
         if mask_array.shape != tuple(source.lead):
             raise ValueError(f"mask shape {mask_array.shape} differs from the data's leading shape {source.lead}")
         mask_array = np.isfinite(mask_array) & (mask_array != 0) if mask_array.dtype != bool else mask_array
-    plan = resolve_estimator(estimator, bvalues, model=model, noise=noise)
+    if bvecs is not None:
+        bvecs = np.asarray(bvecs, dtype=np.float64)
+        unit_directions(bvecs, bvalues.size)
+    averager, protocol_info = _choose_directions(directions, bvalues, bvecs, b0_threshold)
+    fitted_b = bvalues if averager is None else averager.bvalues
+    plan = resolve_estimator(estimator, fitted_b, model=model, noise=noise)
     uncertainty = _check_uncertainty(uncertainty, plan)
     signal_model = get_model(plan.estimator.model_name)
     if tuple(plan.estimator.param_names) != tuple(signal_model.param_names):
         raise ValueError(f"the {plan.label} estimates {tuple(plan.estimator.param_names)}; the {signal_model.name} "
                          f"model's parameters are {signal_model.param_names}, in that order")
-    n_distinct = np.unique(bvalues).size
+    problems = protocol_problems(signal_model, fitted_b, b0_threshold)
+    if problems and not force:
+        raise ProtocolNotIdentifiable(f"the protocol cannot identify the {signal_model.name} model: "
+                                      + "; ".join(problems) + ". To fit anyway: force=True (qmri-fit --force)")
+    protocol_info["identifiability"] = {"problems": problems, "forced": bool(force and problems)}
+    if problems:
+        logger.warning("fitting despite: %s (forced)", "; ".join(problems))
+    n_distinct = np.unique(fitted_b).size
     if n_distinct < signal_model.n_params:
         raise ValueError(f"{n_distinct} distinct b-values; the {signal_model.name} model has {signal_model.n_params} "
-                         f"parameters {signal_model.param_names} and needs at least that many")
-    noise_estimate, noise_info = _resolve_noise(sigma, plan, source, bvalues, mask_array, b0_threshold)
+                         f"parameters {signal_model.param_names} and needs at least that many (even with force)")
+    noise_estimate, noise_info = _resolve_noise(sigma, plan, source, bvalues, mask_array, b0_threshold, bvecs)
+    sigma_scale = None if averager is None else averager.sigma_scale
 
     coords = np.nonzero(mask_array)
     n_voxels = coords[0].size
     scale = None
     if plan.preprocessing is not None and plan.preprocessing.kind == "global_scale":
-        lowest = np.concatenate([lowest_b_mean(source.rows(tuple(c[s:s + chunk_size] for c in coords)), bvalues)
+        lowest = np.concatenate([lowest_b_mean(_fitted_rows(source, tuple(c[s:s + chunk_size] for c in coords),
+                                                            averager), fitted_b)
                                  for s in range(0, n_voxels, chunk_size)]) if n_voxels else np.zeros(0)
         scale = plan.preprocessing.scale(lowest)
         plan.record["preprocessing"]["scale"] = scale
@@ -200,15 +248,15 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
     done = 0
     for start in range(0, n_voxels, int(chunk_size)):
         chunk = tuple(c[start:start + chunk_size] for c in coords)
-        rows = source.rows(chunk)
+        rows = _fitted_rows(source, chunk, averager)
         if sigma_full is None or np.ndim(sigma_full) == 0:
             chunk_sigma = sigma_full
         else:
             chunk_sigma = np.asarray(sigma_full[chunk], dtype=np.float64)
             fallback = noise_estimate.sigma
             chunk_sigma = np.where(np.isfinite(chunk_sigma) & (chunk_sigma > 0), chunk_sigma, fallback)
-        estimate, codes, errors = _fit_rows(rows, bvalues, plan, signal_model, chunk_sigma, scale, device, counts,
-                                            uncertainty)
+        estimate, codes, errors = _fit_rows(rows, fitted_b, plan, signal_model, chunk_sigma, scale, device, counts,
+                                            uncertainty, sigma_scale)
         params[chunk] = estimate
         status[chunk] = codes
         if uncertainty:
@@ -236,7 +284,37 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
         sigma_map = np.where(mask_array, noise_estimate.sigma_map, 0).astype(np.float32)
     return Maps(params=params, param_names=tuple(signal_model.param_names), units=units, status=status,
                 model=signal_model.name, estimator=plan.record, noise=noise_info, sigma_map=sigma_map,
-                counts=counts, sd=sd, sd_reason=sd_reason, sd_method=_sd_method(plan) if uncertainty else None)
+                counts=counts, sd=sd, sd_reason=sd_reason, sd_method=_sd_method(plan) if uncertainty else None,
+                protocol=protocol_info)
+
+
+def _fitted_rows(source, coords, averager: ShellAverage | None) -> np.ndarray:
+    """The voxel rows that are fitted: every volume, or each shell's geometric mean."""
+    rows = source.rows(coords)
+    return rows if averager is None else averager.apply(rows)
+
+
+def _choose_directions(directions: str, bvalues, bvecs, b0_threshold: float):
+    """``(ShellAverage or None, protocol entry of the Maps)`` for ``fit_volume(directions=...)``."""
+    if directions not in DIRECTION_CHOICES:
+        raise ValueError(f"directions must be one of {DIRECTION_CHOICES}, got {directions!r}")
+    average = ShellAverage.of(bvalues, b0_threshold)
+    weighted = average.bvalues > b0_threshold
+    several = bool(np.any(average.n_volumes[weighted] >= 2))
+    used = directions if directions != "auto" else ("average" if several else "all")
+    info = {"directions": {"requested": directions, "used": used, "bvecs_given": bvecs is not None,
+                           "repeat_angle_deg": REPEAT_ANGLE_DEG}}
+    if used == "average" and average.n_volumes.max() > 1:
+        info["directions"].update(average.description())
+        return average, info
+    if used == "average":
+        info["directions"]["used"] = "all"
+        info["directions"]["note"] = "no shell holds several volumes: nothing to average"
+    info["directions"]["noise_model_of_fitted"] = (
+        "every volume with the series' noise level" + (
+            "; volumes of one shell along different directions are fitted by one isotropic signal, so the "
+            "tissue's anisotropy counts as misfit" if several else ""))
+    return None, info
 
 
 class UncertaintyNotSupported(ValueError):
@@ -261,7 +339,8 @@ def _sd_method(plan: EstimatorPlan) -> str:
             or f"standard deviation reported by the {plan.record.get('kind')} (predict(signals, return_sd=True))")
 
 
-def _fit_rows(signals, bvals, plan: EstimatorPlan, model, sigma, scale, device, counts, uncertainty=False):
+def _fit_rows(signals, bvals, plan: EstimatorPlan, model, sigma, scale, device, counts, uncertainty=False,
+              sigma_scale=None):
     """Parameters (n, P) float32, status codes (n,) and, with ``uncertainty``, ``(sd, sd reason
     codes)`` (n, P) of one chunk of voxel rows (else None)."""
     n = signals.shape[0]
@@ -303,7 +382,8 @@ def _fit_rows(signals, bvals, plan: EstimatorPlan, model, sigma, scale, device, 
             continue
         block = clean[np.ix_(rows, np.flatnonzero(keep))]
         voxel_sigma = sigma if sigma is None or np.ndim(sigma) == 0 else sigma[rows]
-        estimate, errors = _estimate(plan, block, bvals[keep], voxel_sigma, scale, device, uncertainty)
+        block_scale = None if sigma_scale is None else sigma_scale[keep]
+        estimate, errors = _estimate(plan, block, bvals[keep], voxel_sigma, scale, device, uncertainty, block_scale)
         valid = np.all(np.isfinite(estimate), axis=-1)
         estimate[~valid] = np.nan
         params[rows] = estimate
@@ -315,11 +395,15 @@ def _fit_rows(signals, bvals, plan: EstimatorPlan, model, sigma, scale, device, 
     return params, codes, ((sd, sd_codes) if uncertainty else None)
 
 
-def _estimate(plan: EstimatorPlan, signals, bvals, sigma, scale, device, uncertainty=False):
+def _estimate(plan: EstimatorPlan, signals, bvals, sigma, scale, device, uncertainty=False, sigma_scale=None):
     """``(params (n, P) float32, errors)`` of one block of voxels that share their usable
     measurements ``bvals``; NaN marks an estimate that is not valid. ``errors`` is ``(sd,
     reason codes)`` with ``uncertainty``, else None."""
     estimator = plan.for_measurements(bvals, sigma)
+    accepts_scale = "sigma_scale" in getattr(estimator, "get_params", dict)()
+    if sigma_scale is not None and plan.fits_scan_protocol and accepts_scale:
+        # the per-shell average: each averaged measurement's own noise level (sigma / sqrt(N))
+        estimator.set_params(sigma_scale=sigma_scale)
     inputs = signals if plan.order is None else signals[:, plan.order]
     preprocessing, voxel_scale = plan.preprocessing, None
     if preprocessing is not None:
