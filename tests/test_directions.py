@@ -95,6 +95,10 @@ def test_without_directions_only_b0_volumes_repeat():
     assert blind.details["groups"] == [0.0] and abs(blind.sigma / 20 - 1) < 0.15
     told = sigma_from_repeats(noisy, bvals, bvecs=bvecs)
     assert told.details["groups"] == [0.0]   # three directions per shell: no repeats at b > 0
+    # fit_mle's own estimate follows the same rule
+    with pytest.warns(UserWarning, match="sigma estimated"):
+        fit = fit_mle(noisy.reshape(-1, bvals.size), bvals, bvecs=bvecs, n_starts=1, max_iter=3)
+    assert fit.sigma_method == told.description and abs(fit.sigma.flat[0] / 20 - 1) < 0.15
 
 
 def test_no_repeats_says_so_and_falls_to_the_next_source():
@@ -307,3 +311,30 @@ def test_ivim_needs_low_b_values_and_enough_shells():
     assert protocol_problems(monoexp, [0, 995, 1000, 1005]) == []
     assert "1 b-value shell" in protocol_problems(monoexp, [995, 1000, 1005])[0]
     assert protocol_problems(get_model("t2"), [10, 20, 30]) == []                 # echo times: not checked
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+def test_dipy_and_osipi_adapters_follow_the_same_rules():
+    pytest.importorskip("dipy")
+    from dipy.core.gradients import gradient_table
+
+    from qmri_labels.interop.dipy import IvimModel
+    from qmri_labels.interop.osipi import QmriLabelsIVIM
+
+    noisy, bvals, bvecs, md = anisotropic_dwi((6, 6, 2))
+    gtab = gradient_table(bvals, bvecs=np.nan_to_num(bvecs).T, b0_threshold=0)
+    fit = IvimModel(gtab, noise="rician", sigma="auto").fit(noisy)
+    assert fit.maps.protocol["directions"]["used"] == "average"
+    assert fit.maps.noise["method"] == "repeats" and abs(fit.maps.noise["value"] / 20 - 1) < 0.15
+    assert abs(np.median((fit.D - md) / md)) < 0.05
+    two_shells = gradient_table(np.array([0, 1000, 1000, 1000.0]), bvecs=np.vstack([[0, 0, 0], np.eye(3)]),
+                                b0_threshold=0)
+    with pytest.raises(ProtocolNotIdentifiable, match="2 b-value shell"):
+        IvimModel(two_shells).fit(np.full((2, 4), 100.0))
+    osipi = QmriLabelsIVIM(bvalues=bvals, bvecs=bvecs)
+    result = osipi.ivim_fit_full_volume(noisy / noisy[..., :3].mean(-1, keepdims=True))
+    assert abs(np.median((result["D"] - md) / md)) < 0.05
+    with pytest.raises(ProtocolNotIdentifiable, match="ms/um"):
+        QmriLabelsIVIM(bvalues=bvals / 1000).ivim_fit_full_volume(noisy)
