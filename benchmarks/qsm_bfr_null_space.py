@@ -9,7 +9,7 @@ Printed:
 
 1. ``profiles``: for one head mask, the share of each profile's local field that each BFR method
    keeps (inside its eroded mask): a sine along a magic-angle direction against the same sine
-   along z and along x (``tests/test_qsm_bfr.py`` asserts the same on a 48^3 head).
+   along z and along x (``tests/fitting/test_qsm_bfr.py`` asserts the same on a 48^3 head).
 2. ``errors``: on the shipped network's held-out phantoms, after ``--bfr``: the chi NRMSE of TV
    (lambda ``--tv-lambda``) and of the shipped U-Net, the size of the field their error makes
    (relative to the true local field, inside the eroded mask) and the part of that error field

@@ -4,7 +4,7 @@
 
 Builds a volume of three known IVIM truths, each repeated ``--repeats`` times with Rician noise
 at ``--snr`` (S0 = 1000, Epstein's 10 b-values; the configuration of
-``tests/test_mapping.py::test_mle_sd_map_matches_the_spread_over_noise_repeats``), maps it with
+``tests/maps/test_mapping.py::test_mle_sd_map_matches_the_spread_over_noise_repeats``), maps it with
 ``fit_volume(..., uncertainty=True)`` and prints, per truth and parameter, the RMS of the SD
 map over the repeats divided by the empirical SD of the estimates (1 = calibrated). Then times
 ``fit_volume`` with and without ``uncertainty=True`` on ``--cost-voxels`` voxels drawn from the

@@ -24,7 +24,7 @@ fitting.fit_mle`. Three sources, tried in this order by :func:`estimate_noise`:
    are averaged over the patches covering each voxel (weighted like dipy's ``genpca``), which
    gives a **noise map**. It needs only the DWI series itself: no repeated b = 0, no
    background. Validated against ``dipy.denoise.localpca.mppca(..., return_sigma=True)`` in
-   ``tests/test_noise.py``.
+   ``tests/fitting/test_noise.py``.
 
 Every estimate is a :class:`NoiseEstimate`: a representative ``sigma`` (a number), a per-voxel
 ``sigma_map`` where the method gives one, the method and how many voxels it rests on.

@@ -1,7 +1,7 @@
 """A per-voxel reference fitter: scipy's L-BFGS-B on the IVIM Rician likelihood.
 
 Written in NumPy/SciPy, independently of the batched torch fitter, so that it can check it
-(tests/test_mle_agreement.py) and serve as the speed baseline (benchmarks/mle_throughput.py).
+(tests/fitting/test_mle_agreement.py) and serve as the speed baseline (benchmarks/mle_throughput.py).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ both.
 
 The search is :mod:`qmri_labels.search.engine`'s: TPE with trial-seeded draws, so that with
 ``storage`` (an Optuna database URL) processes on several machines share one search and find
-what one process alone would (``tests/test_tuning.py``).
+what one process alone would (``tests/search/test_tuning.py``).
 
 With ``criterion="val_loss"`` the search also *prunes* (Optuna's median rule): after each epoch
 a trial reports the best label loss so far on its training run's own validation rows, and a

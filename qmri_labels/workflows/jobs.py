@@ -5,7 +5,7 @@ search, every design at every seed). Each job seeds everything it draws (weights
 dropout masks, Optuna's sampler) and runs with the study's torch thread count, so what it
 returns does not depend on which process ran it, on what ran before it, or on the order in
 which jobs finish: a study gives the same bytes with any number of workers
-(``tests/test_study_workers.py``).
+(``tests/workflows/test_study_workers.py``).
 
 ``workers="auto"`` uses the CPU cores this process may run on (``os.sched_getaffinity``),
 divided by the torch threads of one job; on a GPU it is 1 (jobs would share one device).

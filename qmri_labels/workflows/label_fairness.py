@@ -163,7 +163,7 @@ def train_designs(defaults: Mapping, train, mle_labels, tune_cfg: Mapping | None
 
     Every tuning search and every training is an independent, self-seeded job, so the networks
     do not depend on the number of workers or on the order in which jobs finish
-    (``tests/test_study_workers.py``). The searches are submitted first (they take longest, and
+    (``tests/workflows/test_study_workers.py``). The searches are submitted first (they take longest, and
     their designs' trainings wait for them).
 
     Parameters

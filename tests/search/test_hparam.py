@@ -137,7 +137,7 @@ def test_a_study_of_another_search_is_refused(tmp_path):
 
 def _worker(tmp_path, name, storage, *extra):
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "qmri_labels.study", "--config", "tiny_hparam", "--storage", storage,
                "--study-name", "shared", "--worker", "--set", "network.max_epochs=2", "--out",
                str(tmp_path / name), "--quiet", *extra]

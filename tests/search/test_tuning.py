@@ -125,7 +125,7 @@ def _tune_in_a_process(storage):
             "print(json.dumps({'best': est.tuning_['best_params'], 'trials': est.tuning_['trials'], "
             "'pred': est.predict(data.signals[:20]).tolist()}))")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     return subprocess.Popen([sys.executable, "-c", code, json.dumps(SHARED), storage], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

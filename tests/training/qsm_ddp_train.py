@@ -1,4 +1,4 @@
-"""Train the QSM U-Net with DDP on CPU processes; run by ``tests/test_qsm_ddp.py`` (not a test itself).
+"""Train the QSM U-Net with DDP on CPU processes; run by ``tests/training/test_qsm_ddp.py`` (not a test itself).
 
     python tests/qsm_ddp_train.py OUT_DIR N_PROCESSES
 

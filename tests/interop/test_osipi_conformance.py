@@ -18,7 +18,7 @@ import pytest
 from qmri_labels.fitting import fit_mle
 from qmri_labels.interop.osipi import QmriLabelsIVIM
 
-DATA = Path(__file__).parent / "data" / "osipi"
+DATA = Path(__file__).resolve().parents[1] / "data" / "osipi"
 #: OSIPI's test bounds in OSIPI order [D, f, Dp, S0]
 OSIPI_BOUNDS = ([0, 0, 0.005, 0.7], [0.005, 1.0, 0.2, 1.3])
 #: OSIPI's default tolerances (test_ivim_fit.py, tolerances_helper)

@@ -1,4 +1,4 @@
-"""Train one network with DDP on CPU processes; run by ``tests/test_ddp.py`` (not a test itself).
+"""Train one network with DDP on CPU processes; run by ``tests/training/test_ddp.py`` (not a test itself).
 
     python tests/ddp_train.py OUT_DIR N_PROCESSES
 
@@ -33,7 +33,7 @@ def launch(script: Path, out: Path, processes: int, timeout: float = 300) -> Non
     """Run a training script (``script OUT N``) that Lightning turns into ``processes`` gloo ranks;
     the package comes from this checkout and no launcher variable leaks in from the caller."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     for key in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
         env.pop(key, None)
     done = subprocess.run([sys.executable, str(script), str(out), str(processes)], env=env, cwd=out,

@@ -418,7 +418,7 @@ def test_uncertainty_writes_sd_maps_equal_to_fit_mle(ivim_data, ivim_run, tmp_pa
 
 
 def test_uncertainty_is_refused_for_the_default_qsm_inversion(tmp_path, capsys):
-    # (a U-Net ensemble writes a chi SD map: tests/test_qsm_ensemble.py)
+    # (a U-Net ensemble writes a chi SD map: tests/estimators/test_qsm_ensemble.py)
     save(tmp_path / "field.nii.gz", np.zeros((4, 4, 4), np.float32))
     save(tmp_path / "mask.nii.gz", np.ones((4, 4, 4), np.uint8))
     code, err = run(["--field", tmp_path / "field.nii.gz", "--mask", tmp_path / "mask.nii.gz", "--uncertainty",
