@@ -15,12 +15,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from qmri_labels.estimators.bundle import MANIFEST_FILE, read_manifest
+from qmri_labels.estimators.bundle import MANIFEST_FILE, manifest_kind, read_manifest
 from qmri_labels.fileio import atomic_write_bytes
 from qmri_labels.paths import models_dir
 from qmri_labels.physics import display_unit, get_model
 
 MODEL_CARD = "MODEL_CARD.md"
+#: the bundle kind of a QSM U-Net (format version 1 wrote "qsm_unet"; manifest_kind reads both)
+QSM_KIND = "qmri_labels.QSMEstimator"
 #: IVIM-style parameter names as a reader writes them
 _SHOWN = {"Dstar": "D*"}
 
@@ -193,7 +195,7 @@ def model_info(name_or_path: str | os.PathLike) -> dict:
     """
     path = find_bundle(name_or_path)
     manifest = read_manifest(path)
-    if manifest.get("kind") == "qsm_unet":
+    if manifest_kind(manifest) == QSM_KIND:
         info = _qsm_info(manifest)
     else:
         info = _voxel_info(manifest)
@@ -294,7 +296,7 @@ def model_card(name_or_path: str | os.PathLike, name: str | None = None) -> str:
     info = model_info(name_or_path)
     manifest = read_manifest(info["path"])
     name = name or info["name"]
-    qsm = manifest.get("kind") == "qsm_unet"
+    qsm = manifest_kind(manifest) == QSM_KIND
     lines = [f"# {name}", "",
              f"<!-- made from manifest.json by qmri_labels.estimators.shipped.model_card; regenerate, do not edit -->",
              "", f"A {info['kind']} shipped with qmri_labels.", "",

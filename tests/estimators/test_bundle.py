@@ -225,3 +225,12 @@ def test_one_save_function_keeps_the_layout(tmp_path):
     with pytest.raises(ValueError, match="kind 'unet'"):
         load(save_bundle(tmp_path / "other", {"w": torch.zeros(1)}, {"kind": "unet"}))
     assert isinstance(NetworkEstimator.load(tmp_path / "net"), NetworkEstimator)
+
+
+def test_a_resaved_qsm_bundle_is_still_described_as_a_qsm_network(tmp_path):
+    from qmri_labels.estimators.shipped import model_info
+
+    shipped = _shipped("qmri_labels.QSMEstimator")
+    resaved = load(shipped).save(tmp_path / "qsm")
+    assert read_manifest(resaved)["kind"] == "qmri_labels.QSMEstimator"
+    assert model_info(resaved)["kind"] == model_info(shipped)["kind"]
