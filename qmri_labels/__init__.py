@@ -36,9 +36,12 @@ _EXPORTS = {
     "QSMEstimator": "qmri_labels.estimators",
     "clone": "qmri_labels.estimators",
     "list_models": "qmri_labels.estimators.shipped",
+    "run_study": "qmri_labels.workflows.run",
     "load_results": "qmri_labels.workflows.results",
     "StudyResult": "qmri_labels.workflows.results",
     "get_model": "qmri_labels.physics",
+    "SignalModel": "qmri_labels.physics",
+    "Parameter": "qmri_labels.physics",
     "DatasetSpec": "qmri_labels.data",
 }
 

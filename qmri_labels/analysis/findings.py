@@ -188,3 +188,63 @@ def study_findings(summary: pd.DataFrame, comparisons: pd.DataFrame | None = Non
             sentences.append(seed_sentence(seed_findings, parameter))
         lines += [f"- {s}" for s in sentences if s]
     return lines
+
+
+#: the networks whose order the seed paper reports on IVIM (Epstein et al., MELBA 2024): GT labels
+#: the lowest SD and the highest bias, MLE and self-supervised labels the lowest bias and highest SD
+RANKING_METHODS = ("net-gt", "net-mle", "net-self")
+
+
+def label_ranking(sub: pd.DataFrame) -> dict | None:
+    """Whether one parameter's rows keep IVIM's label ranking (GT: higher mean |bias| and lower SD
+    than every MLE-like label present); None without net-gt and net-mle or net-self.
+
+    Returns
+    -------
+    dict or None
+        ``holds`` (bool), ``bias_holds``, ``sd_holds`` and the values by method (``bias``, ``sd``).
+    """
+    rows = sub.drop_duplicates("method").set_index("method")
+    present = [m for m in RANKING_METHODS if m in rows.index]
+    if "net-gt" not in present or len(present) < 2:
+        return None
+    bias = {m: float(rows.loc[m, "mean_abs_bias"]) for m in present}
+    sd = {m: float(rows.loc[m, "mean_sd"]) for m in present}
+    others = [m for m in present if m != "net-gt"]
+    bias_holds = all(bias["net-gt"] > bias[m] for m in others)
+    sd_holds = all(sd["net-gt"] < sd[m] for m in others)
+    return {"holds": bias_holds and sd_holds, "bias_holds": bias_holds, "sd_holds": sd_holds, "bias": bias, "sd": sd}
+
+
+def ranking_sentences(summary: pd.DataFrame, model: str, parameters=None) -> list[str]:
+    """One Markdown bullet per parameter: does this model keep IVIM's label ranking?
+
+    Parameters
+    ----------
+    summary : DataFrame
+        :func:`~qmri_labels.analysis.metrics.summarize` output.
+    model : str
+        The study's model, named in the sentences.
+    parameters : sequence of str, optional
+        Default: the varied parameters of the summary.
+
+    Returns
+    -------
+    list of str
+    """
+    lines = []
+    for parameter in _parameters(summary, parameters):
+        ranking = label_ranking(summary[summary["parameter"] == parameter])
+        if ranking is None:
+            continue
+        values = "; ".join(f"{m}: mean |bias| {number(ranking['bias'][m])}, SD {number(ranking['sd'][m])}"
+                           for m in ranking["bias"])
+        if ranking["holds"]:
+            verdict = "holds on " + model
+        else:
+            broken = [what for what, ok in (("GT's higher bias", ranking["bias_holds"]),
+                                            ("GT's lower SD", ranking["sd_holds"])) if not ok]
+            verdict = f"differs on {model} ({_join(broken)} not seen)"
+        lines.append(f"- **{parameter}**: IVIM's label ranking (GT labels: more bias, less SD than MLE and "
+                     f"self-supervised labels) {verdict}: {values}.")
+    return lines

@@ -4,9 +4,11 @@ from qmri_labels.physics.base import (
     Parameter,
     SignalModel,
     available_models,
+    class_path,
     display_unit,
     get_model,
     register_model,
+    use_model,
 )
 from qmri_labels.physics.fatwater import FatWater1p5TModel, FatWaterModel, fat_phasor
 from qmri_labels.physics.ivim import IVIMModel, ivim_signal
@@ -21,6 +23,8 @@ __all__ = [
     "display_unit",
     "get_model",
     "register_model",
+    "use_model",
+    "class_path",
     "FatWaterModel",
     "FatWater1p5TModel",
     "fat_phasor",

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 _REGISTRY: dict[str, type["SignalModel"]] = {}
+#: model instances made available by name for this process (models defined outside the package)
+_INSTANCES: dict[str, "SignalModel"] = {}
 
 
 def register_model(cls: type["SignalModel"]) -> type["SignalModel"]:
@@ -30,6 +32,32 @@ def register_model(cls: type["SignalModel"]) -> type["SignalModel"]:
         raise TypeError(f"{cls.__name__} must define a non-empty `name`")
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def use_model(model: "SignalModel") -> str:
+    """Make the instance ``model`` available by its name to everything that looks a model up
+    (simulation, fitting, training losses, evaluation) for the rest of this process, and
+    return that name.
+
+    This is how a model written outside the package (a notebook's ``SignalModel`` subclass)
+    reaches a study without :func:`register_model`: :func:`get_model` returns this very
+    instance, so settings given to its constructor are kept. A model without a ``name`` is
+    named after its class, lower case. A name of a registered model class is refused unless
+    ``model`` is an instance of that class; a name used before by another instance is taken
+    over (a notebook cell run again defines its class anew).
+    """
+    if not isinstance(model, SignalModel):
+        raise TypeError(f"expected a SignalModel instance, got {type(model).__name__}")
+    name = model.name or type(model).__name__.lower()
+    if name in available_models() and not isinstance(model, _REGISTRY[name]):
+        raise ValueError(f"model name {name!r} is taken by the registered model {_REGISTRY[name].__name__}; "
+                         f"give {type(model).__name__} another `name`")
+    if not model.name:
+        model.name = name
+    if not model.parameters:
+        raise ValueError(f"{type(model).__name__} has no `parameters`")
+    _INSTANCES[name] = model
+    return name
 
 
 def _discover_models() -> None:
@@ -46,10 +74,17 @@ def available_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def class_path(model: "SignalModel") -> str:
+    """``module:QualifiedName`` of a model's class (what a configuration's ``model.class`` names)."""
+    return f"{type(model).__module__}:{type(model).__qualname__}"
+
+
 def get_model(model: "str | SignalModel") -> "SignalModel":
     """Return a model instance from its registered name (or pass an instance through)."""
     if isinstance(model, SignalModel):
         return model
+    if model in _INSTANCES:
+        return _INSTANCES[model]
     if model not in _REGISTRY:
         _discover_models()
     try:
@@ -174,8 +209,11 @@ class SignalModel:
         """
         if type(self).forward_and_gradients is not SignalModel.forward_and_gradients:
             return self.forward_and_gradients(params, protocol)[1].transpose(-1, -2)
-        params = params.detach().requires_grad_(True)
-        with torch.enable_grad():
+        # callers may be inside inference_mode (a network's predict asking for its SDs), where
+        # autograd records nothing: step out of it, and copy the tensors made inside it
+        with torch.inference_mode(False), torch.enable_grad():
+            params = params.detach().clone().requires_grad_(True)
+            protocol = protocol.clone()
             signal = self.forward(params, protocol)
             cols = []
             for m in range(signal.shape[-1]):

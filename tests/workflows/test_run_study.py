@@ -1,0 +1,120 @@
+"""run_study: a study from Python, for a model defined outside the package (a notebook's class,
+or a configuration naming an importable class), and the model defaults a study takes by name."""
+
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from qmri_labels import run_study
+from qmri_labels.physics import Parameter, SignalModel, get_model
+from qmri_labels.workflows.run import parse_protocol, prepare_study
+
+TINY = dict(alpha=[], n_train=600, n_test=100, batch_size=128, max_epochs=2, patience=0, mle={"n_starts": 1},
+            grid={"points_per_axis": 2, "repeats": 4}, figures=False, workers=1)
+
+
+class StretchedExp(SignalModel):
+    """S0 * exp(-(b D)^alpha), as a notebook would write it (not registered)."""
+
+    name = "stretched_exp_test"
+    parameters = (Parameter("S0", "a.u.", 0.0, 2.0), Parameter("D", "mm^2/s", 0.0, 5e-3),
+                  Parameter("alpha", "1", 0.3, 1.0))
+    scale_index = 0
+
+    def forward(self, params, protocol):
+        s0, d, alpha = params[..., 0:1], params[..., 1:2], params[..., 2:3]
+        return s0 * torch.exp(-(protocol * d).clamp_min(1e-12) ** alpha)
+
+
+PRIOR = {"S0": (0.8, 1.2), "D": (0.5e-3, 2.5e-3), "alpha": (0.5, 1.0)}
+PROTOCOL = [0, 50, 100, 200, 400, 800, 1500]
+
+
+def test_run_study_with_a_model_defined_outside_the_package(tmp_path):
+    model = StretchedExp()
+    result = run_study(model=model, protocol=PROTOCOL, prior=PRIOR, labels=["gt", "mle", "self"],
+                       out=tmp_path / "run", **TINY)
+    summary = result.summary
+    assert set(summary["method"]) == {"fit-mle", "net-gt", "net-mle", "net-self"}
+    assert set(summary["parameter"]) == {"S0", "D", "alpha"}
+    assert np.isfinite(summary.loc[summary["parameter"] == "alpha", "rmse"]).all()
+    # the instance itself reached the study (not a fresh one of a registered class)
+    assert get_model("stretched_exp_test") is model
+    recorded = result.manifest["model"]
+    assert recorded["class"].endswith(":StretchedExp") and recorded["parameters"] == ["S0", "D", "alpha"]
+    assert result.manifest["data"]["train"]["spec"]["protocol"] == [float(b) for b in PROTOCOL]
+    assert "alpha" in result.report and "stretched_exp_test" in result.report
+    assert result.network("net-self").predict(np.ones((3, len(PROTOCOL)), np.float32)).shape == (3, 3)
+
+
+def test_a_config_names_an_importable_model_class(tmp_path, monkeypatch):
+    package = tmp_path / "mymodels"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "decays.py").write_text(textwrap.dedent('''
+        import torch
+        from qmri_labels.physics import Parameter, SignalModel
+
+        class ScaledDecay(SignalModel):
+            name = "scaled_decay_test"
+            parameters = (Parameter("S0", "a.u.", 0.0, 2.0), Parameter("R", "1/ms", 0.0, 0.2))
+            scale_index = 0
+            protocol_name = "echo_times"
+            protocol_unit = "ms"
+
+            def __init__(self, offset=0.0):
+                self.offset = offset
+
+            @property
+            def config(self):
+                return {"name": self.name, "offset": self.offset}
+
+            def forward(self, params, protocol):
+                return params[..., 0:1] * torch.exp(-params[..., 1:2] * (protocol + self.offset))
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = {"kind": "ivim_labels", "model": {"class": "mymodels.decays:ScaledDecay", "offset": 1.0},
+              "protocol": [5, 10, 20, 40, 80], "prior": {"S0": [0.8, 1.2], "R": [0.01, 0.1]},
+              "labels": ["gt", "self"], **TINY}
+    result = run_study(config, out=tmp_path / "run")
+    assert result.manifest["model"]["class"] == "mymodels.decays:ScaledDecay"
+    assert result.manifest["model"]["config"]["offset"] == 1.0
+    # config.yaml names the class, so that the study can be run again from it
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["class"] == \
+        "mymodels.decays:ScaledDecay"
+    assert set(result.summary["method"]) == {"fit-mle", "net-gt", "net-self"}
+    with pytest.raises(ValueError, match="takes its protocol .* in ms, not s/mm\\^2"):
+        run_study({**config, "protocol": {"values": [5, 10, 20], "unit": "s/mm^2"}}, out=tmp_path / "bad")
+    sys.modules.pop("mymodels.decays", None)
+    sys.modules.pop("mymodels", None)
+
+
+def test_a_model_name_of_the_package_cannot_be_taken_over():
+    class Impostor(StretchedExp):
+        name = "ivim"
+
+    with pytest.raises(ValueError, match="taken by the registered model"):
+        run_study(model=Impostor(), protocol=PROTOCOL, prior=PRIOR, **TINY)
+
+
+@pytest.mark.parametrize("model", ["t2", "fatwater"])
+def test_a_model_by_name_takes_its_own_defaults(model):
+    study = prepare_study(model=model)
+    signal_model = get_model(model)
+    assert study.config["model"] == model
+    assert study.config["bvalues"] == list(signal_model.default_protocol)
+    assert study.config["snr"] == (signal_model.default_snr or 30.0)
+    assert set(study.config["prior"]["ranges"]) == set(signal_model.param_names)
+
+
+def test_protocol_units_are_checked():
+    assert parse_protocol([10, 20, "ms"], "t2") == [10.0, 20.0]
+    assert parse_protocol({"values": [0, 500], "unit": "s/mm2"}, "ivim") == [0.0, 500.0]
+    with pytest.raises(ValueError, match="model 't2' takes its protocol \\(echo_times\\) in ms, not s"):
+        parse_protocol([0.01, 0.02, "s"], "t2")
+    with pytest.raises(ValueError, match="in s/mm\\^2, not ms/um\\^2"):
+        parse_protocol([0, 0.5, 1.0, "ms/um^2"], "ivim")
