@@ -382,9 +382,10 @@ def run_resolved(cfg: Mapping, out: Path, quiet: bool = False) -> dict:
     summary.insert(0, "snr", primary)
     mle = fitter(heldout.sigma if known else cfg["mle"].get("sigma"))
     methods = {"fit-mle": mle, **{n: fitted[n] for n in main_names}}
-    heldout_rows, heldout_by_method = [], {}
+    heldout_rows, heldout_by_method, heldout_predictions = [], {}, {}
     for name, est in methods.items():
-        metrics = heldout_metrics(est.predict(heldout.signals), heldout)
+        heldout_predictions[name] = est.predict(heldout.signals)
+        metrics = heldout_metrics(heldout_predictions[name], heldout)
         heldout_by_method[name] = metrics
         for p in heldout.param_names:
             heldout_rows.append({"method": name, "parameter": p, "rmse": metrics["rmse"][p], "mae": metrics["mae"][p],
@@ -393,7 +394,7 @@ def run_resolved(cfg: Mapping, out: Path, quiet: bool = False) -> dict:
     heldout_table = pd.DataFrame(heldout_rows)
     timings["evaluation"] = time.perf_counter() - t
 
-    sections = []
+    sections, extra_text = model_sections(cfg["model"], summary, heldout, heldout_predictions)
     seed_tables = {}
     if tuning:
         comparison = tuned_vs_default(summary, result, {n: f"{n}-tuned" for n in defaults})
@@ -418,6 +419,8 @@ def run_resolved(cfg: Mapping, out: Path, quiet: bool = False) -> dict:
     t = begin("writing results")
     atomic_write_bytes(out / "summary.csv", summary_all.to_csv(index=False).encode())
     atomic_write_bytes(out / "heldout.csv", heldout_table.to_csv(index=False).encode())
+    if "swaps" in extra_text:
+        atomic_write_bytes(out / "swap_rates.csv", extra_text["swaps"][1].to_csv(index=False).encode())
     for file, table in seed_tables.items():
         atomic_write_bytes(out / file, table.to_csv(index=False).encode())
     data_record = {
@@ -462,10 +465,40 @@ def run_resolved(cfg: Mapping, out: Path, quiet: bool = False) -> dict:
         "heldout": heldout_by_method,
     }
     write_json(out / "manifest.json", manifest, sort_keys=True)
-    text = summary_text(summary)
+    text = "\n\n".join([summary_text(summary), *(v[0] for v in extra_text.values())])
     return {"summary": summary, "heldout": heldout_table, "manifest": manifest, "summary_text": text,
             "estimators": methods, "result": result, "results_by_snr": results, "out": out,
             "summary_all": summary_all}
+
+
+def model_sections(model: str, summary: pd.DataFrame, heldout, predictions: Mapping) -> tuple[list, dict]:
+    """The report sections and printed summaries that depend on the model: the fat/water swap
+    rates of every method on the held-out set (a model with a PDFF), and whether IVIM's label
+    ranking holds (any model but IVIM).
+
+    Returns
+    -------
+    (list of Markdown sections, dict name -> (printed text, table or None))
+    """
+    from qmri_labels.analysis.findings import ranking_sentences
+    from qmri_labels.analysis.swaps import swap_rates, swap_section, swap_text
+
+    sections, texts = [], {}
+    names = list(heldout.param_names)
+    if "PDFF" in names:
+        i = names.index("PDFF")
+        rates = swap_rates({m: np.asarray(p)[:, i] for m, p in predictions.items()}, heldout.theta_true[:, i])
+        sections.append(swap_section(rates))
+        texts["swaps"] = (swap_text(rates), rates)
+    if model != "ivim":
+        lines = ranking_sentences(summary, model)
+        if lines:
+            sections.append("\n".join(["## Label ranking against IVIM's", "",
+                                        "On IVIM (Epstein et al., MELBA 2024) GT labels give the lowest SD and the "
+                                        "highest bias, MLE and self-supervised labels the lowest bias and the "
+                                        "highest SD. Here:", "", *lines]))
+            texts["ranking"] = ("\n".join(line.removeprefix("- ").replace("**", "") for line in lines), None)
+    return sections, texts
 
 
 def _centre_snr(snr) -> float:

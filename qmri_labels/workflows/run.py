@@ -311,7 +311,7 @@ def prepare_study(name_or_config: str | Mapping | os.PathLike | None = None, *, 
         raise ValueError(f"configuration {name!r} (kind {kind!r}): {exc}") from None
     resolved["kind"] = kind
     written = to_jsonable(resolved)
-    resolved = workflow.check(resolved)  # a bad value fails here, before anything is written
+    workflow.check(resolved)  # a bad value fails here, before anything is written
     if record is not None:
         written["model"] = to_jsonable(written_model)
     return PreparedStudy(kind, resolved, workflow, name, record, written)
@@ -399,7 +399,7 @@ def execute_study(study: PreparedStudy, out: str | os.PathLike | None = None, *,
     logging.getLogger("qmri_labels").info("study %r (kind %s) -> %s", study.name, study.kind, out)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
-    result = study.workflow.run(study.config, out, quiet=quiet) or {}
+    result = study.workflow.run(study.workflow.check(study.config), out, quiet=quiet) or {}
     wall = time.perf_counter() - t0
 
     manifest_path = out / "manifest.json"

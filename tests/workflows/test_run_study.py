@@ -118,3 +118,45 @@ def test_protocol_units_are_checked():
         parse_protocol([0.01, 0.02, "s"], "t2")
     with pytest.raises(ValueError, match="in s/mm\\^2, not ms/um\\^2"):
         parse_protocol([0, 0.5, 1.0, "ms/um^2"], "ivim")
+
+
+def _cli_args(*argv):
+    from qmri_labels.cli import study
+
+    return study.build_parser().parse_args(list(argv))
+
+
+@pytest.mark.parametrize("model", ["t2", "fatwater"])
+def test_the_model_flag_runs_a_model_with_its_defaults(model, tmp_path):
+    from qmri_labels.cli import study
+
+    kind, config, _, name = study.resolve(_cli_args("--model", model))
+    signal_model = get_model(model)
+    assert kind == "ivim_labels" and name == f"{model}_labels"
+    assert config["bvalues"] == list(signal_model.default_protocol)
+    assert config["snr"] == (signal_model.default_snr or 30.0)
+    argv = ["--model", model, "--labels", "gt", "mle", "--set", "alpha=[]", "--out", str(tmp_path / model), "--quiet",
+            "--set", "n_train=400", "--set", "n_test=200", "--set", "max_epochs=1", "--set", "figures=false",
+            "--set", "grid={points_per_axis: 2, repeats: 2}", "--set", "mle.n_starts=2", "--workers", "1"]
+    assert study.main(argv) == 0
+    written = yaml.safe_load((tmp_path / model / "config.yaml").read_text())
+    assert written["model"] == model and written["labels"] == ["gt", "mle"]
+    report = (tmp_path / model / "report.md").read_text()
+    assert "Label ranking against IVIM's" in report
+    if model == "fatwater":
+        rates = (tmp_path / model / "swap_rates.csv").read_text()
+        assert "net-gt" in rates and "fit-mle" in rates and "## Fat/water swaps" in report
+
+
+def test_the_protocol_flag_refuses_another_unit():
+    from qmri_labels.cli import study
+
+    with pytest.raises(ValueError, match="takes its protocol \\(echo_times\\) in ms, not s/mm\\^2"):
+        study.resolve(_cli_args("--model", "t2", "--protocol", "0", "100", "500", "s/mm^2"))
+    with pytest.raises(ValueError, match="--bvalues is for diffusion models"):
+        study.resolve(_cli_args("--model", "t2", "--bvalues", "10", "20"))
+    _, config, _, _ = study.resolve(_cli_args("--model", "t2", "--protocol", "10", "20", "40", "ms"))
+    assert config["bvalues"] == [10.0, 20.0, 40.0]
+    help_text = " ".join(study.build_parser().format_help().split())
+    for name in ("ivim", "monoexp", "t2", "t2star", "fatwater", "fatwater_1.5t", "echo times in ms"):
+        assert name in help_text

@@ -7,6 +7,7 @@ import scipy.stats
 import yaml
 
 from qmri_labels.cli import study
+from qmri_labels.workflows import run
 from qmri_labels.estimators import NetworkEstimator
 from qmri_labels.workflows.registry import Workflow
 
@@ -114,8 +115,8 @@ def test_model_flag_selects_the_study_kind(monkeypatch):
         calls.append(kind)
         return Workflow(kind, None, {"kind": kind, "seed": 0, "training": {"max_epochs": 5}}, lambda *a: {})
 
-    monkeypatch.setattr(study, "get_workflow", fake_workflow)
-    monkeypatch.setattr(study, "available_configs", lambda: {})
+    monkeypatch.setattr(run, "get_workflow", fake_workflow)
+    monkeypatch.setattr(run, "available_configs", lambda: {})
     kind, config, _, _ = study.resolve(args("--model", "qsm", "--max-epochs", "7"))
     assert kind == "qsm_labels" and calls == ["qsm_labels"]
     assert config["training"]["max_epochs"] == 7  # a flag finds its key in one nested section
@@ -136,7 +137,7 @@ def test_model_flag_with_a_voxel_model():
 
 def test_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="unknown study kind 'nonsense'; known kinds: hparam, ivim_labels"):
-        study.get_workflow("nonsense")
+        run.get_workflow("nonsense")
     with pytest.raises(ValueError, match="no study configuration"):
         study.load_config("no_such_study")
     bad = tmp_path / "bad.yaml"
