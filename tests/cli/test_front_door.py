@@ -18,11 +18,6 @@ from qmri_labels.workflows.jobs import JobProgress
 SHIPPED = sorted(p.name for p in models_dir().iterdir() if (p / "manifest.json").is_file())
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("QMRI_LABELS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
 def test_list_models_reads_every_shipped_manifest():
     models = {m["name"]: m for m in list_models()}
     assert sorted(models) == SHIPPED and len(SHIPPED) >= 5
