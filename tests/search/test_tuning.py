@@ -9,6 +9,7 @@ import numpy as np
 import optuna
 import pytest
 
+from qmri_labels.data import DatasetSpec
 from qmri_labels.estimators import NetworkEstimator
 from qmri_labels.search.tuning import DEFAULT_SPACE, tune
 
