@@ -400,7 +400,8 @@ def calibration_section(result: GridResult, summary: pd.DataFrame, figure=None) 
              "the parameter's units, lower is better) and *z_rms*, the RMS of (truth - estimate) / SD (1 calibrated; "
              "2: the errors are twice what the SDs say). Beside them the observed mean SD over the noise repeats "
              "and the Cramer-Rao bound. The MLE reports Wald SEs from the Fisher information; networks the SD of "
-             "their heteroscedastic head or ensemble (what it means per label: `NetworkEstimator` docstring). "
+             "their heteroscedastic head or ensemble, calibrated against the truth on their validation split "
+             "(`NetworkEstimator` docstring). "
              "Methods without an SD show `–`.", "",
              markdown_table(shown, [c for c in cols if c in shown.columns],
                             {"mean_halfwidth_95": "mean 95 % half-width", "mean_sd": "mean SD",

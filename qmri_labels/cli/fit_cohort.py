@@ -57,7 +57,9 @@ def settings(args) -> dict:
     """The options that change a scan's maps (a verified result made with others is redone)."""
     return {"estimator": args.estimator or "mle", "model": args.model, "noise": args.noise,
             "sigma": None if args.sigma is None else str(args.sigma), "b0_threshold": float(args.b0_threshold),
-            "uncertainty": bool(args.uncertainty), "directions": args.directions, "force": bool(args.force)}
+            "uncertainty": bool(args.uncertainty), "directions": args.directions, "force": bool(args.force),
+            # a label SD is other maps; the default (truth) leaves earlier results' settings as they were
+            **({"sd_kind": args.sd_kind} if args.uncertainty and args.sd_kind != "truth" else {})}
 
 
 def check_arguments(args) -> tuple[int, int]:
@@ -171,7 +173,7 @@ def _map_one(scan: Scan, out: Path, args, device, command, wanted: dict, shard: 
                                         sigma=args.sigma, b0_threshold=args.b0_threshold,
                                         chunk_size=args.chunk_size, device=device, progress=False,
                                         uncertainty=args.uncertainty, directions=args.directions,
-                                        force=args.force)
+                                        force=args.force, sd_kind=args.sd_kind)
             manifest["command"] = command
             manifest["cohort"] = {"source": str(args.cohort), "scan": scan.name, "shard": shard, "settings": wanted}
             manifest["timings_s"]["total"] = round(time.perf_counter() - started, 3)

@@ -51,6 +51,11 @@ def add_arguments(parser) -> None:
                      help="noise model of the MLE fit (default rician: magnitude images)")
     dwi.add_argument("--b0-threshold", type=float, default=0.0,
                      help="b-values <= this count as repeated b = 0 volumes for --sigma auto (s/mm^2, default 0)")
+    dwi.add_argument("--sd-kind", choices=("truth", "label"), default="truth",
+                     help="with --uncertainty: 'truth' (default), the SD of each estimate around the true value "
+                          "(MLE: Wald SE; network: calibrated on held-out simulations; a network without that "
+                          "calibration, such as the shipped ones, is refused); 'label', a network's raw SD: the "
+                          "spread around its training label, not an error bar (the sidecars say so)")
 
 
 def _sigma_argument(value):
@@ -69,12 +74,12 @@ def map_scan(dwi_path: Path, bval_path: Path, out_dir: Path, *, bvec_path: Path 
              mask_path: Path | None = None, estimator: str | None = None, model: str | None = None,
              noise: str | None = None, sigma=None, b0_threshold: float = 0.0, chunk_size: int = 20000,
              device=None, prefix: str | None = None, progress: bool = False, uncertainty: bool = False,
-             directions: str = "auto", force: bool = False) -> dict:
+             directions: str = "auto", force: bool = False, sd_kind: str = "truth") -> dict:
     """Map one DWI series into ``out_dir`` (which must exist); returns the manifest.
 
     With ``uncertainty`` a standard-deviation map is written beside each parameter map
-    (:func:`qmri_labels.maps.fit_volume` ``uncertainty=True``); ``directions`` and ``force``
-    are :func:`~qmri_labels.maps.fit_volume`'s.
+    (:func:`qmri_labels.maps.fit_volume` ``uncertainty=True``), of the kind ``sd_kind``;
+    ``directions`` and ``force`` are :func:`~qmri_labels.maps.fit_volume`'s.
     """
     timings = {}
     t0 = time.perf_counter()
@@ -93,7 +98,8 @@ def map_scan(dwi_path: Path, bval_path: Path, out_dir: Path, *, bvec_path: Path 
         maps = fit_volume(dwi, mask if mask_volume is not None else None, protocol=bvals,
                           estimator=estimator or "mle", model=model, noise=noise, sigma=sigma_value,
                           b0_threshold=b0_threshold, chunk_size=chunk_size, device=device, progress=progress,
-                          uncertainty=uncertainty, bvecs=bvecs, directions=directions, force=force)
+                          uncertainty=uncertainty, bvecs=bvecs, directions=directions, force=force,
+                          sd_kind=sd_kind)
     except UncertaintyNotSupported as exc:
         raise InputError("--" + str(exc)) from None
     timings["fit"] = round(time.perf_counter() - t1, 3)
@@ -142,6 +148,7 @@ def map_scan(dwi_path: Path, bval_path: Path, out_dir: Path, *, bvec_path: Path 
         "voxels": maps.counts,
         "uncertainty": None if maps.sd is None else {
             "method": maps.sd_method,
+            "sd_kind": maps.sd_kind,
             "sd_reasons": {name: maps.sd_reason_counts(name) for name in maps.param_names},
             "reason_codes": {str(k): v for k, v in SD_REASON_CODES.items()}},
         "status_codes": {str(k): v for k, v in STATUS_CODES.items()},
@@ -161,7 +168,7 @@ def run_dwi(args, out_dir: Path, device) -> dict:
                         estimator=args.estimator, model=args.model, noise=args.noise, sigma=args.sigma,
                         b0_threshold=args.b0_threshold, chunk_size=args.chunk_size, device=device, prefix=args.prefix,
                         progress=not args.quiet, uncertainty=args.uncertainty, directions=args.directions,
-                        force=args.force)
+                        force=args.force, sd_kind=args.sd_kind)
     except InputError:
         raise
     except (ValueError, TypeError) as exc:

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from qmri_labels.data.preprocessing import for_training_signals
+from qmri_labels.data.preprocessing import SignalPreprocessing, for_training_signals, from_manifest, lowest_b_mean
 from qmri_labels.estimators.base import BaseEstimator, as_signals
 from qmri_labels.estimators.bundle import build_manifest, estimator_kind, load_estimator, save_estimator
 from qmri_labels.estimators.network_design import DESIGN_PRESETS, check_settings, network_config, new_network
@@ -31,6 +31,15 @@ from qmri_labels.physics import get_model
 from qmri_labels.provenance import device_info
 from qmri_labels.training import ParameterNormalisation, method_name
 from qmri_labels.training.likelihood_losses import signal_space_sd
+
+#: what a reported SD is: ``truth`` (the spread of the estimate around the true value,
+#: calibrated on held-out simulations) or ``label`` (the raw head's spread around the training
+#: label, or the self label's Fisher SD: given only when asked for by that name)
+SD_KINDS = ("truth", "label")
+
+
+class SDNotCalibrated(ValueError):
+    """An SD against the truth was asked of a network whose SD was never calibrated against it."""
 
 
 class NetworkEstimator(BaseEstimator):
@@ -114,11 +123,15 @@ class NetworkEstimator(BaseEstimator):
         ``"heteroscedastic"``: add a log-variance branch
         (:class:`~qmri_labels.nets.heteroscedastic.HeteroscedasticNet`) trained with the
         Gaussian negative log-likelihood of the label
-        (:class:`~qmri_labels.training.likelihood_losses.HeteroscedasticLabelLoss`). For
-        ``gt`` / ``mle`` / ``hybrid`` labels the reported SD is the expected error *to that
+        (:class:`~qmri_labels.training.likelihood_losses.HeteroscedasticLabelLoss`). The SD
+        ``predict`` reports is the error bar against the *truth*: the raw SD below times a
+        per-parameter factor calibrated on the validation split where the truth is known
+        (``uncertainty_["sd_scale"]``, :attr:`sd_kind` ``"truth"``); without the truth the raw
+        SD is given only as ``sd_kind="label"``. The raw SD: for
+        ``gt`` / ``mle`` / ``hybrid`` labels the expected error *to that
         label* (for MLE labels: to the MLE, not to the truth). The ``self`` label has no
         parameter target: the branch learns the per-voxel *signal* noise level (signal-space
-        Gaussian or Rician likelihood, the training data's noise model) and the reported SD is
+        Gaussian or Rician likelihood, the training data's noise model) and the raw SD is
         the Cramer-Rao (Fisher) SD at the predicted parameters for that noise level, the spread
         an efficient estimator would have there, not the network's own error (``inf`` where a
         parameter is not identifiable, e.g. D* at f = 0). Whether any of these is calibrated
@@ -302,7 +315,7 @@ class NetworkEstimator(BaseEstimator):
                              sigma=sigma, mle_labels=mle_labels)
         normalisation = ParameterNormalisation.from_support(data.support, data.signal_model.param_names)
         self._train(data.tensors, weights, data.signal_model, data.protocol, data.support, normalisation, data.noise,
-                    callbacks)
+                    callbacks, truth=data.truth)
         self.n_excluded_ = data.n_excluded
         self.mle_labels_ = data.mle_info
         for key, value in data.record.items():
@@ -310,9 +323,11 @@ class NetworkEstimator(BaseEstimator):
         return self
 
     def _train(self, tensors: dict, weights: dict, signal_model, protocol, support, normalisation,
-               noise: str = "rician", callbacks=()) -> None:
+               noise: str = "rician", callbacks=(), truth=None) -> None:
         """Build (or, with ``warm_start``, reuse) the network(s) and train them on ``tensors``;
-        an ensemble trains its members one after another, member ``k`` with seeds offset by ``k``."""
+        an ensemble trains its members one after another, member ``k`` with seeds offset by ``k``.
+        With the true parameters of the rows (``truth``) and a validation split, the reported SD
+        is calibrated against the truth on that split (:meth:`_calibrate_sd`)."""
         start = time.perf_counter()
         seed = int(self.seed)
         init_seed = seed if self.init_seed is None else int(self.init_seed)
@@ -362,6 +377,8 @@ class NetworkEstimator(BaseEstimator):
         self.global_rank_, self.world_size_ = int(trainer.global_rank), int(trainer.world_size)
         self.seeds_ = {"seed": seed, "split_seed": seed, "init_seed": init_seed, "shuffle_seed": shuffle_seed}
         self.uncertainty_ = {"kind": self.uncertainty, "n_members": n_members, "noise": noise}
+        if self.reports_sd:
+            self.uncertainty_.update(self._calibrate_sd(tensors["signals"], truth, data.val_indices))
         if n_members > 1:
             self.seeds_["members"] = [{"init_seed": init_seed + k, "shuffle_seed": shuffle_seed + k}
                                       for k in range(n_members)]
@@ -369,22 +386,108 @@ class NetworkEstimator(BaseEstimator):
                 {"best_epoch": kp.best_epoch, "best_val_loss": kp.best_score if math.isfinite(kp.best_score) else None,
                  "n_epochs": int(tr.current_epoch), "history": list(mod.history)} for mod, tr, kp, _ in runs]
 
+    def _calibrate_sd(self, signals, truth, val_indices) -> dict:
+        """The ``uncertainty`` entries that make the reported SD an error bar against the truth.
+
+        The raw SD (the head's spread around the training label, the self label's Fisher SD,
+        an ensemble's spread) is multiplied per parameter by ``sd_scale``, the RMS of
+        ``(estimate - truth) / raw SD`` over the validation rows: rows that neither the mean nor
+        the head trained on, whose truth is known because they are simulated. Without truth (or
+        without a validation split) nothing is calibrated and the SD is given only as
+        ``sd_kind="label"``.
+        """
+        val = np.asarray(val_indices, dtype=np.int64)
+        if truth is None or val.size == 0:
+            return {"sd_kind": "label"}
+        estimate, raw_sd = self.predict(np.asarray(signals)[val], return_sd=True, signal_scale=1.0, sd_kind="label")
+        z = (estimate.astype(np.float64) - np.asarray(truth, dtype=np.float64)[val]) / raw_sd.astype(np.float64)
+        scale = []
+        for column in z.T:
+            column = column[np.isfinite(column)]
+            scale.append(float(np.sqrt(np.mean(column ** 2))) if column.size else float("nan"))
+        return {"sd_kind": "truth", "sd_scale": scale,
+                "sd_calibration": {"rows": int(val.size), "on": "the validation split: held-out simulated rows "
+                                   "with known truth; sd_scale = RMS of (estimate - truth) / raw SD"}}
+
+    @property
+    def sd_kind(self) -> str | None:
+        """What ``predict(..., return_sd=True)`` reports by default: ``"truth"`` when the SD was
+        calibrated against the truth, ``"label"`` when it was not (it is then given only when
+        asked for with ``sd_kind="label"``), ``None`` when the network reports no SD."""
+        if not self.reports_sd:
+            return None
+        return (getattr(self, "uncertainty_", None) or {}).get("sd_kind", "label")
+
+    @property
+    def sd_method(self) -> str | None:
+        """What a truth-calibrated SD is, in words (what a map's sidecar says)."""
+        if self.sd_kind != "truth":
+            return None
+        return ("standard deviation of the estimate around the true value: the network's raw SD times a "
+                "per-parameter factor calibrated on held-out simulations (the validation split)")
+
+    def label_sd_method(self) -> str:
+        """What an ``sd_kind="label"`` SD is, in words."""
+        if self.label == "self" and self._fitted_uncertainty() is not None:
+            what = "the Cramer-Rao SD at the prediction for the learned signal noise level (self label)"
+        else:
+            what = f"the spread of the estimate around its training label ({self.method_name})"
+        return (f"{what}, NOT calibrated against the true value; written only because it was asked for "
+                "by name (sd_kind='label', qmri-fit --sd-kind label)")
+
+    def at_training_scale(self) -> "NetworkEstimator":
+        """The same fitted network reading signals that are already at its training scale (the
+        toolkit's own simulations, whose S0 reference is the training data's): ``predict``'s
+        ``signal_scale`` defaults to 1 instead of ``"auto"``. The weights are shared."""
+        self._check_fitted()
+        view = copy.copy(self)
+        view.default_signal_scale_ = 1.0
+        return view
+
+    def signal_scale(self, signals):
+        """The divisor that brings ``signals (..., M)`` to this network's training scale, by the
+        bundle's recorded preprocessing (:mod:`qmri_labels.data.preprocessing`): one number
+        for ``global_scale`` (the median lowest-b signal of all of them over the training
+        reference), one per voxel for ``per_voxel_lowest_b`` (NaN where it is not positive).
+        Compute it over every voxel of a scan and pass it to :meth:`predict` when predicting
+        chunk by chunk."""
+        self._check_fitted()
+        flat, lead = as_signals(signals, len(self.protocol_))
+        scale = self._preprocessing().scale(lowest_b_mean(flat, self.protocol_))
+        return scale if np.ndim(scale) == 0 else np.reshape(scale, lead)
+
+    def _preprocessing(self) -> SignalPreprocessing:
+        entry = getattr(self, "preprocessing_", None)
+        return SignalPreprocessing.from_dict(entry) if entry else from_manifest(None)[0]
+
     # -- inference ---------------------------------------------------------------------------
-    def predict(self, signals, batch_size: int = 65536, device=None, return_sd: bool = False):
-        """Parameters ``(..., P)`` float32 for signals ``(..., M)``.
+    def predict(self, signals, batch_size: int = 65536, device=None, return_sd: bool = False,
+                signal_scale="auto", sd_kind: str = "truth"):
+        """Parameters ``(..., P)`` float32 for signals ``(..., M)`` in any units.
 
         Parameters
         ----------
         signals : array-like (..., M)
+            In the scan's units (S0 of hundreds to thousands is fine): they are brought to the
+            training scale by the bundle's recorded preprocessing, and S0 (and its SD) is
+            returned in the signals' units.
         batch_size : int
             Voxels per forward pass (bounds the memory).
         device : str or None
             Where to run the network (``None``: CPU).
         return_sd : bool
-            Also return the SD ``(..., P)`` float32 of each estimate: the heteroscedastic
-            head's and/or the ensemble's (see ``uncertainty`` and ``n_members`` in the class
-            docstring for what it means per label). A single network without a head
-            reports none (ValueError).
+            Also return the SD ``(..., P)`` float32 of each estimate (see ``sd_kind``). A
+            single network without a head reports none (ValueError).
+        signal_scale : "auto", float or array-like (...)
+            The divisor of the signals. ``"auto"``: :meth:`signal_scale` of these signals
+            (``global_scale``: the median over all of them, so give a whole scan, or pass the
+            scan's scale when predicting a part); a number or per-voxel array: that divisor;
+            ``1``: the signals are at the training scale already (:meth:`at_training_scale`).
+        sd_kind : {"truth", "label"}
+            ``"truth"``: the SD of the estimate around the true value, calibrated on held-out
+            simulations when the network was trained (:class:`SDNotCalibrated` for a network
+            without that calibration, e.g. the shipped bundles). ``"label"``: the raw SD, the
+            spread around the training label (self label: the Fisher SD), asked for by name.
 
         Returns
         -------
@@ -395,10 +498,38 @@ class NetworkEstimator(BaseEstimator):
         self._check_fitted()
         if not isinstance(return_sd, (bool, np.bool_)):
             raise TypeError(f"return_sd must be True or False, got {return_sd!r}")
+        if sd_kind not in SD_KINDS:
+            raise ValueError(f"sd_kind must be one of {SD_KINDS}, got {sd_kind!r}")
         if return_sd and not self.reports_sd:
             raise ValueError("this network reports no standard deviations: train it with "
                              "uncertainty='heteroscedastic' or 'variance_head', or n_members > 1")
+        if return_sd and sd_kind == "truth" and self.sd_kind != "truth":
+            raise SDNotCalibrated(
+                "this network's SD was never calibrated against the truth: it is "
+                f"{self.label_sd_method().split(', NOT')[0]}, not an error bar. Ask for it by that name with "
+                "sd_kind='label' (qmri-fit --sd-kind label), or retrain the network on a simulated Dataset "
+                "(its validation split calibrates the SD)")
         flat, lead = as_signals(signals, len(self.protocol_))
+        if isinstance(signal_scale, str) and signal_scale == "auto":
+            signal_scale = getattr(self, "default_signal_scale_", "auto")
+        preprocessing = self._preprocessing()
+        if isinstance(signal_scale, str):
+            if signal_scale != "auto":
+                raise ValueError(f"signal_scale must be 'auto', a number or a per-voxel array, got {signal_scale!r}")
+            scale = preprocessing.scale(lowest_b_mean(flat, self.protocol_))
+        else:
+            scale = np.asarray(signal_scale, dtype=np.float64)
+            if scale.ndim:
+                scale = np.broadcast_to(scale, lead).reshape(-1)
+            if np.any(scale <= 0):
+                raise ValueError("signal_scale must be positive (NaN marks a voxel that cannot be scaled)")
+        unscaled = None
+        if np.ndim(scale) == 0:
+            if scale != 1.0:
+                flat = preprocessing.apply(flat, scale)
+        else:
+            unscaled = ~np.isfinite(scale)
+            flat = preprocessing.apply(flat, np.where(unscaled, 1.0, scale))
         device = torch.device(device) if device is not None else torch.device("cpu")
         network = self.network_.to(device).eval()
         members = self._members()
@@ -415,6 +546,17 @@ class NetworkEstimator(BaseEstimator):
                 if return_sd:
                     sd[start : start + batch_size] = variance
         self.network_.to("cpu")
+        if return_sd and sd_kind == "truth":
+            sd *= np.asarray(self.uncertainty_["sd_scale"], dtype=np.float32)
+        if np.ndim(scale) or scale != 1.0:
+            out = preprocessing.restore(out, self.param_names_, scale)
+            if return_sd:
+                sd = preprocessing.restore(sd, self.param_names_, scale)
+        if unscaled is not None and unscaled.any():
+            # a voxel the preprocessing cannot scale has no estimate
+            out[unscaled] = np.nan
+            if return_sd:
+                sd[unscaled] = np.nan
         if not return_sd:
             return out.reshape(*lead, -1)
         return out.reshape(*lead, -1), sd.reshape(*lead, -1)

@@ -36,6 +36,9 @@ class TrainingData:
     mle_info: dict
     n_excluded: int
     record: dict
+    #: the true parameters of the rows where known (a simulated dataset, or ``gt`` labels of
+    #: arrays): what the reported SD is calibrated against
+    truth: np.ndarray | None = None
 
 
 def training_data(params: Mapping, weights: Mapping, X, y=None, *, protocol=None, bounds=None, model: str = "ivim",
@@ -71,6 +74,7 @@ def training_data(params: Mapping, weights: Mapping, X, y=None, *, protocol=None
         record = {"train_fingerprint_": X.fingerprint, "train_spec_": X.spec.to_dict()}
         train_protocol = X.protocol
         noise = X.spec.noise
+        truth = np.asarray(X.theta_true)
     else:
         if mle_labels is not None:
             raise ValueError("with array input, give MLE labels as y")
@@ -85,6 +89,8 @@ def training_data(params: Mapping, weights: Mapping, X, y=None, *, protocol=None
         tensors, mle_info = array_targets(params["label"], weights, signals, y, signal_model, train_protocol, sigma,
                                           mle_options=mle_options, progress=progress,
                                           label_weights=params["weights"], seed=int(params["seed"]))
+        # gt labels are the true parameters; with other labels alone the truth is unknown
+        truth = np.asarray(tensors["theta"]) if "theta" in tensors else None
         support = signal_model.default_bounds if bounds is None else np.asarray(bounds, dtype=np.float64)
         if support.shape != (2, signal_model.n_params) or not np.all(np.isfinite(support)) or np.any(
                 support[1] < support[0]):
@@ -104,7 +110,9 @@ def training_data(params: Mapping, weights: Mapping, X, y=None, *, protocol=None
         if keep.sum() < 2:
             raise ValueError("fewer than 2 training rows have finite MLE labels")
         tensors = {k: v[keep] for k, v in tensors.items()}
-    return TrainingData(tensors, signal_model, train_protocol, support, noise, mle_info, int((~keep).sum()), record)
+        truth = None if truth is None else truth[keep]
+    return TrainingData(tensors, signal_model, train_protocol, support, noise, mle_info, int((~keep).sum()), record,
+                        truth)
 
 
 def train_one(params: Mapping, network, tensors: dict, weights: Mapping, signal_model, protocol, normalisation,

@@ -150,11 +150,15 @@ def _write_sd_map(folder: Path, maps, name: str, prefix: str, affine, header, co
     file_name = sd_map_name(prefix, maps.model, name)
     unit = maps.units[name]
     missing = {reason: n for reason, n in maps.sd_reason_counts(name).items() if reason != "reported"}
+    if maps.sd_kind == "label":
+        what = (f"spread of the {name} estimate around the network's training label, NOT an error bar against "
+                "the true value (asked for with --sd-kind label)")
+    else:
+        what = f"standard deviation of the {name} estimate around the true value"
     written = write_map(folder, file_name, maps.sd_map(name), affine, header,
                         {**common, "Parameter": name, "Statistic": "standard deviation", "Units": unit,
-                         "Method": maps.sd_method,
-                         "Description": f"standard deviation of the {name} estimate; 0 outside the mask, NaN where "
-                                        "there is no number (see NaNReasons)",
+                         "Method": maps.sd_method, "SDKind": maps.sd_kind or "truth",
+                         "Description": f"{what}; 0 outside the mask, NaN where there is no number (see NaNReasons)",
                          "NaNReasons": missing},
                         description=f"qmri_labels {maps.model} sd({name}) [{display_unit(unit)}]")
     return {written[0]: f"standard deviation of {name} ({display_unit(unit)}), float32; 0 outside the mask, NaN where none "

@@ -11,7 +11,9 @@ the estimator contract, never the estimator's type:
   noise level through ``set_params(protocol=..., sigma=...)`` on a :func:`clone`, so the
   caller's object is never changed.
 * ``manifest_`` / ``preprocessing_``: an estimator trained on signals of some scale declares
-  how data are brought to it (:mod:`qmri_labels.data.preprocessing`); one that declares none
+  how data are brought to it (:mod:`qmri_labels.data.preprocessing`) and applies that itself:
+  its ``predict`` takes the scan's signals with ``signal_scale=`` (the divisor computed over
+  the whole mask, so chunks agree) and returns S0 in the scan's units. One that declares none
   sees the signals in the scan's own units.
 * ``describe()``: what the maps' sidecars and manifest record about the estimator.
 """

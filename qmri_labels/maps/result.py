@@ -65,6 +65,9 @@ class Maps:
         What was fitted: every volume or the per-shell average (``directions``), the fitted
         b-values, the noise model of the fitted measurements, and any identifiability problem
         that ``force=True`` overrode.
+    sd_kind : {"truth", "label"} or None
+        ``"truth"``: the error bar of the estimate against the true value; ``"label"``: a
+        network's spread around its training label, written only because it was asked for.
     """
 
     params: np.ndarray
@@ -80,6 +83,7 @@ class Maps:
     sd_reason: np.ndarray | None = None
     sd_method: str | None = None
     protocol: dict | None = None
+    sd_kind: str | None = None
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self.param_names:

@@ -117,7 +117,7 @@ def _resolve_noise(sigma, plan: EstimatorPlan, source, bvalues, mask, b0_thresho
 def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | None = None, noise: str = "rician",
                sigma=None, b0_threshold: float = 0.0, chunk_size: int = 20000, device=None,
                progress: bool | Callable[[int], None] = False, uncertainty: bool = False, bvecs=None,
-               directions: str = "auto", force: bool = False) -> Maps:
+               directions: str = "auto", force: bool = False, sd_kind: str = "truth") -> Maps:
     """Estimate model parameters at every voxel of ``data`` inside ``mask``.
 
     Parameters
@@ -158,6 +158,12 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
         box or in a singular direction); a network gives what its
         ``predict(signals, return_sd=True)`` reports (S0's scaled back like S0). An
         estimator whose ``reports_sd`` is false is refused.
+    sd_kind : {"truth", "label"}
+        ``"truth"``: every SD is the error bar of the estimate against the true value (the
+        MLE's Wald SE; a network's SD calibrated on held-out simulations); a network whose SD
+        was never calibrated so (the shipped bundles) is refused. ``"label"``: a network's raw
+        SD, the spread around its training label, asked for by name and recorded so in
+        ``Maps.sd_method`` (the sidecars).
 
     bvecs : array_like (3, M), optional
         Gradient directions (NaN or zero on b = 0 volumes): which volumes repeat each other
@@ -206,7 +212,7 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
     averager, protocol_info = _choose_directions(directions, bvalues, bvecs, b0_threshold)
     fitted_b = bvalues if averager is None else averager.bvalues
     plan = resolve_estimator(estimator, fitted_b, model=model, noise=noise)
-    uncertainty = _check_uncertainty(uncertainty, plan)
+    uncertainty = _check_uncertainty(uncertainty, plan, sd_kind)
     signal_model = get_model(plan.estimator.model_name)
     if tuple(plan.estimator.param_names) != tuple(signal_model.param_names):
         raise ValueError(f"the {plan.label} estimates {tuple(plan.estimator.param_names)}; the {signal_model.name} "
@@ -256,7 +262,7 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
             fallback = noise_estimate.sigma
             chunk_sigma = np.where(np.isfinite(chunk_sigma) & (chunk_sigma > 0), chunk_sigma, fallback)
         estimate, codes, errors = _fit_rows(rows, fitted_b, plan, signal_model, chunk_sigma, scale, device, counts,
-                                            uncertainty, sigma_scale)
+                                            uncertainty, sigma_scale, sd_kind)
         params[chunk] = estimate
         status[chunk] = codes
         if uncertainty:
@@ -284,8 +290,9 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
         sigma_map = np.where(mask_array, noise_estimate.sigma_map, 0).astype(np.float32)
     return Maps(params=params, param_names=tuple(signal_model.param_names), units=units, status=status,
                 model=signal_model.name, estimator=plan.record, noise=noise_info, sigma_map=sigma_map,
-                counts=counts, sd=sd, sd_reason=sd_reason, sd_method=_sd_method(plan) if uncertainty else None,
-                protocol=protocol_info)
+                counts=counts, sd=sd, sd_reason=sd_reason, protocol=protocol_info,
+                sd_method=_sd_method(plan, sd_kind) if uncertainty else None,
+                sd_kind=sd_kind if uncertainty else None)
 
 
 def _fitted_rows(source, coords, averager: ShellAverage | None) -> np.ndarray:
@@ -321,10 +328,25 @@ class UncertaintyNotSupported(ValueError):
     """``uncertainty=True`` with an estimator that reports no standard deviations."""
 
 
-def _check_uncertainty(uncertainty, plan: EstimatorPlan) -> bool:
-    """``uncertainty`` as a bool; an estimator that reports no SDs is refused."""
+def _check_uncertainty(uncertainty, plan: EstimatorPlan, sd_kind: str = "truth") -> bool:
+    """``uncertainty`` as a bool; an estimator that reports no SDs, or none of ``sd_kind``, is
+    refused before any voxel is fitted."""
     if not isinstance(uncertainty, (bool, np.bool_)):
         raise TypeError(f"uncertainty must be True or False, got {uncertainty!r}")
+    if sd_kind not in ("truth", "label"):
+        raise ValueError(f"sd_kind must be 'truth' or 'label', got {sd_kind!r}")
+    if uncertainty and plan.estimator.reports_sd:
+        # an estimator that says nothing about its SD's kind reports an error bar (the MLE)
+        kind = getattr(plan.estimator, "sd_kind", "truth")
+        if sd_kind == "truth" and kind != "truth":
+            raise UncertaintyNotSupported(
+                f"uncertainty: the SD of {plan.label} was never calibrated against the truth (it is the spread "
+                "around its training label, not an error bar); ask for it by that name with --sd-kind label "
+                "(fit_volume(..., sd_kind='label')), or use the MLE or a network trained on simulations with this "
+                "version (their SDs are calibrated on held-out simulations)")
+        if sd_kind == "label" and not callable(getattr(plan.estimator, "label_sd_method", None)):
+            raise ValueError(f"sd_kind='label': {plan.label} has no label SD; its SD is an error bar against "
+                             "the truth (sd_kind='truth')")
     if uncertainty and not plan.estimator.reports_sd:
         raise UncertaintyNotSupported(
             f"uncertainty: {plan.label} ({type(plan.estimator).__name__}) does not report standard deviations "
@@ -333,14 +355,17 @@ def _check_uncertainty(uncertainty, plan: EstimatorPlan) -> bool:
     return bool(uncertainty)
 
 
-def _sd_method(plan: EstimatorPlan) -> str:
-    """What the SD is: the estimator's own words (``sd_method``) where it has them."""
+def _sd_method(plan: EstimatorPlan, sd_kind: str = "truth") -> str:
+    """What the SD is: the estimator's own words (``sd_method``, or ``label_sd_method()`` for
+    ``sd_kind="label"``) where it has them."""
+    if sd_kind == "label":
+        return plan.estimator.label_sd_method()
     return (getattr(plan.estimator, "sd_method", None)
             or f"standard deviation reported by the {plan.record.get('kind')} (predict(signals, return_sd=True))")
 
 
 def _fit_rows(signals, bvals, plan: EstimatorPlan, model, sigma, scale, device, counts, uncertainty=False,
-              sigma_scale=None):
+              sigma_scale=None, sd_kind="truth"):
     """Parameters (n, P) float32, status codes (n,) and, with ``uncertainty``, ``(sd, sd reason
     codes)`` (n, P) of one chunk of voxel rows (else None)."""
     n = signals.shape[0]
@@ -383,7 +408,8 @@ def _fit_rows(signals, bvals, plan: EstimatorPlan, model, sigma, scale, device, 
         block = clean[np.ix_(rows, np.flatnonzero(keep))]
         voxel_sigma = sigma if sigma is None or np.ndim(sigma) == 0 else sigma[rows]
         block_scale = None if sigma_scale is None else sigma_scale[keep]
-        estimate, errors = _estimate(plan, block, bvals[keep], voxel_sigma, scale, device, uncertainty, block_scale)
+        estimate, errors = _estimate(plan, block, bvals[keep], voxel_sigma, scale, device, uncertainty, block_scale,
+                                     sd_kind)
         valid = np.all(np.isfinite(estimate), axis=-1)
         estimate[~valid] = np.nan
         params[rows] = estimate
@@ -395,7 +421,8 @@ def _fit_rows(signals, bvals, plan: EstimatorPlan, model, sigma, scale, device, 
     return params, codes, ((sd, sd_codes) if uncertainty else None)
 
 
-def _estimate(plan: EstimatorPlan, signals, bvals, sigma, scale, device, uncertainty=False, sigma_scale=None):
+def _estimate(plan: EstimatorPlan, signals, bvals, sigma, scale, device, uncertainty=False, sigma_scale=None,
+              sd_kind="truth"):
     """``(params (n, P) float32, errors)`` of one block of voxels that share their usable
     measurements ``bvals``; NaN marks an estimate that is not valid. ``errors`` is ``(sd,
     reason codes)`` with ``uncertainty``, else None."""
@@ -405,13 +432,14 @@ def _estimate(plan: EstimatorPlan, signals, bvals, sigma, scale, device, uncerta
         # the per-shell average: each averaged measurement's own noise level (sigma / sqrt(N))
         estimator.set_params(sigma_scale=sigma_scale)
     inputs = signals if plan.order is None else signals[:, plan.order]
-    preprocessing, voxel_scale = plan.preprocessing, None
-    if preprocessing is not None:
-        protocol = np.asarray(estimator.protocol, dtype=np.float64)
-        voxel_scale = scale if scale is not None else preprocessing.scale(lowest_b_mean(inputs, protocol))
-        inputs = preprocessing.apply(inputs, np.where(np.isfinite(voxel_scale), voxel_scale, 1.0))
     with_reasons = uncertainty and bool(getattr(estimator, "reports_sd_reason", False))
     options = {"return_sd_reason": True} if with_reasons else {}
+    if plan.preprocessing is not None:
+        # the estimator brings the signals to its training scale and S0 back to the scan's
+        # units (one rule for every entry point); a global scale is the whole mask's
+        options["signal_scale"] = "auto" if scale is None else scale
+    if uncertainty and sd_kind != "truth":
+        options["sd_kind"] = sd_kind
     result = estimator.predict(inputs, device=None if device is None else str(device), return_sd=uncertainty,
                                **options)
     if with_reasons:
@@ -420,23 +448,11 @@ def _estimate(plan: EstimatorPlan, signals, bvals, sigma, scale, device, uncerta
         (predicted, predicted_sd), reasons = result, None
     else:
         predicted = result
-    params = _to_scan_units(predicted, estimator.param_names, preprocessing, voxel_scale)
-    if voxel_scale is not None:
-        # a voxel the preprocessing cannot scale has no estimate
-        unscaled = ~np.isfinite(np.broadcast_to(np.asarray(voxel_scale, dtype=np.float64), (len(params),)))
-        params[unscaled] = np.nan
+    params = np.array(predicted, dtype=np.float32, copy=True)
     if not uncertainty:
         return params, None
-    # S0's SD scales with S0 (a positive divisor); the other parameters' do not change
-    sd = _to_scan_units(predicted_sd, estimator.param_names, preprocessing, voxel_scale)
+    sd = np.array(predicted_sd, dtype=np.float32, copy=True)
     return params, (sd, _sd_codes(sd, reasons))
-
-
-def _to_scan_units(values, param_names, preprocessing, voxel_scale) -> np.ndarray:
-    """An estimator's output ``(n, P)`` as float32 in the scan's units."""
-    if preprocessing is None:
-        return np.array(values, dtype=np.float32, copy=True)
-    return preprocessing.restore(values, param_names, voxel_scale)
 
 
 def _sd_codes(sd, reasons=None) -> np.ndarray:

@@ -187,7 +187,7 @@ def validation_criteria(estimator: NetworkEstimator, signals, targets: Mapping, 
     dict
         ``val_loss`` and ``param_rmse``.
     """
-    pred = estimator.predict(signals)
+    pred = estimator.predict(signals, signal_scale=1.0)  # validation rows, at the training scale
     normalisation = ParameterNormalisation.from_support(support, model.param_names)
     loss = LabelLoss(estimator.loss_weights_, model.name, protocol, normalisation,
                      param_weights=parameter_weights(estimator.label, estimator.weights, model.param_names))

@@ -195,7 +195,7 @@ def run_resolved(config: Mapping, out: Path, quiet: bool = False) -> dict:
 
     def train_and_score(hyper: Mapping, data=validation):
         run_ = train_network(train, settings, **{**fixed, **hyper})
-        return run_.estimator, per_sample_l2(run_.estimator.predict(data.signals), data, params_of)
+        return run_.estimator, per_sample_l2(run_.estimator.predict(data.signals, signal_scale=1.0), data, params_of)
 
     storage = config["storage"] or os.environ.get(STORAGE_ENV) or f"sqlite:///{(out / 'optuna.db').resolve()}"
     study_name = config["study_name"] or f"hparam-{definition.name}"
@@ -250,8 +250,8 @@ def run_resolved(config: Mapping, out: Path, quiet: bool = False) -> dict:
     say(quiet, "training the reference and the tuned network on the same data and seed")
     ref_est, ref_val = train_and_score(reference)
     tuned_est, tuned_val = train_and_score(tuned)
-    ref_test = per_sample_l2(ref_est.predict(test.signals), test, params_of)
-    tuned_test = per_sample_l2(tuned_est.predict(test.signals), test, params_of)
+    ref_test = per_sample_l2(ref_est.predict(test.signals, signal_scale=1.0), test, params_of)
+    tuned_test = per_sample_l2(tuned_est.predict(test.signals, signal_scale=1.0), test, params_of)
     stats = paired_test(tuned_test, ref_test, "tuned", "reference")
     significant = bool(stats["p_value"] < float(config["alpha"]))
     comparison = pd.DataFrame([

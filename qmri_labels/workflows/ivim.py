@@ -365,8 +365,10 @@ def run_resolved(cfg: Mapping, out: Path, quiet: bool = False) -> dict:
                               seed=cfg["seed"] + 2_000_003)
     # every method that reports SDs is also checked for calibration, in the same pass
     with_sd = ["fit-mle", *(n for n, e in fitted.items() if e.reports_sd)]
+    # the grid and the held-out set are simulated at the training data's S0 reference
+    simulated = {n: e.at_training_scale() for n, e in fitted.items()}
     results_all = evaluate_snrs(
-        lambda g: {"fit-mle": fitter(g.sigma if known else cfg["mle"].get("sigma")), **fitted}, grid, snrs,
+        lambda g: {"fit-mle": fitter(g.sigma if known else cfg["mle"].get("sigma")), **simulated}, grid, snrs,
         progress=not quiet, with_sd=with_sd)
     shown = ["fit-mle", *main_names]
     results = {x: r.select(shown) for x, r in results_all.items()}
@@ -381,7 +383,7 @@ def run_resolved(cfg: Mapping, out: Path, quiet: bool = False) -> dict:
     summary = add_calibration(summarize(result), result)
     summary.insert(0, "snr", primary)
     mle = fitter(heldout.sigma if known else cfg["mle"].get("sigma"))
-    methods = {"fit-mle": mle, **{n: fitted[n] for n in main_names}}
+    methods = {"fit-mle": mle, **{n: simulated[n] for n in main_names}}
     heldout_rows, heldout_by_method, heldout_predictions = [], {}, {}
     for name, est in methods.items():
         heldout_predictions[name] = est.predict(heldout.signals)

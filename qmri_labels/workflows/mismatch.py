@@ -176,7 +176,8 @@ def _run_voxel(definitions, config, out: Path, quiet: bool):
             if reason:
                 cell.update(error=np.full(len(test), np.nan), score=math.nan, skipped=reason)
             else:
-                pred = estimator.predict(test.signals)
+                # simulated signals are compared as simulated: no rescaling to the training scale
+                pred = estimator.predict(test.signals, signal_scale=1.0)
                 err, pnames = normalised_errors(pred, test, config["parameters"])
                 cell["error"] = np.mean(err**2, axis=1)
                 cell["score"] = float(np.sqrt(np.nanmean(cell["error"])))

@@ -162,9 +162,10 @@ def test_a_network_without_sd_is_refused_and_one_with_sd_is_scaled_back():
         """A network whose SD is a known function of its estimate (10 % of it)."""
 
         reports_sd = True
+        sd_kind = "truth"
 
-        def predict(self, signals, batch_size=65536, device=None, return_sd=False):
-            params = super().predict(signals, batch_size=batch_size, device=device)
+        def predict(self, signals, batch_size=65536, device=None, return_sd=False, **options):
+            params = super().predict(signals, batch_size=batch_size, device=device, **options)
             return (params, 0.1 * np.abs(params)) if return_sd else params
 
     with_sd = ReportsSD.load(models_dir() / SHIPPED)

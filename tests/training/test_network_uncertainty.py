@@ -64,7 +64,8 @@ def test_predict_with_sd_shape_positivity_and_unchanged_point_estimate(name, req
 
 
 def test_heteroscedastic_gt_sd_is_in_parameter_units(hetero_gt, data):
-    _, sd = hetero_gt.predict(data.signals[:50], return_sd=True)
+    # the raw head (the label's spread), on signals at the training scale
+    _, sd = hetero_gt.predict(data.signals[:50], return_sd=True, sd_kind="label", signal_scale=1.0)
     head = hetero_gt.network_
     mean, log_var = head(__import__("torch").as_tensor(data.signals[:50]))
     np.testing.assert_allclose(sd, (head.scale * (0.5 * log_var).exp()).detach().numpy(), rtol=1e-6)
@@ -77,7 +78,7 @@ def test_self_label_sd_is_the_fisher_sd_at_the_learned_noise(hetero_self, data):
 
     assert hetero_self.network_.config["n_variances"] == 1
     signals = data.signals[:20]
-    params, sd = hetero_self.predict(signals, return_sd=True)
+    params, sd = hetero_self.predict(signals, return_sd=True, sd_kind="label", signal_scale=1.0)
     _, log_var = hetero_self.network_(torch.as_tensor(signals))
     sigma = np.exp(0.5 * log_var.detach().numpy()[:, 0].astype(np.float64))
     expected = np.stack([crlb("ivim", params[i:i + 1].astype(np.float64), data.protocol, sigma[i], "rician")[0]
@@ -95,7 +96,7 @@ def test_ensemble_members_are_independently_seeded_and_combined(ensemble, data):
     assert not torch.equal(next(a.parameters()), next(b.parameters()))
     x = torch.as_tensor(data.signals[:30])
     outs = np.stack([m(x).detach().numpy() for m in (a, b)]).astype(np.float64)
-    params, sd = ensemble.predict(data.signals[:30], return_sd=True)
+    params, sd = ensemble.predict(data.signals[:30], return_sd=True, sd_kind="label", signal_scale=1.0)
     np.testing.assert_allclose(params, outs.mean(0), rtol=1e-6)
     np.testing.assert_allclose(sd, np.abs(outs[0] - outs[1]) / 2, rtol=1e-5, atol=1e-12)
     assert [m["init_seed"] for m in ensemble.seeds_["members"]] == [3, 4]
@@ -173,7 +174,8 @@ def grid():
 
 
 def test_miscalibrated_network_fails_the_calibration_check(hetero_gt, grid):
-    estimators = {"net": hetero_gt, "net-sd-x0.05": ScaledSD(hetero_gt, 0.05), "net-sd-x20": ScaledSD(hetero_gt, 20)}
+    simulated = hetero_gt.at_training_scale()
+    estimators = {"net": simulated, "net-sd-x0.05": ScaledSD(simulated, 0.05), "net-sd-x20": ScaledSD(simulated, 20)}
     result = evaluate_grid(estimators, grid, with_sd=list(estimators), crlb=False)
     table = summarize_calibration(result.calibration).set_index(["method", "parameter"])
     for p in ("f", "D", "Dstar"):
@@ -268,9 +270,9 @@ def test_variance_head_ensemble_clone_and_warm_start(small_data, small_network):
     head = small_network(seed=3, uncertainty="variance_head", **args).fit(small_data)
     signals = small_data.signals[:30]
     np.testing.assert_array_equal(head.predict(signals), plain.predict(signals))
-    _, sd_plain = plain.predict(signals, return_sd=True)
-    _, sd_head = head.predict(signals, return_sd=True)
-    # the mixture adds the members' own variances to their spread
+    _, sd_plain = plain.predict(signals, return_sd=True, sd_kind="label")
+    _, sd_head = head.predict(signals, return_sd=True, sd_kind="label")
+    # the mixture adds the members' own variances to their spread (raw, before the calibration)
     assert np.all(sd_head > sd_plain)
     clone = NetworkEstimator(**head.get_params())
     assert clone.uncertainty == "variance_head" and clone.n_members == 2

@@ -86,7 +86,7 @@ def test_saved_networks_predict_alone_and_match_their_manifest(tiny_run):
     heldout = net.metrics_["heldout"]
     data = DatasetSpec.from_dict(heldout["spec"]).generate()
     assert data.fingerprint == heldout["fingerprint"]
-    metrics = heldout_metrics(net.predict(data.signals), data)
+    metrics = heldout_metrics(net.predict(data.signals, signal_scale=1.0), data)
     for p, value in heldout["rmse"].items():
         assert metrics["rmse"][p] == pytest.approx(value, rel=1e-6)
 
