@@ -163,3 +163,19 @@ def test_an_uncalibrated_sd_is_given_only_by_its_name(uncalibrated, scan, tmp_pa
     assert sidecar["SDKind"] == "label" and "NOT an error bar" in sidecar["Description"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["uncertainty"]["sd_kind"] == "label"
+
+
+def test_fine_tuning_on_scanner_units_trains_at_the_training_scale(scan):
+    """A shipped network fine-tuned (warm_start) on voxels in scanner units sees them at its
+    training scale, as predict does; it keeps its preprocessing and maps the scan sensibly."""
+    net = NetworkEstimator.load(models_dir() / "ivim_epstein_snr30_self")
+    net.set_params(warm_start=True, lr=1e-4, max_epochs=2, batch_size=64, accelerator="cpu", progress=False,
+                   num_threads=1)
+    reference = net.preprocessing_["reference"]
+    signals = scan["dwi"].reshape(-1, len(scan["bvals"]))
+    net.fit(signals, protocol=net.protocol)
+    assert net.preprocessing_["reference"] == pytest.approx(reference, rel=1e-6)
+    params = net.predict(signals)
+    truth = scan["theta"].reshape(-1, 4)
+    assert np.median(np.abs(params[:, 0] / truth[:, 0] - 1)) < 0.1
+    assert np.corrcoef(params[:, 2], truth[:, 2])[0, 1] > 0.6

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from qmri_labels.data.datasets import Dataset
 from qmri_labels.data.preprocessing import SignalPreprocessing, for_training_signals, from_manifest, lowest_b_mean
 from qmri_labels.estimators.base import BaseEstimator, as_signals
 from qmri_labels.estimators.bundle import build_manifest, estimator_kind, load_estimator, save_estimator
@@ -311,6 +312,8 @@ class NetworkEstimator(BaseEstimator):
         self
         """
         weights = self._validate()
+        if self.warm_start and hasattr(self, "network_") and not isinstance(X, Dataset):
+            X, y, sigma = self._arrays_at_training_scale(X, y, sigma, protocol)
         data = training_data(self.get_params(), weights, X, y, protocol=protocol, bounds=bounds, model=model,
                              sigma=sigma, mle_labels=mle_labels)
         normalisation = ParameterNormalisation.from_support(data.support, data.signal_model.param_names)
@@ -321,6 +324,31 @@ class NetworkEstimator(BaseEstimator):
         for key, value in data.record.items():
             setattr(self, key, value)
         return self
+
+    def _arrays_at_training_scale(self, X, y, sigma, protocol):
+        """Fine-tuning data (signals in any units) brought to the fitted network's training scale
+        by its recorded preprocessing, as :meth:`predict` does: the signals, the noise level and
+        the S0 of given labels divided by the same number."""
+        if protocol is None:
+            return X, y, sigma  # training_data names what is missing
+        signals = np.asarray(X, dtype=np.float64)
+        scale = self._preprocessing().scale(lowest_b_mean(signals, protocol))
+        if np.ndim(scale) and not np.all(np.isfinite(scale)):
+            raise ValueError("warm_start: some rows have no positive signal at the lowest b-value; their scale "
+                             "cannot be known (leave them out)")
+        divisor = scale if np.ndim(scale) == 0 else np.asarray(scale)[..., None]
+        s0 = list(self.param_names_).index("S0") if "S0" in self.param_names_ else None
+
+        def labels(values):
+            if values is None or s0 is None:
+                return values
+            values = np.array(values, dtype=np.float64, copy=True)
+            values[..., s0] /= scale
+            return values
+
+        y = {k: labels(v) for k, v in y.items()} if isinstance(y, Mapping) else labels(y)
+        sigma = None if sigma is None else np.asarray(sigma, dtype=np.float64) / scale
+        return (signals / divisor).astype(np.float32), y, sigma
 
     def _train(self, tensors: dict, weights: dict, signal_model, protocol, support, normalisation,
                noise: str = "rician", callbacks=(), truth=None) -> None:
@@ -516,7 +544,7 @@ class NetworkEstimator(BaseEstimator):
         if isinstance(signal_scale, str):
             if signal_scale != "auto":
                 raise ValueError(f"signal_scale must be 'auto', a number or a per-voxel array, got {signal_scale!r}")
-            scale = preprocessing.scale(lowest_b_mean(flat, self.protocol_))
+            scale = preprocessing.scale(lowest_b_mean(flat, self.protocol_)) if flat.shape[0] else 1.0
         else:
             scale = np.asarray(signal_scale, dtype=np.float64)
             if scale.ndim:
@@ -557,9 +585,10 @@ class NetworkEstimator(BaseEstimator):
             out[unscaled] = np.nan
             if return_sd:
                 sd[unscaled] = np.nan
+        n_params = len(self.param_names_)
         if not return_sd:
-            return out.reshape(*lead, -1)
-        return out.reshape(*lead, -1), sd.reshape(*lead, -1)
+            return out.reshape(*lead, n_params)
+        return out.reshape(*lead, n_params), sd.reshape(*lead, n_params)
 
     def _member_predictions(self, members, block: torch.Tensor, return_sd: bool):
         """Mean and (with ``return_sd``) SD of the members' predictions of one block."""
