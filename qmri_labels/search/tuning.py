@@ -197,7 +197,7 @@ def validation_criteria(estimator: NetworkEstimator, signals, targets: Mapping, 
     batch = {"signals": torch.as_tensor(signals[keep], dtype=torch.float32),
              **{k: torch.as_tensor(v[keep], dtype=torch.float32) for k, v in targets.items()}}
     # the bias-reduced loss scores the estimates of every noise draw of each signal
-    scored = estimator.predict(targets["draws"][keep]) if "draws" in targets else pred[keep]
+    scored = estimator.predict(targets["draws"][keep], signal_scale=1.0) if "draws" in targets else pred[keep]
     with torch.no_grad():
         val_loss, _ = loss(torch.as_tensor(scored), batch)
     out = {"val_loss": float(val_loss), "param_rmse": float("nan")}
