@@ -62,7 +62,7 @@ def test_search_picks_by_validation_and_compares_on_test(tmp_path):
     tt = result["ttest"]
     # the paired t-test, redone with scipy on the saved networks' per-sample errors on the test set
     test = load_dataset("tiny_ivim_snr30", "test")
-    errors = {name: per_sample_l2(NetworkEstimator.load(out / "networks" / name).predict(test.signals), test,
+    errors = {name: per_sample_l2(NetworkEstimator.load(out / "networks" / name).predict(test.signals, signal_scale=1.0), test,
                                   ["f", "D", "Dstar"]) for name in ("tuned", "reference")}
     assert tt["n"] == len(test) == 256
     expected = scipy.stats.ttest_rel(errors["tuned"], errors["reference"])
