@@ -61,7 +61,7 @@ from qmri_labels.training.reproducibility import seed_everything
 from qmri_labels.workflows.label_fairness import SEED_STRIDE
 
 REPORTED = ("D", "f", "Dstar")
-#: Kaandorp et al. 2021, IVIM-NET optim, as measured in issue 10 (D / f / D* NRMSE)
+#: Kaandorp et al. 2021, IVIM-NET optim as measured (D / f / D* NRMSE)
 IVIMNET_OPTIM = {15: (0.214, 0.263, 0.482), 20: (0.182, 0.233, 0.410), 50: (0.138, 0.192, 0.305),
                  100: (0.131, 0.186, 0.287)}
 #: every method trains and predicts on one CPU thread (the benchmark compares like with like)

@@ -1,4 +1,4 @@
-"""Cost and coverage of MLE uncertainty (issue 14).
+"""Cost and coverage of MLE uncertainty.
 
 Cost: the time of ``fit_mle(..., uncertainty=True)`` (Wald standard errors from the Fisher
 information at the estimate) over that of the point estimate alone, both in this process on the

@@ -5,7 +5,7 @@ layers as wide as the number of measurements, ELU activations. The last layer's 
 mapped into the parameter bounds so that every prediction is physically admissible; the
 mapping is part of the network's config.
 
-The design space of a fair label comparison (issue 10) is spanned by keyword arguments whose
+The design space of a fair label comparison is spanned by keyword arguments whose
 defaults reproduce that network exactly: one sub-network per parameter (``parallel``, as in
 IVIM-NET, Kaandorp et al. 2021), batch normalisation, dropout, bounds widened by a margin,
 and a fixed (not estimated) signal scale S0.

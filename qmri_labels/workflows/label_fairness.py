@@ -1,4 +1,4 @@
-"""The fair-comparison parts of the IVIM label study (issue 10): network design options and
+"""The fair-comparison parts of the IVIM label study: network design options and
 presets from the configuration, per-label tuning with an equal budget, training seeds, and
 the report sections that go with them. :mod:`qmri_labels.workflows.ivim` wires them in."""
 

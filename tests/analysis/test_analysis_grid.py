@@ -214,7 +214,7 @@ def test_frame_round_trip():
     pd.testing.assert_frame_equal(summarize(back), summarize(result))
 
 
-# --- several SNRs (issue 10) ---------------------------------------------------------------------
+# --- several SNRs ---------------------------------------------------------------------
 def test_evaluate_snrs_scales_the_sd_and_stacks_an_snr_column(tmp_path):
     from qmri_labels.analysis.grid import evaluate_snrs, grid_snrs
     from qmri_labels import load_results

@@ -79,7 +79,7 @@ def test_spec_rejects_bad_values():
         DatasetSpec(model="monoexp")
 
 
-# --- SNR as a distribution (issue 10) ------------------------------------------------------------
+# --- SNR as a distribution ------------------------------------------------------------
 @pytest.mark.parametrize("distribution", ["uniform", "loguniform"])
 def test_snr_range_draws_one_sigma_per_voxel(distribution):
     spec = DatasetSpec(n=20000, seed=1, snr={"low": 10, "high": 100, "distribution": distribution})

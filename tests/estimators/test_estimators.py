@@ -132,7 +132,7 @@ def test_sklearn_style_params(tiny):
         NetworkEstimator().fit(tiny.signals)
 
 
-# --- design space, presets, fit(X, y) (issue 10) -------------------------------------------------
+# --- design space, presets, fit(X, y) -------------------------------------------------
 def test_design_options_round_trip_through_a_bundle(tmp_path, tiny, small_network):
     est = small_network(label="gt", parallel=True, batch_norm=True, dropout=0.1, bounds_margin=0.3, fit_s0=False,
               hidden_layers=2, lr_schedule="plateau", weight_decay=1e-5, output_bounds="prior").fit(tiny)

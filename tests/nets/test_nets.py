@@ -76,7 +76,7 @@ def test_identity_output_without_bounds():
         MLP(4, 2)
 
 
-# --- design space (issue 10) -------------------------------------------------------------------
+# --- design space -------------------------------------------------------------------
 def test_parallel_subnets_are_independent():
     torch.manual_seed(0)
     net = MLP(10, 4, hidden_layers=2, bounds=get_model("ivim").default_bounds, parallel=True)

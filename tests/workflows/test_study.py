@@ -184,7 +184,7 @@ def test_figure_format_is_checked():
         resolve_config({"figure_format": "gif"})
 
 
-# --- a fair comparison: SNR ranges and lists, tuning, seeds, named protocols (issue 10) ---------
+# --- a fair comparison: SNR ranges and lists, tuning, seeds, named protocols ---------
 def test_snr_range_tune_and_seeds_flags_resolve():
     _, config, _, _ = study.resolve(args("--snr", "10", "50", "--snr-test", "10", "30", "--tune", "3", "--seeds", "2"))
     assert config["snr"] == [10.0, 50.0] and config["grid"]["snr"] == [10.0, 30.0]
