@@ -41,6 +41,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -78,14 +79,9 @@ def step_tests(ctx: dict) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=ctx["budget_s"])
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-    counts = {}
-    for word in ("passed", "failed", "skipped", "error", "errors", "deselected"):
-        for line in tail[-3:]:
-            for part in line.replace(",", " ").split(" in ")[0].split("  "):
-                bits = part.strip().split()
-                for i, b in enumerate(bits):
-                    if b.strip("=") == word and i > 0 and bits[i - 1].isdigit():
-                        counts[word] = int(bits[i - 1])
+    # pytest's closing line: "5 passed, 10 deselected in 29.6s"
+    counts = {word: int(n) for line in tail[-3:]
+              for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)\b", line)}
     return {"files": files, "returncode": proc.returncode, "counts": counts, "seconds": time.perf_counter() - t0,
             "tail": tail}
 
@@ -231,7 +227,10 @@ def _train_source(ctx: dict, seed: int, deterministic=True, benchmark=False, aut
     warnings.simplefilter("always")
     try:
         s = size["source_size"]
-        field, chi, mask = ctx.setdefault("_heads", {}).get(s) or ctx["_heads"].setdefault(s, _random_heads(8, s, 7))
+        heads = ctx.setdefault("_heads", {})  # one set of heads per volume size, shared by every source
+        if s not in heads:
+            heads[s] = _random_heads(8, s, 7)
+        field, chi, mask = heads[s]
         train_idx, test_idx = torch.arange(6), torch.arange(6, 8)
         torch.manual_seed(seed)
         net = _unet(size["unet_channels"], in_channels=1).to(device)
