@@ -98,7 +98,7 @@ class StudyResult:
         """The evaluation grid by SNR, rebuilt from ``grid.csv`` (empty if the study has none)."""
         return read_grid_results(self.folder)
 
-    @property
+    @cached_property
     def grid(self) -> GridResult | None:
         """The grid at the study's SNR (the first if several; None without a grid)."""
         if not self.grids:
