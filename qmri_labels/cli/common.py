@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from qmri_labels.data.io import NiftiVolume, check_same_grid, load_nifti, nifti_stem, sha256_file
 from qmri_labels.fileio import write_json
@@ -18,7 +18,33 @@ class InputError(ValueError):
     """Bad input: reported on stderr without a traceback."""
 
 
+def threads_argument(text: str):
+    """``--threads``: a positive integer or ``auto``."""
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a positive integer or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"give a positive integer or 'auto', got {text!r}")
+    return value
+
+
+def add_threads_argument(parser, what: str) -> None:
+    parser.add_argument("--threads", type=threads_argument, default="auto", metavar="N|auto",
+                        help=f"CPU threads for {what} (default auto: the cores that other processes leave free "
+                             "now, so that a busy node is not oversubscribed; the number used is in the manifest)")
+
+
+def threads_record(args) -> dict:
+    """The manifest's ``threads`` entry: what was asked and what was used."""
+    return {"requested": args.threads, "used": args.threads_used}
+
+
 def check_device(name: str):
+    import torch  # here, so that parsing the command line (--help) does not import torch
+
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as exc:

@@ -20,6 +20,9 @@ QSM (dipole inversion of a local field map in ppm)::
 ``qmri-fit --list-models`` lists the shipped networks (their model, protocol, SNR, training
 label and prior, held-out figures); ``--version`` prints the toolkit's version.
 
+``--threads N|auto`` sets the torch CPU threads (default ``auto``: the cores other processes
+leave free when the command starts, :mod:`qmri_labels.threads`; the manifest records both).
+
 The command is a thin layer: diffusion maps come from :func:`qmri_labels.maps.fit_volume`
 (via :func:`qmri_labels.cli.fit_dwi.map_scan`), QSM from :mod:`qmri_labels.cli.fit_qsm`; the
 noise level from :mod:`qmri_labels.fitting.noise`; file names and sidecars from
@@ -79,9 +82,11 @@ from pathlib import Path
 
 from qmri_labels import __version__
 from qmri_labels.cli import fit_cohort, fit_dwi, fit_qsm
-from qmri_labels.cli.common import InputError, check_device, check_out_holds_no_input, write_manifest
+from qmri_labels.cli.common import (InputError, add_threads_argument, check_device, check_out_holds_no_input,
+                                    threads_record, write_manifest)
 from qmri_labels.fileio import atomic_dir
 from qmri_labels.log import add_verbosity_flags, configure_cli_logging
+from qmri_labels.threads import resolve_threads, torch_threads
 
 logger = logging.getLogger("qmri_labels")
 
@@ -124,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "or where not identifiable) or a network's own SD where it reports one; QSM, the SD "
                              "of chi over the members of a U-Net ensemble (a bundle of QSMEstimator(n_members>=2))")
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
+    add_threads_argument(parser, "the fit (torch intra-op threads)")
     parser.add_argument("--chunk-size", type=int, default=20000,
                         help="voxels estimated at a time (bounds memory; default 20000)")
     parser.add_argument("--prefix", default=None,
@@ -179,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_cli_logging(quiet=args.quiet, verbose=args.verbose)
     command = ["qmri-fit"] + list(sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
+    args.threads_used = resolve_threads(args.threads)
+    with torch_threads(args.threads_used):
+        return _run(args, command, started)
+
+
+def _run(args, command: list[str], started: float) -> int:
     try:
         if args.chunk_size < 1:
             raise InputError(f"--chunk-size must be >= 1, got {args.chunk_size}")
@@ -205,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         with atomic_dir(out, overwrite=args.overwrite) as folder:
             manifest = run(args, folder, device)
             manifest["command"] = command
+            manifest["threads"] = threads_record(args)
             manifest["timings_s"]["total"] = round(time.perf_counter() - started, 3)
             write_manifest(folder, manifest)
     except (ValueError, OSError) as exc:
@@ -221,6 +234,8 @@ def _log_summary(manifest: dict, out: Path) -> None:
         skipped = ", ".join(f"{k}: {v}" for k, v in counts.get("skipped", {}).items() if v) or "none"
         logger.info("voxels in mask: %s, estimated: %s, skipped: %s", counts.get("in_mask"), counts.get("estimated"),
                     skipped)
+    if "threads" in manifest:
+        logger.info("torch threads: %d (requested %s)", manifest["threads"]["used"], manifest["threads"]["requested"])
     logger.info("time: %.1f s", manifest["timings_s"]["total"])
 
 

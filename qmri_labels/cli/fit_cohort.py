@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from qmri_labels.cli import fit_dwi
-from qmri_labels.cli.common import InputError, check_out_holds_no_input, write_manifest
+from qmri_labels.cli.common import InputError, check_out_holds_no_input, threads_record, write_manifest
 from qmri_labels.fileio import atomic_dir, write_text
 from qmri_labels.maps.cohort import Scan, discover_scans, outputs_verified, parse_shard, select_shard
 
@@ -173,8 +173,9 @@ def _map_one(scan: Scan, out: Path, args, device, command, wanted: dict, shard: 
                                         sigma=args.sigma, b0_threshold=args.b0_threshold,
                                         chunk_size=args.chunk_size, device=device, progress=False,
                                         uncertainty=args.uncertainty, directions=args.directions,
-                                        force=args.force, sd_kind=args.sd_kind)
+                                        force=args.force, sd_kind=args.sd_kind, threads=args.threads_used)
             manifest["command"] = command
+            manifest["threads"] = threads_record(args)
             manifest["cohort"] = {"source": str(args.cohort), "scan": scan.name, "shard": shard, "settings": wanted}
             manifest["timings_s"]["total"] = round(time.perf_counter() - started, 3)
             write_manifest(staging, manifest)

@@ -74,12 +74,12 @@ def map_scan(dwi_path: Path, bval_path: Path, out_dir: Path, *, bvec_path: Path 
              mask_path: Path | None = None, estimator: str | None = None, model: str | None = None,
              noise: str | None = None, sigma=None, b0_threshold: float = 0.0, chunk_size: int = 20000,
              device=None, prefix: str | None = None, progress: bool = False, uncertainty: bool = False,
-             directions: str = "auto", force: bool = False, sd_kind: str = "truth") -> dict:
+             directions: str = "auto", force: bool = False, sd_kind: str = "truth", threads="auto") -> dict:
     """Map one DWI series into ``out_dir`` (which must exist); returns the manifest.
 
     With ``uncertainty`` a standard-deviation map is written beside each parameter map
     (:func:`qmri_labels.maps.fit_volume` ``uncertainty=True``), of the kind ``sd_kind``;
-    ``directions`` and ``force`` are :func:`~qmri_labels.maps.fit_volume`'s.
+    ``directions``, ``force`` and ``threads`` are :func:`~qmri_labels.maps.fit_volume`'s.
     """
     timings = {}
     t0 = time.perf_counter()
@@ -99,7 +99,7 @@ def map_scan(dwi_path: Path, bval_path: Path, out_dir: Path, *, bvec_path: Path 
                           estimator=estimator or "mle", model=model, noise=noise, sigma=sigma_value,
                           b0_threshold=b0_threshold, chunk_size=chunk_size, device=device, progress=progress,
                           uncertainty=uncertainty, bvecs=bvecs, directions=directions, force=force,
-                          sd_kind=sd_kind)
+                          sd_kind=sd_kind, threads=threads)
     except UncertaintyNotSupported as exc:
         raise InputError("--" + str(exc)) from None
     timings["fit"] = round(time.perf_counter() - t1, 3)
@@ -168,7 +168,7 @@ def run_dwi(args, out_dir: Path, device) -> dict:
                         estimator=args.estimator, model=args.model, noise=args.noise, sigma=args.sigma,
                         b0_threshold=args.b0_threshold, chunk_size=args.chunk_size, device=device, prefix=args.prefix,
                         progress=not args.quiet, uncertainty=args.uncertainty, directions=args.directions,
-                        force=args.force, sd_kind=args.sd_kind)
+                        force=args.force, sd_kind=args.sd_kind, threads=args.threads_used)
     except InputError:
         raise
     except (ValueError, TypeError) as exc:

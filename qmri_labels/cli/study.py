@@ -41,6 +41,7 @@ from pathlib import Path
 import yaml
 
 from qmri_labels import __version__
+from qmri_labels.cli.common import threads_argument
 from qmri_labels.log import add_verbosity_flags, configure_cli_logging
 from qmri_labels.physics import available_models, get_model
 from qmri_labels.workflows.run import (  # noqa: F401  (the command's parts, shared with run_study)
@@ -113,8 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train each method K times with different initialisation and batch order")
     parser.add_argument("--workers", type=_workers, metavar="N",
                         help="label studies: train N networks side by side in worker processes, or 'auto' "
-                             "(default: the usable CPU cores / num_threads; 1 on a GPU); results do not "
-                             "depend on it")
+                             "(default: the CPU cores other processes leave free / num_threads, within --threads; "
+                             "1 on a GPU); results do not depend on it")
+    parser.add_argument("--threads", type=threads_argument, default="auto", metavar="N|auto",
+                        help="CPU threads the study may use in all: this process's torch threads and worker "
+                             "processes x num_threads (default auto: the cores other processes leave free now); "
+                             "results do not depend on it")
     parser.add_argument("--protocol", nargs="+", metavar="VALUE", help=_protocol_help())
     parser.add_argument("--bvalues", type=float, nargs="+",
                         help="b-values in s/mm^2 (diffusion models; the same as --protocol there)")
@@ -200,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        out, result, wall = execute_study(study, args.out, quiet=args.quiet,
+        out, result, wall = execute_study(study, args.out, quiet=args.quiet, threads=args.threads,
                                           argv=list(argv if argv is not None else sys.argv[1:]))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

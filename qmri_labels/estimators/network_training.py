@@ -19,7 +19,7 @@ from qmri_labels.estimators.base import as_signals
 from qmri_labels.physics import get_model
 from qmri_labels.training import InMemoryDataModule, LabelLoss, LabelRegressor, LRSchedule, parameter_weights
 from qmri_labels.training.likelihood_losses import HeteroscedasticLabelLoss, VarianceHeadLoss
-from qmri_labels.training.reproducibility import torch_threads
+from qmri_labels.threads import torch_threads
 from qmri_labels.training.targets import array_targets, arrays_fingerprint, dataset_targets
 from qmri_labels.training.trainer import build_trainer
 

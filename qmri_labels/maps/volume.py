@@ -64,6 +64,7 @@ from qmri_labels.maps.loading import voxel_source
 from qmri_labels.maps.result import SKIP_KEYS, Maps
 from qmri_labels.physics import get_model
 from qmri_labels.physics.protocol import REPEAT_ANGLE_DEG, ShellAverage, protocol_problems, unit_directions
+from qmri_labels.threads import resolve_threads, torch_threads
 
 logger = logging.getLogger("qmri_labels")
 
@@ -117,7 +118,7 @@ def _resolve_noise(sigma, plan: EstimatorPlan, source, bvalues, mask, b0_thresho
 def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | None = None, noise: str = "rician",
                sigma=None, b0_threshold: float = 0.0, chunk_size: int = 20000, device=None,
                progress: bool | Callable[[int], None] = False, uncertainty: bool = False, bvecs=None,
-               directions: str = "auto", force: bool = False, sd_kind: str = "truth") -> Maps:
+               directions: str = "auto", force: bool = False, sd_kind: str = "truth", threads="auto") -> Maps:
     """Estimate model parameters at every voxel of ``data`` inside ``mask``.
 
     Parameters
@@ -174,6 +175,11 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
         several volumes, else ``all``.
     force : bool
         Fit a protocol that cannot identify the model (recorded in ``Maps.protocol``).
+    threads : int or "auto"
+        torch CPU threads for the fit (restored afterwards). ``"auto"``: the cores other
+        processes leave free now (:func:`qmri_labels.threads.resolve_threads`), so that a fit
+        on a busy node does not oversubscribe it. The MLE gives the same bytes at any count;
+        a network's last float32 bit can depend on it.
 
     Returns
     -------
@@ -186,6 +192,15 @@ def fit_volume(data, mask=None, protocol=None, *, estimator="mle", model: str | 
         another protocol, a bad sigma, or when the noise level cannot be estimated;
         :class:`ProtocolNotIdentifiable` when the protocol cannot identify the model.
     """
+    with torch_threads(resolve_threads(threads)):
+        return _fit_volume(data, mask, protocol, estimator=estimator, model=model, noise=noise, sigma=sigma,
+                           b0_threshold=b0_threshold, chunk_size=chunk_size, device=device, progress=progress,
+                           uncertainty=uncertainty, bvecs=bvecs, directions=directions, force=force,
+                           sd_kind=sd_kind)
+
+
+def _fit_volume(data, mask, protocol, *, estimator, model, noise, sigma, b0_threshold, chunk_size, device, progress,
+                uncertainty, bvecs, directions, force, sd_kind) -> Maps:
     if protocol is None:
         raise ValueError("fit_volume needs protocol=... (the b-values, one per measurement)")
     bvalues = np.asarray(protocol, dtype=np.float64).ravel()

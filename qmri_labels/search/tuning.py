@@ -59,7 +59,7 @@ from qmri_labels.training import (
     resolve_weights,
 )
 from qmri_labels.training.targets import DRAWS_SEED_STREAM, noise_draws
-from qmri_labels.training.reproducibility import torch_threads
+from qmri_labels.threads import torch_threads
 
 CRITERIA = ("val_loss", "param_rmse")
 #: trials that are never pruned (they set the median), and epochs of every trial before pruning

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from qmri_labels.provenance import device_info, package_versions
+from qmri_labels.threads import torch_threads
 
 #: dtype choice -> Lightning precision flag
 PRECISIONS = {"float32": "32-true", "float64": "64-true", "bf16-mixed": "bf16-mixed"}
@@ -286,23 +287,3 @@ def bitwise_equal(a: np.ndarray, b: np.ndarray) -> bool:
     """Same shape, dtype and bytes (NaNs with equal payloads count as equal)."""
     a, b = np.asarray(a), np.asarray(b)
     return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Run the block with ``n`` torch threads (None: leave the count as it is), then restore it.
-
-    The float sums of a CPU matrix product are split over the threads, so the same weights
-    and inputs give the same bytes only at the same thread count.
-    """
-    if n is None:
-        yield
-        return
-    if int(n) < 1:
-        raise ValueError(f"num_threads must be >= 1, got {n}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

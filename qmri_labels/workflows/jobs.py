@@ -7,8 +7,9 @@ returns does not depend on which process ran it, on what ran before it, or on th
 which jobs finish: a study gives the same bytes with any number of workers
 (``tests/workflows/test_study_workers.py``).
 
-``workers="auto"`` uses the CPU cores this process may run on (``os.sched_getaffinity``),
-divided by the torch threads of one job; on a GPU it is 1 (jobs would share one device).
+``workers="auto"`` uses the CPU cores this process may run on and that other processes do not
+keep busy (:mod:`qmri_labels.threads`), divided by the torch threads of one job; on a GPU it is
+1 (jobs would share one device).
 Worker processes are *spawned*, not forked: a fork of a process whose OpenMP threads have run
 can hang, and spawning behaves the same on Linux, macOS and Windows.
 """
@@ -16,31 +17,31 @@ can hang, and spawning behaves the same on Linux, macOS and Windows.
 from __future__ import annotations
 
 import collections
+import math
 import multiprocessing
-import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any, Callable, Hashable, Iterator
 
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+from qmri_labels.threads import busy_cores, usable_cores
 
 
-def resolve_workers(workers, device: str, num_threads: int | None) -> int:
+def resolve_workers(workers, device: str, num_threads: int | None, *, busy: float | None = None) -> int:
     """Worker processes for ``workers`` (a positive integer or ``"auto"``).
 
-    Raises ``ValueError`` for anything else, and for several workers on a GPU.
+    ``"auto"`` on the CPU: the cores that are free now (:func:`qmri_labels.threads.resolve_threads`:
+    usable cores less those other processes keep busy; ``busy`` replaces the measurement)
+    divided by the threads of one job. Raises ``ValueError`` for anything else, and for
+    several workers on a GPU.
     """
     on_cpu = str(device) == "cpu"
     if workers == "auto":
         if not on_cpu:
             return 1
-        return max(1, usable_cores() // max(1, int(num_threads or 1)))
+        if busy is None:
+            busy = busy_cores()
+        free = usable_cores() - int(math.floor(float(busy) + 0.5))
+        return max(1, free // max(1, int(num_threads or 1)))
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer or 'auto', got {workers!r}")
     if workers > 1 and not on_cpu:

@@ -45,6 +45,7 @@ from qmri_labels.data.priors import UniformPrior
 from qmri_labels.fileio import atomic_write_bytes, deep_merge, to_jsonable
 from qmri_labels.physics import SignalModel, available_models, class_path, get_model, use_model
 from qmri_labels.provenance import device_info, package_versions
+from qmri_labels.threads import resolve_threads, torch_threads
 from qmri_labels.workflows.registry import Workflow, get_workflow
 from qmri_labels.workflows.results import StudyResult, load_results
 
@@ -376,7 +377,7 @@ def _write(path: Path, text: str) -> None:
 
 
 def execute_study(study: PreparedStudy, out: str | os.PathLike | None = None, *, quiet: bool = True,
-                  argv: Sequence[str] | None = None) -> tuple[Path, dict, float]:
+                  argv: Sequence[str] | None = None, threads="auto") -> tuple[Path, dict, float]:
     """Write ``config.yaml``, run the workflow, complete ``manifest.json``.
 
     Parameters
@@ -388,18 +389,34 @@ def execute_study(study: PreparedStudy, out: str | os.PathLike | None = None, *,
         Only warnings (no progress).
     argv : sequence of str or None
         The command line recorded in the manifest (``None``: a Python call).
+    threads : int or "auto"
+        CPU threads the study may use in all: the torch threads of this process (MLE labels,
+        evaluation) and, for studies that train in worker processes, workers times the
+        ``num_threads`` of each job. ``"auto"``: the cores other processes leave free now
+        (:func:`qmri_labels.threads.resolve_threads`). A study's results do not depend on it
+        (each training job runs with the configuration's ``num_threads``).
 
     Returns
     -------
     (out, workflow result, wall seconds)
     """
+    config = study.config
+    used = resolve_threads(threads)
+    if threads != "auto" and "workers" in config and str(config.get("device", "cpu")) == "cpu":
+        per_job = max(1, int(config.get("num_threads") or 1))
+        if config["workers"] == "auto":
+            config = {**config, "workers": max(1, used // per_job)}
+        elif int(config["workers"]) * per_job > used:
+            raise ValueError(f"workers {config['workers']} x num_threads {per_job} would use more than the "
+                             f"{used} CPU threads of threads={used}: lower workers or raise threads")
     out = Path(out) if out is not None else default_out(study.name)
     out.mkdir(parents=True, exist_ok=True)
     _write(out / "config.yaml", yaml.safe_dump(study.written_config, sort_keys=False))
     logging.getLogger("qmri_labels").info("study %r (kind %s) -> %s", study.name, study.kind, out)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
-    result = study.workflow.run(study.workflow.check(study.config), out, quiet=quiet) or {}
+    with torch_threads(used):
+        result = study.workflow.run(study.workflow.check(config), out, quiet=quiet) or {}
     wall = time.perf_counter() - t0
 
     manifest_path = out / "manifest.json"
@@ -419,6 +436,7 @@ def execute_study(study: PreparedStudy, out: str | os.PathLike | None = None, *,
         manifest["device"] = device_info()
     command = (["python", "-m", "qmri_labels.study", *argv] if argv is not None
                else ["qmri_labels.run_study"])
+    manifest["threads"] = {"requested": threads, "used": used}
     manifest["command"] = {"argv": command, "config_name": study.name, "started": started, "wall_seconds": wall,
                            "host": platform.node(), "cwd": os.getcwd()}
     _write(manifest_path, json.dumps(to_jsonable(manifest), indent=2, sort_keys=True) + "\n")
@@ -426,7 +444,8 @@ def execute_study(study: PreparedStudy, out: str | os.PathLike | None = None, *,
 
 
 def run_study(name_or_config: str | Mapping | os.PathLike | None = "default", *, out: str | os.PathLike | None = None,
-              quiet: bool = True, model=None, protocol=None, prior=None, labels=None, **overrides) -> StudyResult:
+              quiet: bool = True, model=None, protocol=None, prior=None, labels=None, threads="auto",
+              **overrides) -> StudyResult:
     """Run a study and return its results folder read back (:func:`load_results`).
 
     Parameters
@@ -450,6 +469,8 @@ def run_study(name_or_config: str | Mapping | os.PathLike | None = "default", *,
         full mapping (``{"kind": ..., ...}``).
     labels : sequence of str, optional
         The labels trained besides the hybrids (``training.labels.STUDY_LABELS``).
+    threads : int or "auto"
+        CPU threads the study may use in all (:func:`execute_study`); results do not depend on it.
     **overrides
         Any other configuration key (``n_train=2000``, ``alpha=[0.5]``, ``repeats=20``: a key
         of one nested mapping is found there; ``grid__snr=[10, 30]`` for a dotted path).
@@ -470,5 +491,5 @@ def run_study(name_or_config: str | Mapping | os.PathLike | None = "default", *,
     for key, value in overrides.items():
         items.append((key.replace("__", "."), value, f"{key}="))
     study = prepare_study(name_or_config, model=model, overrides=items)
-    out, _, _ = execute_study(study, out, quiet=quiet)
+    out, _, _ = execute_study(study, out, quiet=quiet, threads=threads)
     return load_results(out)

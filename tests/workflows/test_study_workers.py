@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from qmri_labels.cli import study
-from qmri_labels.workflows.jobs import JobRunner, resolve_workers, usable_cores
+from qmri_labels.threads import usable_cores
+from qmri_labels.workflows.jobs import JobRunner, resolve_workers
 
 
 def _weights(folder):
@@ -65,7 +66,7 @@ def _compare_one_and_two_workers(tmp_path):
 
 def test_workers_setting_is_checked(capsys, tmp_path):
     assert resolve_workers(3, "cpu", 1) == 3
-    assert resolve_workers("auto", "cpu", 1) == usable_cores()
+    assert resolve_workers("auto", "cpu", 1, busy=0.0) == usable_cores()
     assert resolve_workers("auto", "cpu", 10_000) == 1
     assert resolve_workers("auto", "cuda:0", 1) == 1
     for bad in (0, -1, 1.5, "two", True, None):

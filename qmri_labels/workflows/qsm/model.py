@@ -29,7 +29,7 @@ from qmri_labels.fitting.bfr import BFR_METHODS
 from qmri_labels.fitting.qsm_inversion import TV_DEFAULT_LAMBDA
 from qmri_labels.nets.ensemble import check_n_members
 from qmri_labels.training.qsm import check_input_kind
-from qmri_labels.training.reproducibility import torch_threads
+from qmri_labels.threads import torch_threads
 from qmri_labels.workflows.common import check_count, merge_config, paired_test
 from qmri_labels.workflows.qsm.common import (
     FREE_FORM_KEYS,
