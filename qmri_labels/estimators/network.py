@@ -511,6 +511,11 @@ class NetworkEstimator(BaseEstimator):
             (``global_scale``: the median over all of them, so give a whole scan, or pass the
             scan's scale when predicting a part); a number or per-voxel array: that divisor;
             ``1``: the signals are at the training scale already (:meth:`at_training_scale`).
+            With ``"auto"`` a voxel's estimate depends a little on the other voxels of the
+            call (a network is not exactly invariant to the scale of its input): the shipped
+            networks predicting the brightest or darkest tenth of a scan alone differ from the
+            whole scan's prediction by a median 0.3-1 % in f (95th percentile 3.6-7 %), 4-18 %
+            of their own error (``benchmarks/network_preprocessing.py``).
         sd_kind : {"truth", "label"}
             ``"truth"``: the SD of the estimate around the true value, calibrated on held-out
             simulations when the network was trained (:class:`SDNotCalibrated` for a network
