@@ -6,7 +6,7 @@ deep ensemble against a plain network::
 
     python benchmarks/network_uncertainty_cost.py --n 20000 --epochs 40 --repeats 3 --members 2
 
-Inference (QSM, ``--qsm``): ``QSMEstimator.predict(field, mask, return_sd=True)`` of a U-Net
+Inference (QSM, ``--qsm``): ``QSMEstimator.predict(field, mask, return_sd=True, sd_kind="label")`` of a U-Net
 ensemble of ``--members`` networks against ``predict(field, mask)`` of one, on a ``--size``^3
 head phantom (masked local field), whole volume on the CPU, the input channels included (the
 TV channel of the shipped architecture is computed once and shared by the members, so the
@@ -48,7 +48,7 @@ def qsm_predict_cost(size: int, members: int, repeats: int) -> dict:
         single.predict(field, mask)
         seconds["single"].append(time.process_time() - start)
         start = time.process_time()
-        ensemble.predict(field, mask, return_sd=True)
+        ensemble.predict(field, mask, return_sd=True, sd_kind="label")
         seconds[f"ensemble-{members}"].append(time.process_time() - start)
         # the shared part: the TV input channel, computed once per prediction
         start = time.process_time()

@@ -46,8 +46,9 @@ What it writes (into ``--out``, a BIDS-derivative folder that appears only when 
   identifiable; a network: its own SD, refused for a network that reports none), the sidecar
   counting the NaN reasons. QSM: ``<prefix>_desc-sd_Chimap.nii.gz``, the SD of chi (ppm) over
   the members of a U-Net ensemble (a bundle of ``QSMEstimator(n_members=M)``, M >= 2), 0
-  outside the mask; refused for a single U-Net and for the conventional inversions (tkd,
-  tikhonov, tv), which report none;
+  outside the mask, written only with ``--sd-kind label`` (the members' disagreement is not
+  calibrated against the true chi); refused for a single U-Net and for the conventional
+  inversions (tkd, tikhonov, tv), which report none;
 * ``manifest.json``: command, inputs (checksums, shapes, affines), estimator, noise level and
   how it was obtained, versions, device, timings, voxel counts, the SHA-256 of every output
   (``output_sha256``); ``<prefix>_qc.png``.
@@ -127,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write the standard deviation of every map beside it (the map's name with "
                              "desc-sd): diffusion, the MLE's Fisher standard error at the estimate (NaN at a bound "
                              "or where not identifiable) or a network's own SD where it reports one; QSM, the SD "
-                             "of chi over the members of a U-Net ensemble (a bundle of QSMEstimator(n_members>=2))")
+                             "of chi over the members of a U-Net ensemble (a bundle of QSMEstimator(n_members>=2)), "
+                             "with --sd-kind label only")
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
     add_threads_argument(parser, "the fit (torch intra-op threads)")
     parser.add_argument("--chunk-size", type=int, default=20000,
@@ -194,6 +196,8 @@ def _run(args, command: list[str], started: float) -> int:
     try:
         if args.chunk_size < 1:
             raise InputError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+        if args.sd_kind != "truth" and not args.uncertainty:
+            raise InputError(f"--sd-kind {args.sd_kind} says which SD maps to write; it applies with --uncertainty")
         if args.cohort is not None or args.shard is not None:
             fit_cohort.check_arguments(args)
             return fit_cohort.run_cohort(args, check_device(args.device), command)

@@ -55,7 +55,8 @@ def add_arguments(parser) -> None:
                      help="with --uncertainty: 'truth' (default), the SD of each estimate around the true value "
                           "(MLE: Wald SE; network: calibrated on held-out simulations; a network without that "
                           "calibration, such as the shipped ones, is refused); 'label', a network's raw SD: the "
-                          "spread around its training label, not an error bar (the sidecars say so)")
+                          "spread around its training label, not an error bar (the sidecars say so); QSM: an "
+                          "ensemble's SD (its members' disagreement) is written only with 'label'")
 
 
 def _sigma_argument(value):

@@ -7,9 +7,12 @@ with ``predict``, both through their public names only. The input is a *local* f
 which removes the background first (:mod:`qmri_labels.fitting.bfr`). A network trained on
 another kind of input than it is given is refused unless ``--allow-input-mismatch``.
 
-With ``--uncertainty`` a U-Net ensemble (``QSMEstimator(n_members=M)``, M >= 2) also gives the
-SD of chi over its members, written beside the chi map as ``<prefix>_desc-sd_Chimap.nii.gz``;
-a single U-Net and the conventional inversions report no SD and are refused.
+With ``--uncertainty --sd-kind label`` a U-Net ensemble (``QSMEstimator(n_members=M)``, M >= 2)
+also gives the SD of chi over its members, written beside the chi map as
+``<prefix>_desc-sd_Chimap.nii.gz``. That SD is the members' disagreement, not an error bar
+against the true chi, so it is written only when asked for by that name (``--uncertainty``
+alone is refused, saying so); a single U-Net and the conventional inversions report no SD and
+are refused.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from qmri_labels.cli.common import (
 )
 from qmri_labels.data.io import load_nifti, sha256_file, write_mat
 from qmri_labels.estimators import QSMEstimator, estimator_kind, manifest_kind, read_manifest
+from qmri_labels.estimators.base import SDNotCalibrated
 from qmri_labels.estimators.shipped import find_bundle
 from qmri_labels.fitting import bfr, qsm_inversion
 from qmri_labels.maps.derivatives import chi_map_name, chi_sd_map_name, write_dataset_description, write_map
@@ -137,7 +141,8 @@ def run_qsm(args, out_dir: Path, device) -> dict:
     chi, sd, info = invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshold=args.tkd_threshold,
                                  tikhonov_lambda=args.tikhonov_lambda, tv_lambda=args.tv_lambda,
                                  patch_size=args.patch_size, input_kind=field_info["input_kind"],
-                                 allow_input_mismatch=args.allow_input_mismatch, uncertainty=args.uncertainty)
+                                 allow_input_mismatch=args.allow_input_mismatch, uncertainty=args.uncertainty,
+                                 sd_kind=args.sd_kind)
     chi = np.where(mask, chi, 0).astype(np.float32)
     sd = None if sd is None else np.where(mask, sd, 0).astype(np.float32)
     timings["inversion"] = round(time.perf_counter() - t1, 3)
@@ -158,10 +163,11 @@ def run_qsm(args, out_dir: Path, device) -> dict:
     uncertainty = None
     if sd is not None:
         uncertainty = {"method": sd_method(info["n_members"]), "n_members": info["n_members"],
-                       "map": chi_sd_map_name(prefix)}
+                       "sd_kind": args.sd_kind, "map": chi_sd_map_name(prefix)}
         written = write_map(out_dir, chi_sd_map_name(prefix), sd, field_volume.affine, field_volume.header,
                             {"Model": "qsm", "Parameter": "chi", "Statistic": "standard deviation", "Units": "ppm",
-                             "Method": uncertainty["method"], "Estimator": info, "B0Direction": list(b0_dir),
+                             "Method": uncertainty["method"], "SDKind": args.sd_kind, "Estimator": info,
+                             "B0Direction": list(b0_dir),
                              "InputChecksums": checksums, "InputKind": field_info["input_kind"],
                              "Description": "standard deviation of the chi estimate over the ensemble's members; "
                                             "0 outside the mask"},
@@ -240,11 +246,13 @@ def parse_b0_dir(text: str, affine: np.ndarray) -> tuple[tuple[float, float, flo
 def sd_method(n_members: int) -> str:
     """What a QSM SD map is (its sidecar's ``Method``)."""
     return (f"standard deviation (ddof 0) of chi over the {n_members} members of a deep ensemble of U-Nets, each "
-            "trained from another seed: the members' disagreement (epistemic), not the noise in the field")
+            "trained from another seed: the members' disagreement (epistemic), not the noise in the field; NOT "
+            "calibrated against the true chi, written only because it was asked for by name (--sd-kind label)")
 
 
 def invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshold=None, tikhonov_lambda=None,
-                 tv_lambda=None, patch_size=None, input_kind="local", allow_input_mismatch=False, uncertainty=False):
+                 tv_lambda=None, patch_size=None, input_kind="local", allow_input_mismatch=False, uncertainty=False,
+                 sd_kind="truth"):
     """chi (ppm) inside ``mask``, its SD or None, and a description of the estimator for the manifest.
 
     ``input_kind`` says what ``field_map`` is (``"local"`` or ``"bfr:<method>"``); a network
@@ -298,7 +306,10 @@ def invert_field(name, field_map, mask, voxel_size, b0_dir, device, tkd_threshol
                          f"deviation; SD maps of chi need {SD_ESTIMATORS}")
     try:
         result = network.predict(field_map * mask, mask=mask, voxel_size=voxel_size, b0_dir=b0_dir,
-                                 patch_size=patch_size, device=str(device), return_sd=bool(uncertainty))
+                                 patch_size=patch_size, device=str(device), return_sd=bool(uncertainty),
+                                 sd_kind=sd_kind)
+    except SDNotCalibrated as exc:
+        raise InputError(f"--uncertainty: {exc}") from None
     except ValueError as exc:
         raise InputError(f"--estimator {bundle}: {exc}") from None
     chi, sd = result if uncertainty else (result, None)

@@ -13,6 +13,16 @@ import inspect
 
 import numpy as np
 
+#: what a reported SD is: ``truth`` (the spread of the estimate around the true value,
+#: calibrated on held-out simulations) or ``label`` (a network's raw spread: around its training
+#: label, the self label's Fisher SD, or an ensemble's disagreement; given only when asked for
+#: by that name)
+SD_KINDS = ("truth", "label")
+
+
+class SDNotCalibrated(ValueError):
+    """An SD against the truth was asked of an estimator whose SD was never calibrated against it."""
+
 
 class BaseEstimator:
     """``get_params`` / ``set_params`` / ``repr`` from the constructor's signature (scikit-learn style)."""

@@ -20,7 +20,7 @@ import torch
 
 from qmri_labels.data.datasets import Dataset
 from qmri_labels.data.preprocessing import SignalPreprocessing, for_training_signals, from_manifest, lowest_b_mean
-from qmri_labels.estimators.base import BaseEstimator, as_signals
+from qmri_labels.estimators.base import SD_KINDS, BaseEstimator, SDNotCalibrated, as_signals
 from qmri_labels.estimators.bundle import build_manifest, estimator_kind, load_estimator, save_estimator
 from qmri_labels.estimators.network_design import DESIGN_PRESETS, check_settings, network_config, new_network
 from qmri_labels.estimators.network_record import json_params, network_record, restore_fitted
@@ -32,16 +32,6 @@ from qmri_labels.physics import get_model
 from qmri_labels.provenance import device_info
 from qmri_labels.training import ParameterNormalisation, method_name
 from qmri_labels.training.likelihood_losses import signal_space_sd
-
-#: what a reported SD is: ``truth`` (the spread of the estimate around the true value,
-#: calibrated on held-out simulations) or ``label`` (the raw head's spread around the training
-#: label, or the self label's Fisher SD: given only when asked for by that name)
-SD_KINDS = ("truth", "label")
-
-
-class SDNotCalibrated(ValueError):
-    """An SD against the truth was asked of a network whose SD was never calibrated against it."""
-
 
 class NetworkEstimator(BaseEstimator):
     """A voxel-wise network trained under a chosen training label.

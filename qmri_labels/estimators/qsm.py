@@ -11,7 +11,7 @@ makes the same one), with whole volumes it is exact.
 
 ``n_members=M`` trains a deep ensemble: M U-Nets, member ``k`` seeded with ``seed + k`` and
 otherwise trained exactly as a single network with that seed (same data, same normalisation),
-saved in one bundle; ``predict(..., return_sd=True)`` adds the SD of the members' chi.
+saved in one bundle; ``predict(..., return_sd=True, sd_kind="label")`` adds the SD of the members' chi.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from qmri_labels.data.qsm import QSMPhantomSet
-from qmri_labels.estimators.base import BaseEstimator
+from qmri_labels.estimators.base import SD_KINDS, BaseEstimator, SDNotCalibrated
 from qmri_labels.estimators.bundle import build_manifest, load_estimator, save_estimator
 from qmri_labels.estimators.shipped import bundle_path
 from qmri_labels.estimators.qsm_training import train_member
@@ -330,7 +330,7 @@ class QSMEstimator(BaseEstimator):
     @torch.no_grad()
     def predict(self, field, mask=None, *, voxel_size: Sequence[float] | None = None,
                 b0_dir: Sequence[float] | None = None, patch_size: int | None = None, overlap: int = 16,
-                device: str | None = None, return_sd: bool = False):
+                device: str | None = None, return_sd: bool = False, sd_kind: str = "truth"):
         """chi (ppm) from a local field (ppm), ``(X, Y, Z)`` or ``(N, X, Y, Z)``.
 
         The whole volume is padded to a multiple of ``2**(levels - 1)`` and passed at once,
@@ -345,6 +345,11 @@ class QSMEstimator(BaseEstimator):
             Also return the SD of chi over the members of an ensemble (``n_members >= 2``;
             ``ddof=0``, see :func:`~qmri_labels.nets.ensemble.combine_members`), in ppm, the
             shape of chi, zero outside ``mask``. A single network reports none (ValueError).
+        sd_kind : {"truth", "label"}
+            The members' disagreement is not calibrated against the true chi (it leaves out
+            the noise in the field and what every member gets wrong alike), so
+            ``return_sd=True`` needs ``sd_kind="label"``, asking for it by that name;
+            ``"truth"`` raises :class:`~qmri_labels.estimators.base.SDNotCalibrated`.
 
         Returns
         -------
@@ -357,9 +362,15 @@ class QSMEstimator(BaseEstimator):
         if not isinstance(return_sd, (bool, np.bool_)):
             raise TypeError(f"return_sd must be True or False, got {return_sd!r}")
         members = self._members()
+        if sd_kind not in SD_KINDS:
+            raise ValueError(f"sd_kind must be one of {SD_KINDS}, got {sd_kind!r}")
         if return_sd and len(members) < 2:
             raise ValueError("this QSM network is a single U-Net and reports no standard deviation: train a deep "
                              "ensemble, QSMEstimator(..., n_members=M) with M >= 2, for return_sd=True")
+        if return_sd and sd_kind == "truth":
+            raise SDNotCalibrated("a QSM ensemble's SD is the members' disagreement, never calibrated against the "
+                                  "true chi: it is not an error bar. Ask for it by that name with sd_kind='label' "
+                                  "(qmri-fit --sd-kind label)")
         field = np.asarray(field, dtype=np.float32)
         single = field.ndim == 3
         if field.ndim not in (3, 4):

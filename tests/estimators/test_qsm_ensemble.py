@@ -1,4 +1,4 @@
-"""Deep ensembles of QSM U-Nets: QSMEstimator(n_members=M), predict(..., return_sd=True), one
+"""Deep ensembles of QSM U-Nets: QSMEstimator(n_members=M), predict(..., return_sd=True, sd_kind="label"), one
 bundle, and the fit command's chi SD map (``--uncertainty``)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from qmri_labels.cli import fit as fit_cli
 from qmri_labels.data.qsm import QSMPhantomSpec
 from qmri_labels.estimators import QSMEstimator
+from qmri_labels.estimators.base import SDNotCalibrated
 from qmri_labels.maps.derivatives import chi_map_name, chi_sd_map_name
 
 #: a toy U-Net, two epochs of four 8^3 patches: the tests check the ensemble's plumbing
@@ -57,7 +58,7 @@ def test_predict_returns_the_members_mean_and_their_sd(fits, phantoms):
     _, val = phantoms
     ensemble = fits["ensemble"]
     field, mask = val.field[0], val.mask[0]
-    chi, sd = ensemble.predict(field, mask, return_sd=True)
+    chi, sd = ensemble.predict(field, mask, return_sd=True, sd_kind="label")
     assert chi.shape == sd.shape == field.shape and chi.dtype == sd.dtype == np.float32
     assert np.all(np.isfinite(sd)) and np.all(sd >= 0)
     assert np.all(sd[mask] > 0) and np.all(sd[~mask] == 0) and np.all(chi[~mask] == 0)
@@ -67,17 +68,22 @@ def test_predict_returns_the_members_mean_and_their_sd(fits, phantoms):
     np.testing.assert_allclose(sd, np.abs(a.astype(np.float64) - b) / 2, rtol=0, atol=1e-7)
     np.testing.assert_array_equal(ensemble.predict(field, mask), chi)
     # a batch of volumes, and overlapping patches, give the same per volume
-    chis, sds = ensemble.predict(val.field, val.mask, return_sd=True)
+    chis, sds = ensemble.predict(val.field, val.mask, return_sd=True, sd_kind="label")
     assert chis.shape == sds.shape == val.field.shape
     np.testing.assert_allclose(sds[0], sd, atol=1e-7)
-    _, sd_patches = ensemble.predict(field, mask, patch_size=8, overlap=4, return_sd=True)
+    _, sd_patches = ensemble.predict(field, mask, patch_size=8, overlap=4, return_sd=True, sd_kind="label")
     assert sd_patches.shape == sd.shape and np.all(sd_patches[mask] > 0)
 
 
 def test_a_single_network_reports_no_sd(fits, phantoms):
     _, val = phantoms
     with pytest.raises(ValueError, match=r"single U-Net .* n_members=M\) with M >= 2"):
-        fits["seed3"].predict(val.field[0], val.mask[0], return_sd=True)
+        fits["seed3"].predict(val.field[0], val.mask[0], return_sd=True, sd_kind="label")
+    with pytest.raises(SDNotCalibrated, match="members' disagreement, never calibrated against the true chi.*"
+                                              "sd_kind='label'"):
+        fits["ensemble"].predict(val.field[0], val.mask[0], return_sd=True)
+    with pytest.raises(ValueError, match="sd_kind must be one of"):
+        fits["ensemble"].predict(val.field[0], val.mask[0], return_sd=True, sd_kind="bogus")
     with pytest.raises(TypeError, match="return_sd must be True or False"):
         fits["ensemble"].predict(val.field[0], val.mask[0], return_sd="yes")
 
@@ -93,8 +99,8 @@ def test_an_ensemble_is_one_bundle_and_loads_to_the_same_mean_and_sd(fits, phant
     assert manifest["n_parameters"] == 2 * ensemble.network_.members[0].n_parameters()
     back = QSMEstimator.load(path)
     assert back.n_members == 2 and back.reports_sd and back.members_training_ == ensemble.members_training_
-    for a, b in zip(back.predict(val.field[0], val.mask[0], return_sd=True),
-                    ensemble.predict(val.field[0], val.mask[0], return_sd=True)):
+    for a, b in zip(back.predict(val.field[0], val.mask[0], return_sd=True, sd_kind="label"),
+                    ensemble.predict(val.field[0], val.mask[0], return_sd=True, sd_kind="label")):
         np.testing.assert_array_equal(a, b)
     # a single network's bundle has no ensemble entry and stays a single network
     single = QSMEstimator.load(fits["seed3"].save(tmp_path / "single"))
@@ -176,7 +182,8 @@ def test_fit_command_writes_the_chi_sd_map_of_an_ensemble(command_inputs, fits, 
     mask = val.mask[0]
     out = tmp_path / "out"
     code, err = _run(["--field", command_inputs["field"], "--mask", command_inputs["mask"], "--estimator",
-                      command_inputs["ensemble"], "--uncertainty", "--mat", "--out", out, "--quiet"], capsys)
+                      command_inputs["ensemble"], "--uncertainty", "--sd-kind", "label", "--mat", "--out", out,
+                      "--quiet"], capsys)
     assert code == 0, err
     chi_image = nib.load(str(out / chi_map_name("sub-01")))
     sd_image = nib.load(str(out / chi_sd_map_name("sub-01")))
@@ -185,15 +192,16 @@ def test_fit_command_writes_the_chi_sd_map_of_an_ensemble(command_inputs, fits, 
     np.testing.assert_array_equal(sd_image.affine, command_inputs["affine"])
     np.testing.assert_array_equal(sd_image.affine, chi_image.affine)
     sd = np.asarray(sd_image.dataobj)
-    expected_chi, expected_sd = fits["ensemble"].predict(val.field[0] * mask, mask, return_sd=True)
+    expected_chi, expected_sd = fits["ensemble"].predict(val.field[0] * mask, mask, return_sd=True, sd_kind="label")
     np.testing.assert_allclose(sd, expected_sd, rtol=0, atol=1e-7)
     np.testing.assert_allclose(np.asarray(chi_image.dataobj), expected_chi, rtol=0, atol=1e-7)
     assert np.all(sd[mask] > 0) and np.all(sd[~mask] == 0)
     sidecar = json.loads((out / "sub-01_desc-sd_Chimap.json").read_text())
     assert sidecar["Statistic"] == "standard deviation" and sidecar["Units"] == "ppm"
     assert "2 members" in sidecar["Method"] and sidecar["Estimator"]["n_members"] == 2
+    assert "NOT calibrated against the true chi" in sidecar["Method"] and sidecar["SDKind"] == "label"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["uncertainty"]["n_members"] == 2
+    assert manifest["uncertainty"]["n_members"] == 2 and manifest["uncertainty"]["sd_kind"] == "label"
     assert manifest["uncertainty"]["map"] == chi_sd_map_name("sub-01")
     assert chi_sd_map_name("sub-01") in manifest["outputs"] and chi_sd_map_name("sub-01") in manifest["output_sha256"]
     np.testing.assert_array_equal(scipy.io.loadmat(out / "sub-01_chi.mat")["chi_sd"], sd)
@@ -220,6 +228,17 @@ def test_fit_command_refuses_uncertainty_without_an_ensemble(command_inputs, est
     # the refusal names what does report SDs
     assert "QSM U-Net ensemble" in err and "n_members=M), M >= 2" in err
     assert not out.exists()
+
+
+def test_fit_command_writes_an_ensemble_sd_only_when_asked_for_by_name(command_inputs, tmp_path, capsys):
+    base = ["--field", command_inputs["field"], "--mask", command_inputs["mask"], "--estimator",
+            command_inputs["ensemble"]]
+    code, err = _run(base + ["--uncertainty", "--out", tmp_path / "truth"], capsys)
+    assert code == 1 and "members' disagreement, never calibrated against the true chi" in err
+    assert "--sd-kind label" in err and not (tmp_path / "truth").exists()
+    code, err = _run(base + ["--sd-kind", "label", "--out", tmp_path / "no_sd"], capsys)
+    assert code == 1 and "--sd-kind label says which SD maps to write; it applies with --uncertainty" in err
+    assert not (tmp_path / "no_sd").exists()
 
 
 def test_train_model_trains_an_ensemble_bundle(tmp_path):
