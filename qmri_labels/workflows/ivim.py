@@ -241,6 +241,14 @@ def build_datasets(cfg: Mapping):
     return spec.generate(), heldout.generate()
 
 
+def _evaluation_estimate(mle_labels, n_train: int, n_signals: int) -> float | None:
+    """Seconds the evaluation will take, at the speed the MLE labels were fitted (the MLE fit of
+    every grid and held-out signal dominates it); None without a timed MLE fit."""
+    if mle_labels is None or not mle_labels.fit_seconds or n_train < 1:
+        return None
+    return float(mle_labels.fit_seconds) / n_train * n_signals
+
+
 def make_estimators(cfg: Mapping, quiet: bool = True) -> dict:
     """Unfitted network estimators of a resolved config, by method name."""
     accelerator, devices, _ = _device(cfg["device"])
@@ -339,23 +347,6 @@ def run_resolved(cfg: Mapping, out: Path, quiet: bool = False) -> dict:
         if detail:
             _say(quiet, detail)
 
-    t = time.perf_counter()
-    designs, fitted, tuning_records, job_seconds = train_designs(
-        defaults, train, mle_labels, cfg["tune"] if tuning else None, n_seeds, cfg["seed"], workers,
-        needs_mle=_needs_mle, report=report)
-    timings.update(job_seconds)
-    timings["training"] = time.perf_counter() - t
-    main_names = list(designs)
-
-    t = begin(f"evaluating on the test grid (SNR {', '.join(f'{x:g}' for x in cfg['grid']['snr'])}) "
-              "and the held-out set")
-    known = cfg["mle"].get("sigma", "known") == "known"
-    fitter_options = {k: v for k, v in cfg["mle"].items() if k != "sigma"}
-
-    def fitter(sigma):
-        return MLEEstimator(model=cfg["model"], protocol=cfg["bvalues"], noise=cfg["noise"], sigma=sigma,
-                            device=torch_device, **fitter_options)
-
     grid_cfg = dict(cfg["grid"])
     snrs = grid_cfg["snr"]
     primary = min(snrs, key=lambda x: abs(np.log(x) - np.log(_centre_snr(cfg["snr"]))))
@@ -363,6 +354,25 @@ def run_resolved(cfg: Mapping, out: Path, quiet: bool = False) -> dict:
                               points_per_axis=grid_cfg["points_per_axis"], margin=grid_cfg.get("margin", 0.0),
                               repeats=grid_cfg["repeats"], snr=primary, noise=cfg["noise"],
                               seed=cfg["seed"] + 2_000_003)
+    evaluation = _evaluation_estimate(mle_labels, len(train), grid.n_points * grid.repeats * len(snrs) + len(heldout))
+
+    t = time.perf_counter()
+    designs, fitted, tuning_records, job_seconds = train_designs(
+        defaults, train, mle_labels, cfg["tune"] if tuning else None, n_seeds, cfg["seed"], workers,
+        needs_mle=_needs_mle, report=report, then=None if evaluation is None else ("evaluation", evaluation))
+    timings.update(job_seconds)
+    timings["training"] = time.perf_counter() - t
+    main_names = list(designs)
+
+    t = begin(f"evaluating on the test grid (SNR {', '.join(f'{x:g}' for x in cfg['grid']['snr'])}) "
+              "and the held-out set" + ("" if evaluation is None else f", ~{evaluation:.0f} s"))
+    known = cfg["mle"].get("sigma", "known") == "known"
+    fitter_options = {k: v for k, v in cfg["mle"].items() if k != "sigma"}
+
+    def fitter(sigma):
+        return MLEEstimator(model=cfg["model"], protocol=cfg["bvalues"], noise=cfg["noise"], sigma=sigma,
+                            device=torch_device, **fitter_options)
+
     # every method that reports SDs is also checked for calibration, in the same pass
     with_sd = ["fit-mle", *(n for n, e in fitted.items() if e.reports_sd)]
     # the grid and the held-out set are simulated at the training data's S0 reference

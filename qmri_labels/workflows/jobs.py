@@ -70,20 +70,30 @@ class JobProgress:
         Jobs in the batch.
     clock : callable
         Seconds now (``time.perf_counter``; tests pass their own).
+    then : (str, float) or None
+        What the study does after these jobs and about how many seconds it takes
+        (``("evaluation", 40.0)``), added to each line so that it estimates the time left in the
+        whole study; None when there is no estimate.
     """
 
-    def __init__(self, total: int, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, total: int, clock: Callable[[], float] = time.perf_counter,
+                 then: tuple[str, float] | None = None):
         if int(total) != total or total < 1:
             raise ValueError(f"total must be a positive integer, got {total!r}")
-        self.total, self.done, self._clock = int(total), 0, clock
+        self.total, self.done, self._clock, self._then = int(total), 0, clock, then
         self._start = clock()
 
     def finished(self) -> str:
-        """Count one more finished job; ``"12 s elapsed, ~36 s left"`` (``"..., none left"`` at the end)."""
+        """Count one more finished job; ``"12 s elapsed, ~36 s left"`` (``"..., none left"`` at the
+        end), with ``"; then evaluation ~40 s, ~76 s left in all"`` when ``then`` was given."""
         self.done = min(self.done + 1, self.total)
         elapsed = self._clock() - self._start
         left = elapsed / self.done * (self.total - self.done)
-        return f"{elapsed:.0f} s elapsed, " + (f"~{left:.0f} s left" if self.done < self.total else "none left")
+        text = f"{elapsed:.0f} s elapsed, " + (f"~{left:.0f} s left" if self.done < self.total else "none left")
+        if self._then is not None:
+            what, seconds = self._then
+            text += f"; then {what} ~{seconds:.0f} s, ~{left + seconds:.0f} s left in all"
+        return text
 
 
 class JobRunner:

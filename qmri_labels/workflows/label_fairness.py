@@ -158,7 +158,8 @@ def fit_design(est, train, mle_labels, show_progress: bool = True):
 
 
 def train_designs(defaults: Mapping, train, mle_labels, tune_cfg: Mapping | None, n_seeds: int, seed: int,
-                  workers: int, needs_mle, report) -> tuple[dict, dict, dict, dict]:
+                  workers: int, needs_mle, report, then: tuple[str, float] | None = None
+                  ) -> tuple[dict, dict, dict, dict]:
     """Tune (with ``tune_cfg``) and train every design at every seed, over ``workers`` processes.
 
     Every tuning search and every training is an independent, self-seeded job, so the networks
@@ -176,6 +177,9 @@ def train_designs(defaults: Mapping, train, mle_labels, tune_cfg: Mapping | None
     report : callable
         ``report(message, detail=None)`` after each finished job; the message ends with the time
         spent on these jobs and an estimate of the time they still need.
+    then : (str, float) or None
+        What follows the trainings and its estimated seconds (:class:`JobProgress`), so that
+        each line also estimates the time left in the study.
 
     Returns
     -------
@@ -188,7 +192,7 @@ def train_designs(defaults: Mapping, train, mle_labels, tune_cfg: Mapping | None
     designs = {**defaults, **{tuned: None for tuned in tuned_names.values()}}
     fitted, records, seconds = {}, {}, {}
     # a search per label, then every design (default and tuned) at every seed
-    progress = JobProgress(len(defaults) * (1 + 2 * n_seeds if tune_cfg else n_seeds))
+    progress = JobProgress(len(defaults) * (1 + 2 * n_seeds if tune_cfg else n_seeds), then=then)
 
     def submit_trainings(runner, named):
         for name, est in with_seeds(named, n_seeds, seed).items():

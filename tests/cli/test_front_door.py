@@ -3,6 +3,7 @@ model cards, a shipped name accepted everywhere, --version, a quiet --quiet, pro
 time left, and f's unit in words."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -77,7 +78,7 @@ def test_every_shipped_bundle_has_its_card_and_still_verifies(name):
 
 
 def test_quiet_prints_nothing_and_otherwise_progress_with_time_left(tmp_path, capsys):
-    argv = ["--config", "tiny_ivim", "--set", "labels=[gt, self]", "--set", "alpha=[]", "--n-train", "600",
+    argv = ["--config", "tiny_ivim", "--set", "labels=[gt, mle]", "--set", "alpha=[]", "--n-train", "600",
             "--set", "n_test=100"]
     assert study.main(argv + ["--out", str(tmp_path / "quiet"), "--quiet"]) == 0
     quiet = capsys.readouterr()
@@ -86,8 +87,10 @@ def test_quiet_prints_nothing_and_otherwise_progress_with_time_left(tmp_path, ca
     out = capsys.readouterr().out
     trained = [line for line in out.splitlines() if "] trained net-" in line]
     assert len(trained) == 2
-    assert trained[0].endswith(" s left") and "elapsed" in trained[0]
-    assert trained[1].endswith("none left")
+    # the MLE labels' fitting speed gives the evaluation's time, so each line estimates the whole study
+    assert re.search(r"training \d+ s elapsed, ~\d+ s left; then evaluation ~\d+ s, ~\d+ s left in all$", trained[0])
+    assert re.search(r"none left; then evaluation ~\d+ s, ~\d+ s left in all$", trained[1])
+    assert re.search(r"\] evaluating on the test grid .*, ~\d+ s$", out, re.M)
     assert "f [fraction]" in out and "f [1]" not in out
 
 
@@ -103,6 +106,12 @@ def test_job_progress_estimates_the_time_left():
     assert progress.finished() == "60 s elapsed, none left"
     with pytest.raises(ValueError):
         JobProgress(0)
+    now[0] = 0.0
+    then = JobProgress(2, clock=lambda: now[0], then=("evaluation", 25.0))
+    now[0] = 10.0
+    assert then.finished() == "10 s elapsed, ~10 s left; then evaluation ~25 s, ~35 s left in all"
+    now[0] = 20.0
+    assert then.finished() == "20 s elapsed, none left; then evaluation ~25 s, ~25 s left in all"
 
 
 def test_fraction_prints_in_words():
