@@ -25,4 +25,4 @@ def test_custom_model_notebook_executes(tmp_path, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in outputs)
     assert "net-self" in text and "alpha" in text and "StretchedExp" in text
-    assert (tmp_path / "custom_model_run" / "summary.csv").is_file()
+    assert (tmp_path / "runs" / "custom_model" / "summary.csv").is_file()

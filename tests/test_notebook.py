@@ -57,3 +57,25 @@ def test_analysis_notebook_executes(tmp_path, monkeypatch):
     assert len(images) >= 4  # 3x3 panel, quiver, hist2d, alpha sweep
     text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in outputs)
     assert "net-hybrid-0.5" in text and "sensitivity" in text
+
+
+def test_analysis_notebook_finds_the_newest_study_folder_from_docs(tmp_path, monkeypatch):
+    """Opened from docs/ with no QMRI_LABELS_RESULTS, the notebook reads the newest label-study
+    folder that the study command wrote into runs/ of the folder above (the repository root)."""
+    import os
+
+    old, new = tmp_path / "runs" / "default-20260101-000000", tmp_path / "runs" / "default-20260102-000000"
+    for folder in (old, new):
+        folder.mkdir(parents=True)
+        tiny_results(folder)
+    os.utime(old / "grid_spec.json", (1, 1))  # the choice goes by time, not by name or order
+    (tmp_path / "docs").mkdir()
+    monkeypatch.delenv("QMRI_LABELS_RESULTS", raising=False)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb.cells = nb.cells[:2]  # the title and the cell that finds and reads the folder
+    client = nbclient.NotebookClient(nb, timeout=180, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path / "docs")}})
+    client.execute()
+    text = "".join(o.get("text", "") for o in nb.cells[1].outputs)
+    assert f"{os.path.join('..', 'runs', new.name)}: methods" in text

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="signal model (default: ivim, or the network's model; qsm with --field)")
     parser.add_argument("--estimator", default=None,
                         help="diffusion: 'mle' (default), the name of a shipped network (--list-models), or a "
-                             "bundle folder; QSM: 'tkd' (default), 'tikhonov', a network name or folder")
+                             "bundle folder; QSM: 'tkd' (default), 'tikhonov', 'tv', a network name or folder")
     parser.add_argument("--uncertainty", action="store_true",
                         help="also write the standard deviation of every map beside it (the map's name with "
                              "desc-sd): diffusion, the MLE's Fisher standard error at the estimate (NaN at a bound "

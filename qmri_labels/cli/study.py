@@ -25,10 +25,16 @@ A configuration (YAML) has a ``kind`` that selects the workflow (the table
 Flags override configuration keys; ``--set key=value`` (YAML value, dotted keys for nested
 entries) overrides any other.
 
-The results folder (``--out``, default ``runs/<name>-<timestamp>``) holds the resolved
+The results folder (``--out``, default ``runs/<name>-<YYYYMMDD-HHMMSS>`` below the current
+folder, ``<name>`` the configuration's, e.g. ``runs/default-20261204-213015``) holds the resolved
 ``config.yaml``, ``manifest.json`` (seeds, dataset fingerprints, package versions, device,
-determinism flags, timings, the command line), the workflow's tables (for the label
+determinism flags, CPU threads, timings, the command line), the workflow's tables (for the label
 comparison ``summary.csv``), report and trained networks.
+
+``--threads N|auto`` caps the CPU threads of the whole study: this process's torch threads and
+its worker processes times each job's ``num_threads`` (default ``auto``: the cores that other
+processes leave free when the study starts, :mod:`qmri_labels.threads`); the results do not
+depend on it.
 """
 
 from __future__ import annotations
