@@ -202,7 +202,8 @@ class QSMEstimator(BaseEstimator):
             return torch.device(self.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    def _input_stack(self, field: np.ndarray, mask, norm: QSMNormalisation, voxel_size, b0_dir) -> np.ndarray:
+    def _input_stack(self, field: np.ndarray, mask, norm: QSMNormalisation, voxel_size, b0_dir,
+                     tv_input=None) -> np.ndarray:
         chans = []
         for c in self._inputs:
             if c == "field":
@@ -210,6 +211,9 @@ class QSMEstimator(BaseEstimator):
             elif c == "tkd":
                 chans.append(tkd(field, voxel_size, b0_dir, self.tkd_threshold) / norm.chi_scale)
             else:
+                if tv_input is not None:
+                    chans.append(tv_input / norm.chi_scale)
+                    continue
                 if mask is None:
                     raise ValueError("the 'tv' input channel needs the brain mask: pass mask=")
                 chans.append(tv(field, mask, voxel_size, b0_dir, lam=float(self.tv_lambda)) / norm.chi_scale)
@@ -330,7 +334,7 @@ class QSMEstimator(BaseEstimator):
     @torch.no_grad()
     def predict(self, field, mask=None, *, voxel_size: Sequence[float] | None = None,
                 b0_dir: Sequence[float] | None = None, patch_size: int | None = None, overlap: int = 16,
-                device: str | None = None, return_sd: bool = False, sd_kind: str = "truth"):
+                device: str | None = None, return_sd: bool = False, sd_kind: str = "truth", tv_input=None):
         """chi (ppm) from a local field (ppm), ``(X, Y, Z)`` or ``(N, X, Y, Z)``.
 
         The whole volume is padded to a multiple of ``2**(levels - 1)`` and passed at once,
@@ -350,6 +354,11 @@ class QSMEstimator(BaseEstimator):
             the noise in the field and what every member gets wrong alike), so
             ``return_sd=True`` needs ``sd_kind="label"``, asking for it by that name;
             ``"truth"`` raises :class:`~qmri_labels.estimators.base.SDNotCalibrated`.
+        tv_input : array or None
+            The TV inversion of ``field`` (its shape) at this network's ``tv_lambda``, for a
+            caller that has computed it already (e.g. as a TV baseline with the same weight): the
+            ``tv`` input channel is then taken from it instead of being computed again. Ignored
+            by a network without that channel.
 
         Returns
         -------
@@ -385,7 +394,12 @@ class QSMEstimator(BaseEstimator):
         voxel_size = self.voxel_size_ if voxel_size is None else tuple(voxel_size)
         b0_dir = self.b0_dir_ if b0_dir is None else tuple(b0_dir)
         # the input channels (TKD, TV) are computed once and shared by all members
-        inputs = self._input_stack(batch, mask, self.normalisation_, voxel_size, b0_dir)
+        if tv_input is not None:
+            tv_input = np.asarray(tv_input, dtype=np.float32)
+            if tv_input.shape != field.shape:
+                raise ValueError(f"tv_input shape {tv_input.shape} differs from the field's {field.shape}")
+            tv_input = tv_input[None] if single else tv_input
+        inputs = self._input_stack(batch, mask, self.normalisation_, voxel_size, b0_dir, tv_input)
         dev = torch.device(device) if device is not None else self._device()
         nets = [member.to(dev).eval() for member in members]
         outs, sds = [], []

@@ -19,6 +19,7 @@ from qmri_labels.workflows import hparam, ivim, mismatch, reproducibility
 from qmri_labels.workflows.common import merge_config
 from qmri_labels.workflows.qsm import activation as qsm_activation
 from qmri_labels.workflows.qsm import common as qsm_common
+from qmri_labels.workflows.qsm import families as qsm_families
 from qmri_labels.workflows.qsm import labels as qsm_labels
 
 __all__ = ["Workflow", "WORKFLOWS", "get_workflow"]
@@ -86,6 +87,8 @@ WORKFLOWS: dict[str, Workflow] = {
                            qsm_common.FREE_FORM_KEYS),
     "qsm_activation": Workflow("qsm_activation", qsm_activation, qsm_activation.DEFAULTS, qsm_activation.run_resolved,
                                None, qsm_common.FREE_FORM_KEYS),
+    "qsm_families": Workflow("qsm_families", qsm_families, qsm_families.DEFAULTS, qsm_families.run_resolved,
+                             qsm_families.check_config, qsm_common.FREE_FORM_KEYS),
     "mismatch": Workflow("mismatch", mismatch, mismatch.DEFAULTS, mismatch.run_resolved, None,
                          mismatch.FREE_FORM_KEYS),
     "hparam": Workflow("hparam", hparam, hparam.DEFAULTS, hparam.run_resolved, hparam.check_config,
