@@ -26,6 +26,14 @@ def test_power_at_zero_effect_is_alpha_and_no_size_is_enough():
     assert paired_t_sample_size(0.01, n_max=1000) is None
 
 
+def test_power_of_a_large_effect_is_one_not_nan():
+    # a pilot d_z of -5.5 at 50 pairs (noncentrality 39): scipy's noncentral t alone gives NaN
+    assert paired_t_power(-5.474, 50) == pytest.approx(1.0)
+    for dz, n in ((3.0, 4), (5.474, 3), (5.474, 2)):
+        assert paired_t_power(dz, n) == pytest.approx(simulated_paired_t_power(dz, n, n_sim=40_000, seed=2), abs=0.01)
+    assert paired_t_sample_size(5.474) == 3
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="alpha"):
         paired_t_power(0.5, 10, alpha=1.5)
