@@ -357,8 +357,8 @@ class QSMEstimator(BaseEstimator):
         tv_input : array or None
             The TV inversion of ``field`` (its shape) at this network's ``tv_lambda``, for a
             caller that has computed it already (e.g. as a TV baseline with the same weight): the
-            ``tv`` input channel is then taken from it instead of being computed again. Ignored
-            by a network without that channel.
+            ``tv`` input channel is then taken from it instead of being computed again. Refused
+            for a network without that channel.
 
         Returns
         -------
@@ -395,6 +395,8 @@ class QSMEstimator(BaseEstimator):
         b0_dir = self.b0_dir_ if b0_dir is None else tuple(b0_dir)
         # the input channels (TKD, TV) are computed once and shared by all members
         if tv_input is not None:
+            if "tv" not in self._inputs:
+                raise ValueError(f"tv_input is for a network with a 'tv' input channel; this one reads {self._inputs}")
             tv_input = np.asarray(tv_input, dtype=np.float32)
             if tv_input.shape != field.shape:
                 raise ValueError(f"tv_input shape {tv_input.shape} differs from the field's {field.shape}")
