@@ -1,6 +1,7 @@
 """The QSM family study: runs by name, its datasets differ in the family only, its primary
 comparison is powered by the pilot."""
 
+import copy
 import json
 
 import numpy as np
@@ -111,6 +112,10 @@ def test_a_given_tv_channel_gives_the_same_chi(tiny_run):
     np.testing.assert_allclose(given, own, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="tv_input shape"):
         net.predict(data.field, data.mask, tv_input=channel[0])
+    without_tv = copy.copy(net)
+    without_tv.inputs = ("field", "tkd")
+    with pytest.raises(ValueError, match="tv_input is for a network with a 'tv' input channel"):
+        without_tv.predict(data.field, data.mask, tv_input=channel)
 
 
 def test_config_errors_are_named():
