@@ -17,6 +17,8 @@ import importlib
 import math
 import pkgutil
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -161,6 +163,11 @@ class SignalModel:
     protocol_reference: str = ""
     #: SNR (S0 / sigma) of the reference's simulations; None: the study's default
     default_snr: float | None = None
+    #: sizes of the label study for this model where a study names none: entries of its
+    #: configuration (``n_train``, ``max_epochs``, ``grid: {points_per_axis, repeats}``, ...),
+    #: chosen so that the study with defaults fits a few minutes on a 2-core CPU; empty: the
+    #: study's own defaults (IVIM's sizes)
+    default_study_sizes: Mapping[str, Any] = MappingProxyType({})
     #: the MLE fitter runs every starting point to convergence and keeps the lowest NLL, instead
     #: of racing the starts and converging the leader: for likelihoods with separate optima,
     #: where a start that trails early may still end in the better one

@@ -41,6 +41,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from qmri_labels import paths
+from qmri_labels.paths import DEFAULT_CONFIG
 from qmri_labels.data.priors import UniformPrior
 from qmri_labels.fileio import atomic_write_bytes, deep_merge, to_jsonable
 from qmri_labels.physics import SignalModel, available_models, class_path, get_model, use_model
@@ -51,8 +52,6 @@ from qmri_labels.workflows.results import StudyResult, load_results
 
 __all__ = ["run_study", "prepare_study", "execute_study", "PreparedStudy", "load_config", "available_configs",
            "resolve_model", "parse_protocol"]
-
-DEFAULT_CONFIG = "default"
 
 
 def available_configs() -> dict[str, Path]:
@@ -333,7 +332,8 @@ def _model_settings(config: dict, defaults: Mapping, model: str) -> dict:
 
     ``protocol`` (in the model's units, a trailing unit checked) becomes the workflow's protocol
     entry; a prior of ranges becomes a uniform prior; a model other than the workflow's default
-    takes its own protocol of the literature, SNR and prior where the configuration gives none.
+    takes its own protocol of the literature, SNR, prior and study sizes
+    (:attr:`~qmri_labels.physics.SignalModel.default_study_sizes`) where the configuration gives none.
     """
     config = dict(config)
     signal_model = get_model(model)
@@ -358,6 +358,12 @@ def _model_settings(config: dict, defaults: Mapping, model: str) -> dict:
         if config.get("prior") is None:
             # a model defined outside the package has no default prior: say which ranges are missing
             config["prior"] = UniformPrior(model=model).to_dict()
+        for entry, value in signal_model.default_study_sizes.items():
+            given = config.get(entry)
+            if isinstance(value, Mapping) and (given is None or isinstance(given, Mapping)):
+                config[entry] = {**copy.deepcopy(dict(value)), **(given or {})}  # nested entries given keep theirs
+            else:
+                config.setdefault(entry, copy.deepcopy(value))
     return config
 
 

@@ -111,6 +111,43 @@ def test_a_model_by_name_takes_its_own_defaults(model):
     assert set(study.config["prior"]["ranges"]) == set(signal_model.param_names)
 
 
+class SizedStretchedExp(StretchedExp):
+    """The notebook model with study sizes of its own."""
+
+    name = "stretched_exp_sized_test"
+    default_study_sizes = {"n_train": 1234, "max_epochs": 7, "grid": {"points_per_axis": 3, "repeats": 11}}
+
+
+def test_a_model_brings_its_study_sizes_and_given_entries_keep_theirs():
+    sizes = SizedStretchedExp.default_study_sizes
+    study = prepare_study(model=SizedStretchedExp(), overrides=[("prior", PRIOR, "prior="), ("protocol", PROTOCOL, "p=")])
+    assert study.config["n_train"] == sizes["n_train"] and study.config["max_epochs"] == sizes["max_epochs"]
+    assert study.config["grid"]["points_per_axis"] == 3 and study.config["grid"]["repeats"] == 11
+    given = prepare_study(model=SizedStretchedExp(), overrides=[("prior", PRIOR, "prior="), ("protocol", PROTOCOL, "p="), ("n_train", 99, "n="),
+                                                                ("grid.repeats", 5, "r=")])
+    assert given.config["n_train"] == 99 and given.config["max_epochs"] == sizes["max_epochs"]
+    assert given.config["grid"]["repeats"] == 5 and given.config["grid"]["points_per_axis"] == 3
+    assert sizes["grid"] == {"points_per_axis": 3, "repeats": 11}  # the class's entry is not written into
+
+
+@pytest.mark.parametrize("model", ["t2", "fatwater"])
+def test_shipped_models_study_sizes_are_taken_and_ivims_default_study_is_not_touched(model):
+    from qmri_labels.workflows.run import load_config
+
+    sizes = get_model(model).default_study_sizes
+    assert sizes, f"{model} has no study sizes of its own"
+    config = prepare_study(model=model).config
+    for key, value in sizes.items():
+        if isinstance(value, dict):
+            assert {k: config[key][k] for k in value} == value
+        else:
+            assert config[key] == value
+    assert not get_model("ivim").default_study_sizes
+    ivim, named = prepare_study(model="ivim").config, load_config("default")[0]
+    assert all(ivim[key] == named[key] for key in ("n_train", "max_epochs", "n_test"))
+    assert {k: ivim["grid"][k] for k in named["grid"]} == named["grid"]
+
+
 def test_protocol_units_are_checked():
     assert parse_protocol([10, 20, "ms"], "t2") == [10.0, 20.0]
     assert parse_protocol({"values": [0, 500], "unit": "s/mm2"}, "ivim") == [0.0, 500.0]
