@@ -9,6 +9,9 @@ from pathlib import Path
 #: they are found after any install (editable or not), from any working directory
 PACKAGE_DIR = Path(__file__).resolve().parent
 
+#: the named study configuration the study command runs when given none (``studies/default.yaml``)
+DEFAULT_CONFIG = "default"
+
 
 def cache_dir() -> Path:
     """Cache folder: ``$QMRI_LABELS_CACHE`` or ``~/.cache/qmri_labels``."""

@@ -47,18 +47,29 @@ from pathlib import Path
 import yaml
 
 from qmri_labels import __version__
-from qmri_labels.cli.common import threads_argument
 from qmri_labels.log import add_verbosity_flags, configure_cli_logging
+from qmri_labels.paths import DEFAULT_CONFIG
 from qmri_labels.physics import available_models, get_model
-from qmri_labels.workflows.run import (  # noqa: F401  (the command's parts, shared with run_study)
-    DEFAULT_CONFIG,
-    MODEL_KINDS,
-    available_configs,
-    default_out,
-    execute_study,
-    load_config,
-    prepare_study,
-)
+
+#: the command's parts shared with run_study (qmri_labels.workflows.run), imported when first used
+#: so that --help, --version and a refused flag do not load the workflows (Lightning, Optuna)
+_RUN_NAMES = ("MODEL_KINDS", "available_configs", "default_out", "execute_study", "load_config", "prepare_study")
+
+
+def _threads(text: str):
+    """``--threads``' type: :func:`qmri_labels.cli.common.threads_argument`, imported when a value
+    is read (the fit command's helpers there load the mapping code, which --help does not need)."""
+    from qmri_labels.cli.common import threads_argument
+
+    return threads_argument(text)
+
+
+def __getattr__(name: str):
+    if name in _RUN_NAMES:
+        from qmri_labels.workflows import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: flags that override configuration keys (flag destination -> key)
 FLAG_KEYS = {"alpha": "alpha", "snr": "snr", "bvalues": "bvalues", "protocol": "protocol", "labels": "labels",
@@ -122,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="label studies: train N networks side by side in worker processes, or 'auto' "
                              "(default: the CPU cores other processes leave free / num_threads, within --threads; "
                              "1 on a GPU); results do not depend on it")
-    parser.add_argument("--threads", type=threads_argument, default="auto", metavar="N|auto",
+    parser.add_argument("--threads", type=_threads, default="auto", metavar="N|auto",
                         help="CPU threads the study may use in all: this process's torch threads and worker "
                              "processes x num_threads (default auto: the cores other processes leave free now); "
                              "results do not depend on it")
@@ -165,6 +176,8 @@ def resolve(args: argparse.Namespace) -> tuple[str, dict, object, str]:
 def _prepare(args: argparse.Namespace):
     if args.snr is not None and len(args.snr) not in (1, 2):
         raise ValueError(f"--snr takes one value or a range LOW HIGH, got {len(args.snr)} values")
+    from qmri_labels.workflows.run import MODEL_KINDS, prepare_study
+
     model = args.model
     if args.bvalues is not None and model is not None and model.lower() not in MODEL_KINDS:
         signal_model = get_model(model.lower())
@@ -196,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_cli_logging(quiet=args.quiet, verbose=args.verbose)
+    from qmri_labels.workflows.run import available_configs, execute_study, load_config
+
     if args.list:
         for name, path in available_configs().items():
             try:

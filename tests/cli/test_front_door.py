@@ -116,3 +116,27 @@ def test_job_progress_estimates_the_time_left():
 
 def test_fraction_prints_in_words():
     assert display_unit("1") == "fraction" and display_unit("mm^2/s") == "mm^2/s"
+
+
+def test_the_study_commands_help_does_not_load_the_workflows():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from qmri_labels.workflows import run
+
+    code = ("import contextlib, io, sys\n"
+            "from qmri_labels.cli import study\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    try:\n"
+            "        study.main(['--help'])\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "assert '--protocol' in out.getvalue()\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'optuna', 'pandas')\n"
+            "             or m.startswith('qmri_labels.workflows')))")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip() == "[]"
+    # the command's parts shared with run_study are still reachable from the command's module
+    assert study.load_config is run.load_config and study.prepare_study is run.prepare_study
