@@ -34,7 +34,7 @@ GUIDE = (ROOT / "docs" / "guide.md").read_text(encoding="utf-8")
 #: every text that names flags: the docs, the model cards and the two commands' module docstrings
 DOCS = {"README.md": README, "docs/guide.md": GUIDE,
         **{f"docs/{n}.md": (ROOT / "docs" / f"{n}.md").read_text(encoding="utf-8")
-           for n in ("architecture", "performance", "osipi")},
+           for n in ("architecture", "performance", "osipi", "label_ranking")},
         **{str(p.relative_to(ROOT)): p.read_text(encoding="utf-8")
            for p in sorted((ROOT / "qmri_labels" / "models").glob("*/MODEL_CARD.md"))},
         "qmri_labels/cli/fit.py": fit_cli.__doc__.replace("``", "`"),
