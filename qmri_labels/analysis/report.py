@@ -278,7 +278,8 @@ def write_report(out_dir, result: GridResult, summary: pd.DataFrame | None = Non
               "Per method and parameter over the grid: mean |bias|, mean SD over the noise repeats, RMSE, "
               "*sensitivity* (slope of the mean estimate against the truth: 1 ideal, 0 = ignores the truth) "
               "and *efficiency* (median over points of CRLB / observed variance: > 1 is only possible "
-              "with bias). Units are the parameters' own (D and D* in mm^2/s).", ""]
+              "with bias). Units are the parameters' own ("
+              + ", ".join(f"{n} in {display_unit(result.units[n])}" for n in grid.varied) + ").", ""]
     cols = [c for c in ("method", "parameter", "mean_abs_bias", "mean_sd", "rmse", "sensitivity", "efficiency",
                         "mean_crlb_sd", "valid_fraction") if c in summary.columns]
     shown = summary[summary["varied"].astype(bool)] if "varied" in summary else summary

@@ -355,6 +355,10 @@ def _model_settings(config: dict, defaults: Mapping, model: str) -> dict:
             config[key] = list(signal_model.default_protocol)
         if "snr" not in config and signal_model.default_snr is not None:
             config["snr"] = float(signal_model.default_snr)
+        if "title" not in config:
+            config["title"] = f"Training labels for the {model} model: " + ", ".join(
+                config.get("labels") or defaults.get("labels") or ()) + (" and hybrid" if config.get(
+                    "alpha", defaults.get("alpha")) else "")
         if config.get("prior") is None:
             # a model defined outside the package has no default prior: say which ranges are missing
             config["prior"] = UniformPrior(model=model).to_dict()

@@ -26,6 +26,7 @@ from qmri_labels.analysis.plots import (
     save_figure,
 )
 from qmri_labels.data import UniformPrior
+from qmri_labels.physics import display_unit
 
 MID = UniformPrior().support.mean(0)
 
@@ -72,6 +73,8 @@ def test_write_report_and_load_back(report_dir, study):
         assert method in text
     assert "sensitivity" in text and "efficiency" in text and "Bonferroni" in text
     assert "bvalues: [0, 1, 2]" in text  # the config, numpy converted to plain YAML
+    units = ", ".join(f"{n} in {display_unit(result.units[n])}" for n in result.grid.varied)
+    assert f"Units are the parameters' own ({units})." in text  # the model's own units, not IVIM's
     # every figure the report links exists and is a PNG
     links = [line.split("(")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
     assert len(links) >= 5  # 3x3 panel, two quivers, two hist2d (+ alpha sweep)

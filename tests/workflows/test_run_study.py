@@ -109,6 +109,10 @@ def test_a_model_by_name_takes_its_own_defaults(model):
     assert study.config["bvalues"] == list(signal_model.default_protocol)
     assert study.config["snr"] == (signal_model.default_snr or 30.0)
     assert set(study.config["prior"]["ranges"]) == set(signal_model.param_names)
+    # the report is titled for the model studied, not for IVIM
+    assert study.config["title"] == f"Training labels for the {model} model: gt, mle, self and hybrid"
+    assert "IVIM" in prepare_study(model="ivim").config["title"]
+    assert prepare_study(model=model, overrides=[("title", "mine", "--set title")]).config["title"] == "mine"
 
 
 class SizedStretchedExp(StretchedExp):
