@@ -15,7 +15,7 @@ A definition file looks like::
 
 A split set to ``null`` is removed (e.g. an inherited validation split). A QSM split holds the
 fields of :class:`~qmri_labels.data.qsm.QSMPhantomSpec` plus
-:data:`~qmri_labels.data.qsm.RECIPE_FIELDS` (``truncate_to``, ``bfr``). Building and caching
+:data:`~qmri_labels.data.qsm.RECIPE_FIELDS` (``truncate_to``, ``bfr``, ``resample_to``). Building and caching
 the data is :mod:`qmri_labels.data.registry`'s job.
 """
 
@@ -119,6 +119,7 @@ def _resolve_split(kind: str, spec: dict, where: str) -> dict:
     spec = dict(spec)
     truncate_to = spec.pop("truncate_to", None)
     bfr = spec.pop("bfr", None)
+    resample_to = spec.pop("resample_to", None)
     try:
         phantom = QSMPhantomSpec.from_dict(spec).to_dict()
     except (TypeError, ValueError) as exc:
@@ -147,7 +148,28 @@ def _resolve_split(kind: str, spec: dict, where: str) -> dict:
         if truncate_to == phantom["voxel_size"]:
             truncate_to = None
     phantom["truncate_to"] = truncate_to
+    if resample_to is not None:
+        resample_to = _coarser_voxels(resample_to, truncate_to or phantom["voxel_size"], phantom["shape"],
+                                      phantom["voxel_size"], "resample_to", where)
+        if bfr is None:
+            raise ValueError(f"{where}: resample_to coarsens the local fields after bfr; without bfr use truncate_to")
+        # written only when set, so that the recipes (and fingerprints) of other datasets stay as they were
+        phantom["resample_to"] = resample_to
     return phantom
+
+
+def _coarser_voxels(target, current, shape, base, key: str, where: str) -> list[float]:
+    """``target`` voxel size checked: 3 sizes, not finer than ``current``, whole voxels of the grid."""
+    target = [float(v) for v in target]
+    if len(target) != 3:
+        raise ValueError(f"{where}: {key} needs 3 voxel sizes, got {target}")
+    for now, new, size, first in zip(current, target, shape, base):
+        if new < now:
+            raise ValueError(f"{where}: {key} {target} must not be finer than {list(current)} (truncation only coarsens)")
+        n_new = size * first / new
+        if abs(n_new - round(n_new)) > 1e-6:
+            raise ValueError(f"{where}: shape {shape} is not divisible by the resolution ratio {new}/{first} on every axis")
+    return target
 
 
 def _read_yaml(path: Path) -> dict:

@@ -28,6 +28,12 @@ validation and test, paired t-test on the test samples), ``search.png``, ``repor
 ``networks/reference`` and ``networks/tuned`` (bundles), and ``optuna.db`` with the default
 storage.
 
+A QSM dataset (kind ``qsm``) searches a 3D U-Net (:class:`~qmri_labels.estimators.QSMEstimator`:
+:data:`QSM_SEARCHABLE`, fixed settings under ``network``) the same way: each trial is fitted on
+the training heads alone and scored by its validation L2, per head the mean squared chi error
+(ppm^2) inside the head's mask (:func:`qsm_l2`), and reference and tuned are compared head by
+head on the test heads (``hparam_qsm_anatomical``).
+
 Run by name: ``python -m qmri_labels.study --config hparam_ivim``; workers:
 ``python -m qmri_labels.study --config hparam_ivim --storage URL --study-name NAME --worker``.
 """
@@ -102,13 +108,39 @@ DEFAULTS: dict = {
     "network": {"label": "gt", "max_epochs": 30, "patience": 5},
     "num_threads": 1,
     "alpha": 0.05,
+    # a QSM dataset's search (over QSM_DEFAULTS): its search_space, reference and network take
+    # the place of the voxel-wise ones above, which then stay at their defaults
+    "qsm": None,
+}
+
+#: the search of a QSM dataset: a 3D U-Net on masked local fields, the reference being the
+#: settings of the QSM mismatch studies
+QSM_DEFAULTS: dict = {
+    "search_space": {
+        "lr": {"low": 1e-4, "high": 1e-2, "log": True},
+        "batch_size": [1, 2, 4],
+        "weight_decay": [0.0, 1e-4, 1e-2, 1e-1],
+        "levels": [2, 3],
+        "init_channels": [4, 8, 12],
+        "activation": ["relu", "leaky_relu", "elu"],
+    },
+    "reference": {"lr": 1e-3, "batch_size": 2, "weight_decay": 0.01, "levels": 3, "init_channels": 8,
+                  "activation": "leaky_relu"},
+    "network": {"label": "gt", "preset": "graf", "inputs": ["field", "tkd"], "patch_size": None, "max_epochs": 10,
+                "samples_per_epoch": 12},
 }
 
 #: sub-mappings of the config checked by their consumer (the search-space check, NetworkEstimator), not against DEFAULTS
-FREE_FORM_KEYS = ("search_space", "reference", "network")
+FREE_FORM_KEYS = ("search_space", "reference", "network", "qsm")
 
 SEARCHABLE = ("lr", "batch_size", "width", "hidden_layers", "activation", "weight_decay", "optimiser", "label",
               "alpha", "val_fraction")
+#: what a search over a QSM dataset (a 3D U-Net, :class:`~qmri_labels.estimators.QSMEstimator`)
+#: may draw: its training settings, and the U-Net's depth, width and activation
+QSM_SEARCHABLE = ("lr", "batch_size", "weight_decay", "levels", "init_channels", "activation", "patch_size",
+                  "samples_per_epoch", "field_weight")
+#: the U-Net's own settings among QSM_SEARCHABLE (they go into QSMEstimator's ``unet`` entry)
+_UNET_KEYS = ("levels", "init_channels", "activation")
 
 
 def _validation_split(config, definition, train_seed: int):
@@ -143,9 +175,33 @@ def resolve_config(config: Mapping | None) -> dict:
     return check_config(merge_config(DEFAULTS, config, FREE_FORM_KEYS))
 
 
+def _searchable(config: Mapping) -> tuple[str, ...]:
+    return QSM_SEARCHABLE if get_definition(config["dataset"]).kind == "qsm" else SEARCHABLE
+
+
+def _resolve_qsm(config: dict) -> dict:
+    """For a QSM dataset: ``qsm`` merged over :data:`QSM_DEFAULTS` (each entry replaced whole),
+    written in place of the voxel-wise search_space, reference and network."""
+    given = dict(config["qsm"] or {})
+    unknown = set(given) - set(QSM_DEFAULTS)
+    if unknown:
+        raise ValueError(f"qsm: unknown keys {sorted(unknown)}; known: {sorted(QSM_DEFAULTS)}")
+    qsm = {**QSM_DEFAULTS, **given}
+    for key in QSM_DEFAULTS:
+        if config[key] != DEFAULTS[key] and config[key] != qsm[key]:
+            raise ValueError(f"dataset {config['dataset']!r} is a QSM dataset: give its {key} under qsm.{key}")
+        config[key] = qsm[key]
+    config["qsm"] = qsm
+    return config
+
+
 def check_config(config: dict) -> dict:
     """A merged configuration checked before anything is written; returns it."""
-    check_space(config["search_space"], SEARCHABLE)
+    if get_definition(config["dataset"]).kind == "qsm":
+        config = _resolve_qsm(config)
+    elif config["qsm"] is not None:
+        raise ValueError(f"qsm settings given, but dataset {config['dataset']!r} is not a QSM dataset")
+    check_space(config["search_space"], _searchable(config))
     if int(config["n_trials"]) < 1:
         raise ValueError(f"n_trials must be >= 1, got {config['n_trials']}")
     _check_worker_settings(config)
@@ -173,7 +229,7 @@ def run_resolved(config: Mapping, out: Path, quiet: bool = False) -> dict:
         As :func:`run`.
     """
     t0, started = time.perf_counter(), time.time()
-    space = check_space(config["search_space"], SEARCHABLE)
+    space = check_space(config["search_space"], _searchable(config))
     n_trials = int(config["n_trials"])
     worker = config["worker"]
     fixed = dict(config["network"])
@@ -182,8 +238,7 @@ def run_resolved(config: Mapping, out: Path, quiet: bool = False) -> dict:
     write_json(out / "config.json", config)
 
     definition = get_definition(config["dataset"])
-    if definition.kind != "voxel":
-        raise ValueError(f"hparam searches voxel-wise networks; dataset {definition.name!r} is {definition.kind}")
+    qsm = definition.kind == "qsm"
     train = load_dataset(definition, "train", **({"n": int(config["n_train"])} if config["n_train"] else {}))
     validation = _validation_split(config, definition, definition.splits["train"]["seed"])
     test = load_dataset(definition, "test", **({"n": int(config["n_test"])} if config["n_test"] else {}))
@@ -194,8 +249,16 @@ def run_resolved(config: Mapping, out: Path, quiet: bool = False) -> dict:
     params_of = config["parameters"]
 
     def train_and_score(hyper: Mapping, data=validation):
+        if qsm:
+            estimator = _fit_qsm(train, {**fixed, **hyper}, int(config["seed"]))
+            return estimator, qsm_l2(estimator, data)
         run_ = train_network(train, settings, **{**fixed, **hyper})
         return run_.estimator, per_sample_l2(run_.estimator.predict(data.signals, signal_scale=1.0), data, params_of)
+
+    def score(estimator, data):
+        if qsm:
+            return qsm_l2(estimator, data)
+        return per_sample_l2(estimator.predict(data.signals, signal_scale=1.0), data, params_of)
 
     storage = config["storage"] or os.environ.get(STORAGE_ENV) or f"sqlite:///{(out / 'optuna.db').resolve()}"
     study_name = config["study_name"] or f"hparam-{definition.name}"
@@ -212,7 +275,7 @@ def run_resolved(config: Mapping, out: Path, quiet: bool = False) -> dict:
         hyper = suggest(trial, space)
         start = time.perf_counter()
         estimator, errors = train_and_score(hyper)
-        trial.set_user_attr("epochs", int(estimator.n_epochs_))
+        trial.set_user_attr("epochs", int(len(estimator.history_) if qsm else estimator.n_epochs_))
         trial.set_user_attr("fit_seconds", time.perf_counter() - start)
         trial.set_user_attr("validation_rmse", float(np.sqrt(np.nanmean(errors))))
         trial.set_user_attr("validation_fingerprint", validation.fingerprint)
@@ -250,8 +313,7 @@ def run_resolved(config: Mapping, out: Path, quiet: bool = False) -> dict:
     say(quiet, "training the reference and the tuned network on the same data and seed")
     ref_est, ref_val = train_and_score(reference)
     tuned_est, tuned_val = train_and_score(tuned)
-    ref_test = per_sample_l2(ref_est.predict(test.signals, signal_scale=1.0), test, params_of)
-    tuned_test = per_sample_l2(tuned_est.predict(test.signals, signal_scale=1.0), test, params_of)
+    ref_test, tuned_test = score(ref_est, test), score(tuned_est, test)
     stats = paired_test(tuned_test, ref_test, "tuned", "reference")
     significant = bool(stats["p_value"] < float(config["alpha"]))
     comparison = pd.DataFrame([
@@ -268,12 +330,14 @@ def run_resolved(config: Mapping, out: Path, quiet: bool = False) -> dict:
     write_csv(out / "comparison.csv", comparison)
     write_csv(out / "ttest.csv", pd.DataFrame([test_row]))
     for name, est, val, tst in (("reference", ref_est, ref_val, ref_test), ("tuned", tuned_est, tuned_val, tuned_test)):
-        est.save(out / "networks" / name, metrics={"validation_l2": float(np.nanmean(val)),
-                                                   "test_l2": float(np.nanmean(tst))},
-                 extra={"data_fingerprints": fingerprints})
+        metrics = {"validation_l2": float(np.nanmean(val)), "test_l2": float(np.nanmean(tst))}
+        if qsm:
+            est.save(out / "networks" / name, extra={"data_fingerprints": fingerprints, "metrics": metrics})
+        else:
+            est.save(out / "networks" / name, metrics=metrics, extra={"data_fingerprints": fingerprints})
     figure = _figure(complete, float(np.nanmean(ref_val)), out / "search.png")
     report = _report(config, definition.name, len(train), len(validation), len(test), len(complete), storage,
-                     study_name, comparison, test_row, fingerprints)
+                     study_name, comparison, test_row, fingerprints, qsm)
     write_text(out / "report.md", report)
     manifest = run_manifest("hparam", config, started, t0, data_fingerprints=fingerprints,
                             optuna={**optuna_record, "best_trial": best.number})
@@ -288,6 +352,36 @@ def run_resolved(config: Mapping, out: Path, quiet: bool = False) -> dict:
             "figure": str(figure), "summary_text": summary, "manifest": manifest}
 
 
+def _fit_qsm(train, params: Mapping, seed: int):
+    """A QSMEstimator of the fixed and drawn settings (U-Net keys into ``unet``), fitted on ``train``
+    alone: the validation heads choose between trials, so no trial sees them while training."""
+    from qmri_labels.estimators import QSMEstimator
+
+    params = dict(params)
+    unet = dict(params.pop("unet", None) or {})
+    unet.update({k: params.pop(k) for k in _UNET_KEYS if k in params})
+    if "inputs" in params:
+        params["inputs"] = tuple(params["inputs"])
+    return QSMEstimator(seed=seed, unet=unet, progress=False, **params).fit(train)
+
+
+def qsm_l2(estimator, data) -> np.ndarray:
+    """Per head, the mean squared chi error (ppm^2) inside the head's mask: the QSM search's L2.
+
+    Parameters
+    ----------
+    estimator : QSMEstimator
+    data : QSMPhantomSet
+
+    Returns
+    -------
+    ndarray (N,)
+    """
+    chi = estimator.predict(data.field, data.mask, voxel_size=data.voxel_size, b0_dir=tuple(data.orientations[0]))
+    return np.array([float(np.mean((c[m].astype(np.float64) - t[m]) ** 2))
+                     for c, t, m in zip(chi, data.chi, data.mask)])
+
+
 def _check_worker_settings(config: Mapping) -> bool:
     if not isinstance(config["worker"], bool):
         raise ValueError(f"worker must be true (only run trials) or false, got {config['worker']!r}")
@@ -300,7 +394,7 @@ def _check_worker_settings(config: Mapping) -> bool:
 
 def _describe(hyper: Mapping, fixed: Mapping) -> dict:
     return {k: (v if not isinstance(v, float) else float(v)) for k, v in {**fixed, **hyper}.items()
-            if k in SEARCHABLE}
+            if k in SEARCHABLE or k in QSM_SEARCHABLE}
 
 
 def _figure(trials, reference_l2: float, path: Path) -> Path:
@@ -327,12 +421,14 @@ def _figure(trials, reference_l2: float, path: Path) -> Path:
 
 
 def _report(config, dataset, n_train, n_val, n_test, n_trials, storage, study_name, comparison, test_row,
-            fingerprints) -> str:
+            fingerprints, qsm: bool = False) -> str:
     lines = [f"# {config['title']}", "",
              f"Dataset `{dataset}`: {n_train} training, {n_val} validation, {n_test} test rows. Random search "
              f"(trial i drawn from seed {config['seed']} and i), {n_trials} completed trials "
-             f"in study `{study_name}` at `{safe_url(storage)}`; chosen by validation L2 (mean squared error of "
-             f"{config['parameters']}, each divided by its prior range).", "",
+             f"in study `{study_name}` at `{safe_url(storage)}`; chosen by validation L2 ("
+             + (f"mean squared error of {config['parameters']}, each divided by its prior range)."
+                if not qsm else "per head, the mean squared chi error in ppm^2 inside its mask).")
+             + (" Rows are heads." if qsm else ""), "",
              "## Reference vs tuned", "", markdown(comparison), "",
              f"Paired t-test on the test samples (tuned - reference): mean difference {test_row['mean_diff']:.4g}, "
              f"t = {test_row['t']:.4g}, p = {test_row['p_value']:.4g} "

@@ -16,7 +16,9 @@ set, and writes:
 Run by name: ``python -m qmri_labels.study --config mismatch_ivim`` (``mismatch_qsm``: Oh et al.'s
 resolution experiment, 1x1x1 vs 1x1x3 mm from the same masked local fields; ``mismatch_qsm_bfr``:
 their BFR experiment, four networks on the same phantoms' total fields after V-SHARP, LBV, PDF
-and RESHARP, a 4x4 NRMSE matrix and 12 Bonferroni-corrected paired t-tests).
+and RESHARP, a 4x4 NRMSE matrix and 12 Bonferroni-corrected paired t-tests;
+``mismatch_qsm_anatomical`` and ``mismatch_qsm_bfr_anatomical``: both on anatomical heads, with a
+pilot that sets the number of held-out heads for the wanted power, ``power.csv``).
 
 """
 
@@ -32,6 +34,8 @@ import pandas as pd
 
 from qmri_labels.analysis.image_metrics import image_metrics
 from qmri_labels.analysis.plots import save_figure
+from qmri_labels.analysis.power import paired_t_power, paired_t_sample_size
+from qmri_labels.analysis.stats import paired_effect_size
 from qmri_labels.data.comparability import check_comparable
 from qmri_labels.data.definitions import get_definition
 from qmri_labels.data.registry import load_dataset
@@ -40,6 +44,7 @@ from qmri_labels.fileio import write_json, write_text
 from qmri_labels.training.reproducibility import DeterminismSettings
 from qmri_labels.workflows.common import (
     add_correction,
+    check_count,
     markdown,
     merge_config,
     normalised_errors,
@@ -73,7 +78,20 @@ DEFAULTS: dict = {
     "comparisons": "all_pairs",
     # QSM only: QSMEstimator settings over QSM_TRAINING (the matrix then holds NRMSE in %)
     "qsm": {},
+    # QSM only: the number of test volumes from a pilot (None: n_test). A mapping over
+    # POWER_DEFAULTS: after training, every network is scored on pilot_n volumes of each test
+    # set drawn with the test seed + pilot_seed_offset (never the test volumes); each primary
+    # comparison's pilot effect size dz gives the pairs its paired t-test needs for power
+    # `target` at alpha / (the number of comparisons made); the test sets then hold the largest
+    # of these, within [min_n, max_n]
+    "power": None,
 }
+
+#: keys of a mismatch study's ``power`` entry. ``primary``: ``"all"`` (every comparison made)
+#: or a list of ``[test, train]`` pairs, each naming the comparison of the network trained on
+#: ``test``'s own data with the one trained on ``train``'s, on ``test``'s test set
+POWER_DEFAULTS: dict = {"pilot_n": 8, "pilot_seed_offset": 100_000, "target": 0.8, "min_n": 8, "max_n": 60,
+                        "primary": "all"}
 
 #: sub-mappings of the config checked by their consumer (NetworkEstimator, QSMEstimator), not against DEFAULTS
 FREE_FORM_KEYS = ("network", "qsm")
@@ -138,16 +156,48 @@ def run_resolved(config: Mapping, out: Path, quiet: bool = False) -> dict:
     kinds = {d.kind for d in definitions}
     if len(kinds) != 1:
         raise ValueError(f"datasets mix kinds {sorted(kinds)}; a mismatch study crosses one kind of data")
+    power = _power_settings(config, labels, kinds)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", config)
+    pilot = None
     if kinds == {"qsm"}:
-        cells, trained = _run_qsm(definitions, config, out, quiet)
+        cells, trained, pilot = _run_qsm(definitions, config, out, quiet, power)
         metric = "nrmse"
     else:
         cells, trained = _run_voxel(definitions, config, out, quiet)
         metric = "rmse"
-    return _report(cells, trained, labels, config, out, quiet, t0, started, metric)
+    return _report(cells, trained, labels, config, out, quiet, t0, started, metric, pilot)
+
+
+def _power_settings(config, labels, kinds) -> dict | None:
+    """The ``power`` entry merged over :data:`POWER_DEFAULTS` and checked (None when unset)."""
+    if config.get("power") is None:
+        return None
+    if kinds != {"qsm"}:
+        raise ValueError("power: the pilot and power analysis are made for QSM mismatch studies")
+    if config["n_test"] is not None:
+        raise ValueError("set n_test or power, not both: with power the pilot decides the number of test volumes")
+    unknown = set(config["power"]) - set(POWER_DEFAULTS)
+    if unknown:
+        raise ValueError(f"power: unknown keys {sorted(unknown)}; known: {sorted(POWER_DEFAULTS)}")
+    power = {**POWER_DEFAULTS, **config["power"]}
+    for key in ("pilot_n", "min_n", "max_n"):
+        check_count(power[key], f"power.{key}", 2)
+    if not power["min_n"] <= power["max_n"]:
+        raise ValueError(f"power: min_n {power['min_n']} > max_n {power['max_n']}")
+    if not 0 < float(power["target"]) < 1:
+        raise ValueError(f"power.target must be in (0, 1), got {power['target']}")
+    primary = power["primary"]
+    if primary != "all":
+        if not isinstance(primary, (list, tuple)) or not primary:
+            raise ValueError(f"power.primary must be 'all' or a list of [test, train] pairs, got {primary!r}")
+        for pair in primary:
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not set(pair) <= set(labels) \
+                    or pair[0] == pair[1]:
+                raise ValueError(f"power.primary: {pair!r} is not a [test, train] pair of two of {labels}")
+        power["primary"] = [list(p) for p in primary]
+    return power
 
 
 def _training_overrides(config, split: str) -> dict:
@@ -200,13 +250,14 @@ def _incompatible(train, test) -> str:
     return ""
 
 
-def _run_qsm(definitions, config, out: Path, quiet: bool):
+def _run_qsm(definitions, config, out: Path, quiet: bool, power: dict | None = None):
     """QSM mismatch (resolution or BFR method): one U-Net per dataset, NRMSE per test volume
-    (XSIM, HFEN and SSIM reported beside it in cells.csv)."""
+    (XSIM, HFEN and SSIM reported beside it in cells.csv); with ``power``, the test sets' size
+    from a pilot (see :data:`DEFAULTS`). Returns cells, training records and the pilot record
+    (None without ``power``)."""
     settings = dict(QSM_TRAINING)
     settings.update(config["qsm"] or {})
-    tests = {d.name: load_dataset(d, "test", **_training_overrides(config, "test")) for d in definitions}
-    trained, cells = {}, []
+    trained, estimators = {}, {}
     for i, definition in enumerate(definitions):
         train = load_dataset(definition, "train", **_training_overrides(config, "train"))
         say(quiet, f"[{i + 1}/{len(definitions)}] training a U-Net on {definition.name} "
@@ -220,18 +271,84 @@ def _run_qsm(definitions, config, out: Path, quiet: bool):
         seconds = time.perf_counter() - start
         trained[definition.name] = {"train_fingerprint": train.fingerprint, "fit_seconds": seconds,
                                     "epochs": len(getattr(estimator, "history_", []) or [])}
+        estimators[definition.name] = estimator
+    pilot = None
+    test_overrides = _training_overrides(config, "test")
+    if power is not None:
+        pilot = _pilot(definitions, estimators, trained, config, power, quiet)
+        test_overrides = {"n": pilot["n_test"]}
+    start = time.perf_counter()
+    tests = {d.name: load_dataset(d, "test", **test_overrides) for d in definitions}
+    cells = _score_qsm(estimators, trained, tests)
+    say(quiet, f"scored {len(estimators)} networks on {len(tests)} test sets of {len(next(iter(tests.values())))} "
+               f"volumes in {time.perf_counter() - start:.1f} s")
+    for name, estimator in estimators.items():
+        estimator.save(out / "networks" / name,
+                       extra={"data_fingerprints": {"train": trained[name]["train_fingerprint"],
+                                                    "tests": {k: v.fingerprint for k, v in tests.items()}}})
+    return cells, trained, pilot
+
+
+def _score_qsm(estimators, trained, tests) -> list[dict]:
+    cells = []
+    for train_name, estimator in estimators.items():
         for test_name, test in tests.items():
             chi = estimator.predict(test.field, test.mask, voxel_size=test.voxel_size, b0_dir=tuple(test.orientations[0]))
             metrics = [image_metrics(c, t, m) for c, t, m in zip(chi, test.chi, test.mask)]
             per_volume = np.array([r["nrmse"] for r in metrics])
-            cells.append({"train": definition.name, "test": test_name, "train_fingerprint": train.fingerprint,
+            cells.append({"train": train_name, "test": test_name,
+                          "train_fingerprint": trained[train_name]["train_fingerprint"],
                           "test_fingerprint": test.fingerprint, "n_test": len(test), "error": per_volume,
                           "score": float(np.mean(per_volume)),
                           **{k: float(np.mean([r[k] for r in metrics])) for k in ("xsim", "hfen", "ssim")}})
-        estimator.save(out / "networks" / definition.name,
-                       extra={"data_fingerprints": {"train": train.fingerprint,
-                                                    "tests": {k: v.fingerprint for k, v in tests.items()}}})
-    return cells, trained
+    return cells
+
+
+def _comparisons(cells, labels, how: str):
+    """The paired comparisons a study makes: ``(test, cell_a, cell_b)`` inside each test column."""
+    for test_name in labels:
+        column = [c for c in cells if c["test"] == test_name and "skipped" not in c]
+        for i, a in enumerate(column):
+            for b in column[i + 1:]:
+                if how == "matched_vs_others" and test_name not in (a["train"], b["train"]):
+                    continue
+                yield test_name, a, b
+
+
+def _pilot(definitions, estimators, trained, config, power: dict, quiet: bool) -> dict:
+    """Score every network on pilot volumes (test seed + offset), and from each primary
+    comparison's effect size the number of test volumes for the wanted power."""
+    labels = [d.name for d in definitions]
+    pilots = {}
+    for d in definitions:
+        seed = int(d.splits["test"]["seed"]) + int(power["pilot_seed_offset"])
+        pilots[d.name] = load_dataset(d, "test", n=int(power["pilot_n"]), seed=seed)
+    cells = _score_qsm(estimators, trained, pilots)
+    made = list(_comparisons(cells, labels, config["comparisons"]))
+    alpha = float(config["alpha"]) / (len(made) if config["correction"] == "bonferroni" else 1)
+    rows = []
+    for test_name, a, b in made:
+        matched = test_name in (a["train"], b["train"])
+        other = b["train"] if a["train"] == test_name else a["train"]
+        is_primary = power["primary"] == "all" or (matched and [test_name, other] in power["primary"])
+        dz = paired_effect_size(a["error"], b["error"])["cohen_dz"]
+        need = None if np.isnan(dz) else paired_t_sample_size(dz, power=float(power["target"]), alpha=alpha)
+        rows.append({"test": test_name, "train_a": a["train"], "train_b": b["train"], "primary": bool(is_primary),
+                     "pilot_n": len(a["error"]), "pilot_mean_a": float(np.mean(a["error"])),
+                     "pilot_mean_b": float(np.mean(b["error"])), "pilot_dz": dz, "alpha_corrected": alpha,
+                     "n_needed": need})
+    needed = [r["n_needed"] for r in rows if r["primary"]]
+    if not needed:
+        raise ValueError(f"power.primary {power['primary']!r} names none of the comparisons made")
+    want = max(int(power["max_n"]) + 1 if n is None else n for n in needed)
+    n_test = int(min(max(want, int(power["min_n"])), int(power["max_n"])))
+    for r in rows:
+        r["power_at_n_test"] = float("nan") if np.isnan(r["pilot_dz"]) else paired_t_power(r["pilot_dz"], n_test, alpha)
+    say(quiet, f"pilot ({power['pilot_n']} volumes per test set): the primary comparisons need "
+               f"{[('>' + str(power['max_n'])) if n is None else n for n in needed]} volumes for power "
+               f"{power['target']} at alpha {alpha:.3g}; testing on {n_test}")
+    return {"table": pd.DataFrame(rows), "n_test": n_test, "settings": power,
+            "fingerprints": {k: v.fingerprint for k, v in pilots.items()}}
 
 
 METRIC_TEXT = {
@@ -244,7 +361,7 @@ METRIC_TEXT = {
 
 
 def _report(cells, trained, labels, config, out: Path, quiet: bool, t0: float, started: float,
-            metric: str = "rmse") -> dict:
+            metric: str = "rmse", pilot: dict | None = None) -> dict:
     alpha, correction = float(config["alpha"]), config["correction"]
     rows = []
     for c in cells:
@@ -259,17 +376,13 @@ def _report(cells, trained, labels, config, out: Path, quiet: bool, t0: float, s
     tests = []
     for test_name in labels:
         column = [c for c in cells if c["test"] == test_name and "skipped" not in c]
-        if len(column) < 2:
-            continue
-        check_comparable({f"{c['train']}->{c['test']}": c for c in column})
-        for i, a in enumerate(column):
-            for b in column[i + 1:]:
-                if config["comparisons"] == "matched_vs_others" and test_name not in (a["train"], b["train"]):
-                    continue
-                stats = paired_test(a["error"], b["error"], a["train"], b["train"])
-                tests.append({"test": test_name, "train_a": a["train"], "train_b": b["train"],
-                              "a_is_matched": a["train"] == test_name, "b_is_matched": b["train"] == test_name,
-                              **stats, "test_fingerprint": a["test_fingerprint"]})
+        if len(column) >= 2:
+            check_comparable({f"{c['train']}->{c['test']}": c for c in column})
+    for test_name, a, b in _comparisons(cells, labels, config["comparisons"]):
+        stats = paired_test(a["error"], b["error"], a["train"], b["train"])
+        tests.append({"test": test_name, "train_a": a["train"], "train_b": b["train"],
+                      "a_is_matched": a["train"] == test_name, "b_is_matched": b["train"] == test_name,
+                      **stats, "test_fingerprint": a["test_fingerprint"]})
     ttests = add_correction(pd.DataFrame(tests), alpha, correction) if tests else pd.DataFrame()
 
     # which training data is best on each test set, and is the matched network significantly better?
@@ -293,6 +406,8 @@ def _report(cells, trained, labels, config, out: Path, quiet: bool, t0: float, s
     if len(ttests):
         write_csv(out / "ttests.csv", ttests)
     write_csv(out / "findings.csv", findings)
+    if pilot is not None:
+        write_csv(out / "power.csv", pilot["table"])
     figure = _heatmap(matrix, out / "heatmap.png", config, "NRMSE (%)" if metric == "nrmse" else "normalised RMSE")
     md_matrix = markdown(matrix.reset_index().rename(columns={"train": "train \\ test"}))
     write_text(out / "matrix.md", md_matrix + "\n")
@@ -309,6 +424,17 @@ def _report(cells, trained, labels, config, out: Path, quiet: bool, t0: float, s
                   f"{len(ttests)} comparisons)", "",
                   markdown(ttests[["test", "train_a", "train_b", "n", "mean_a", "mean_b", "mean_diff", "t", "p_value",
                                    "p_adjusted", "significant"]]), ""]
+    if pilot is not None:
+        p = pilot["settings"]
+        lines += [f"## Power analysis (pilot of {p['pilot_n']} volumes per test set, seeds test + "
+                  f"{p['pilot_seed_offset']})", "",
+                  f"Primary comparisons: {p['primary']}. Each comparison's pilot effect size dz (mean over SD of "
+                  f"the paired NRMSE differences) gives the volumes its two-sided paired t-test needs for power "
+                  f"{p['target']} at the corrected alpha; the test sets hold the largest of the primary ones, "
+                  f"within [{p['min_n']}, {p['max_n']}]: {pilot['n_test']} volumes (n_needed empty: more than "
+                  f"100000).", "",
+                  markdown(pilot["table"][["test", "train_a", "train_b", "primary", "pilot_n", "pilot_dz",
+                                           "alpha_corrected", "n_needed", "power_at_n_test"]]), ""]
     skipped = table[table["skipped"].notna()] if "skipped" in table else table.iloc[:0]
     if len(skipped):
         lines += ["## Skipped cells", ""] + [f"- {r.train} -> {r.test}: {r.skipped}" for r in skipped.itertuples()] + [""]
@@ -318,8 +444,10 @@ def _report(cells, trained, labels, config, out: Path, quiet: bool, t0: float, s
     write_text(out / "report.md", "\n".join(lines) + "\n")
     manifest = run_manifest("mismatch", config, started, t0, trained=trained, data_fingerprints={
         name: {"train": info["train_fingerprint"],
-               "test": next(c["test_fingerprint"] for c in cells if c["test"] == name)}
-        for name, info in trained.items()})
+               "test": next(c["test_fingerprint"] for c in cells if c["test"] == name),
+               **({} if pilot is None else {"pilot": pilot["fingerprints"][name]})}
+        for name, info in trained.items()},
+        **({} if pilot is None else {"power": {"n_test": pilot["n_test"], "settings": pilot["settings"]}}))
     write_json(out / "manifest.json", manifest)
     summary = "\n".join([f"{config['title']}: {metric} (rows: train, columns: test)", matrix.to_string(
         float_format=lambda v: f"{v:.4f}")] + [

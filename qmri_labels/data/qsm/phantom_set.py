@@ -50,8 +50,11 @@ FIELD_KINDS = ("local", "total", "local_unmasked")
 #: (``None``: keep the phantom resolution), and ``bfr``, a background-field removal method of
 #: :mod:`qmri_labels.fitting.bfr` applied (after any truncation) to a total field (``field_kind:
 #: total``), which gives local fields on the method's eroded mask, as ``{"method": NAME,
-#: option: value, ...}`` with every option written out
-RECIPE_FIELDS = ("truncate_to", "bfr")
+#: option: value, ...}`` with every option written out, and ``resample_to``, a voxel size the local
+#: fields, chi and the mask are k-space truncated to AFTER the background-field removal (BFR at
+#: the phantom resolution, where the skull is a few voxels from the brain, and a network at a
+#: coarser one; a recipe without it has no such key)
+RECIPE_FIELDS = ("truncate_to", "bfr", "resample_to")
 
 
 def _generator(seed) -> np.random.Generator:
@@ -390,7 +393,8 @@ class QSMPhantomSet:
 
 def generate_qsm(recipe: dict) -> QSMPhantomSet:
     """Generate a named dataset's QSM split: phantoms and noisy fields at ``voxel_size``, then
-    k-space truncation, then background-field removal.
+    k-space truncation, then background-field removal, then (``resample_to``) truncation of its
+    local fields.
 
     The phantoms, their fields (every orientation) and the noise are drawn by
     :meth:`QSMPhantomSpec.generate` at the phantom resolution; the fields are masked (local by
@@ -417,17 +421,13 @@ def generate_qsm(recipe: dict) -> QSMPhantomSet:
     spec = dict(recipe)
     truncate_to = spec.pop("truncate_to", None)
     bfr = spec.pop("bfr", None)
+    resample_to = spec.pop("resample_to", None)
     base = QSMPhantomSpec.from_dict(spec).generate()
     chi, mask, fields, labels, magnitude = base.chi, base.mask, base.fields, base.labels, base.magnitude
     voxel_size = spec.get("voxel_size", [1.0, 1.0, 1.0])
+    masked = base.spec.field_kind != "local_unmasked"
     if truncate_to is not None:
-        mask = change_resolution(mask.astype(np.float64), voxel_size, truncate_to) > 0.5
-        chi = change_resolution(chi.astype(np.float64), voxel_size, truncate_to) * mask
-        fields = change_resolution(fields.astype(np.float64), voxel_size, truncate_to)
-        if base.spec.field_kind != "local_unmasked":
-            fields = fields * mask[:, None]
-        if magnitude is not None:
-            magnitude = change_resolution(magnitude.astype(np.float64), voxel_size, truncate_to).astype(np.float32)
+        chi, mask, fields, magnitude = _coarsen(chi, mask, fields, magnitude, voxel_size, truncate_to, masked)
         labels = None  # a label map has no k-space truncation
         voxel_size = truncate_to
     if bfr is not None:
@@ -436,9 +436,28 @@ def generate_qsm(recipe: dict) -> QSMPhantomSet:
         fields, mask = remove_background_per_orientation(bfr["method"], fields, mask, voxel_size, base.orientations,
                                                          **options)
         chi = chi * mask
+    if resample_to is not None:
+        chi, mask, fields, magnitude = _coarsen(chi, mask, fields, magnitude, voxel_size, resample_to, masked)
+        labels = None
+        voxel_size = resample_to
     chi = np.ascontiguousarray(chi, dtype=np.float32)
     final = base.spec.replace(shape=tuple(chi.shape[1:]), voxel_size=tuple(voxel_size))
     return QSMPhantomSet(spec=final, chi=chi, mask=np.ascontiguousarray(mask, dtype=bool),
                          fields=np.ascontiguousarray(fields, dtype=np.float32),
                          orientations=np.asarray(base.orientations, dtype=np.float64), bfr=bfr,
-                         recipe={**spec, "truncate_to": truncate_to, "bfr": bfr}, labels=labels, magnitude=magnitude)
+                         recipe={**spec, "truncate_to": truncate_to, "bfr": bfr,
+                                 **({} if resample_to is None else {"resample_to": resample_to})},
+                         labels=labels, magnitude=magnitude)
+
+
+def _coarsen(chi, mask, fields, magnitude, voxel_size, target, masked: bool):
+    """chi, mask (thresholded at 0.5), fields and magnitude k-space truncated to ``target``; chi
+    and (unless ``masked`` is false) the fields masked again by the coarse mask."""
+    mask = change_resolution(mask.astype(np.float64), voxel_size, target) > 0.5
+    chi = change_resolution(chi.astype(np.float64), voxel_size, target) * mask
+    fields = change_resolution(fields.astype(np.float64), voxel_size, target)
+    if masked:
+        fields = fields * mask[:, None]
+    if magnitude is not None:
+        magnitude = change_resolution(magnitude.astype(np.float64), voxel_size, target).astype(np.float32)
+    return chi, mask, fields, magnitude
