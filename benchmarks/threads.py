@@ -50,7 +50,8 @@ def main(argv=None):
     n_busy = max(1, cores - 1) if args.busy is None else args.busy
     default_threads = torch.get_num_threads()
     signals = (DatasetSpec(n=args.voxels, snr=30, seed=0).generate().signals * 1000.0).astype(np.float32)
-    fit_volume(signals[:100], protocol=EPSTEIN_BVALUES, estimator=args.estimator, sigma=1000.0 / 30.0, threads=1)
+    for threads in sorted({1, default_threads}):  # warm-up: thread pools and first-call costs untimed
+        fit_volume(signals, protocol=EPSTEIN_BVALUES, estimator=args.estimator, sigma=1000.0 / 30.0, threads=threads)
 
     print(f"{args.voxels} voxels, estimator {args.estimator}, {cores} usable cores, torch default "
           f"{default_threads} threads, median of {args.repeats}")
