@@ -136,3 +136,20 @@ def test_run_study_threads_bound_the_workers_and_are_recorded(tmp_path):
     with pytest.raises(ValueError, match="workers 2 x num_threads 1 would use more than the 1 CPU threads"):
         run_study("tiny_ivim", out=tmp_path / "refused", threads=1, workers=2, **TINY)
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_studys_tables_do_not_depend_on_its_threads(tmp_path, monkeypatch):
+    from qmri_labels.workflows import ivim
+
+    # a network's float32 sums depend on the thread count (the default study's summary.csv
+    # differed between 1 and 2 threads): the evaluation runs at the training jobs' num_threads
+    seen = []
+    real = ivim.evaluate_snrs
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ivim, "evaluate_snrs", spy)
+    result = run_study("tiny_ivim", out=tmp_path / "run", threads=2, workers=1, num_threads=1, **TINY)
+    assert result.manifest["threads"]["used"] == 2 and seen == [1]

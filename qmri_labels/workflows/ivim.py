@@ -39,6 +39,7 @@ from qmri_labels.physics import display_unit
 from qmri_labels.provenance import device_info, package_versions
 from qmri_labels.training import ParameterNormalisation, compute_mle_labels, method_name, uses_shared_mle_labels
 from qmri_labels.training.labels import STUDY_LABELS
+from qmri_labels.threads import torch_threads
 from qmri_labels.workflows.common import merge_config
 from qmri_labels.workflows.jobs import resolve_workers
 from qmri_labels.workflows.label_fairness import (
@@ -366,44 +367,49 @@ def run_resolved(cfg: Mapping, out: Path, quiet: bool = False) -> dict:
 
     t = begin(f"evaluating on the test grid (SNR {', '.join(f'{x:g}' for x in cfg['grid']['snr'])}) "
               "and the held-out set" + ("" if evaluation is None else f", ~{evaluation:.0f} s"))
-    known = cfg["mle"].get("sigma", "known") == "known"
-    fitter_options = {k: v for k, v in cfg["mle"].items() if k != "sigma"}
+    # a network's float32 sums depend on the torch thread count: the evaluation runs at the training
+    # jobs' count, so that the tables do not depend on the study's threads or the machine's cores
+    # (the MLE gives the same bytes at any count)
+    with torch_threads(cfg["num_threads"]):
+        known = cfg["mle"].get("sigma", "known") == "known"
+        fitter_options = {k: v for k, v in cfg["mle"].items() if k != "sigma"}
 
-    def fitter(sigma):
-        return MLEEstimator(model=cfg["model"], protocol=cfg["bvalues"], noise=cfg["noise"], sigma=sigma,
-                            device=torch_device, **fitter_options)
+        def fitter(sigma):
+            return MLEEstimator(model=cfg["model"], protocol=cfg["bvalues"], noise=cfg["noise"], sigma=sigma,
+                                device=torch_device, **fitter_options)
 
-    # every method that reports SDs is also checked for calibration, in the same pass
-    with_sd = ["fit-mle", *(n for n, e in fitted.items() if e.reports_sd)]
-    # the grid and the held-out set are simulated at the training data's S0 reference
-    simulated = {n: e.at_training_scale() for n, e in fitted.items()}
-    results_all = evaluate_snrs(
-        lambda g: {"fit-mle": fitter(g.sigma if known else cfg["mle"].get("sigma")), **simulated}, grid, snrs,
-        progress=not quiet, with_sd=with_sd)
-    shown = ["fit-mle", *main_names]
-    results = {x: r.select(shown) for x, r in results_all.items()}
-    result = results[primary]
-    grid = result.grid
-    summaries = []
-    for x, r in results_all.items():
-        frame = add_calibration(summarize(r), r)
-        frame.insert(0, "snr", x)
-        summaries.append(frame)
-    summary_all = pd.concat(summaries, ignore_index=True)
-    summary = add_calibration(summarize(result), result)
-    summary.insert(0, "snr", primary)
-    mle = fitter(heldout.sigma if known else cfg["mle"].get("sigma"))
-    methods = {"fit-mle": mle, **{n: simulated[n] for n in main_names}}
-    heldout_rows, heldout_by_method, heldout_predictions = [], {}, {}
-    for name, est in methods.items():
-        heldout_predictions[name] = est.predict(heldout.signals)
-        metrics = heldout_metrics(heldout_predictions[name], heldout)
-        heldout_by_method[name] = metrics
-        for p in heldout.param_names:
-            heldout_rows.append({"method": name, "parameter": p, "rmse": metrics["rmse"][p], "mae": metrics["mae"][p],
-                                 "bias": metrics["bias"][p], "nrmse_mean": metrics["nrmse_mean"][p],
-                                 "valid_fraction": metrics["valid_fraction"]})
-    heldout_table = pd.DataFrame(heldout_rows)
+        # every method that reports SDs is also checked for calibration, in the same pass
+        with_sd = ["fit-mle", *(n for n, e in fitted.items() if e.reports_sd)]
+        # the grid and the held-out set are simulated at the training data's S0 reference
+        simulated = {n: e.at_training_scale() for n, e in fitted.items()}
+        results_all = evaluate_snrs(
+            lambda g: {"fit-mle": fitter(g.sigma if known else cfg["mle"].get("sigma")), **simulated}, grid, snrs,
+            progress=not quiet, with_sd=with_sd)
+        shown = ["fit-mle", *main_names]
+        results = {x: r.select(shown) for x, r in results_all.items()}
+        result = results[primary]
+        grid = result.grid
+        summaries = []
+        for x, r in results_all.items():
+            frame = add_calibration(summarize(r), r)
+            frame.insert(0, "snr", x)
+            summaries.append(frame)
+        summary_all = pd.concat(summaries, ignore_index=True)
+        summary = add_calibration(summarize(result), result)
+        summary.insert(0, "snr", primary)
+        mle = fitter(heldout.sigma if known else cfg["mle"].get("sigma"))
+        methods = {"fit-mle": mle, **{n: simulated[n] for n in main_names}}
+        heldout_rows, heldout_by_method, heldout_predictions = [], {}, {}
+        for name, est in methods.items():
+            heldout_predictions[name] = est.predict(heldout.signals)
+            metrics = heldout_metrics(heldout_predictions[name], heldout)
+            heldout_by_method[name] = metrics
+            for p in heldout.param_names:
+                heldout_rows.append({"method": name, "parameter": p, "rmse": metrics["rmse"][p],
+                                     "mae": metrics["mae"][p],
+                                     "bias": metrics["bias"][p], "nrmse_mean": metrics["nrmse_mean"][p],
+                                     "valid_fraction": metrics["valid_fraction"]})
+        heldout_table = pd.DataFrame(heldout_rows)
     timings["evaluation"] = time.perf_counter() - t
 
     sections, extra_text = model_sections(cfg["model"], summary, heldout, heldout_predictions)
