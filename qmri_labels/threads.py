@@ -23,7 +23,7 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["usable_cores", "busy_cores", "resolve_threads", "torch_threads"]
+__all__ = ["usable_cores", "busy_cores", "free_cores", "resolve_threads", "torch_threads"]
 
 #: the CPU-time columns of a ``/proc/stat`` cpu line that count as busy (user, nice, system,
 #: irq, softirq, steal; not idle or iowait)
@@ -112,6 +112,14 @@ def busy_cores(interval: float = 0.2) -> float:
     return max(0.0, others / elapsed)
 
 
+def free_cores(busy: float | None = None) -> int:
+    """The usable cores less those other processes keep busy (rounded to the nearest core), at
+    least 1. ``busy`` replaces the measurement (:func:`busy_cores`)."""
+    if busy is None:
+        busy = busy_cores()
+    return max(1, usable_cores() - int(math.floor(float(busy) + 0.5)))
+
+
 def resolve_threads(threads="auto", *, busy: float | None = None) -> int:
     """The torch thread count for ``threads``: a positive integer as given, or ``"auto"``.
 
@@ -122,12 +130,9 @@ def resolve_threads(threads="auto", *, busy: float | None = None) -> int:
     if isinstance(threads, str):
         if threads != "auto":
             raise ValueError(f"threads must be a positive integer or 'auto', got {threads!r}")
-        if busy is None:
-            busy = busy_cores()
         import torch
 
-        free = usable_cores() - int(math.floor(float(busy) + 0.5))
-        return max(1, min(torch.get_num_threads(), free))
+        return max(1, min(torch.get_num_threads(), free_cores(busy)))
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive integer or 'auto', got {threads!r}")
     return threads

@@ -17,19 +17,18 @@ can hang, and spawning behaves the same on Linux, macOS and Windows.
 from __future__ import annotations
 
 import collections
-import math
 import multiprocessing
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any, Callable, Hashable, Iterator
 
-from qmri_labels.threads import busy_cores, usable_cores
+from qmri_labels.threads import free_cores
 
 
 def resolve_workers(workers, device: str, num_threads: int | None, *, busy: float | None = None) -> int:
     """Worker processes for ``workers`` (a positive integer or ``"auto"``).
 
-    ``"auto"`` on the CPU: the cores that are free now (:func:`qmri_labels.threads.resolve_threads`:
+    ``"auto"`` on the CPU: the cores that are free now (:func:`qmri_labels.threads.free_cores`:
     usable cores less those other processes keep busy; ``busy`` replaces the measurement)
     divided by the threads of one job. Raises ``ValueError`` for anything else, and for
     several workers on a GPU.
@@ -38,10 +37,7 @@ def resolve_workers(workers, device: str, num_threads: int | None, *, busy: floa
     if workers == "auto":
         if not on_cpu:
             return 1
-        if busy is None:
-            busy = busy_cores()
-        free = usable_cores() - int(math.floor(float(busy) + 0.5))
-        return max(1, free // max(1, int(num_threads or 1)))
+        return max(1, free_cores(busy) // max(1, int(num_threads or 1)))
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer or 'auto', got {workers!r}")
     if workers > 1 and not on_cpu:

@@ -41,9 +41,9 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from qmri_labels import paths
-from qmri_labels.paths import DEFAULT_CONFIG
 from qmri_labels.data.priors import UniformPrior
 from qmri_labels.fileio import atomic_write_bytes, deep_merge, to_jsonable
+from qmri_labels.paths import DEFAULT_CONFIG
 from qmri_labels.physics import SignalModel, available_models, class_path, get_model, use_model
 from qmri_labels.provenance import device_info, package_versions
 from qmri_labels.threads import resolve_threads, torch_threads
@@ -356,9 +356,9 @@ def _model_settings(config: dict, defaults: Mapping, model: str) -> dict:
         if "snr" not in config and signal_model.default_snr is not None:
             config["snr"] = float(signal_model.default_snr)
         if "title" not in config:
-            config["title"] = f"Training labels for the {model} model: " + ", ".join(
-                config.get("labels") or defaults.get("labels") or ()) + (" and hybrid" if config.get(
-                    "alpha", defaults.get("alpha")) else "")
+            labels = ", ".join(config.get("labels") or defaults.get("labels") or ())
+            hybrid = " and hybrid" if config.get("alpha", defaults.get("alpha")) else ""
+            config["title"] = f"Training labels for the {model} model: {labels}{hybrid}"
         if config.get("prior") is None:
             # a model defined outside the package has no default prior: say which ranges are missing
             config["prior"] = UniformPrior(model=model).to_dict()
