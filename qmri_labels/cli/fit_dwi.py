@@ -12,8 +12,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
-
 from qmri_labels.cli.common import InputError, describe_file, environment, output_prefix, read_mask
 from qmri_labels.data.io import sha256_file
 from qmri_labels.maps import (DIRECTION_CHOICES, SD_REASON_CODES, STATUS_CODES, UncertaintyNotSupported, fit_volume,

@@ -40,9 +40,7 @@ depend on it.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from pathlib import Path
 
 import yaml
 
