@@ -108,8 +108,6 @@ def fitter_swaps(folder: Path, n_starts: int = 1) -> tuple[pd.DataFrame, pd.Data
     R2* (method x band, the last band closed)."""
     import json
 
-    import numpy as np
-
     from qmri_labels.analysis.swaps import swap_rates, swapped
     from qmri_labels.data import DatasetSpec
     from qmri_labels.fitting import fit_mle
@@ -137,25 +135,32 @@ def fitter_swaps(folder: Path, n_starts: int = 1) -> tuple[pd.DataFrame, pd.Data
     return swap_rates(fits, truth[:, i]), pd.DataFrame(by_r2)
 
 
-def overview(folders) -> list[str]:
-    """One Markdown table over the folders: per model and varied parameter, the mean |bias| and
-    mean SD of GT, MLE and self-supervised labels and whether IVIM's ranking holds."""
-    rows = []
+def _varied_parameters(folders):
+    """``(folder, its config, model name, parameter, its summary rows)`` for every varied
+    parameter of every study folder, at the study's primary SNR."""
     for folder in folders:
         config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
         model = config.get("model", "?") if isinstance(config.get("model"), str) else "?"
         summary = primary_summary(folder)
         varied = summary[summary["varied"].astype(bool)] if "varied" in summary else summary
         for parameter in dict.fromkeys(varied["parameter"]):
-            ranking = label_ranking(varied[varied["parameter"] == parameter])
-            if ranking is None:
-                continue
-            cells = [f"{_number(ranking['bias'].get(m))} / {_number(ranking['sd'].get(m))}"
-                     for m in ("net-gt", "net-mle", "net-self")]
-            verdict = "holds" if ranking["holds"] else "differs: " + " and ".join(
-                what for what, ok in (("GT's bias not highest", ranking["bias_holds"]),
-                                      ("GT's SD not lowest", ranking["sd_holds"])) if not ok)
-            rows.append(f"| {model} | `{folder.name}` | {parameter} | " + " | ".join(cells) + f" | {verdict} |")
+            yield folder, config, model, parameter, varied[varied["parameter"] == parameter]
+
+
+def overview(folders) -> list[str]:
+    """One Markdown table over the folders: per model and varied parameter, the mean |bias| and
+    mean SD of GT, MLE and self-supervised labels and whether IVIM's ranking holds."""
+    rows = []
+    for folder, config, model, parameter, rows_p in _varied_parameters(folders):
+        ranking = label_ranking(rows_p)
+        if ranking is None:
+            continue
+        cells = [f"{_number(ranking['bias'].get(m))} / {_number(ranking['sd'].get(m))}"
+                 for m in ("net-gt", "net-mle", "net-self")]
+        verdict = "holds" if ranking["holds"] else "differs: " + " and ".join(
+            what for what, ok in (("GT's bias not highest", ranking["bias_holds"]),
+                                  ("GT's SD not lowest", ranking["sd_holds"])) if not ok)
+        rows.append(f"| {model} | `{folder.name}` | {parameter} | " + " | ".join(cells) + f" | {verdict} |")
     return ["| model | run | parameter | GT: mean abs bias / mean SD | MLE | self | IVIM's ranking |",
             "|---|---|---|---|---|---|---|", *rows]
 
@@ -164,22 +169,17 @@ def placements(folders) -> list[str]:
     """One Markdown table over the folders: per model and varied parameter, net-bias_reduced's
     mean |bias| beside GT labels' and its mean SD beside MLE labels' and the MLE fit's."""
     rows = []
-    for folder in folders:
-        config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-        model = config.get("model", "?") if isinstance(config.get("model"), str) else "?"
-        summary = primary_summary(folder)
-        varied = summary[summary["varied"].astype(bool)] if "varied" in summary else summary
-        for parameter in dict.fromkeys(varied["parameter"]):
-            rows_p = varied[varied["parameter"] == parameter].set_index("method")
-            if not {"net-bias_reduced", "net-gt", "net-mle"} <= set(rows_p.index):
-                continue
-            br, gt, mle = (rows_p.loc[m] for m in ("net-bias_reduced", "net-gt", "net-mle"))
-            fit = _number(rows_p.loc["fit-mle", "mean_sd"]) if "fit-mle" in rows_p.index else "-"
-            below_gt = br["mean_abs_bias"] < gt["mean_abs_bias"]
-            below_mle = br["mean_sd"] < mle["mean_sd"]
-            rows.append(f"| {model} ({config.get('n_train')}) | {parameter} | {_number(br['mean_abs_bias'])} | "
-                        f"{_number(gt['mean_abs_bias'])} | {_number(br['mean_sd'])} | {_number(mle['mean_sd'])} | "
-                        f"{fit} | {'yes' if below_gt and below_mle else 'no'} |")
+    for folder, config, model, parameter, rows_p in _varied_parameters(folders):
+        rows_p = rows_p.set_index("method")
+        if not {"net-bias_reduced", "net-gt", "net-mle"} <= set(rows_p.index):
+            continue
+        br, gt, mle = (rows_p.loc[m] for m in ("net-bias_reduced", "net-gt", "net-mle"))
+        fit = _number(rows_p.loc["fit-mle", "mean_sd"]) if "fit-mle" in rows_p.index else "-"
+        below_gt = br["mean_abs_bias"] < gt["mean_abs_bias"]
+        below_mle = br["mean_sd"] < mle["mean_sd"]
+        rows.append(f"| {model} ({config.get('n_train')}) | {parameter} | {_number(br['mean_abs_bias'])} | "
+                    f"{_number(gt['mean_abs_bias'])} | {_number(br['mean_sd'])} | {_number(mle['mean_sd'])} | "
+                    f"{fit} | {'yes' if below_gt and below_mle else 'no'} |")
     return ["| model (training signals) | parameter | bias_reduced: mean abs bias | GT labels | bias_reduced: "
             "mean SD | MLE labels | MLE fit | lower bias than GT and SD below MLE labels? |",
             "|---|---|---|---|---|---|---|---|", *rows]
