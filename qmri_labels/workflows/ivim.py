@@ -156,7 +156,8 @@ def check_config(config: Mapping) -> dict:
     cfg["tune"] = check_tune(cfg)
     cfg["seeds"] = check_seeds(cfg["seeds"])
 
-    resolve_workers(cfg["workers"], "cpu", cfg["num_threads"])  # the device is checked when the study runs
+    # the value is checked here (the device when the study runs); the free cores are measured only then
+    resolve_workers(cfg["workers"], "cpu", cfg["num_threads"], busy=0.0)
     resolve_network(cfg, DEFAULTS)  # checks the network options
     cfg["bvalues"] = [float(b) for b in np.atleast_1d(cfg["bvalues"])]
     cfg["seed"] = int(cfg["seed"])
